@@ -1,0 +1,79 @@
+//! The pipeline's input: the attributes of the HTTP request being authorized,
+//! independent of how they reached us (Envoy's `CheckRequest`, the CLI, a test).
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+
+/// The HTTP request a decision is made for.
+#[derive(Debug, Clone, Default)]
+pub struct HttpRequest {
+    /// Upper-case HTTP method, e.g. `GET`.
+    pub method: String,
+    /// Request path as sent, possibly with a query string.
+    pub path: String,
+    /// The `host` / `:authority` of the request.
+    pub host: String,
+    /// `http` or `https`.
+    pub scheme: String,
+    /// Request headers with lower-case names.
+    pub headers: HashMap<String, String>,
+    /// Address of the downstream client, IPv4-mapped IPv6 addresses normalised to IPv4.
+    pub source_ip: Option<IpAddr>,
+}
+
+impl HttpRequest {
+    /// The path without its query string or fragment.
+    pub fn path_without_query(&self) -> &str {
+        let end = self.path.find(['?', '#']).unwrap_or(self.path.len());
+        &self.path[..end]
+    }
+
+    /// A header value by lower-case name.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).map(String::as_str)
+    }
+}
+
+/// Parses a peer address, turning `::ffff:a.b.c.d` into `a.b.c.d` so that Cedar's
+/// `ip("10.0.0.0/8")` ranges match clients of dual-stack listeners.
+pub fn parse_source_ip(text: &str) -> Option<IpAddr> {
+    let ip: IpAddr = text.trim().parse().ok()?;
+    Some(match ip {
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map(IpAddr::V4)
+            .unwrap_or(IpAddr::V6(v6)),
+        v4 => v4,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_and_fragment_are_stripped() {
+        let mut req = HttpRequest {
+            path: "/orders/7?x=1".into(),
+            ..Default::default()
+        };
+        assert_eq!(req.path_without_query(), "/orders/7");
+        req.path = "/orders#frag".into();
+        assert_eq!(req.path_without_query(), "/orders");
+        req.path = "/orders".into();
+        assert_eq!(req.path_without_query(), "/orders");
+    }
+
+    #[test]
+    fn ipv4_mapped_addresses_are_normalised() {
+        assert_eq!(
+            parse_source_ip("::ffff:10.1.2.3").unwrap().to_string(),
+            "10.1.2.3"
+        );
+        assert_eq!(
+            parse_source_ip("2001:db8::1").unwrap().to_string(),
+            "2001:db8::1"
+        );
+        assert!(parse_source_ip("not an ip").is_none());
+    }
+}

@@ -1,0 +1,296 @@
+//! JWT verification against the configured issuers.
+//!
+//! Order matters: size, shape and header first (cheap, no key work); then the
+//! unverified `iss` picks the issuer (an unknown issuer is refused before any key
+//! lookup); then the key by `kid`, whose pinned algorithm must equal the header's;
+//! then signature and registered claims (jsonwebtoken), then our own rules:
+//! `iat` required and not in the future, lifetime bounded, `sub` required.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use base64::Engine as _;
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::{Algorithm, Validation};
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::jwks::{JwksError, KeySet, is_accepted_algorithm};
+use super::{MAX_TOKEN_BYTES, TokenError, VerifiedToken};
+use crate::config::IssuerConfig;
+
+/// One trusted issuer: its keys and its token rules.
+#[derive(Debug, Clone)]
+pub struct Issuer {
+    /// The exact `iss` value.
+    pub issuer: String,
+    /// Accepted audiences.
+    pub audiences: Vec<String>,
+    /// Longest accepted `exp - iat`.
+    pub max_token_lifetime: Duration,
+    /// Clock skew tolerance.
+    pub leeway: Duration,
+    /// Dotted path of the roles claim.
+    pub roles_claim: String,
+    /// Public keys by `kid`.
+    pub keys: KeySet,
+}
+
+impl Issuer {
+    /// Builds an issuer from its configuration, loading its JWKS file.
+    pub fn from_config(config: &IssuerConfig) -> Result<Issuer, JwksError> {
+        Ok(Issuer {
+            issuer: config.issuer.clone(),
+            audiences: config.audiences.clone(),
+            max_token_lifetime: config.max_token_lifetime,
+            leeway: config.leeway,
+            roles_claim: config.roles_claim.clone(),
+            keys: KeySet::from_file(&config.jwks_file)?,
+        })
+    }
+
+    fn validation(&self, algorithm: Algorithm) -> Validation {
+        let mut validation = Validation::new(algorithm);
+        validation.leeway = self.leeway.as_secs();
+        validation.validate_exp = true;
+        validation.validate_nbf = true;
+        validation.set_audience(&self.audiences);
+        validation.set_issuer(&[&self.issuer]);
+        validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+        validation
+    }
+}
+
+/// All trusted issuers, by `iss`.
+#[derive(Debug, Clone, Default)]
+pub struct IssuerSet {
+    issuers: HashMap<String, Issuer>,
+}
+
+#[derive(Deserialize)]
+struct RawHeader {
+    alg: String,
+    #[serde(default)]
+    kid: Option<String>,
+    #[serde(default)]
+    crit: Option<Value>,
+}
+
+impl IssuerSet {
+    /// Builds the set from issuers.
+    pub fn new(issuers: impl IntoIterator<Item = Issuer>) -> IssuerSet {
+        IssuerSet {
+            issuers: issuers.into_iter().map(|i| (i.issuer.clone(), i)).collect(),
+        }
+    }
+
+    /// Verifies `token` at time `now` (seconds since the epoch).
+    pub fn verify(&self, token: &str, now: i64) -> Result<VerifiedToken, TokenError> {
+        if token.len() > MAX_TOKEN_BYTES {
+            return Err(TokenError::TooLarge);
+        }
+        let mut parts = token.split('.');
+        let (Some(header_b64), Some(payload_b64), Some(signature_b64), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(TokenError::Malformed);
+        };
+        if header_b64.is_empty() || payload_b64.is_empty() || signature_b64.is_empty() {
+            // An empty signature is how `alg: none` tokens usually look.
+            return Err(TokenError::Malformed);
+        }
+        let header: RawHeader = decode_json(header_b64)?;
+        let header_alg: Algorithm = header
+            .alg
+            .parse()
+            .map_err(|_| TokenError::UnsupportedAlgorithm)?;
+        if !is_accepted_algorithm(header_alg) {
+            return Err(TokenError::UnsupportedAlgorithm);
+        }
+        if header.crit.is_some() {
+            return Err(TokenError::UnsupportedCritical);
+        }
+
+        // Which issuer? Read `iss` unverified only to choose rules and keys.
+        let unverified: Value = decode_json(payload_b64)?;
+        let iss = unverified
+            .get("iss")
+            .and_then(Value::as_str)
+            .ok_or(TokenError::UnknownIssuer)?;
+        let issuer = self.issuers.get(iss).ok_or(TokenError::UnknownIssuer)?;
+
+        let kid = header.kid.as_deref().ok_or(TokenError::UnknownKey)?;
+        let key = issuer.keys.get(kid).ok_or(TokenError::UnknownKey)?;
+        if key.algorithm != header_alg {
+            return Err(TokenError::AlgorithmMismatch);
+        }
+
+        let mut validation = issuer.validation(key.algorithm);
+        // We check time claims against `now` ourselves below so that one clock
+        // (the caller's) governs every rule; jsonwebtoken checks signature, iss, aud.
+        validation.validate_exp = false;
+        validation.validate_nbf = false;
+        let data = jsonwebtoken::decode::<Value>(token, &key.key, &validation)
+            .map_err(|e| map_jwt_error(e.kind()))?;
+        let claims = data.claims;
+        check_times(issuer, &claims, now)?;
+
+        let subject = claims
+            .get("sub")
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+            .ok_or(TokenError::MissingClaim)?
+            .to_owned();
+        Ok(VerifiedToken {
+            issuer: issuer.issuer.clone(),
+            subject,
+            jti: string_claim(&claims, "jti"),
+            issued_at: numeric_date(&claims, "iat")?.unwrap_or_default(),
+            expires_at: numeric_date(&claims, "exp")?.unwrap_or_default(),
+            scopes: scopes(&claims),
+            roles: roles(&claims, &issuer.roles_claim),
+            client_id: string_claim(&claims, "client_id").or_else(|| string_claim(&claims, "azp")),
+            key_id: kid.to_owned(),
+        })
+    }
+}
+
+fn decode_json<T: serde::de::DeserializeOwned>(part: &str) -> Result<T, TokenError> {
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(part)
+        .map_err(|_| TokenError::Malformed)?;
+    serde_json::from_slice(&bytes).map_err(|_| TokenError::Malformed)
+}
+
+fn map_jwt_error(kind: &ErrorKind) -> TokenError {
+    match kind {
+        ErrorKind::InvalidSignature => TokenError::BadSignature,
+        ErrorKind::ExpiredSignature => TokenError::Expired,
+        ErrorKind::ImmatureSignature => TokenError::NotYetValid,
+        ErrorKind::InvalidAudience => TokenError::WrongAudience,
+        ErrorKind::InvalidIssuer => TokenError::UnknownIssuer,
+        ErrorKind::MissingRequiredClaim(claim) if claim == "aud" => TokenError::WrongAudience,
+        ErrorKind::MissingRequiredClaim(_) => TokenError::MissingClaim,
+        ErrorKind::InvalidAlgorithm | ErrorKind::MissingAlgorithm => TokenError::AlgorithmMismatch,
+        ErrorKind::InvalidAlgorithmName | ErrorKind::UnsupportedAlgorithm => {
+            TokenError::UnsupportedAlgorithm
+        }
+        // Key errors mean the signature could not be checked against this key.
+        ErrorKind::InvalidEcdsaKey | ErrorKind::InvalidEddsaKey | ErrorKind::InvalidRsaKey(_) => {
+            TokenError::BadSignature
+        }
+        _ => TokenError::Malformed,
+    }
+}
+
+/// `exp` (required), `nbf` and `iat` (required) with leeway; lifetime bound.
+fn check_times(issuer: &Issuer, claims: &Value, now: i64) -> Result<(), TokenError> {
+    let leeway = issuer.leeway.as_secs() as i64;
+    let exp = numeric_date(claims, "exp")?.ok_or(TokenError::MissingClaim)?;
+    let iat = numeric_date(claims, "iat")?.ok_or(TokenError::MissingClaim)?;
+    if exp <= now - leeway {
+        return Err(TokenError::Expired);
+    }
+    if let Some(nbf) = numeric_date(claims, "nbf")?
+        && nbf > now + leeway
+    {
+        return Err(TokenError::NotYetValid);
+    }
+    if iat > now + leeway {
+        return Err(TokenError::NotYetValid);
+    }
+    if exp - iat > issuer.max_token_lifetime.as_secs() as i64 {
+        return Err(TokenError::LifetimeTooLong);
+    }
+    Ok(())
+}
+
+/// A NumericDate claim; fractional seconds are truncated, other types are malformed.
+fn numeric_date(claims: &Value, name: &str) -> Result<Option<i64>, TokenError> {
+    match claims.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => n
+            .as_i64()
+            .or_else(|| n.as_f64().filter(|f| f.is_finite()).map(|f| f as i64))
+            .map(Some)
+            .ok_or(TokenError::Malformed),
+        Some(_) => Err(TokenError::Malformed),
+    }
+}
+
+fn string_claim(claims: &Value, name: &str) -> Option<String> {
+    claims.get(name).and_then(Value::as_str).map(str::to_owned)
+}
+
+/// Scopes from `scope` (space separated, RFC 8693) or `scp` (array or string).
+fn scopes(claims: &Value) -> Vec<String> {
+    let mut out = Vec::new();
+    for name in ["scope", "scp"] {
+        match claims.get(name) {
+            Some(Value::String(s)) => out.extend(s.split_whitespace().map(str::to_owned)),
+            Some(Value::Array(items)) => {
+                out.extend(items.iter().filter_map(Value::as_str).map(str::to_owned))
+            }
+            _ => {}
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// Roles from a dotted claim path holding an array of strings or one string.
+fn roles(claims: &Value, path: &str) -> Vec<String> {
+    let mut node = claims;
+    for segment in path.split('.') {
+        match node.get(segment) {
+            Some(next) => node = next,
+            None => return Vec::new(),
+        }
+    }
+    let mut roles: Vec<String> = match node {
+        Value::String(s) => vec![s.clone()],
+        Value::Array(items) => items
+            .iter()
+            .filter_map(Value::as_str)
+            .map(str::to_owned)
+            .collect(),
+        _ => Vec::new(),
+    };
+    roles.sort();
+    roles.dedup();
+    roles
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn scopes_come_from_scope_and_scp() {
+        assert_eq!(
+            scopes(&json!({"scope": "b a", "scp": ["c", "a"]})),
+            vec!["a", "b", "c"]
+        );
+        assert!(scopes(&json!({})).is_empty());
+    }
+
+    #[test]
+    fn roles_follow_a_dotted_path() {
+        let claims = json!({"realm_access": {"roles": ["admin", "ops"]}, "roles": "solo"});
+        assert_eq!(roles(&claims, "realm_access.roles"), vec!["admin", "ops"]);
+        assert_eq!(roles(&claims, "roles"), vec!["solo"]);
+        assert!(roles(&claims, "missing.path").is_empty());
+    }
+
+    #[test]
+    fn numeric_dates_reject_strings() {
+        assert_eq!(numeric_date(&json!({"exp": 10}), "exp"), Ok(Some(10)));
+        assert_eq!(numeric_date(&json!({"exp": 10.9}), "exp"), Ok(Some(10)));
+        assert_eq!(
+            numeric_date(&json!({"exp": "10"}), "exp"),
+            Err(TokenError::Malformed)
+        );
+    }
+}

@@ -1,0 +1,223 @@
+//! From a verified identity and an HTTP request to a schema-checked Cedar request.
+//!
+//! The convention follows API-linked policy stores:
+//! - principal `User::"<sub>"`, its parents `Role::"<role>"` for each role claim value;
+//! - action `Action::"<lower-case method> <route template>"` (or the route's `action`);
+//! - resource `Application::"<application.name>"`;
+//! - context `{ http, path_params, token }` (see the README for the types).
+
+use std::collections::HashSet;
+use std::net::IpAddr;
+use std::str::FromStr;
+
+use cedar_policy::{
+    Context, Entities, Entity, EntityId, EntityTypeName, EntityUid, Request, RestrictedExpression,
+};
+
+use super::policy_store::PolicyStore;
+use crate::attributes::HttpRequest;
+use crate::authn::VerifiedToken;
+
+/// Entity type of token subjects.
+pub const USER_TYPE: &str = "User";
+/// Entity type of roles (parents of users).
+pub const ROLE_TYPE: &str = "Role";
+/// Entity type of the protected application.
+pub const APPLICATION_TYPE: &str = "Application";
+/// Entity type of actions.
+pub const ACTION_TYPE: &str = "Action";
+
+/// The request does not fit the schema (a configuration problem, so a deny).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum MappingError {
+    /// An entity id or type could not be built.
+    #[error("cannot build entity: {0}")]
+    Entity(String),
+    /// The context or request does not conform to the schema.
+    #[error("request does not conform to the schema: {0}")]
+    Request(String),
+}
+
+/// A Cedar request with the entities it is evaluated against.
+#[derive(Debug, Clone)]
+pub struct CedarInput {
+    /// The schema-checked request.
+    pub request: Request,
+    /// Static entities plus the principal, its roles and the application.
+    pub entities: Entities,
+    /// The principal, for the audit line.
+    pub principal: EntityUid,
+    /// The action, for the audit line.
+    pub action: EntityUid,
+    /// The resource, for the audit line.
+    pub resource: EntityUid,
+}
+
+/// The parts of a request the mapping reads besides the token.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestFacts<'a> {
+    /// The HTTP request.
+    pub http: &'a HttpRequest,
+    /// The Cedar action id.
+    pub action: &'a str,
+    /// Path parameters of the matched route.
+    pub path_params: &'a [(String, String)],
+}
+
+/// Builds Cedar requests for one application.
+#[derive(Debug, Clone)]
+pub struct CedarMapping {
+    user_type: EntityTypeName,
+    role_type: EntityTypeName,
+    action_type: EntityTypeName,
+    application: EntityUid,
+}
+
+impl CedarMapping {
+    /// A mapping whose resource is `Application::"<application>"`.
+    pub fn new(application: &str) -> Result<CedarMapping, MappingError> {
+        let name =
+            |n: &str| EntityTypeName::from_str(n).map_err(|e| MappingError::Entity(e.to_string()));
+        let application_type = name(APPLICATION_TYPE)?;
+        Ok(CedarMapping {
+            user_type: name(USER_TYPE)?,
+            role_type: name(ROLE_TYPE)?,
+            action_type: name(ACTION_TYPE)?,
+            application: EntityUid::from_type_name_and_id(
+                application_type,
+                EntityId::new(application),
+            ),
+        })
+    }
+
+    /// The resource every request is about.
+    pub fn application(&self) -> &EntityUid {
+        &self.application
+    }
+
+    /// The principal uid of a token.
+    pub fn principal(&self, token: &VerifiedToken) -> EntityUid {
+        EntityUid::from_type_name_and_id(self.user_type.clone(), EntityId::new(&token.subject))
+    }
+
+    /// The action uid of an action id.
+    pub fn action(&self, action: &str) -> EntityUid {
+        EntityUid::from_type_name_and_id(self.action_type.clone(), EntityId::new(action))
+    }
+
+    /// Builds the schema-checked request and its entities.
+    pub fn build(
+        &self,
+        store: &PolicyStore,
+        token: &VerifiedToken,
+        facts: RequestFacts<'_>,
+    ) -> Result<CedarInput, MappingError> {
+        let principal = self.principal(token);
+        let action = self.action(facts.action);
+        let resource = self.application.clone();
+
+        let roles: HashSet<EntityUid> = token
+            .roles
+            .iter()
+            .map(|r| EntityUid::from_type_name_and_id(self.role_type.clone(), EntityId::new(r)))
+            .collect();
+        let mut added: Vec<Entity> = roles
+            .iter()
+            .filter(|uid| store.entities.get(uid).is_none())
+            .map(|uid| Entity::new_no_attrs(uid.clone(), HashSet::new()))
+            .collect();
+        if store.entities.get(&principal).is_none() {
+            added.push(Entity::new_no_attrs(principal.clone(), roles));
+        }
+        if store.entities.get(&resource).is_none() {
+            added.push(Entity::new_no_attrs(resource.clone(), HashSet::new()));
+        }
+        let entities = store
+            .entities
+            .clone()
+            .add_entities(added, Some(&store.schema))
+            .map_err(|e| MappingError::Request(e.to_string()))?;
+
+        let context = Context::from_pairs(context_pairs(token, facts)?)
+            .map_err(|e| MappingError::Request(e.to_string()))?;
+        let request = Request::new(
+            principal.clone(),
+            action.clone(),
+            resource.clone(),
+            context,
+            Some(&store.schema),
+        )
+        .map_err(|e| MappingError::Request(e.to_string()))?;
+        Ok(CedarInput {
+            request,
+            entities,
+            principal,
+            action,
+            resource,
+        })
+    }
+}
+
+fn string(s: &str) -> RestrictedExpression {
+    RestrictedExpression::new_string(s.to_owned())
+}
+
+fn record(
+    pairs: Vec<(String, RestrictedExpression)>,
+) -> Result<RestrictedExpression, MappingError> {
+    RestrictedExpression::new_record(pairs).map_err(|e| MappingError::Request(e.to_string()))
+}
+
+fn context_pairs(
+    token: &VerifiedToken,
+    facts: RequestFacts<'_>,
+) -> Result<Vec<(String, RestrictedExpression)>, MappingError> {
+    let http = facts.http;
+    let mut http_attrs = vec![
+        ("method".to_owned(), string(&http.method)),
+        ("path".to_owned(), string(http.path_without_query())),
+        ("host".to_owned(), string(&http.host)),
+        ("scheme".to_owned(), string(&http.scheme)),
+    ];
+    if let Some(ip) = http.source_ip {
+        let text = match ip {
+            IpAddr::V4(v4) => v4.to_string(),
+            IpAddr::V6(v6) => v6.to_string(),
+        };
+        http_attrs.push(("source_ip".to_owned(), RestrictedExpression::new_ip(text)));
+    }
+
+    let params = facts
+        .path_params
+        .iter()
+        .map(|(k, v)| (k.clone(), string(v)))
+        .collect();
+
+    let mut token_attrs = vec![
+        ("iss".to_owned(), string(&token.issuer)),
+        (
+            "iat".to_owned(),
+            RestrictedExpression::new_long(token.issued_at),
+        ),
+        (
+            "exp".to_owned(),
+            RestrictedExpression::new_long(token.expires_at),
+        ),
+        (
+            "scopes".to_owned(),
+            RestrictedExpression::new_set(token.scopes.iter().map(|s| string(s))),
+        ),
+    ];
+    if let Some(jti) = &token.jti {
+        token_attrs.push(("jti".to_owned(), string(jti)));
+    }
+    if let Some(client_id) = &token.client_id {
+        token_attrs.push(("client_id".to_owned(), string(client_id)));
+    }
+
+    Ok(vec![
+        ("http".to_owned(), record(http_attrs)?),
+        ("path_params".to_owned(), record(params)?),
+        ("token".to_owned(), record(token_attrs)?),
+    ])
+}

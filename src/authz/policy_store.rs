@@ -1,0 +1,435 @@
+//! The policy folder: Cedar schema, policies and static entities, loaded and
+//! strictly validated as one unit. Every problem is reported with file and line.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use cedar_policy::{
+    Entities, PolicyId, PolicySet, Schema, SchemaFragment, ValidationMode, Validator,
+};
+use miette::Diagnostic;
+
+/// Name of the optional static entities file in the policy folder.
+pub const ENTITIES_FILE: &str = "entities.json";
+
+/// One problem found in a policy folder file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyDiagnostic {
+    /// The file the problem is in.
+    pub file: PathBuf,
+    /// 1-based line, when known.
+    pub line: Option<usize>,
+    /// 1-based column, when known.
+    pub column: Option<usize>,
+    /// What is wrong, with Cedar's help text when it has one.
+    pub message: String,
+}
+
+impl fmt::Display for PolicyDiagnostic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+            if let Some(column) = self.column {
+                write!(f, ":{column}")?;
+            }
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+/// A policy folder that failed to load; holds every problem found, not just the first.
+#[derive(Debug, thiserror::Error)]
+#[error("{} problem(s) in the policy folder:\n{}", .diagnostics.len(), render(.diagnostics))]
+pub struct PolicyLoadError {
+    /// All problems, in file order.
+    pub diagnostics: Vec<PolicyDiagnostic>,
+}
+
+fn render(diagnostics: &[PolicyDiagnostic]) -> String {
+    diagnostics
+        .iter()
+        .map(|d| format!("  {d}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// A loaded, strictly validated policy folder.
+#[derive(Debug, Clone)]
+pub struct PolicyStore {
+    /// The merged schema of all `*.cedarschema` files.
+    pub schema: Schema,
+    /// All policies and templates, ids from `@id` or `<file>#<index>`.
+    pub policies: PolicySet,
+    /// Static entities from `entities.json` plus the schema's action entities.
+    pub entities: Entities,
+    /// Validator warnings (they do not stop loading).
+    pub warnings: Vec<PolicyDiagnostic>,
+    /// Which file each policy came from.
+    pub policy_files: HashMap<PolicyId, PathBuf>,
+}
+
+struct SourceFile {
+    path: PathBuf,
+    text: String,
+}
+
+impl PolicyStore {
+    /// Loads `dir`: all `*.cedarschema` (at least one), all `*.cedar`, and
+    /// `entities.json` when present. Fails with every problem found.
+    pub fn load(dir: &Path) -> Result<PolicyStore, PolicyLoadError> {
+        let mut diagnostics = Vec::new();
+        let (schema_files, policy_files) = match list_sources(dir) {
+            Ok(found) => found,
+            Err(d) => {
+                return Err(PolicyLoadError {
+                    diagnostics: vec![d],
+                });
+            }
+        };
+        if schema_files.is_empty() {
+            diagnostics.push(PolicyDiagnostic {
+                file: dir.to_owned(),
+                line: None,
+                column: None,
+                message: "no *.cedarschema file: strict validation needs a schema".into(),
+            });
+        }
+
+        let mut fragments = Vec::new();
+        for file in &schema_files {
+            match SchemaFragment::from_cedarschema_str(&file.text) {
+                Ok((fragment, _warnings)) => fragments.push(fragment),
+                Err(e) => diagnostics.extend(diagnostics_of(&e, file)),
+            }
+        }
+        let schema = if diagnostics.is_empty() {
+            match Schema::from_schema_fragments(fragments) {
+                Ok(schema) => Some(schema),
+                Err(e) => {
+                    let file = &schema_files[0];
+                    diagnostics.extend(diagnostics_of(&e, file));
+                    None
+                }
+            }
+        } else {
+            None
+        };
+
+        let mut policies = PolicySet::new();
+        let mut sources: HashMap<PolicyId, usize> = HashMap::new();
+        for (file_index, file) in policy_files.iter().enumerate() {
+            let parsed = match PolicySet::from_str(&file.text) {
+                Ok(set) => set,
+                Err(e) => {
+                    diagnostics.extend(diagnostics_of(&e, file));
+                    continue;
+                }
+            };
+            let name = file
+                .path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            // Cedar numbers policies and templates in one sequence per file; keep
+            // source order so `<file>#<n>` names the n-th statement of the file.
+            let mut statements: Vec<(PolicyId, bool)> = parsed
+                .templates()
+                .map(|t| (t.id().clone(), true))
+                .chain(parsed.policies().map(|p| (p.id().clone(), false)))
+                .collect();
+            statements.sort_by_key(|(id, _)| {
+                id.to_string()
+                    .trim_start_matches("policy")
+                    .parse::<usize>()
+                    .unwrap_or(usize::MAX)
+            });
+            for (index, (old_id, is_template)) in statements.into_iter().enumerate() {
+                let added = if is_template {
+                    let Some(template) = parsed.template(&old_id) else {
+                        continue;
+                    };
+                    let id = statement_id(template.annotation("id"), &name, index);
+                    sources.insert(id.clone(), file_index);
+                    policies.add_template(template.new_id(id))
+                } else {
+                    let Some(policy) = parsed.policy(&old_id) else {
+                        continue;
+                    };
+                    let id = statement_id(policy.annotation("id"), &name, index);
+                    sources.insert(id.clone(), file_index);
+                    policies.add(policy.new_id(id))
+                };
+                if let Err(e) = added {
+                    diagnostics.push(PolicyDiagnostic {
+                        file: file.path.clone(),
+                        line: None,
+                        column: None,
+                        message: e.to_string(),
+                    });
+                }
+            }
+        }
+
+        let mut warnings = Vec::new();
+        if let Some(schema) = &schema {
+            let result = Validator::new(schema.clone()).validate(&policies, ValidationMode::Strict);
+            for error in result.validation_errors() {
+                let file = sources.get(error.policy_id()).map(|i| &policy_files[*i]);
+                diagnostics.extend(located(error, file, dir, Some(error.policy_id())));
+            }
+            for warning in result.validation_warnings() {
+                let file = sources.get(warning.policy_id()).map(|i| &policy_files[*i]);
+                warnings.extend(located(warning, file, dir, Some(warning.policy_id())));
+            }
+        }
+
+        let entities = schema
+            .as_ref()
+            .and_then(|schema| match load_entities(dir, schema) {
+                Ok(entities) => Some(entities),
+                Err(d) => {
+                    diagnostics.push(d);
+                    None
+                }
+            });
+
+        match (schema, entities) {
+            (Some(schema), Some(entities)) if diagnostics.is_empty() => Ok(PolicyStore {
+                schema,
+                policies,
+                entities,
+                warnings,
+                policy_files: sources
+                    .into_iter()
+                    .map(|(id, i)| (id, policy_files[i].path.clone()))
+                    .collect(),
+            }),
+            _ => Err(PolicyLoadError { diagnostics }),
+        }
+    }
+
+    /// Number of static policies plus templates.
+    pub fn len(&self) -> usize {
+        self.policies.policies().count() + self.policies.templates().count()
+    }
+
+    /// True when the folder holds no policies (every request is then denied).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+fn statement_id(annotation: Option<&str>, file_name: &str, index: usize) -> PolicyId {
+    match annotation {
+        Some(id) if !id.is_empty() => PolicyId::new(id),
+        _ => PolicyId::new(format!("{file_name}#{index}")),
+    }
+}
+
+fn list_sources(dir: &Path) -> Result<(Vec<SourceFile>, Vec<SourceFile>), PolicyDiagnostic> {
+    let read_error = |path: &Path, e: std::io::Error| PolicyDiagnostic {
+        file: path.to_owned(),
+        line: None,
+        column: None,
+        message: format!("cannot read: {e}"),
+    };
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| read_error(dir, e))?
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .filter(|p| p.is_file())
+        .collect();
+    paths.sort();
+    let mut schemas = Vec::new();
+    let mut policies = Vec::new();
+    for path in paths {
+        let target = match path.extension().and_then(|e| e.to_str()) {
+            Some("cedarschema") => &mut schemas,
+            Some("cedar") => &mut policies,
+            _ => continue,
+        };
+        let text = std::fs::read_to_string(&path).map_err(|e| read_error(&path, e))?;
+        target.push(SourceFile { path, text });
+    }
+    Ok((schemas, policies))
+}
+
+fn load_entities(dir: &Path, schema: &Schema) -> Result<Entities, PolicyDiagnostic> {
+    let path = dir.join(ENTITIES_FILE);
+    let problem = |message: String| PolicyDiagnostic {
+        file: path.clone(),
+        line: None,
+        column: None,
+        message,
+    };
+    let actions = schema
+        .action_entities()
+        .map_err(|e| problem(format!("schema action entities: {e}")))?;
+    if !path.exists() {
+        return Ok(actions);
+    }
+    let text = std::fs::read_to_string(&path).map_err(|e| problem(format!("cannot read: {e}")))?;
+    let entities =
+        Entities::from_json_str(&text, Some(schema)).map_err(|e| problem(full_message(&e)))?;
+    entities
+        .add_entities(actions.iter().cloned(), None)
+        .map_err(|e| problem(full_message(&e)))
+}
+
+fn diagnostics_of<D: Diagnostic + ?Sized>(error: &D, file: &SourceFile) -> Vec<PolicyDiagnostic> {
+    // Parse errors bundle several diagnostics; report each with its own location.
+    let related: Vec<&dyn Diagnostic> = error.related().map(|r| r.collect()).unwrap_or_default();
+    if related.is_empty() {
+        located(error, Some(file), &file.path, None)
+    } else {
+        related
+            .into_iter()
+            .flat_map(|d| located(d, Some(file), &file.path, None))
+            .collect()
+    }
+}
+
+fn located<D: Diagnostic + ?Sized>(
+    diagnostic: &D,
+    file: Option<&SourceFile>,
+    fallback: &Path,
+    policy: Option<&PolicyId>,
+) -> Vec<PolicyDiagnostic> {
+    let offset = diagnostic
+        .labels()
+        .and_then(|mut labels| labels.next())
+        .map(|label| label.offset());
+    let (line, column) = match (file, offset) {
+        (Some(file), Some(offset)) => {
+            let (l, c) = line_column(&file.text, offset);
+            (Some(l), Some(c))
+        }
+        _ => (None, None),
+    };
+    let mut message = full_message(diagnostic);
+    if let Some(policy) = policy {
+        message = format!("policy {:?}: {message}", policy.to_string());
+    }
+    vec![PolicyDiagnostic {
+        file: file
+            .map(|f| f.path.clone())
+            .unwrap_or_else(|| fallback.to_owned()),
+        line,
+        column,
+        message,
+    }]
+}
+
+fn full_message<D: Diagnostic + ?Sized>(diagnostic: &D) -> String {
+    match diagnostic.help() {
+        Some(help) => format!("{diagnostic} (help: {help})"),
+        None => diagnostic.to_string(),
+    }
+}
+
+/// 1-based line and column of a byte offset.
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = &text.as_bytes()[..offset];
+    let line = before.iter().filter(|b| **b == b'\n').count() + 1;
+    let line_start = before
+        .iter()
+        .rposition(|b| *b == b'\n')
+        .map_or(0, |p| p + 1);
+    (line, offset - line_start + 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn line_column_counts_from_one() {
+        let text = "ab\ncd\nef";
+        assert_eq!(line_column(text, 0), (1, 1));
+        assert_eq!(line_column(text, 4), (2, 2));
+        assert_eq!(line_column(text, 6), (3, 1));
+    }
+
+    fn write(dir: &Path, name: &str, text: &str) {
+        std::fs::write(dir.join(name), text).unwrap();
+    }
+
+    const SCHEMA: &str = r#"
+entity Role;
+entity User in [Role];
+entity Application;
+action "get /x" appliesTo { principal: [User], resource: [Application], context: {} };
+"#;
+
+    #[test]
+    fn ids_come_from_annotation_or_file_and_index() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "s.cedarschema", SCHEMA);
+        write(
+            dir.path(),
+            "a.cedar",
+            "permit(principal, action, resource);\n@id(\"named\")\nforbid(principal, action, resource) when { false };\n",
+        );
+        let store = PolicyStore::load(dir.path()).unwrap();
+        let mut ids: Vec<String> = store
+            .policies
+            .policies()
+            .map(|p| p.id().to_string())
+            .collect();
+        ids.sort();
+        assert_eq!(ids, vec!["a.cedar#0", "named"]);
+    }
+
+    #[test]
+    fn errors_carry_file_and_line() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "s.cedarschema", SCHEMA);
+        write(
+            dir.path(),
+            "bad.cedar",
+            "permit(principal, action, resource);\n\npermit(principal, action == Action::\"nope\", resource);\n",
+        );
+        let err = PolicyStore::load(dir.path()).unwrap_err();
+        let d = &err.diagnostics[0];
+        assert!(d.file.ends_with("bad.cedar"), "{d}");
+        assert_eq!(d.line, Some(3), "{d}");
+        assert!(d.message.contains("nope"), "{d}");
+    }
+
+    #[test]
+    fn syntax_errors_are_all_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "s.cedarschema", SCHEMA);
+        write(
+            dir.path(),
+            "a.cedar",
+            "permit(principal, action resource);\n",
+        );
+        write(dir.path(), "b.cedar", "\nforbid(principal;\n");
+        let err = PolicyStore::load(dir.path()).unwrap_err();
+        let files: Vec<_> = err.diagnostics.iter().map(|d| d.file.clone()).collect();
+        assert!(files.iter().any(|f| f.ends_with("a.cedar")), "{err}");
+        assert!(files.iter().any(|f| f.ends_with("b.cedar")), "{err}");
+        let b = err
+            .diagnostics
+            .iter()
+            .find(|d| d.file.ends_with("b.cedar"))
+            .unwrap();
+        assert_eq!(b.line, Some(2), "{err}");
+    }
+
+    #[test]
+    fn a_schema_is_required() {
+        let dir = tempfile::tempdir().unwrap();
+        write(
+            dir.path(),
+            "a.cedar",
+            "permit(principal, action, resource);\n",
+        );
+        let err = PolicyStore::load(dir.path()).unwrap_err();
+        assert!(err.to_string().contains("cedarschema"), "{err}");
+    }
+}

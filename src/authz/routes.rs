@@ -1,0 +1,197 @@
+//! Route table: `(method, path)` to the Cedar action and the path parameters.
+
+use std::collections::HashMap;
+
+use crate::config::RouteConfig;
+
+/// Errors raised while building the route table.
+#[derive(Debug, thiserror::Error)]
+pub enum RouteError {
+    /// The template is not valid or conflicts with another route.
+    #[error("route {method} {path}: {reason}")]
+    Invalid {
+        /// The route's method.
+        method: String,
+        /// The route's path template.
+        path: String,
+        /// What is wrong (e.g. a conflicting template).
+        reason: String,
+    },
+}
+
+/// A matched route.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteMatch<'a> {
+    /// The Cedar action id.
+    pub action: &'a str,
+    /// The route template that matched.
+    pub template: &'a str,
+    /// Path parameters by name, percent-decoded.
+    pub params: Vec<(String, String)>,
+}
+
+struct Route {
+    action: String,
+    template: String,
+}
+
+/// All configured routes, one matcher per method.
+#[derive(Default)]
+pub struct RouteTable {
+    routes: Vec<Route>,
+    by_method: HashMap<String, matchit::Router<usize>>,
+}
+
+impl std::fmt::Debug for RouteTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RouteTable")
+            .field("routes", &self.routes.len())
+            .finish()
+    }
+}
+
+impl RouteTable {
+    /// Builds the table; conflicting or malformed templates are errors.
+    pub fn new(configs: &[RouteConfig]) -> Result<RouteTable, RouteError> {
+        let mut table = RouteTable::default();
+        for config in configs {
+            let index = table.routes.len();
+            table
+                .by_method
+                .entry(config.method.clone())
+                .or_default()
+                .insert(config.path.clone(), index)
+                .map_err(|e| RouteError::Invalid {
+                    method: config.method.clone(),
+                    path: config.path.clone(),
+                    reason: e.to_string(),
+                })?;
+            table.routes.push(Route {
+                action: config.action_id(),
+                template: config.path.clone(),
+            });
+        }
+        Ok(table)
+    }
+
+    /// Matches a method and a path without query string.
+    pub fn find(&self, method: &str, path: &str) -> Option<RouteMatch<'_>> {
+        let matched = self.by_method.get(method)?.at(path).ok()?;
+        let route = self.routes.get(*matched.value)?;
+        let params = matched
+            .params
+            .iter()
+            .map(|(name, value)| {
+                let decoded = percent_encoding::percent_decode_str(value)
+                    .decode_utf8_lossy()
+                    .into_owned();
+                (name.to_owned(), decoded)
+            })
+            .collect();
+        Some(RouteMatch {
+            action: &route.action,
+            template: &route.template,
+            params,
+        })
+    }
+
+    /// The action ids of all routes, with the parameter names of their templates.
+    pub fn actions(&self) -> impl Iterator<Item = (&str, Vec<String>)> {
+        self.routes
+            .iter()
+            .map(|r| (r.action.as_str(), template_params(&r.template)))
+    }
+}
+
+/// Names of the `{param}` / `{*param}` segments of a template.
+pub fn template_params(template: &str) -> Vec<String> {
+    template
+        .split('/')
+        .filter_map(|seg| seg.strip_prefix('{')?.strip_suffix('}'))
+        .map(|name| name.trim_start_matches('*').to_owned())
+        .collect()
+}
+
+/// A path is canonical when it starts with `/`, has no `.` or `..` segments and no
+/// percent-encoded `/`, `\` or `.`: anything else could reach a different handler
+/// upstream than the route it matches here.
+pub fn is_canonical_path(path: &str) -> bool {
+    if !path.starts_with('/') || path.contains('\\') {
+        return false;
+    }
+    let lower = path.to_ascii_lowercase();
+    if lower.contains("%2f")
+        || lower.contains("%5c")
+        || lower.contains("%2e")
+        || lower.contains('\0')
+    {
+        return false;
+    }
+    !path.split('/').any(|seg| seg == "." || seg == "..")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(method: &str, path: &str) -> RouteConfig {
+        RouteConfig {
+            method: method.into(),
+            path: path.into(),
+            action: None,
+        }
+    }
+
+    fn table() -> RouteTable {
+        RouteTable::new(&[
+            route("GET", "/orders"),
+            route("GET", "/orders/{id}"),
+            route("POST", "/orders"),
+        ])
+        .unwrap()
+    }
+
+    #[test]
+    fn matches_template_and_params() {
+        let t = table();
+        let m = t.find("GET", "/orders/7").unwrap();
+        assert_eq!(m.action, "get /orders/{id}");
+        assert_eq!(m.params, vec![("id".to_string(), "7".to_string())]);
+        assert_eq!(t.find("POST", "/orders").unwrap().action, "post /orders");
+    }
+
+    #[test]
+    fn extra_segments_and_other_methods_do_not_match() {
+        let t = table();
+        assert!(t.find("GET", "/orders/7/extra").is_none());
+        assert!(t.find("DELETE", "/orders/7").is_none());
+        assert!(t.find("GET", "/order").is_none());
+    }
+
+    #[test]
+    fn params_are_percent_decoded() {
+        let m = table().find("GET", "/orders/a%20b").map(|m| m.params);
+        assert_eq!(m, Some(vec![("id".into(), "a b".into())]));
+    }
+
+    #[test]
+    fn conflicting_templates_are_rejected() {
+        let err = RouteTable::new(&[route("GET", "/orders/{id}"), route("GET", "/orders/{oid}")]);
+        assert!(err.is_err());
+    }
+
+    #[test]
+    fn canonical_paths() {
+        assert!(is_canonical_path("/orders/7"));
+        assert!(!is_canonical_path("/orders/../admin"));
+        assert!(!is_canonical_path("/orders/./7"));
+        assert!(!is_canonical_path("/orders%2F7"));
+        assert!(!is_canonical_path("/orders/%2e%2e/admin"));
+        assert!(!is_canonical_path("orders"));
+    }
+
+    #[test]
+    fn template_param_names() {
+        assert_eq!(template_params("/a/{id}/b/{*rest}"), vec!["id", "rest"]);
+    }
+}

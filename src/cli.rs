@@ -1,0 +1,332 @@
+//! The command line: `serve`, `validate`, `check` and the `token` dev helpers.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::attributes::{HttpRequest, parse_source_ip};
+use crate::audit::AuditLog;
+use crate::authn::mint::{MintRequest, SigningKey};
+use crate::config::Config;
+use crate::engine::Engine;
+use crate::ext_authz::http_status;
+use crate::server;
+
+/// Portcullis: an Envoy ext_authz server enforcing JWT bearer tokens with Cedar policies.
+#[derive(Debug, Parser)]
+#[command(name = "portcullis", version, about)]
+pub struct Cli {
+    /// Application log format (logs go to standard error; decisions to the audit sink).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Plain, env = "PORTCULLIS_LOG_FORMAT")]
+    pub log_format: LogFormat,
+    /// The command to run.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Application log format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Plain,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the ext_authz gRPC server.
+    Serve(ServeArgs),
+    /// Load the config, keys and policies, validate strictly, print every problem.
+    Validate(ConfigArg),
+    /// Decide one request offline and explain the decision.
+    Check(CheckArgs),
+    /// Development tokens (for trying things out only).
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+/// `--config FILE`.
+#[derive(Debug, Args)]
+pub struct ConfigArg {
+    /// The TOML configuration file.
+    #[arg(long, short, env = "PORTCULLIS_CONFIG")]
+    pub config: PathBuf,
+}
+
+/// Arguments of `serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    config: ConfigArg,
+    /// Override `[server] listen`.
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+}
+
+/// Arguments of `check`.
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    #[command(flatten)]
+    config: ConfigArg,
+    /// The bearer token (omit to check an anonymous request).
+    #[arg(long)]
+    token: Option<String>,
+    /// HTTP method.
+    #[arg(long, default_value = "GET")]
+    method: String,
+    /// HTTP path, query string allowed.
+    #[arg(long)]
+    path: String,
+    /// Extra request header `name:value` (repeatable).
+    #[arg(long = "header", value_name = "NAME:VALUE")]
+    headers: Vec<String>,
+    /// Host of the request.
+    #[arg(long, default_value = "localhost")]
+    host: String,
+    /// Client address, for policies on `context.http.source_ip`.
+    #[arg(long)]
+    source_ip: Option<String>,
+}
+
+/// `token` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Sign a short-lived token with a local private key. For trying things out only.
+    Mint(MintArgs),
+    /// Print the JWKS (public key) for a local private key.
+    Jwks(KeyArgs),
+}
+
+/// A local private key.
+#[derive(Debug, Args)]
+pub struct KeyArgs {
+    /// PEM private key (e.g. examples/quickstart/dev-key.pem).
+    #[arg(long)]
+    key: PathBuf,
+    /// Signature algorithm of the key.
+    #[arg(long, default_value = "ES256")]
+    alg: String,
+    /// Key id; defaults to the key's RFC 7638 thumbprint, as in the quickstart JWKS.
+    #[arg(long)]
+    kid: Option<String>,
+}
+
+/// Arguments of `token mint`.
+#[derive(Debug, Args)]
+pub struct MintArgs {
+    #[command(flatten)]
+    key: KeyArgs,
+    /// `sub` claim.
+    #[arg(long)]
+    sub: String,
+    /// Scope (repeatable), joined into the `scope` claim.
+    #[arg(long = "scope")]
+    scopes: Vec<String>,
+    /// Role (repeatable), into the `roles` claim.
+    #[arg(long = "role")]
+    roles: Vec<String>,
+    /// `iss` claim.
+    #[arg(long, default_value = "https://auth.example.test")]
+    iss: String,
+    /// `aud` claim.
+    #[arg(long, default_value = "orders-api")]
+    aud: String,
+    /// Lifetime (`exp - iat`).
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    ttl: Duration,
+}
+
+/// Runs the parsed command line.
+pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Serve(args) => serve(args).await,
+        Command::Validate(args) => validate(&args.config),
+        Command::Check(args) => check(args),
+        Command::Token(TokenCommand::Mint(args)) => mint(args),
+        Command::Token(TokenCommand::Jwks(args)) => {
+            let key = signing_key(&args)?;
+            println!("{}", serde_json::to_string_pretty(&key.public_jwks())?);
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn load_engine(config: &Config) -> anyhow::Result<Engine> {
+    Engine::from_config(config).map_err(|e| anyhow::anyhow!("the configuration is not valid:\n{e}"))
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let config = Config::load(&args.config.config)?;
+    let listen = args.listen.unwrap_or(config.server.listen);
+    let audit = match &config.audit.file {
+        Some(path) => AuditLog::file(path)
+            .with_context(|| format!("cannot open audit file {}", path.display()))?,
+        None => AuditLog::stdout(),
+    };
+    let running = server::start(listen, audit).await?;
+    tracing::info!(addr = %running.local_addr(), "listening (NOT_SERVING until policies and keys load)");
+
+    let engine = {
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || Engine::from_config(&config)).await?
+    };
+    let engine = match engine {
+        Ok(engine) => engine,
+        Err(e) => {
+            for problem in &e.problems {
+                tracing::error!("{problem}");
+            }
+            running.shutdown().await?;
+            bail!(
+                "refusing to serve: {} problem(s) in the configuration",
+                e.problems.len()
+            );
+        }
+    };
+    tracing::info!(
+        policies = engine.policies().len(),
+        dir = %config.policies.dir.display(),
+        "policies and keys loaded; SERVING"
+    );
+    running.state().install(engine).await;
+
+    server::shutdown_signal().await;
+    tracing::info!("shutting down: NOT_SERVING, finishing in-flight checks");
+    running.shutdown().await?;
+    tracing::info!("stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn validate(path: &Path) -> anyhow::Result<ExitCode> {
+    let config = match Config::load(path) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    match Engine::from_config(&config) {
+        Ok(engine) => {
+            for warning in &engine.policies().warnings {
+                eprintln!("warning: {warning}");
+            }
+            println!(
+                "ok: {} policies, {} issuer(s), {} route(s) valid",
+                engine.policies().len(),
+                config.issuers.len(),
+                config.routes.len()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            for problem in &e.problems {
+                eprintln!("error: {problem}");
+            }
+            eprintln!("{} problem(s) found", e.problems.len());
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
+    let config = Config::load(&args.config.config)?;
+    let engine = load_engine(&config)?;
+    let mut http = HttpRequest {
+        method: args.method.to_ascii_uppercase(),
+        path: args.path,
+        host: args.host,
+        scheme: "https".into(),
+        source_ip: match &args.source_ip {
+            Some(ip) => {
+                Some(parse_source_ip(ip).with_context(|| format!("invalid --source-ip {ip:?}"))?)
+            }
+            None => None,
+        },
+        ..Default::default()
+    };
+    for header in &args.headers {
+        let (name, value) = header
+            .split_once(':')
+            .with_context(|| format!("--header must be NAME:VALUE, found {header:?}"))?;
+        http.headers
+            .insert(name.trim().to_ascii_lowercase(), value.trim().to_owned());
+    }
+    if let Some(token) = &args.token {
+        http.headers
+            .insert("authorization".into(), format!("Bearer {token}"));
+    }
+    let decision = engine.decide(&http);
+    let list = |items: &[String]| {
+        if items.is_empty() {
+            "(none)".to_owned()
+        } else {
+            items.join(", ")
+        }
+    };
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "decision:  {}",
+        if decision.verdict.is_allow() {
+            "allow"
+        } else {
+            "deny"
+        }
+    )?;
+    writeln!(out, "status:    {}", http_status(decision.verdict))?;
+    writeln!(out, "reason:    {}", decision.verdict.class())?;
+    writeln!(
+        out,
+        "principal: {}",
+        decision.principal.as_deref().unwrap_or("(none)")
+    )?;
+    writeln!(
+        out,
+        "action:    {}",
+        decision.action.as_deref().unwrap_or("(none)")
+    )?;
+    writeln!(
+        out,
+        "resource:  {}",
+        decision.resource.as_deref().unwrap_or("(none)")
+    )?;
+    writeln!(out, "policies:  {}", list(&decision.policies))?;
+    writeln!(out, "errors:    {}", list(&decision.errors))?;
+    Ok(if decision.verdict.is_allow() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+fn signing_key(args: &KeyArgs) -> anyhow::Result<SigningKey> {
+    let pem = std::fs::read(&args.key)
+        .with_context(|| format!("cannot read key file {}", args.key.display()))?;
+    let alg = args
+        .alg
+        .parse()
+        .map_err(|_| anyhow::anyhow!("unknown algorithm {:?}", args.alg))?;
+    Ok(SigningKey::from_pem(&pem, alg, args.kid.clone())?)
+}
+
+fn mint(args: MintArgs) -> anyhow::Result<ExitCode> {
+    let key = signing_key(&args.key)?;
+    let token = key.mint(&MintRequest {
+        issuer: args.iss,
+        audience: args.aud,
+        subject: args.sub,
+        scopes: args.scopes,
+        roles: args.roles,
+        lifetime: args.ttl,
+        extra_claims: Default::default(),
+    })?;
+    println!("{token}");
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,299 @@
+//! The Envoy adapter: `CheckRequest` to [`HttpRequest`], [`Decision`] to
+//! `CheckResponse`. The only module that knows Envoy's messages, gRPC status codes
+//! and the HTTP status of each deny reason.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use envoy_types::pb::envoy::config::core::v3::address::Address;
+use envoy_types::pb::envoy::config::core::v3::header_value_option::HeaderAppendAction;
+use envoy_types::pb::envoy::config::core::v3::{HeaderValue, HeaderValueOption};
+use envoy_types::pb::envoy::service::auth::v3::attribute_context::HttpRequest as EnvoyHttpRequest;
+use envoy_types::pb::envoy::service::auth::v3::authorization_server::Authorization;
+use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
+use envoy_types::pb::envoy::service::auth::v3::{
+    CheckRequest, CheckResponse, DeniedHttpResponse, OkHttpResponse,
+};
+use envoy_types::pb::envoy::r#type::v3::{HttpStatus, StatusCode as HttpStatusCode};
+use envoy_types::pb::google::protobuf::{ListValue, Struct, Value, value::Kind};
+use envoy_types::pb::google::rpc;
+
+use crate::attributes::{HttpRequest, parse_source_ip};
+use crate::authn::TokenError;
+use crate::config::ResponseConfig;
+use crate::decision::{BadRequest, Decision, DenyReason, Verdict};
+use crate::server::ServerState;
+
+/// gRPC status codes used in `CheckResponse.status` (google.rpc.Code).
+mod grpc_code {
+    pub const OK: i32 = 0;
+    pub const INVALID_ARGUMENT: i32 = 3;
+    pub const PERMISSION_DENIED: i32 = 7;
+    pub const UNAVAILABLE: i32 = 14;
+    pub const UNAUTHENTICATED: i32 = 16;
+}
+
+/// The HTTP status Envoy returns to the client for a verdict.
+pub fn http_status(verdict: Verdict) -> u16 {
+    match verdict {
+        Verdict::Allow => 200,
+        Verdict::Deny(DenyReason::BadRequest(_)) => 400,
+        Verdict::Deny(DenyReason::Unauthenticated(_)) => 401,
+        Verdict::Deny(DenyReason::NotReady) => 503,
+        Verdict::Deny(_) => 403,
+    }
+}
+
+fn grpc_status(verdict: Verdict) -> i32 {
+    match verdict {
+        Verdict::Allow => grpc_code::OK,
+        Verdict::Deny(DenyReason::BadRequest(_)) => grpc_code::INVALID_ARGUMENT,
+        Verdict::Deny(DenyReason::Unauthenticated(_)) => grpc_code::UNAUTHENTICATED,
+        Verdict::Deny(DenyReason::NotReady) => grpc_code::UNAVAILABLE,
+        Verdict::Deny(_) => grpc_code::PERMISSION_DENIED,
+    }
+}
+
+/// Extracts the HTTP attributes Envoy sent; `None` when there are none.
+/// Headers come from `headers`, or from `header_map` when Envoy is configured with
+/// `encode_raw_headers`; repeated headers are joined with `,` as HTTP allows.
+pub fn http_request(check: &CheckRequest) -> Option<HttpRequest> {
+    let attributes = check.attributes.as_ref()?;
+    let http: &EnvoyHttpRequest = attributes.request.as_ref()?.http.as_ref()?;
+    let mut headers: HashMap<String, String> = http
+        .headers
+        .iter()
+        .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
+        .collect();
+    if let Some(map) = &http.header_map {
+        for header in &map.headers {
+            let value = if header.raw_value.is_empty() {
+                header.value.clone()
+            } else {
+                String::from_utf8_lossy(&header.raw_value).into_owned()
+            };
+            headers
+                .entry(header.key.to_ascii_lowercase())
+                .and_modify(|existing| {
+                    existing.push(',');
+                    existing.push_str(&value);
+                })
+                .or_insert(value);
+        }
+    }
+    let header_or = |field: &str, pseudo: &str| {
+        if field.is_empty() {
+            headers.get(pseudo).cloned().unwrap_or_default()
+        } else {
+            field.to_owned()
+        }
+    };
+    let method = header_or(&http.method, ":method").to_ascii_uppercase();
+    let path = header_or(&http.path, ":path");
+    let host = header_or(&http.host, ":authority");
+    let scheme = header_or(&http.scheme, ":scheme");
+    let source_ip = attributes
+        .source
+        .as_ref()
+        .and_then(|peer| peer.address.as_ref())
+        .and_then(|address| match &address.address {
+            Some(Address::SocketAddress(socket)) => parse_source_ip(&socket.address),
+            _ => None,
+        });
+    Some(HttpRequest {
+        method,
+        path,
+        host,
+        scheme,
+        headers,
+        source_ip,
+    })
+}
+
+fn header(key: &str, value: &str) -> HeaderValueOption {
+    HeaderValueOption {
+        header: Some(HeaderValue {
+            key: key.to_owned(),
+            value: value.to_owned(),
+            ..Default::default()
+        }),
+        // Overwrite so a client cannot smuggle its own identity header upstream.
+        append_action: HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
+        ..Default::default()
+    }
+}
+
+fn string_value(s: &str) -> Value {
+    Value {
+        kind: Some(Kind::StringValue(s.to_owned())),
+    }
+}
+
+/// Builds the response Envoy acts on.
+pub fn check_response(
+    decision: &Decision,
+    response: &ResponseConfig,
+    realm: &str,
+) -> CheckResponse {
+    let verdict = decision.verdict;
+    let http_response = match verdict {
+        Verdict::Allow => {
+            let mut headers = Vec::new();
+            if let (false, Some(subject)) = (response.subject_header.is_empty(), &decision.subject)
+            {
+                headers.push(header(&response.subject_header, subject));
+            }
+            let headers_to_remove = if response.remove_authorization {
+                vec!["authorization".to_owned()]
+            } else {
+                Vec::new()
+            };
+            HttpResponse::OkResponse(OkHttpResponse {
+                headers,
+                headers_to_remove,
+                ..Default::default()
+            })
+        }
+        Verdict::Deny(reason) => HttpResponse::DeniedResponse(denied(decision, reason, realm)),
+    };
+    let mut metadata = Struct::default();
+    metadata
+        .fields
+        .insert("decision_id".into(), string_value(&decision.id));
+    metadata
+        .fields
+        .insert("reason".into(), string_value(verdict.class()));
+    if let Some(principal) = &decision.principal {
+        metadata
+            .fields
+            .insert("principal".into(), string_value(principal));
+    }
+    metadata.fields.insert(
+        "policies".into(),
+        Value {
+            kind: Some(Kind::ListValue(ListValue {
+                values: decision.policies.iter().map(|p| string_value(p)).collect(),
+            })),
+        },
+    );
+    CheckResponse {
+        status: Some(rpc::Status {
+            code: grpc_status(verdict),
+            message: verdict.class().to_owned(),
+            details: Vec::new(),
+        }),
+        http_response: Some(http_response),
+        dynamic_metadata: Some(metadata),
+    }
+}
+
+fn denied(decision: &Decision, reason: DenyReason, realm: &str) -> DeniedHttpResponse {
+    let status = match http_status(Verdict::Deny(reason)) {
+        400 => HttpStatusCode::BadRequest,
+        401 => HttpStatusCode::Unauthorized,
+        503 => HttpStatusCode::ServiceUnavailable,
+        _ => HttpStatusCode::Forbidden,
+    };
+    let mut headers = vec![header("content-type", "application/json")];
+    let body = match reason {
+        DenyReason::Unauthenticated(token) => {
+            headers.push(header("www-authenticate", &www_authenticate(token, realm)));
+            serde_json::json!({
+                "error": if token == TokenError::Missing { "unauthorized" } else { "invalid_token" },
+                "error_description": token.public_description(),
+                "decision_id": decision.id,
+            })
+        }
+        DenyReason::BadRequest(bad) => serde_json::json!({
+            "error": "bad_request",
+            "error_description": match bad {
+                BadRequest::MissingHttpAttributes => "the check request has no HTTP attributes",
+                BadRequest::NonCanonicalPath => "the request path is not in canonical form",
+                BadRequest::MissingMethodOrPath => "the request has no method or path",
+            },
+            "decision_id": decision.id,
+        }),
+        DenyReason::NotReady => serde_json::json!({
+            "error": "unavailable",
+            "decision_id": decision.id,
+        }),
+        _ => serde_json::json!({
+            "error": "forbidden",
+            "decision_id": decision.id,
+        }),
+    };
+    DeniedHttpResponse {
+        status: Some(HttpStatus {
+            code: status as i32,
+        }),
+        headers,
+        body: body.to_string(),
+    }
+}
+
+/// RFC 6750 section 3: no error code when the credential is missing.
+fn www_authenticate(token: TokenError, realm: &str) -> String {
+    let realm = realm.replace(['"', '\\'], "");
+    if token == TokenError::Missing {
+        format!("Bearer realm=\"{realm}\"")
+    } else {
+        format!(
+            "Bearer realm=\"{realm}\", error=\"invalid_token\", error_description=\"{}\"",
+            token.public_description()
+        )
+    }
+}
+
+/// The `envoy.service.auth.v3.Authorization` service.
+#[derive(Debug, Clone)]
+pub struct CheckService {
+    state: Arc<ServerState>,
+}
+
+impl CheckService {
+    /// A service deciding with the engine installed in `state`.
+    pub fn new(state: Arc<ServerState>) -> CheckService {
+        CheckService { state }
+    }
+}
+
+#[tonic::async_trait]
+impl Authorization for CheckService {
+    async fn check(
+        &self,
+        request: tonic::Request<CheckRequest>,
+    ) -> Result<tonic::Response<CheckResponse>, tonic::Status> {
+        let check = request.into_inner();
+        let engine = self.state.engine();
+        let decision = match (http_request(&check), &engine) {
+            (None, _) => {
+                let mut d = Decision::new("", "");
+                d.verdict =
+                    Verdict::Deny(DenyReason::BadRequest(BadRequest::MissingHttpAttributes));
+                d
+            }
+            (Some(http), None) => Decision::new(&http.method, http.path_without_query()),
+            (Some(http), Some(engine)) => engine.decide(&http),
+        };
+        self.state
+            .audit()
+            .record(&decision, http_status(decision.verdict));
+        tracing::debug!(
+            decision_id = %decision.id,
+            outcome = decision.verdict.class(),
+            principal = decision.principal.as_deref().unwrap_or(""),
+            action = decision.action.as_deref().unwrap_or(""),
+            "check"
+        );
+        let Some(engine) = engine else {
+            return Err(tonic::Status::unavailable(
+                "policies and keys are not loaded yet",
+            ));
+        };
+        Ok(tonic::Response::new(check_response(
+            &decision,
+            engine.response_config(),
+            engine.realm(),
+        )))
+    }
+}

@@ -1,0 +1,22 @@
+//! Portcullis: an Envoy `ext_authz` v3 server that authenticates bearer tokens and
+//! authorizes each request with Cedar policies.
+//!
+//! The decision pipeline, one module per stage:
+//! [`attributes`] → [`authn`] → [`authz`] → [`decision`], orchestrated by
+//! [`engine`]; [`ext_authz`] adapts it to Envoy, [`server`] serves it, [`audit`]
+//! records every decision, [`config`] and [`cli`] are the operator's surface.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod attributes;
+pub mod audit;
+pub mod authn;
+pub mod authz;
+pub mod cli;
+pub mod config;
+pub mod decision;
+pub mod engine;
+pub mod ext_authz;
+pub mod server;
+pub mod telemetry;

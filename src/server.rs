@@ -1,0 +1,193 @@
+//! The gRPC listener: ext_authz, health and reflection on one port, with graceful
+//! shutdown.
+//!
+//! The listener is bound and answering health checks (NOT_SERVING) before the
+//! engine is loaded; [`ServerState::install`] publishes an engine and flips health
+//! to SERVING. Shutdown flips health back to NOT_SERVING first, then lets in-flight
+//! checks finish.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use arc_swap::ArcSwapOption;
+use envoy_types::pb::envoy::service::auth::v3::authorization_server::AuthorizationServer;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+
+use crate::audit::AuditLog;
+use crate::engine::Engine;
+use crate::ext_authz::CheckService;
+
+/// The fully qualified name of Envoy's authorization service, as health reports it.
+pub const AUTHORIZATION_SERVICE: &str = "envoy.service.auth.v3.Authorization";
+
+/// Encoded descriptors of Envoy's ext_authz protos, compiled by `build.rs`.
+const ENVOY_AUTH_DESCRIPTORS: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/envoy_auth_descriptor.bin"));
+
+/// Errors starting or running the server.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// gRPC reflection could not be set up.
+    #[error("cannot build the reflection service: {0}")]
+    Reflection(String),
+    /// The transport failed.
+    #[error("gRPC transport: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// The server task panicked or was cancelled.
+    #[error("server task: {0}")]
+    Task(String),
+}
+
+/// State shared by the services: the current engine, the audit log and health.
+#[derive(Debug)]
+pub struct ServerState {
+    engine: ArcSwapOption<Engine>,
+    audit: AuditLog,
+    health: HealthReporter,
+}
+
+impl ServerState {
+    /// The engine in force, or `None` before one is installed.
+    pub fn engine(&self) -> Option<Arc<Engine>> {
+        self.engine.load_full()
+    }
+
+    /// The decision log.
+    pub fn audit(&self) -> &AuditLog {
+        &self.audit
+    }
+
+    /// Publishes `engine` to new checks and reports SERVING.
+    pub async fn install(&self, engine: Engine) {
+        self.engine.store(Some(Arc::new(engine)));
+        self.set_health(ServingStatus::Serving).await;
+    }
+
+    async fn set_health(&self, status: ServingStatus) {
+        for service in ["", AUTHORIZATION_SERVICE] {
+            self.health.set_service_status(service, status).await;
+        }
+    }
+}
+
+/// A running server.
+#[derive(Debug)]
+pub struct RunningServer {
+    local_addr: SocketAddr,
+    state: Arc<ServerState>,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+impl RunningServer {
+    /// The bound address (useful when listening on port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The shared state, to install an engine.
+    pub fn state(&self) -> &Arc<ServerState> {
+        &self.state
+    }
+
+    /// Reports NOT_SERVING, stops accepting, and waits for in-flight checks.
+    pub async fn shutdown(mut self) -> Result<(), ServerError> {
+        self.state.set_health(ServingStatus::NotServing).await;
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        self.wait().await
+    }
+
+    /// Waits until the server stops on its own (a transport error).
+    pub async fn wait(self) -> Result<(), ServerError> {
+        match self.task.await {
+            Ok(result) => result.map_err(ServerError::from),
+            Err(e) => Err(ServerError::Task(e.to_string())),
+        }
+    }
+}
+
+/// Binds `addr` and starts serving ext_authz (answering UNAVAILABLE until an engine
+/// is installed), health (NOT_SERVING until then) and reflection.
+pub async fn start(addr: SocketAddr, audit: AuditLog) -> Result<RunningServer, ServerError> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServerError::Bind { addr, source })?;
+    let local_addr = listener
+        .local_addr()
+        .map_err(|source| ServerError::Bind { addr, source })?;
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    let state = Arc::new(ServerState {
+        engine: ArcSwapOption::empty(),
+        audit,
+        health,
+    });
+    state.set_health(ServingStatus::NotServing).await;
+
+    let mut reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET);
+    if !ENVOY_AUTH_DESCRIPTORS.is_empty() {
+        reflection = reflection.register_encoded_file_descriptor_set(ENVOY_AUTH_DESCRIPTORS);
+    }
+    let reflection = reflection
+        .build_v1()
+        .map_err(|e| ServerError::Reflection(e.to_string()))?;
+
+    let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
+    let router = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(AuthorizationServer::new(CheckService::new(state.clone())));
+    let task = tokio::spawn(router.serve_with_incoming_shutdown(
+        TcpListenerStream::new(listener),
+        async {
+            let _ = shutdown_rx.await;
+        },
+    ));
+    Ok(RunningServer {
+        local_addr,
+        state,
+        shutdown: Some(shutdown_tx),
+        task,
+    })
+}
+
+/// Resolves on SIGTERM or SIGINT (Ctrl-C).
+pub async fn shutdown_signal() {
+    {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            match signal(SignalKind::terminate()) {
+                Ok(mut term) => {
+                    tokio::select! {
+                        _ = term.recv() => {}
+                        _ = tokio::signal::ctrl_c() => {}
+                    }
+                }
+                Err(_) => {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
