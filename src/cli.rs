@@ -183,13 +183,16 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             for problem in &e.problems {
                 tracing::error!("{problem}");
             }
-            running.shutdown().await?;
+            running.shutdown(config.server.shutdown_grace).await?;
             bail!(
                 "refusing to serve: {} problem(s) in the configuration",
                 e.problems.len()
             );
         }
     };
+    for warning in &engine.policies().warnings {
+        tracing::warn!("{warning}");
+    }
     tracing::info!(
         policies = engine.policies().len(),
         dir = %config.policies.dir.display(),
@@ -199,7 +202,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
 
     server::shutdown_signal().await;
     tracing::info!("shutting down: NOT_SERVING, finishing in-flight checks");
-    running.shutdown().await?;
+    running.shutdown(config.server.shutdown_grace).await?;
     tracing::info!("stopped");
     Ok(ExitCode::SUCCESS)
 }

@@ -70,14 +70,22 @@ pub struct ServerConfig {
     /// Address of the gRPC listener serving ext_authz, health and reflection.
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
+    /// How long shutdown waits for in-flight checks and open connections to finish.
+    #[serde(default = "default_shutdown_grace", deserialize_with = "de_duration")]
+    pub shutdown_grace: Duration,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
         Self {
             listen: default_listen(),
+            shutdown_grace: default_shutdown_grace(),
         }
     }
+}
+
+fn default_shutdown_grace() -> Duration {
+    Duration::from_secs(10)
 }
 
 fn default_listen() -> SocketAddr {

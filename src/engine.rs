@@ -122,30 +122,34 @@ impl Engine {
         for (action, params) in actions {
             if !declared.contains(&self.mapping.action(&action)) {
                 problems.push(format!(
-                    "{}: action {action:?} used by a route is not declared in the schema",
+                    "{}: action {action:?} (from a route or default_action) is not declared in the schema",
                     schema_file.display()
                 ));
                 continue;
             }
-            let http = HttpRequest {
-                method: "GET".into(),
-                path: "/".into(),
-                host: "probe".into(),
-                scheme: "https".into(),
-                source_ip: "127.0.0.1".parse().ok(),
-                ..Default::default()
-            };
             let path_params: Vec<(String, String)> = params
                 .into_iter()
                 .map(|p| (p, "probe".to_owned()))
                 .collect();
-            let facts = RequestFacts {
-                http: &http,
-                action: &action,
-                path_params: &path_params,
-            };
-            for token in [probe_token(true), probe_token(false)] {
-                if let Err(e) = self.mapping.build(&self.store, &token, facts) {
+            // Once with every optional attribute present, once with none.
+            for optional in [true, false] {
+                let http = HttpRequest {
+                    method: "GET".into(),
+                    path: "/".into(),
+                    host: "probe".into(),
+                    scheme: "https".into(),
+                    source_ip: optional.then(|| [127, 0, 0, 1].into()),
+                    ..Default::default()
+                };
+                let facts = RequestFacts {
+                    http: &http,
+                    action: &action,
+                    path_params: &path_params,
+                };
+                if let Err(e) = self
+                    .mapping
+                    .build(&self.store, &probe_token(optional), facts)
+                {
                     problems.push(format!("{}: action {action:?}: {e}", schema_file.display()));
                     break;
                 }

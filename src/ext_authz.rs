@@ -199,7 +199,7 @@ fn denied(decision: &Decision, reason: DenyReason, realm: &str) -> DeniedHttpRes
         DenyReason::Unauthenticated(token) => {
             headers.push(header("www-authenticate", &www_authenticate(token, realm)));
             serde_json::json!({
-                "error": if token == TokenError::Missing { "unauthorized" } else { "invalid_token" },
+                "error": if no_bearer_credential(token) { "unauthorized" } else { "invalid_token" },
                 "error_description": token.public_description(),
                 "decision_id": decision.id,
             })
@@ -231,10 +231,11 @@ fn denied(decision: &Decision, reason: DenyReason, realm: &str) -> DeniedHttpRes
     }
 }
 
-/// RFC 6750 section 3: no error code when the credential is missing.
+/// RFC 6750 section 3.1: no error code when the request carries no bearer
+/// credential at all (none, or another scheme such as `Basic`).
 fn www_authenticate(token: TokenError, realm: &str) -> String {
     let realm = realm.replace(['"', '\\'], "");
-    if token == TokenError::Missing {
+    if no_bearer_credential(token) {
         format!("Bearer realm=\"{realm}\"")
     } else {
         format!(
@@ -242,6 +243,10 @@ fn www_authenticate(token: TokenError, realm: &str) -> String {
             token.public_description()
         )
     }
+}
+
+fn no_bearer_credential(token: TokenError) -> bool {
+    matches!(token, TokenError::Missing | TokenError::NotBearer)
 }
 
 /// The `envoy.service.auth.v3.Authorization` service.
@@ -285,15 +290,11 @@ impl Authorization for CheckService {
             action = decision.action.as_deref().unwrap_or(""),
             "check"
         );
-        let Some(engine) = engine else {
-            return Err(tonic::Status::unavailable(
-                "policies and keys are not loaded yet",
-            ));
+        let response = match &engine {
+            Some(engine) => check_response(&decision, engine.response_config(), engine.realm()),
+            // Not loaded yet: a 503 Envoy passes on (health is NOT_SERVING meanwhile).
+            None => check_response(&decision, &ResponseConfig::default(), ""),
         };
-        Ok(tonic::Response::new(check_response(
-            &decision,
-            engine.response_config(),
-            engine.realm(),
-        )))
+        Ok(tonic::Response::new(response))
     }
 }

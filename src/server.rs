@@ -8,6 +8,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 use envoy_types::pb::envoy::service::auth::v3::authorization_server::AuthorizationServer;
@@ -103,13 +104,26 @@ impl RunningServer {
         &self.state
     }
 
-    /// Reports NOT_SERVING, stops accepting, and waits for in-flight checks.
-    pub async fn shutdown(mut self) -> Result<(), ServerError> {
+    /// Reports NOT_SERVING, stops accepting, and waits up to `grace` for in-flight
+    /// checks and open connections to finish; then stops regardless, so a client
+    /// that never closes its connection cannot hold the process up.
+    pub async fn shutdown(mut self, grace: Duration) -> Result<(), ServerError> {
         self.state.set_health(ServingStatus::NotServing).await;
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
-        self.wait().await
+        let abort = self.task.abort_handle();
+        match tokio::time::timeout(grace, self.wait()).await {
+            Ok(result) => result,
+            Err(_) => {
+                tracing::warn!(
+                    ?grace,
+                    "connections still open after the shutdown grace period; closing them"
+                );
+                abort.abort();
+                Ok(())
+            }
+        }
     }
 
     /// Waits until the server stops on its own (a transport error).
@@ -139,19 +153,28 @@ pub async fn start(addr: SocketAddr, audit: AuditLog) -> Result<RunningServer, S
     });
     state.set_health(ServingStatus::NotServing).await;
 
-    let mut reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET);
-    if !ENVOY_AUTH_DESCRIPTORS.is_empty() {
-        reflection = reflection.register_encoded_file_descriptor_set(ENVOY_AUTH_DESCRIPTORS);
-    }
-    let reflection = reflection
-        .build_v1()
-        .map_err(|e| ServerError::Reflection(e.to_string()))?;
+    // Both reflection versions: older grpcurl releases only speak v1alpha.
+    let reflection_builder = || {
+        let builder = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET);
+        if ENVOY_AUTH_DESCRIPTORS.is_empty() {
+            builder
+        } else {
+            builder.register_encoded_file_descriptor_set(ENVOY_AUTH_DESCRIPTORS)
+        }
+    };
+    let reflection_error =
+        |e: tonic_reflection::server::Error| ServerError::Reflection(e.to_string());
+    let reflection_v1 = reflection_builder().build_v1().map_err(reflection_error)?;
+    let reflection_v1alpha = reflection_builder()
+        .build_v1alpha()
+        .map_err(reflection_error)?;
 
     let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
     let router = tonic::transport::Server::builder()
         .add_service(health_service)
-        .add_service(reflection)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .add_service(AuthorizationServer::new(CheckService::new(state.clone())));
     let task = tokio::spawn(router.serve_with_incoming_shutdown(
         TcpListenerStream::new(listener),

@@ -184,7 +184,11 @@ fn pinned_algorithm(jwk: &Jwk) -> Result<Algorithm, String> {
             let modulus = base64::engine::general_purpose::URL_SAFE_NO_PAD
                 .decode(rsa.n.trim_end_matches('='))
                 .map_err(|_| "RSA modulus is not base64url".to_string())?;
-            let bits = modulus.iter().skip_while(|b| **b == 0).count() * 8;
+            let significant = modulus.iter().skip_while(|b| **b == 0);
+            let bits = match significant.clone().next() {
+                Some(first) => significant.count() * 8 - first.leading_zeros() as usize,
+                None => 0,
+            };
             if bits < MIN_RSA_BITS {
                 return Err(format!(
                     "RSA modulus of {bits} bits is below the {MIN_RSA_BITS}-bit minimum"

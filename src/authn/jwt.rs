@@ -56,7 +56,8 @@ impl Issuer {
         validation.validate_nbf = true;
         validation.set_audience(&self.audiences);
         validation.set_issuer(&[&self.issuer]);
-        validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+        // `exp`, `iat`, `nbf` and `sub` are checked by `check_times` and `verify`.
+        validation.set_required_spec_claims(&["iss", "aud"]);
         validation
     }
 }
@@ -95,17 +96,18 @@ impl IssuerSet {
         else {
             return Err(TokenError::Malformed);
         };
-        if header_b64.is_empty() || payload_b64.is_empty() || signature_b64.is_empty() {
-            // An empty signature is how `alg: none` tokens usually look.
-            return Err(TokenError::Malformed);
-        }
         let header: RawHeader = decode_json(header_b64)?;
+        // `none`, HMAC and unknown names are refused before anything else, so an
+        // `alg: none` token (empty signature) is reported as what it is.
         let header_alg: Algorithm = header
             .alg
             .parse()
             .map_err(|_| TokenError::UnsupportedAlgorithm)?;
         if !is_accepted_algorithm(header_alg) {
             return Err(TokenError::UnsupportedAlgorithm);
+        }
+        if payload_b64.is_empty() || signature_b64.is_empty() {
+            return Err(TokenError::Malformed);
         }
         if header.crit.is_some() {
             return Err(TokenError::UnsupportedCritical);

@@ -60,7 +60,8 @@ pub enum TokenError {
     /// `exp - iat` exceeds the issuer's `max_token_lifetime`.
     #[error("token lifetime exceeds the maximum")]
     LifetimeTooLong,
-    /// A required claim (`exp`, `iat`, `sub`, `aud`) is absent.
+    /// A required claim (`exp`, `iat`, `sub`) is absent. (A missing `aud` is
+    /// [`TokenError::WrongAudience`], a missing `iss` [`TokenError::UnknownIssuer`].)
     #[error("token lacks a required claim")]
     MissingClaim,
 }

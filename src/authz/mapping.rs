@@ -126,16 +126,23 @@ impl CedarMapping {
             .filter(|uid| store.entities.get(uid).is_none())
             .map(|uid| Entity::new_no_attrs(uid.clone(), HashSet::new()))
             .collect();
-        if store.entities.get(&principal).is_none() {
-            added.push(Entity::new_no_attrs(principal.clone(), roles));
-        }
+        // A user described in entities.json keeps its attributes and parents and
+        // also gains the token's roles.
+        added.push(match store.entities.get(&principal) {
+            Some(known) => {
+                let (uid, attrs, mut parents) = known.clone().into_inner();
+                parents.extend(roles);
+                Entity::new(uid, attrs, parents).map_err(|e| MappingError::Entity(e.to_string()))?
+            }
+            None => Entity::new_no_attrs(principal.clone(), roles),
+        });
         if store.entities.get(&resource).is_none() {
             added.push(Entity::new_no_attrs(resource.clone(), HashSet::new()));
         }
         let entities = store
             .entities
             .clone()
-            .add_entities(added, Some(&store.schema))
+            .upsert_entities(added, Some(&store.schema))
             .map_err(|e| MappingError::Request(e.to_string()))?;
 
         let context = Context::from_pairs(context_pairs(token, facts)?)

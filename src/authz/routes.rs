@@ -120,10 +120,9 @@ pub fn is_canonical_path(path: &str) -> bool {
         return false;
     }
     let lower = path.to_ascii_lowercase();
-    if lower.contains("%2f")
-        || lower.contains("%5c")
-        || lower.contains("%2e")
-        || lower.contains('\0')
+    if ["%2f", "%5c", "%2e", "%00", "\0"]
+        .iter()
+        .any(|bad| lower.contains(bad))
     {
         return false;
     }
@@ -188,6 +187,7 @@ mod tests {
         assert!(!is_canonical_path("/orders%2F7"));
         assert!(!is_canonical_path("/orders/%2e%2e/admin"));
         assert!(!is_canonical_path("orders"));
+        assert!(!is_canonical_path("/orders/7%00"));
     }
 
     #[test]
