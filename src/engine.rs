@@ -251,5 +251,6 @@ fn probe_token(with_optional_claims: bool) -> VerifiedToken {
         roles: vec!["probe".into()],
         client_id: with_optional_claims.then(|| "probe".into()),
         key_id: "probe".into(),
+        api_key_id: None,
     }
 }

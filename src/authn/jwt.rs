@@ -153,6 +153,7 @@ impl IssuerSet {
             roles: roles(&claims, &issuer.roles_claim),
             client_id: string_claim(&claims, "client_id").or_else(|| string_claim(&claims, "azp")),
             key_id: kid.to_owned(),
+            api_key_id: None,
         })
     }
 }

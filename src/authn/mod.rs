@@ -120,6 +120,9 @@ pub struct VerifiedToken {
     pub roles: Vec<String>,
     /// The `client_id` (or `azp`) claim, if any.
     pub client_id: Option<String>,
-    /// The `kid` of the key that verified the signature.
+    /// The `kid` of the key that verified the signature (empty for credentials
+    /// that are not signed tokens).
     pub key_id: String,
+    /// The id of the API key this identity came from, for API-key credentials.
+    pub api_key_id: Option<String>,
 }
