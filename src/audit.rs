@@ -75,6 +75,7 @@ pub fn audit_line(decision: &Decision, http_status: u16) -> serde_json::Value {
         "errors": decision.errors,
         "issuer": decision.issuer,
         "jti": decision.jti,
+        "credential": decision.credential,
         "method": decision.method,
         "path": decision.path,
         "latency_us": decision.elapsed.as_micros() as u64,

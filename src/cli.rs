@@ -147,8 +147,8 @@ pub struct MintArgs {
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Serve(args) => serve(args).await,
-        Command::Validate(args) => validate(&args.config),
-        Command::Check(args) => check(args),
+        Command::Validate(args) => validate(&args.config).await,
+        Command::Check(args) => check(args).await,
         Command::Token(TokenCommand::Mint(args)) => mint(args),
         Command::Token(TokenCommand::Jwks(args)) => {
             let key = signing_key(&args)?;
@@ -193,6 +193,29 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     for warning in &engine.policies().warnings {
         tracing::warn!("{warning}");
     }
+    // Remote keys refresh in the background for the life of the process; health
+    // stays NOT_SERVING until every issuer has a key set.
+    let refreshers: Vec<_> = engine
+        .issuers()
+        .iter()
+        .filter(|i| i.keys.is_remote())
+        .map(|i| tokio::spawn(i.keys.clone().refresh_forever()))
+        .collect();
+    let mut waited = 0u32;
+    while !engine.issuers().keys_ready() {
+        if waited.is_multiple_of(50) {
+            tracing::warn!("waiting for the keys of every issuer (NOT_SERVING meanwhile)");
+        }
+        waited += 1;
+        tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_millis(100)) => {}
+            _ = server::shutdown_signal() => {
+                refreshers.iter().for_each(|r| r.abort());
+                running.shutdown(config.server.shutdown_grace).await?;
+                return Ok(ExitCode::SUCCESS);
+            }
+        }
+    }
     tracing::info!(
         policies = engine.policies().len(),
         dir = %config.policies.dir.display(),
@@ -203,11 +226,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     server::shutdown_signal().await;
     tracing::info!("shutting down: NOT_SERVING, finishing in-flight checks");
     running.shutdown(config.server.shutdown_grace).await?;
+    refreshers.iter().for_each(|r| r.abort());
     tracing::info!("stopped");
     Ok(ExitCode::SUCCESS)
 }
 
-fn validate(path: &Path) -> anyhow::Result<ExitCode> {
+async fn validate(path: &Path) -> anyhow::Result<ExitCode> {
     let config = match Config::load(path) {
         Ok(config) => config,
         Err(e) => {
@@ -217,6 +241,14 @@ fn validate(path: &Path) -> anyhow::Result<ExitCode> {
     };
     match Engine::from_config(&config) {
         Ok(engine) => {
+            let fetch_problems = engine.fetch_remote_keys_once().await;
+            for problem in &fetch_problems {
+                eprintln!("error: {problem}");
+            }
+            if !fetch_problems.is_empty() {
+                eprintln!("{} problem(s) found", fetch_problems.len());
+                return Ok(ExitCode::FAILURE);
+            }
             for warning in &engine.policies().warnings {
                 eprintln!("warning: {warning}");
             }
@@ -238,9 +270,12 @@ fn validate(path: &Path) -> anyhow::Result<ExitCode> {
     }
 }
 
-fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
+async fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
     let config = Config::load(&args.config.config)?;
     let engine = load_engine(&config)?;
+    for problem in engine.fetch_remote_keys_once().await {
+        eprintln!("warning: {problem}");
+    }
     let mut http = HttpRequest {
         method: args.method.to_ascii_uppercase(),
         path: args.path,
@@ -265,7 +300,7 @@ fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
         http.headers
             .insert("authorization".into(), format!("Bearer {token}"));
     }
-    let decision = engine.decide(&http);
+    let decision = engine.decide(&http).await;
     let list = |items: &[String]| {
         if items.is_empty() {
             "(none)".to_owned()

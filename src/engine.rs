@@ -14,8 +14,9 @@ use cedar_policy::Authorizer;
 use crate::attributes::HttpRequest;
 use crate::authn::credential::bearer_token;
 use crate::authn::jwt::{Issuer, IssuerSet};
-use crate::authn::{TokenError, VerifiedToken};
-use crate::authz::mapping::{CedarMapping, RequestFacts};
+use crate::authn::workload::WorkloadIdentities;
+use crate::authn::{CredentialKind, TokenError, VerifiedToken};
+use crate::authz::mapping::{CedarMapping, RequestFacts, USER_TYPE};
 use crate::authz::policy_store::PolicyStore;
 use crate::authz::routes::{RouteTable, is_canonical_path};
 use crate::authz::{PolicyOutcome, evaluate};
@@ -34,6 +35,7 @@ pub struct LoadError {
 #[derive(Debug)]
 pub struct Engine {
     issuers: IssuerSet,
+    workload: Option<WorkloadIdentities>,
     routes: RouteTable,
     store: PolicyStore,
     mapping: CedarMapping,
@@ -62,8 +64,14 @@ impl Engine {
         let store = PolicyStore::load(&config.policies.dir)
             .map_err(|e| problems.extend(e.diagnostics.iter().map(ToString::to_string)))
             .ok();
-        let mapping = CedarMapping::new(&config.application.name)
-            .map_err(|e| problems.push(format!("application.name: {e}")))
+        let principal_types = config
+            .issuers
+            .iter()
+            .map(|i| i.principal_type.as_str())
+            .chain(config.api_keys.iter().map(|k| k.principal_type.as_str()))
+            .chain(config.workload.iter().map(|w| w.principal_type.as_str()));
+        let mapping = CedarMapping::new(&config.application.name, principal_types)
+            .map_err(|e| problems.push(format!("application: {e}")))
             .ok();
         let (Some(routes), Some(store), Some(mapping)) = (routes, store, mapping) else {
             return Err(LoadError { problems });
@@ -71,8 +79,12 @@ impl Engine {
         if !problems.is_empty() {
             return Err(LoadError { problems });
         }
-        let engine = Engine {
+        let mut engine = Engine {
             issuers: IssuerSet::new(issuers),
+            workload: config
+                .workload
+                .as_ref()
+                .map(WorkloadIdentities::from_config),
             routes,
             store,
             mapping,
@@ -106,8 +118,9 @@ impl Engine {
     }
 
     /// Every route action must be declared in the schema, and the context we build
-    /// for it (with and without the optional token claims) must conform.
-    fn check_actions_against_schema(&self) -> Vec<String> {
+    /// for it (with and without the optional attributes) must conform. Actions
+    /// whose context also accepts `workload` get the peer identity in it.
+    fn check_actions_against_schema(&mut self) -> Vec<String> {
         let mut problems = Vec::new();
         let declared: Vec<_> = self.store.schema.actions().cloned().collect();
         let mut actions: Vec<(String, Vec<String>)> = self
@@ -132,46 +145,58 @@ impl Engine {
                 .map(|p| (p, "probe".to_owned()))
                 .collect();
             // Once with every optional attribute present, once with none.
-            for optional in [true, false] {
-                let http = HttpRequest {
-                    method: "GET".into(),
-                    path: "/".into(),
-                    host: "probe".into(),
-                    scheme: "https".into(),
-                    source_ip: optional.then(|| [127, 0, 0, 1].into()),
-                    ..Default::default()
-                };
+            let conforms = |mapping: &CedarMapping, optional: bool| {
+                let http = probe_request(optional);
                 let facts = RequestFacts {
                     http: &http,
                     action: &action,
                     path_params: &path_params,
                 };
-                if let Err(e) = self
-                    .mapping
-                    .build(&self.store, &probe_token(optional), facts)
-                {
-                    problems.push(format!("{}: action {action:?}: {e}", schema_file.display()));
-                    break;
-                }
+                mapping.build(&self.store, &probe_token(optional), facts)
+            };
+            if let Err(e) = conforms(&self.mapping, true).and(conforms(&self.mapping, false)) {
+                problems.push(format!("{}: action {action:?}: {e}", schema_file.display()));
+                continue;
+            }
+            let mut with_workload = self.mapping.clone();
+            with_workload.enable_workload_context(&action);
+            if conforms(&with_workload, true).is_ok() {
+                self.mapping.enable_workload_context(&action);
+            }
+        }
+        problems
+    }
+
+    /// The trusted issuers (for key refresh and readiness).
+    pub fn issuers(&self) -> &IssuerSet {
+        &self.issuers
+    }
+
+    /// Fetches the keys of every remote issuer once (for the offline commands).
+    pub async fn fetch_remote_keys_once(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        for issuer in self.issuers.iter().filter(|i| i.keys.is_remote()) {
+            if let Err(e) = issuer.keys.refresh().await {
+                problems.push(format!("issuer {}: {e}", issuer.issuer));
             }
         }
         problems
     }
 
     /// Decides `http` now.
-    pub fn decide(&self, http: &HttpRequest) -> Decision {
+    pub async fn decide(&self, http: &HttpRequest) -> Decision {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs() as i64)
             .unwrap_or_default();
-        self.decide_at(http, now)
+        self.decide_at(http, now).await
     }
 
     /// Decides `http` as if the clock read `now` (seconds since the epoch).
-    pub fn decide_at(&self, http: &HttpRequest, now: i64) -> Decision {
+    pub async fn decide_at(&self, http: &HttpRequest, now: i64) -> Decision {
         let started = Instant::now();
         let mut decision = Decision::new(&http.method, http.path_without_query());
-        decision.verdict = match self.run(http, now, &mut decision) {
+        decision.verdict = match self.run(http, now, &mut decision).await {
             Ok(()) => Verdict::Allow,
             Err(reason) => Verdict::Deny(reason),
         };
@@ -179,7 +204,12 @@ impl Engine {
         decision
     }
 
-    fn run(&self, http: &HttpRequest, now: i64, decision: &mut Decision) -> Result<(), DenyReason> {
+    async fn run(
+        &self,
+        http: &HttpRequest,
+        now: i64,
+        decision: &mut Decision,
+    ) -> Result<(), DenyReason> {
         if http.method.is_empty() || http.path.is_empty() {
             return Err(DenyReason::BadRequest(BadRequest::MissingMethodOrPath));
         }
@@ -187,14 +217,24 @@ impl Engine {
         if !is_canonical_path(path) {
             return Err(DenyReason::BadRequest(BadRequest::NonCanonicalPath));
         }
+        let route = self.routes.find(&http.method, path);
 
-        let token = self.authenticate(http, now)?;
+        let allow_workload = route.as_ref().is_some_and(|r| r.allow_workload);
+        let token = self
+            .authenticate(http, allow_workload, now)
+            .await
+            .map_err(DenyReason::Unauthenticated)?;
+        decision.credential = Some(token.credential.as_str());
         decision.subject = Some(token.subject.clone());
-        decision.principal = Some(self.mapping.principal(&token).to_string());
         decision.issuer = Some(token.issuer.clone());
         decision.jti = token.jti.clone();
+        let principal = self.mapping.principal(&token).map_err(|e| {
+            decision.errors.push(e.to_string());
+            DenyReason::SchemaMismatch
+        })?;
+        decision.principal = Some(principal.to_string());
 
-        let route = self.routes.find(&http.method, path);
+        // Authenticated first, so an anonymous caller learns nothing about routes.
         let (action, params) = match (&route, &self.default_action) {
             (Some(route), _) => (route.action, route.params.as_slice()),
             (None, Some(default)) => (default.as_str(), &[][..]),
@@ -230,12 +270,56 @@ impl Engine {
         }
     }
 
-    fn authenticate(&self, http: &HttpRequest, now: i64) -> Result<VerifiedToken, DenyReason> {
-        let token =
-            bearer_token(http.header("authorization")).map_err(DenyReason::Unauthenticated)?;
-        self.issuers
-            .verify(token, now)
-            .map_err(|e: TokenError| DenyReason::Unauthenticated(e))
+    /// The credential, in order: `Authorization: Bearer` (a JWT, an API key, or
+    /// an opaque token to introspect), the API-key header, then (on routes that
+    /// allow it, with no credential at all) the mTLS peer's workload identity.
+    async fn authenticate(
+        &self,
+        http: &HttpRequest,
+        allow_workload: bool,
+        now: i64,
+    ) -> Result<VerifiedToken, TokenError> {
+        let token = match bearer_token(http.header("authorization")) {
+            Ok(token) => token,
+            Err(TokenError::Missing) => {
+                if allow_workload
+                    && let (Some(workload), Some(peer)) = (&self.workload, &http.peer_principal)
+                    && let Some(identity) = workload.identity(peer)
+                {
+                    return Ok(identity);
+                }
+                return Err(TokenError::Missing);
+            }
+            Err(e) => return Err(e),
+        };
+        if is_jwt_shaped(token) {
+            return self.issuers.verify(token, now).await;
+        }
+        match self
+            .issuers
+            .introspecting()
+            .and_then(|i| i.introspection.as_ref())
+        {
+            Some(introspector) => introspector.introspect(token, now).await,
+            None => Err(TokenError::Malformed),
+        }
+    }
+}
+
+/// Three dot-separated parts: a JWS compact serialization.
+fn is_jwt_shaped(token: &str) -> bool {
+    token.bytes().filter(|b| *b == b'.').count() == 2
+}
+
+fn probe_request(with_optional_attributes: bool) -> HttpRequest {
+    HttpRequest {
+        method: "GET".into(),
+        path: "/".into(),
+        host: "probe".into(),
+        scheme: "https".into(),
+        source_ip: with_optional_attributes.then(|| [127, 0, 0, 1].into()),
+        peer_principal: with_optional_attributes.then(|| "spiffe://probe/probe".into()),
+        ..Default::default()
     }
 }
 
@@ -244,6 +328,8 @@ fn probe_token(with_optional_claims: bool) -> VerifiedToken {
     VerifiedToken {
         issuer: "probe".into(),
         subject: "probe".into(),
+        principal_type: USER_TYPE.into(),
+        principal_id: "probe".into(),
         jti: with_optional_claims.then(|| "probe".into()),
         issued_at: 0,
         expires_at: 0,
@@ -252,5 +338,6 @@ fn probe_token(with_optional_claims: bool) -> VerifiedToken {
         client_id: with_optional_claims.then(|| "probe".into()),
         key_id: "probe".into(),
         api_key_id: None,
+        credential: CredentialKind::Jwt,
     }
 }

@@ -38,6 +38,8 @@ pub fn http_status(verdict: Verdict) -> u16 {
     match verdict {
         Verdict::Allow => 200,
         Verdict::Deny(DenyReason::BadRequest(_)) => 400,
+        // Our dependency failed, not the caller's token: a retryable 503.
+        Verdict::Deny(DenyReason::Unauthenticated(TokenError::IntrospectionFailed)) => 503,
         Verdict::Deny(DenyReason::Unauthenticated(_)) => 401,
         Verdict::Deny(DenyReason::NotReady) => 503,
         Verdict::Deny(_) => 403,
@@ -48,6 +50,9 @@ fn grpc_status(verdict: Verdict) -> i32 {
     match verdict {
         Verdict::Allow => grpc_code::OK,
         Verdict::Deny(DenyReason::BadRequest(_)) => grpc_code::INVALID_ARGUMENT,
+        Verdict::Deny(DenyReason::Unauthenticated(TokenError::IntrospectionFailed)) => {
+            grpc_code::UNAVAILABLE
+        }
         Verdict::Deny(DenyReason::Unauthenticated(_)) => grpc_code::UNAUTHENTICATED,
         Verdict::Deny(DenyReason::NotReady) => grpc_code::UNAVAILABLE,
         Verdict::Deny(_) => grpc_code::PERMISSION_DENIED,
@@ -100,6 +105,11 @@ pub fn http_request(check: &CheckRequest) -> Option<HttpRequest> {
             Some(Address::SocketAddress(socket)) => parse_source_ip(&socket.address),
             _ => None,
         });
+    let peer_principal = attributes
+        .source
+        .as_ref()
+        .map(|peer| peer.principal.clone())
+        .filter(|p| !p.is_empty());
     Some(HttpRequest {
         method,
         path,
@@ -107,6 +117,7 @@ pub fn http_request(check: &CheckRequest) -> Option<HttpRequest> {
         scheme,
         headers,
         source_ip,
+        peer_principal,
     })
 }
 
@@ -278,7 +289,7 @@ impl Authorization for CheckService {
                 d
             }
             (Some(http), None) => Decision::new(&http.method, http.path_without_query()),
-            (Some(http), Some(engine)) => engine.decide(&http),
+            (Some(http), Some(engine)) => engine.decide(&http).await,
         };
         self.state
             .audit()

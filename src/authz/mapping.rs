@@ -1,12 +1,13 @@
 //! From a verified identity and an HTTP request to a schema-checked Cedar request.
 //!
 //! The convention follows API-linked policy stores:
-//! - principal `User::"<sub>"`, its parents `Role::"<role>"` for each role claim value;
+//! - principal `User::"<sub>"` (the issuer's `principal_type` and `principal_claim`),
+//!   its parents `Role::"<role>"` for each role claim value;
 //! - action `Action::"<lower-case method> <route template>"` (or the route's `action`);
 //! - resource `Application::"<application.name>"`;
-//! - context `{ http, path_params, token }` (see the README for the types).
+//! - context `{ http, path_params, token, workload? }` (see the README for the types).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::str::FromStr;
 
@@ -67,27 +68,44 @@ pub struct RequestFacts<'a> {
 /// Builds Cedar requests for one application.
 #[derive(Debug, Clone)]
 pub struct CedarMapping {
-    user_type: EntityTypeName,
+    principal_types: HashMap<String, EntityTypeName>,
     role_type: EntityTypeName,
     action_type: EntityTypeName,
     application: EntityUid,
+    /// Actions whose context type declares `workload?: String`.
+    workload_actions: HashSet<String>,
 }
 
 impl CedarMapping {
-    /// A mapping whose resource is `Application::"<application>"`.
-    pub fn new(application: &str) -> Result<CedarMapping, MappingError> {
-        let name =
-            |n: &str| EntityTypeName::from_str(n).map_err(|e| MappingError::Entity(e.to_string()));
+    /// A mapping whose resource is `Application::"<application>"` and whose
+    /// principals are of the given entity types (parsed once, here).
+    pub fn new<'a>(
+        application: &str,
+        principal_types: impl IntoIterator<Item = &'a str>,
+    ) -> Result<CedarMapping, MappingError> {
+        let name = |n: &str| {
+            EntityTypeName::from_str(n).map_err(|e| MappingError::Entity(format!("{n:?}: {e}")))
+        };
         let application_type = name(APPLICATION_TYPE)?;
+        let mut types = HashMap::new();
+        for ty in principal_types.into_iter().chain([USER_TYPE]) {
+            types.insert(ty.to_owned(), name(ty)?);
+        }
         Ok(CedarMapping {
-            user_type: name(USER_TYPE)?,
+            principal_types: types,
             role_type: name(ROLE_TYPE)?,
             action_type: name(ACTION_TYPE)?,
             application: EntityUid::from_type_name_and_id(
                 application_type,
                 EntityId::new(application),
             ),
+            workload_actions: HashSet::new(),
         })
+    }
+
+    /// Declares that `action`'s context carries the peer's `workload` identity.
+    pub fn enable_workload_context(&mut self, action: &str) {
+        self.workload_actions.insert(action.to_owned());
     }
 
     /// The resource every request is about.
@@ -95,9 +113,17 @@ impl CedarMapping {
         &self.application
     }
 
-    /// The principal uid of a token.
-    pub fn principal(&self, token: &VerifiedToken) -> EntityUid {
-        EntityUid::from_type_name_and_id(self.user_type.clone(), EntityId::new(&token.subject))
+    /// The principal uid of an identity, e.g. `User::"alice"`.
+    pub fn principal(&self, token: &VerifiedToken) -> Result<EntityUid, MappingError> {
+        let ty = match self.principal_types.get(&token.principal_type) {
+            Some(ty) => ty.clone(),
+            None => EntityTypeName::from_str(&token.principal_type)
+                .map_err(|e| MappingError::Entity(e.to_string()))?,
+        };
+        Ok(EntityUid::from_type_name_and_id(
+            ty,
+            EntityId::new(&token.principal_id),
+        ))
     }
 
     /// The action uid of an action id.
@@ -112,7 +138,7 @@ impl CedarMapping {
         token: &VerifiedToken,
         facts: RequestFacts<'_>,
     ) -> Result<CedarInput, MappingError> {
-        let principal = self.principal(token);
+        let principal = self.principal(token)?;
         let action = self.action(facts.action);
         let resource = self.application.clone();
 
@@ -145,7 +171,12 @@ impl CedarMapping {
             .upsert_entities(added, Some(&store.schema))
             .map_err(|e| MappingError::Request(e.to_string()))?;
 
-        let context = Context::from_pairs(context_pairs(token, facts)?)
+        let workload = facts
+            .http
+            .peer_principal
+            .as_deref()
+            .filter(|_| self.workload_actions.contains(facts.action));
+        let context = Context::from_pairs(context_pairs(token, facts, workload)?)
             .map_err(|e| MappingError::Request(e.to_string()))?;
         let request = Request::new(
             principal.clone(),
@@ -178,6 +209,7 @@ fn record(
 fn context_pairs(
     token: &VerifiedToken,
     facts: RequestFacts<'_>,
+    workload: Option<&str>,
 ) -> Result<Vec<(String, RestrictedExpression)>, MappingError> {
     let http = facts.http;
     let mut http_attrs = vec![
@@ -222,9 +254,13 @@ fn context_pairs(
         token_attrs.push(("client_id".to_owned(), string(client_id)));
     }
 
-    Ok(vec![
+    let mut pairs = vec![
         ("http".to_owned(), record(http_attrs)?),
         ("path_params".to_owned(), record(params)?),
         ("token".to_owned(), record(token_attrs)?),
-    ])
+    ];
+    if let Some(workload) = workload {
+        pairs.push(("workload".to_owned(), string(workload)));
+    }
+    Ok(pairs)
 }
