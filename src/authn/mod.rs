@@ -3,8 +3,10 @@
 //! - [`credential`] extracts the bearer token from the request headers;
 //! - [`jwks`] loads an issuer's public keys, each pinned to one algorithm;
 //! - [`jwt`] verifies a token against its issuer's rules;
-//! - [`mint`] signs development tokens (for trying things out only).
+//! - [`mint`] signs development tokens (for trying things out only);
+//! - [`api_key`] verifies opaque API keys against a file of their hashes.
 
+pub mod api_key;
 pub mod credential;
 pub mod jwks;
 pub mod jwt;
@@ -64,6 +66,16 @@ pub enum TokenError {
     /// [`TokenError::WrongAudience`], a missing `iss` [`TokenError::UnknownIssuer`].)
     #[error("token lacks a required claim")]
     MissingClaim,
+    /// An API key whose id is unknown or whose secret is wrong (the two are not
+    /// told apart, so key ids cannot be probed).
+    #[error("API key is unknown")]
+    UnknownApiKey,
+    /// An API key that is disabled in the key file.
+    #[error("API key is disabled")]
+    DisabledApiKey,
+    /// An API key past its `expires` time.
+    #[error("API key expired")]
+    ExpiredApiKey,
 }
 
 impl TokenError {
@@ -85,6 +97,9 @@ impl TokenError {
             TokenError::WrongAudience => "wrong_audience",
             TokenError::LifetimeTooLong => "lifetime_too_long",
             TokenError::MissingClaim => "missing_claim",
+            TokenError::UnknownApiKey => "unknown_api_key",
+            TokenError::DisabledApiKey => "disabled_api_key",
+            TokenError::ExpiredApiKey => "expired_api_key",
         }
     }
 
@@ -96,6 +111,8 @@ impl TokenError {
             TokenError::Expired => "the access token expired",
             TokenError::NotYetValid => "the access token is not yet valid",
             TokenError::LifetimeTooLong => "the access token lifetime is too long",
+            TokenError::ExpiredApiKey => "the API key expired",
+            TokenError::UnknownApiKey | TokenError::DisabledApiKey => "the API key is invalid",
             _ => "the access token is invalid",
         }
     }
