@@ -854,6 +854,16 @@ mod tests {
             create_key(&path, new_key("z", &[], Some(Duration::ZERO))),
             Err(ApiKeyError::InvalidNewKey(_))
         ));
+        let ten_thousand_years = Duration::from_secs(10_000 * 366 * 86_400);
+        assert!(matches!(
+            create_key(&path, new_key("z", &[], Some(ten_thousand_years))),
+            Err(ApiKeyError::InvalidNewKey(_))
+        ));
+        let far_future = UNIX_EPOCH + Duration::from_secs(253_402_300_800);
+        assert!(matches!(
+            create_key_at(&path, new_key("z", &[], Some(HOUR)), far_future),
+            Err(ApiKeyError::InvalidNewKey(_))
+        ));
 
         let second = create_key(&path, new_key("b", &[], None)).unwrap();
         let after = std::fs::read_to_string(&path).unwrap();
