@@ -6,8 +6,10 @@
 //! - [`jwt`] verifies a token against its issuer's rules;
 //! - [`introspection`] asks the issuer about opaque tokens (RFC 7662);
 //! - [`workload`] turns an mTLS peer's SPIFFE identity into a principal;
+//! - [`api_key`] verifies opaque API keys against a file of their hashes;
 //! - [`mint`] signs development tokens (for trying things out only).
 
+pub mod api_key;
 pub mod credential;
 pub mod introspection;
 pub mod jwks;
@@ -79,6 +81,16 @@ pub enum TokenError {
     /// [`TokenError::WrongAudience`], a missing `iss` [`TokenError::UnknownIssuer`].)
     #[error("token lacks a required claim")]
     MissingClaim,
+    /// An API key whose id is unknown or whose secret is wrong (the two are not
+    /// told apart, so key ids cannot be probed).
+    #[error("API key is unknown")]
+    UnknownApiKey,
+    /// An API key that is disabled in the key file.
+    #[error("API key is disabled")]
+    DisabledApiKey,
+    /// An API key past its `expires` time.
+    #[error("API key expired")]
+    ExpiredApiKey,
 }
 
 impl TokenError {
@@ -103,6 +115,9 @@ impl TokenError {
             TokenError::WrongTokenType => "wrong_token_type",
             TokenError::InactiveToken => "inactive_token",
             TokenError::IntrospectionFailed => "introspection_failed",
+            TokenError::UnknownApiKey => "unknown_api_key",
+            TokenError::DisabledApiKey => "disabled_api_key",
+            TokenError::ExpiredApiKey => "expired_api_key",
         }
     }
 
@@ -115,6 +130,8 @@ impl TokenError {
             TokenError::NotYetValid => "the access token is not yet valid",
             TokenError::LifetimeTooLong => "the access token lifetime is too long",
             TokenError::IntrospectionFailed => "the access token could not be checked; retry later",
+            TokenError::ExpiredApiKey => "the API key expired",
+            TokenError::UnknownApiKey | TokenError::DisabledApiKey => "the API key is invalid",
             _ => "the access token is invalid",
         }
     }

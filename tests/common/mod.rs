@@ -425,3 +425,4 @@ pub fn portcullis(args: &[&str]) -> std::process::Output {
 pub fn path_arg(p: &Path) -> String {
     p.display().to_string()
 }
+pub mod idp;
