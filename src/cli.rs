@@ -11,6 +11,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::attributes::{HttpRequest, parse_source_ip};
 use crate::audit::AuditLog;
+use crate::authn::api_key::{NewKey, create_key};
 use crate::authn::mint::{MintRequest, SigningKey};
 use crate::config::Config;
 use crate::engine::Engine;
@@ -50,6 +51,42 @@ pub enum Command {
     /// Development tokens (for trying things out only).
     #[command(subcommand)]
     Token(TokenCommand),
+    /// API keys for machine clients.
+    #[command(subcommand, name = "apikey")]
+    ApiKey(ApiKeyCommand),
+}
+
+/// `apikey` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum ApiKeyCommand {
+    /// Create a key: prints it once, appends only its hash to the key file.
+    Create(ApiKeyCreateArgs),
+}
+
+/// Arguments of `apikey create`.
+#[derive(Debug, Args)]
+pub struct ApiKeyCreateArgs {
+    /// The key file; defaults to `[api_keys] file` of `--config`.
+    #[arg(long, required_unless_present = "config")]
+    file: Option<PathBuf>,
+    /// Take the key file from this configuration.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Key id (public; part of the key).
+    #[arg(long)]
+    id: String,
+    /// Cedar principal id (default: the key id).
+    #[arg(long)]
+    principal: Option<String>,
+    /// Granted scope (repeatable).
+    #[arg(long = "scope")]
+    scopes: Vec<String>,
+    /// Granted role (repeatable).
+    #[arg(long = "role")]
+    roles: Vec<String>,
+    /// Lifetime, e.g. `30d`.
+    #[arg(long, default_value = "30d", value_parser = humantime::parse_duration)]
+    expires: Duration,
 }
 
 /// `--config FILE`.
@@ -150,6 +187,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Validate(args) => validate(&args.config).await,
         Command::Check(args) => check(args).await,
         Command::Token(TokenCommand::Mint(args)) => mint(args),
+        Command::ApiKey(ApiKeyCommand::Create(args)) => create_api_key(args),
         Command::Token(TokenCommand::Jwks(args)) => {
             let key = signing_key(&args)?;
             println!("{}", serde_json::to_string_pretty(&key.public_jwks())?);
@@ -195,14 +233,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     }
     // Remote keys refresh in the background for the life of the process; health
     // stays NOT_SERVING until every issuer has a key set.
-    let refreshers: Vec<_> = engine
-        .issuers()
-        .iter()
-        .filter(|i| i.keys.is_remote())
-        .map(|i| tokio::spawn(i.keys.clone().refresh_forever()))
-        .collect();
+    let background = engine.spawn_background();
     let mut waited = 0u32;
-    while !engine.issuers().keys_ready() {
+    while !engine.is_ready() {
         if waited.is_multiple_of(50) {
             tracing::warn!("waiting for the keys of every issuer (NOT_SERVING meanwhile)");
         }
@@ -210,7 +243,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         tokio::select! {
             _ = tokio::time::sleep(std::time::Duration::from_millis(100)) => {}
             _ = server::shutdown_signal() => {
-                refreshers.iter().for_each(|r| r.abort());
+                background.iter().for_each(|t| t.abort());
                 running.shutdown(config.server.shutdown_grace).await?;
                 return Ok(ExitCode::SUCCESS);
             }
@@ -226,7 +259,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     server::shutdown_signal().await;
     tracing::info!("shutting down: NOT_SERVING, finishing in-flight checks");
     running.shutdown(config.server.shutdown_grace).await?;
-    refreshers.iter().for_each(|r| r.abort());
+    background.iter().for_each(|t| t.abort());
     tracing::info!("stopped");
     Ok(ExitCode::SUCCESS)
 }
@@ -342,6 +375,34 @@ async fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::from(1)
     })
+}
+
+fn create_api_key(args: ApiKeyCreateArgs) -> anyhow::Result<ExitCode> {
+    let file = match (&args.file, &args.config) {
+        (Some(file), _) => file.clone(),
+        (None, Some(config)) => Config::load(config)?
+            .api_keys
+            .map(|k| k.file)
+            .context("the configuration has no [api_keys] section")?,
+        (None, None) => bail!("give --file or --config"),
+    };
+    let key = create_key(
+        &file,
+        NewKey {
+            id: args.id.clone(),
+            principal: args.principal,
+            scopes: args.scopes,
+            roles: args.roles,
+            lifetime: Some(args.expires),
+        },
+    )?;
+    eprintln!(
+        "created API key {:?} in {} (only its hash is stored; this is the only time the key is shown):",
+        args.id,
+        file.display()
+    );
+    println!("{key}");
+    Ok(ExitCode::SUCCESS)
 }
 
 fn signing_key(args: &KeyArgs) -> anyhow::Result<SigningKey> {

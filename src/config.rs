@@ -320,6 +320,14 @@ pub struct ApiKeysConfig {
     /// How often the key file is checked for changes.
     #[serde(default = "default_reload_interval", deserialize_with = "de_duration")]
     pub reload_interval: Duration,
+    /// Longest accepted key lifetime (`expires - created`); keys without an
+    /// expiry or living longer are refused.
+    #[serde(default = "default_api_key_lifetime", deserialize_with = "de_duration")]
+    pub max_lifetime: Duration,
+}
+
+fn default_api_key_lifetime() -> Duration {
+    Duration::from_secs(90 * 24 * 3600)
 }
 
 fn default_client_type() -> String {

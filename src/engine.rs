@@ -7,20 +7,22 @@
 //! Envoy or HTTP status codes (see [`crate::ext_authz`]).
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use cedar_policy::Authorizer;
 
 use crate::attributes::HttpRequest;
+use crate::authn::api_key::{ReloadingApiKeyStore, is_api_key};
 use crate::authn::credential::bearer_token;
 use crate::authn::jwt::{Issuer, IssuerSet};
 use crate::authn::workload::WorkloadIdentities;
-use crate::authn::{CredentialKind, TokenError, VerifiedToken};
+use crate::authn::{CredentialKind, MAX_TOKEN_BYTES, TokenError, VerifiedToken};
 use crate::authz::mapping::{CedarMapping, RequestFacts, USER_TYPE};
 use crate::authz::policy_store::PolicyStore;
 use crate::authz::routes::{RouteTable, is_canonical_path};
 use crate::authz::{PolicyOutcome, evaluate};
-use crate::config::{Config, ResponseConfig};
+use crate::config::{ApiKeysConfig, Config, ResponseConfig};
 use crate::decision::{BadRequest, Decision, DenyReason, Verdict};
 
 /// Everything wrong with a configuration, keys and policy folder, all at once.
@@ -31,10 +33,18 @@ pub struct LoadError {
     pub problems: Vec<String>,
 }
 
+/// The API key store and its settings.
+#[derive(Debug)]
+struct ApiKeys {
+    store: Arc<ReloadingApiKeyStore>,
+    settings: ApiKeysConfig,
+}
+
 /// A loaded engine: keys, routes and policies, immutable once built.
 #[derive(Debug)]
 pub struct Engine {
     issuers: IssuerSet,
+    api_keys: Option<ApiKeys>,
     workload: Option<WorkloadIdentities>,
     routes: RouteTable,
     store: PolicyStore,
@@ -79,8 +89,25 @@ impl Engine {
         if !problems.is_empty() {
             return Err(LoadError { problems });
         }
+        let api_keys = match &config.api_keys {
+            None => None,
+            Some(settings) => match ReloadingApiKeyStore::load(&settings.file) {
+                Ok(store) => Some(ApiKeys {
+                    store: Arc::new(store),
+                    settings: settings.clone(),
+                }),
+                Err(e) => {
+                    problems.push(format!("api_keys: {e}"));
+                    None
+                }
+            },
+        };
+        if !problems.is_empty() {
+            return Err(LoadError { problems });
+        }
         let mut engine = Engine {
             issuers: IssuerSet::new(issuers),
+            api_keys,
             workload: config
                 .workload
                 .as_ref()
@@ -165,6 +192,28 @@ impl Engine {
             }
         }
         problems
+    }
+
+    /// Starts the engine's background work: refreshing remote keys, watching the
+    /// API key file. Abort the handles to stop it.
+    pub fn spawn_background(&self) -> Vec<tokio::task::JoinHandle<()>> {
+        let mut tasks: Vec<_> = self
+            .issuers
+            .iter()
+            .filter(|i| i.keys.is_remote())
+            .map(|i| tokio::spawn(i.keys.clone().refresh_forever()))
+            .collect();
+        tasks.extend(
+            self.api_keys
+                .as_ref()
+                .map(|k| k.store.spawn_watch(k.settings.reload_interval)),
+        );
+        tasks
+    }
+
+    /// True when every issuer has keys: the engine may then serve.
+    pub fn is_ready(&self) -> bool {
+        self.issuers.keys_ready()
     }
 
     /// The trusted issuers (for key refresh and readiness).
@@ -279,9 +328,15 @@ impl Engine {
         allow_workload: bool,
         now: i64,
     ) -> Result<VerifiedToken, TokenError> {
-        let token = match bearer_token(http.header("authorization")) {
-            Ok(token) => token,
-            Err(TokenError::Missing) => {
+        let api_key_header = self
+            .api_keys
+            .as_ref()
+            .and_then(|k| k.settings.header.as_deref())
+            .and_then(|name| http.header(name));
+        let token = match (bearer_token(http.header("authorization")), api_key_header) {
+            (Ok(token), _) => token,
+            (Err(TokenError::Missing), Some(key)) => return self.verify_api_key(key.trim(), now),
+            (Err(TokenError::Missing), None) => {
                 if allow_workload
                     && let (Some(workload), Some(peer)) = (&self.workload, &http.peer_principal)
                     && let Some(identity) = workload.identity(peer)
@@ -290,8 +345,11 @@ impl Engine {
                 }
                 return Err(TokenError::Missing);
             }
-            Err(e) => return Err(e),
+            (Err(e), _) => return Err(e),
         };
+        if is_api_key(token) {
+            return self.verify_api_key(token, now);
+        }
         if is_jwt_shaped(token) {
             return self.issuers.verify(token, now).await;
         }
@@ -303,6 +361,25 @@ impl Engine {
             Some(introspector) => introspector.introspect(token, now).await,
             None => Err(TokenError::Malformed),
         }
+    }
+}
+
+impl Engine {
+    fn verify_api_key(&self, key: &str, now: i64) -> Result<VerifiedToken, TokenError> {
+        let Some(api_keys) = &self.api_keys else {
+            return Err(TokenError::UnknownApiKey);
+        };
+        if key.len() > MAX_TOKEN_BYTES {
+            return Err(TokenError::TooLarge);
+        }
+        let identity = api_keys.store.verify(key, now)?;
+        // Short life applies to keys too: no expiry, or too long a one, is refused.
+        let max = api_keys.settings.max_lifetime.as_secs() as i64;
+        match identity.expires {
+            Some(expires) if expires - identity.created <= max => {}
+            _ => return Err(TokenError::LifetimeTooLong),
+        }
+        Ok(identity.into_verified(&api_keys.settings.principal_type))
     }
 }
 

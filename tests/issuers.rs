@@ -9,12 +9,6 @@ use serde_json::json;
 const MACHINES: &str = "https://machines.example.test";
 
 impl Fixture {
-    fn append_config(&self, text: &str) {
-        let mut config = std::fs::read_to_string(self.config_path()).unwrap();
-        config.push_str(text);
-        std::fs::write(self.config_path(), config).unwrap();
-    }
-
     fn edit_config(&self, from: &str, to: &str) {
         let config = std::fs::read_to_string(self.config_path()).unwrap();
         assert!(config.contains(from), "config lacks {from:?}");

@@ -172,6 +172,28 @@ pub struct ApiKeyIdentity {
     pub expires: Option<i64>,
 }
 
+impl ApiKeyIdentity {
+    /// The identity later stages see: principal `<principal_type>::"<principal>"`,
+    /// the key's scopes and roles, issuer `api-key`.
+    pub fn into_verified(self, principal_type: &str) -> super::VerifiedToken {
+        super::VerifiedToken {
+            issuer: "api-key".into(),
+            subject: self.principal.clone(),
+            principal_type: principal_type.to_owned(),
+            principal_id: self.principal,
+            jti: None,
+            issued_at: self.created,
+            expires_at: self.expires.unwrap_or_default(),
+            scopes: self.scopes,
+            roles: self.roles,
+            client_id: None,
+            key_id: String::new(),
+            api_key_id: Some(self.id),
+            credential: super::CredentialKind::ApiKey,
+        }
+    }
+}
+
 /// One entry of the key file, as written.
 #[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
