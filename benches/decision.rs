@@ -40,7 +40,10 @@ fn now() -> i64 {
 
 struct Setup {
     _dir: tempfile::TempDir,
+    /// Caches off: every decision verifies the token and evaluates the policies.
     engine: Engine,
+    /// Caches on (the default): repeated requests hit the token and decision caches.
+    cached: Engine,
     tokens: Vec<(&'static str, String)>,
 }
 
@@ -75,6 +78,10 @@ fn setup() -> Setup {
             &format!("dir = {:?}", root.join("policies").display().to_string()),
         );
     let config = Config::from_toml(&config_text, Path::new("bench.toml"), dir.path()).unwrap();
+    let mut config = config;
+    let cached = Engine::from_config(&config).unwrap();
+    config.cache.tokens = false;
+    config.cache.decisions = false;
     let engine = Engine::from_config(&config).unwrap();
     let now = now();
     let tokens = keys
@@ -90,6 +97,7 @@ fn setup() -> Setup {
     Setup {
         _dir: dir,
         engine,
+        cached,
         tokens,
     }
 }
@@ -143,6 +151,13 @@ fn benches(c: &mut Criterion) {
             })
         });
     }
+    let hot = request(Some(&setup.tokens[0].1));
+    c.bench_function("decide_allow_cached_hit", |b| {
+        b.iter(|| {
+            let decision = rt.block_on(setup.cached.decide(black_box(&hot)));
+            assert!(decision.verdict.is_allow());
+        })
+    });
     let anonymous = request(None);
     c.bench_function("decide_deny_missing_token", |b| {
         b.iter(|| rt.block_on(setup.engine.decide(black_box(&anonymous))))
@@ -170,12 +185,14 @@ fn main() {
         return; // `cargo test --benches` runs each case once without saving estimates.
     };
     println!(
-        "\nmedian cost per decision, as a multiple of one raw ES256 verify ({baseline:.0} ns in this run):"
+        "\nmedian cost per decision, as a multiple of one raw ES256 verify ({baseline:.0} ns in this run);\n\
+         decide_allow_<alg> run with caches off, decide_allow_cached_hit with the default caches:"
     );
     for id in [
         "decide_allow_ES256",
         "decide_allow_RS256",
         "decide_allow_EdDSA",
+        "decide_allow_cached_hit",
         "decide_deny_missing_token",
     ] {
         if let Some(ns) = median_ns(id) {

@@ -67,6 +67,66 @@ pub struct Config {
     /// The decision log.
     #[serde(default)]
     pub audit: AuditConfig,
+    /// Verified-token and decision caches.
+    #[serde(default)]
+    pub cache: CacheConfig,
+}
+
+/// `[cache]`: the verified-token and decision caches.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheConfig {
+    /// Cache verified JWTs (keyed by a digest of the token).
+    #[serde(default = "default_true")]
+    pub tokens: bool,
+    /// Most tokens kept.
+    #[serde(default = "default_token_capacity")]
+    pub token_capacity: u64,
+    /// Longest a verified token is reused (it is never reused past its `exp`).
+    #[serde(default = "default_token_ttl", deserialize_with = "de_duration")]
+    pub token_ttl_max: Duration,
+    /// Cache policy decisions.
+    #[serde(default = "default_true")]
+    pub decisions: bool,
+    /// Memory bound of the decision cache, in approximate bytes.
+    #[serde(default = "default_decision_bytes")]
+    pub decision_max_bytes: u64,
+    /// Longest a decision is reused.
+    #[serde(default = "default_decision_ttl", deserialize_with = "de_duration")]
+    pub decision_ttl_max: Duration,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            tokens: true,
+            token_capacity: default_token_capacity(),
+            token_ttl_max: default_token_ttl(),
+            decisions: true,
+            decision_max_bytes: default_decision_bytes(),
+            decision_ttl_max: default_decision_ttl(),
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_token_capacity() -> u64 {
+    100_000
+}
+
+fn default_token_ttl() -> Duration {
+    Duration::from_secs(300)
+}
+
+fn default_decision_bytes() -> u64 {
+    64 * 1024 * 1024
+}
+
+fn default_decision_ttl() -> Duration {
+    Duration::from_secs(60)
 }
 
 /// `[server]`: the Envoy-facing listener.

@@ -15,13 +15,15 @@ use cedar_policy::Authorizer;
 use crate::attributes::HttpRequest;
 use crate::authn::api_key::{ReloadingApiKeyStore, is_api_key};
 use crate::authn::credential::bearer_token;
+use crate::authn::introspection::token_digest;
 use crate::authn::jwt::{Issuer, IssuerSet};
 use crate::authn::workload::WorkloadIdentities;
 use crate::authn::{CredentialKind, MAX_TOKEN_BYTES, TokenError, VerifiedToken};
-use crate::authz::mapping::{CedarMapping, RequestFacts, USER_TYPE};
+use crate::authz::mapping::{CedarMapping, MappingError, RequestFacts, USER_TYPE};
 use crate::authz::policy_store::PolicyStore;
 use crate::authz::routes::{RouteTable, is_canonical_path};
 use crate::authz::{PolicyOutcome, evaluate};
+use crate::cache::{CachedToken, Caches};
 use crate::config::{ApiKeysConfig, Config, ResponseConfig};
 use crate::decision::{BadRequest, Decision, DenyReason, Verdict};
 
@@ -54,6 +56,7 @@ pub struct Engine {
     response: ResponseConfig,
     policy_dir: PathBuf,
     realm: String,
+    caches: Caches,
 }
 
 impl Engine {
@@ -120,6 +123,7 @@ impl Engine {
             response: config.response.clone(),
             policy_dir: config.policies.dir.clone(),
             realm: config.application.name.clone(),
+            caches: Caches::new(&config.cache),
         };
         let problems = engine.check_actions_against_schema();
         if problems.is_empty() {
@@ -297,22 +301,14 @@ impl Engine {
             action,
             path_params: params,
         };
-        let input = self
-            .mapping
-            .build(&self.store, &token, facts)
-            .map_err(|e| {
-                decision.errors.push(e.to_string());
-                DenyReason::SchemaMismatch
-            })?;
-        let PolicyOutcome {
-            allowed,
-            policies,
-            errors,
-        } = evaluate(&self.authorizer, &self.store, &input);
-        decision.policies = policies;
-        let had_errors = !errors.is_empty();
-        decision.errors = errors;
-        match (allowed, had_errors) {
+        let outcome = self.evaluate_cached(&token, facts).map_err(|e| {
+            decision.errors.push(e.to_string());
+            DenyReason::SchemaMismatch
+        })?;
+        decision.policies = outcome.policies.clone();
+        decision.errors = outcome.errors.clone();
+        let had_errors = !outcome.errors.is_empty();
+        match (outcome.allowed, had_errors) {
             (true, _) => Ok(()),
             (false, true) => Err(DenyReason::PolicyError),
             (false, false) => Err(DenyReason::PolicyDenied),
@@ -351,7 +347,7 @@ impl Engine {
             return self.verify_api_key(token, now);
         }
         if is_jwt_shaped(token) {
-            return self.issuers.verify(token, now).await;
+            return self.verify_jwt(token, now).await;
         }
         match self
             .issuers
@@ -365,6 +361,54 @@ impl Engine {
 }
 
 impl Engine {
+    /// Policy evaluation through the decision cache.
+    fn evaluate_cached(
+        &self,
+        token: &VerifiedToken,
+        facts: RequestFacts<'_>,
+    ) -> Result<Arc<PolicyOutcome>, MappingError> {
+        let key = self
+            .caches
+            .caches_decisions()
+            .then(|| self.mapping.decision_key(token, facts));
+        if let Some(hit) = key.as_ref().and_then(|k| self.caches.decision(k)) {
+            return Ok(hit);
+        }
+        let input = self.mapping.build(&self.store, token, facts)?;
+        let outcome = Arc::new(evaluate(&self.authorizer, &self.store, &input));
+        if let Some(key) = key {
+            self.caches.remember_decision(key, outcome.clone());
+        }
+        Ok(outcome)
+    }
+
+    /// JWT verification through the verified-token cache.
+    async fn verify_jwt(&self, token: &str, now: i64) -> Result<VerifiedToken, TokenError> {
+        let digest = token_digest(token);
+        if let Some(hit) = self
+            .caches
+            .token(&digest, now, |iss| self.issuers.key_generation(iss))
+        {
+            return Ok(hit);
+        }
+        let (verified, window) = self.issuers.verify_with_window(token, now).await?;
+        self.caches.remember_token(
+            digest,
+            CachedToken {
+                token: verified.clone(),
+                key_generation: window.key_generation,
+                valid_from: window.from,
+                valid_until: window.until,
+            },
+        );
+        Ok(verified)
+    }
+
+    /// The engine's caches (statistics, tests).
+    pub fn caches(&self) -> &Caches {
+        &self.caches
+    }
+
     fn verify_api_key(&self, key: &str, now: i64) -> Result<VerifiedToken, TokenError> {
         let Some(api_keys) = &self.api_keys else {
             return Err(TokenError::UnknownApiKey);

@@ -13,6 +13,7 @@ pub mod attributes;
 pub mod audit;
 pub mod authn;
 pub mod authz;
+pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod decision;

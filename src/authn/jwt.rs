@@ -100,6 +100,18 @@ impl Issuer {
     }
 }
 
+/// When a verification result holds: the key generation that verified it and
+/// the seconds `[from, until)` in which the time checks pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ValidityWindow {
+    /// Generation of the issuer's key set used.
+    pub key_generation: u64,
+    /// First second at which `nbf`/`iat` (minus leeway) allow the token.
+    pub from: i64,
+    /// First second at which `exp` (plus leeway) refuses it.
+    pub until: i64,
+}
+
 /// All trusted issuers, by `iss`.
 #[derive(Debug, Clone, Default)]
 pub struct IssuerSet {
@@ -139,6 +151,24 @@ impl IssuerSet {
 
     /// Verifies `token` at time `now` (seconds since the epoch).
     pub async fn verify(&self, token: &str, now: i64) -> Result<VerifiedToken, TokenError> {
+        self.verify_with_window(token, now)
+            .await
+            .map(|(token, _)| token)
+    }
+
+    /// The generation of `iss`'s key set, while it has one.
+    pub fn key_generation(&self, iss: &str) -> Option<u64> {
+        let keys = &self.issuers.get(iss)?.keys;
+        keys.get().map(|_| keys.generation())
+    }
+
+    /// Verifies `token` and also says when the same verification would succeed:
+    /// the key generation used and the `[from, until)` window of seconds.
+    pub async fn verify_with_window(
+        &self,
+        token: &str,
+        now: i64,
+    ) -> Result<(VerifiedToken, ValidityWindow), TokenError> {
         if token.len() > MAX_TOKEN_BYTES {
             return Err(TokenError::TooLarge);
         }
@@ -184,12 +214,14 @@ impl IssuerSet {
         }
 
         let kid = header.kid.as_deref().ok_or(TokenError::UnknownKey)?;
+        // Read before the keys, so a concurrent refresh can only make it older.
+        let mut key_generation = issuer.keys.generation();
         let key = match issuer.keys.get() {
             Some(keys) if keys.get(kid).is_some() => keys,
             // A new kid may mean the issuer rotated: one shared, rate-limited refresh.
             _ => {
-                let seen = issuer.keys.generation();
-                issuer.keys.refresh_for_unknown_kid(seen).await;
+                issuer.keys.refresh_for_unknown_kid(key_generation).await;
+                key_generation = issuer.keys.generation();
                 issuer.keys.get().ok_or(TokenError::UnknownKey)?
             }
         };
@@ -211,7 +243,19 @@ impl IssuerSet {
         let principal_id = string_claim(&claims, &issuer.principal_claim)
             .filter(|s| !s.is_empty())
             .ok_or(TokenError::MissingClaim)?;
-        Ok(VerifiedToken {
+        let leeway = issuer.leeway.as_secs() as i64;
+        let issued_at = numeric_date(&claims, "iat")?.unwrap_or_default();
+        let not_before = numeric_date(&claims, "nbf")?
+            .unwrap_or(i64::MIN)
+            .max(issued_at);
+        let window = ValidityWindow {
+            key_generation,
+            from: not_before.saturating_sub(leeway),
+            until: numeric_date(&claims, "exp")?
+                .unwrap_or_default()
+                .saturating_add(leeway),
+        };
+        let verified = VerifiedToken {
             issuer: issuer.issuer.clone(),
             subject: string_claim(&claims, "sub").unwrap_or_else(|| principal_id.clone()),
             principal_type: issuer.principal_type.clone(),
@@ -225,7 +269,8 @@ impl IssuerSet {
             key_id: kid.to_owned(),
             api_key_id: None,
             credential: CredentialKind::Jwt,
-        })
+        };
+        Ok((verified, window))
     }
 
     /// The issuer that introspects opaque tokens, if one is configured.

@@ -131,6 +131,49 @@ impl CedarMapping {
         EntityUid::from_type_name_and_id(self.action_type.clone(), EntityId::new(action))
     }
 
+    /// A digest of every input [`CedarMapping::build`] reads, so two requests
+    /// with the same key get the same Cedar request and entities (the decision
+    /// cache's key). Keep in step with `build` and `context_pairs`.
+    pub fn decision_key(&self, token: &VerifiedToken, facts: RequestFacts<'_>) -> [u8; 32] {
+        let mut digest = DecisionKey::default();
+        digest.field(token.principal_type.as_bytes());
+        digest.field(token.principal_id.as_bytes());
+        let mut roles: Vec<&str> = token.roles.iter().map(String::as_str).collect();
+        roles.sort_unstable();
+        roles.dedup();
+        digest.list(roles.iter().map(|r| r.as_bytes()));
+        digest.field(facts.action.as_bytes());
+        let http = facts.http;
+        digest.field(http.method.as_bytes());
+        digest.field(http.path_without_query().as_bytes());
+        digest.field(http.host.as_bytes());
+        digest.field(http.scheme.as_bytes());
+        digest.field(
+            http.source_ip
+                .map(|ip| ip.to_string())
+                .unwrap_or_default()
+                .as_bytes(),
+        );
+        let workload = http
+            .peer_principal
+            .as_deref()
+            .filter(|_| self.workload_actions.contains(facts.action));
+        digest.option(workload.map(str::as_bytes));
+        digest.list(
+            facts
+                .path_params
+                .iter()
+                .flat_map(|(k, v)| [k.as_bytes(), v.as_bytes()]),
+        );
+        digest.field(token.issuer.as_bytes());
+        digest.field(&token.issued_at.to_be_bytes());
+        digest.field(&token.expires_at.to_be_bytes());
+        digest.list(token.scopes.iter().map(|s| s.as_bytes()));
+        digest.option(token.jti.as_deref().map(str::as_bytes));
+        digest.option(token.client_id.as_deref().map(str::as_bytes));
+        digest.finish()
+    }
+
     /// Builds the schema-checked request and its entities.
     pub fn build(
         &self,
@@ -193,6 +236,47 @@ impl CedarMapping {
             action,
             resource,
         })
+    }
+}
+
+/// Unambiguous hashing: every field is length-prefixed.
+struct DecisionKey(aws_lc_rs::digest::Context);
+
+impl Default for DecisionKey {
+    fn default() -> Self {
+        DecisionKey(aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256))
+    }
+}
+
+impl DecisionKey {
+    fn field(&mut self, bytes: &[u8]) {
+        self.0.update(&(bytes.len() as u64).to_be_bytes());
+        self.0.update(bytes);
+    }
+
+    fn option(&mut self, bytes: Option<&[u8]>) {
+        match bytes {
+            Some(bytes) => {
+                self.0.update(&[1]);
+                self.field(bytes);
+            }
+            None => self.0.update(&[0]),
+        }
+    }
+
+    fn list<'a>(&mut self, items: impl Iterator<Item = &'a [u8]>) {
+        let mut count = 0u64;
+        for item in items {
+            self.field(item);
+            count += 1;
+        }
+        self.0.update(&count.to_be_bytes());
+    }
+
+    fn finish(self) -> [u8; 32] {
+        let mut out = [0u8; 32];
+        out.copy_from_slice(self.0.finish().as_ref());
+        out
     }
 }
 
