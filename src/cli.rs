@@ -378,12 +378,26 @@ async fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn create_api_key(args: ApiKeyCreateArgs) -> anyhow::Result<ExitCode> {
-    let file = match (&args.file, &args.config) {
+    let settings = match &args.config {
+        Some(config) => Some(
+            Config::load(config)?
+                .api_keys
+                .context("the configuration has no [api_keys] section")?,
+        ),
+        None => None,
+    };
+    if let Some(settings) = &settings
+        && args.expires > settings.max_lifetime
+    {
+        bail!(
+            "--expires {} exceeds [api_keys] max_lifetime {}: the key would be refused",
+            humantime::format_duration(args.expires),
+            humantime::format_duration(settings.max_lifetime)
+        );
+    }
+    let file = match (&args.file, settings) {
         (Some(file), _) => file.clone(),
-        (None, Some(config)) => Config::load(config)?
-            .api_keys
-            .map(|k| k.file)
-            .context("the configuration has no [api_keys] section")?,
+        (None, Some(settings)) => settings.file,
         (None, None) => bail!("give --file or --config"),
     };
     let key = create_key(

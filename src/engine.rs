@@ -19,7 +19,7 @@ use crate::authn::introspection::token_digest;
 use crate::authn::jwt::{Issuer, IssuerSet};
 use crate::authn::workload::WorkloadIdentities;
 use crate::authn::{CredentialKind, MAX_TOKEN_BYTES, TokenError, VerifiedToken};
-use crate::authz::mapping::{CedarMapping, MappingError, RequestFacts, USER_TYPE};
+use crate::authz::mapping::{CedarMapping, MappingError, RequestFacts, SchemaCheck};
 use crate::authz::policy_store::PolicyStore;
 use crate::authz::routes::{RouteTable, is_canonical_path};
 use crate::authz::{PolicyOutcome, evaluate};
@@ -77,15 +77,21 @@ impl Engine {
         let store = PolicyStore::load(&config.policies.dir)
             .map_err(|e| problems.extend(e.diagnostics.iter().map(ToString::to_string)))
             .ok();
-        let principal_types = config
+        let mut principal_types: Vec<String> = config
             .issuers
             .iter()
-            .map(|i| i.principal_type.as_str())
-            .chain(config.api_keys.iter().map(|k| k.principal_type.as_str()))
-            .chain(config.workload.iter().map(|w| w.principal_type.as_str()));
-        let mapping = CedarMapping::new(&config.application.name, principal_types)
-            .map_err(|e| problems.push(format!("application: {e}")))
-            .ok();
+            .map(|i| i.principal_type.clone())
+            .chain(config.api_keys.iter().map(|k| k.principal_type.clone()))
+            .chain(config.workload.iter().map(|w| w.principal_type.clone()))
+            .collect();
+        principal_types.sort();
+        principal_types.dedup();
+        let mapping = CedarMapping::new(
+            &config.application.name,
+            principal_types.iter().map(String::as_str),
+        )
+        .map_err(|e| problems.push(format!("application: {e}")))
+        .ok();
         let (Some(routes), Some(store), Some(mapping)) = (routes, store, mapping) else {
             return Err(LoadError { problems });
         };
@@ -125,7 +131,7 @@ impl Engine {
             realm: config.application.name.clone(),
             caches: Caches::new(&config.cache),
         };
-        let problems = engine.check_actions_against_schema();
+        let problems = engine.check_actions_against_schema(&principal_types);
         if problems.is_empty() {
             Ok(engine)
         } else {
@@ -148,10 +154,14 @@ impl Engine {
         &self.response
     }
 
-    /// Every route action must be declared in the schema, and the context we build
-    /// for it (with and without the optional attributes) must conform. Actions
-    /// whose context also accepts `workload` get the peer identity in it.
-    fn check_actions_against_schema(&mut self) -> Vec<String> {
+    /// Every route action must be declared in the schema, and the requests we
+    /// build for it must conform: for each configured principal type (with and
+    /// without roles) and with every optional attribute present, then absent.
+    /// The shapes that conform are recorded; on the request path any other shape
+    /// is denied (`schema_mismatch`) without evaluating, which is what lets the
+    /// request path skip per-request validation. Actions whose context also
+    /// accepts `workload` get the peer identity in it.
+    fn check_actions_against_schema(&mut self, principal_types: &[String]) -> Vec<String> {
         let mut problems = Vec::new();
         let declared: Vec<_> = self.store.schema.actions().cloned().collect();
         let mut actions: Vec<(String, Vec<String>)> = self
@@ -175,23 +185,48 @@ impl Engine {
                 .into_iter()
                 .map(|p| (p, "probe".to_owned()))
                 .collect();
-            // Once with every optional attribute present, once with none.
-            let conforms = |mapping: &CedarMapping, optional: bool| {
-                let http = probe_request(optional);
-                let facts = RequestFacts {
-                    http: &http,
-                    action: &action,
-                    path_params: &path_params,
-                };
-                mapping.build(&self.store, &probe_token(optional), facts)
+            let conforms = |mapping: &CedarMapping, ty: &str, roles: bool, workload: bool| {
+                [true, false].into_iter().try_for_each(|optional| {
+                    let http = probe_request(optional);
+                    let facts = RequestFacts {
+                        http: &http,
+                        action: &action,
+                        path_params: &path_params,
+                        workload: (optional && workload).then_some("spiffe://probe/probe"),
+                    };
+                    let token = probe_token(ty, roles, optional);
+                    mapping
+                        .build(&self.store, &token, facts, SchemaCheck::Validate)
+                        .map(drop)
+                })
             };
-            if let Err(e) = conforms(&self.mapping, true).and(conforms(&self.mapping, false)) {
-                problems.push(format!("{}: action {action:?}: {e}", schema_file.display()));
+            let mut first_error = None;
+            let mut any = false;
+            for ty in principal_types {
+                for roles in [false, true] {
+                    match conforms(&self.mapping, ty, roles, false) {
+                        Ok(()) => {
+                            any = true;
+                            self.mapping.allow_shape(&action, ty, roles);
+                        }
+                        Err(e) => {
+                            first_error.get_or_insert(e);
+                        }
+                    }
+                }
+            }
+            if !any {
+                if let Some(e) = first_error {
+                    problems.push(format!("{}: action {action:?}: {e}", schema_file.display()));
+                }
                 continue;
             }
             let mut with_workload = self.mapping.clone();
             with_workload.enable_workload_context(&action);
-            if conforms(&with_workload, true).is_ok() {
+            if principal_types
+                .iter()
+                .any(|ty| conforms(&with_workload, ty, false, true).is_ok())
+            {
                 self.mapping.enable_workload_context(&action);
             }
         }
@@ -218,6 +253,11 @@ impl Engine {
     /// True when every issuer has keys: the engine may then serve.
     pub fn is_ready(&self) -> bool {
         self.issuers.keys_ready()
+    }
+
+    /// The header API keys may arrive in, if configured.
+    pub fn api_key_header(&self) -> Option<&str> {
+        self.api_keys.as_ref()?.settings.header.as_deref()
     }
 
     /// The trusted issuers (for key refresh and readiness).
@@ -281,6 +321,7 @@ impl Engine {
         decision.subject = Some(token.subject.clone());
         decision.issuer = Some(token.issuer.clone());
         decision.jti = token.jti.clone();
+        decision.api_key_id = token.api_key_id.clone();
         let principal = self.mapping.principal(&token).map_err(|e| {
             decision.errors.push(e.to_string());
             DenyReason::SchemaMismatch
@@ -296,10 +337,16 @@ impl Engine {
         decision.action = Some(self.mapping.action(action).to_string());
         decision.resource = Some(self.mapping.application().to_string());
 
+        // Only a trusted peer identity reaches the policies.
+        let workload = self.workload.as_ref().and_then(|w| {
+            let peer = http.peer_principal.as_deref()?;
+            w.identity(peer).map(|_| peer)
+        });
         let facts = RequestFacts {
             http,
             action,
             path_params: params,
+            workload,
         };
         let outcome = self.evaluate_cached(&token, facts).map_err(|e| {
             decision.errors.push(e.to_string());
@@ -374,7 +421,9 @@ impl Engine {
         if let Some(hit) = key.as_ref().and_then(|k| self.caches.decision(k)) {
             return Ok(hit);
         }
-        let input = self.mapping.build(&self.store, token, facts)?;
+        let input = self
+            .mapping
+            .build(&self.store, token, facts, SchemaCheck::TrustShape)?;
         let outcome = Arc::new(evaluate(&self.authorizer, &self.store, &input));
         if let Some(key) = key {
             self.caches.remember_decision(key, outcome.clone());
@@ -439,23 +488,26 @@ fn probe_request(with_optional_attributes: bool) -> HttpRequest {
         host: "probe".into(),
         scheme: "https".into(),
         source_ip: with_optional_attributes.then(|| [127, 0, 0, 1].into()),
-        peer_principal: with_optional_attributes.then(|| "spiffe://probe/probe".into()),
         ..Default::default()
     }
 }
 
 /// A token shaped like real ones, for checking the mapping against the schema.
-fn probe_token(with_optional_claims: bool) -> VerifiedToken {
+fn probe_token(principal_type: &str, roles: bool, with_optional_claims: bool) -> VerifiedToken {
     VerifiedToken {
         issuer: "probe".into(),
         subject: "probe".into(),
-        principal_type: USER_TYPE.into(),
+        principal_type: principal_type.into(),
         principal_id: "probe".into(),
         jti: with_optional_claims.then(|| "probe".into()),
         issued_at: 0,
         expires_at: 0,
         scopes: vec!["probe".into()],
-        roles: vec!["probe".into()],
+        roles: if roles {
+            vec!["probe".into()]
+        } else {
+            Vec::new()
+        },
         client_id: with_optional_claims.then(|| "probe".into()),
         key_id: "probe".into(),
         api_key_id: None,

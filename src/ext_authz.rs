@@ -140,11 +140,13 @@ fn string_value(s: &str) -> Value {
     }
 }
 
-/// Builds the response Envoy acts on.
+/// Builds the response Envoy acts on. `credential_header` is the API-key header,
+/// removed with `authorization` when `remove_authorization` is set.
 pub fn check_response(
     decision: &Decision,
     response: &ResponseConfig,
     realm: &str,
+    credential_header: Option<&str>,
 ) -> CheckResponse {
     let verdict = decision.verdict;
     let http_response = match verdict {
@@ -154,8 +156,12 @@ pub fn check_response(
             {
                 headers.push(header(&response.subject_header, subject));
             }
+            // Credentials stay at the edge when asked: the bearer token and the
+            // API-key header.
             let headers_to_remove = if response.remove_authorization {
-                vec!["authorization".to_owned()]
+                std::iter::once("authorization".to_owned())
+                    .chain(credential_header.map(str::to_owned))
+                    .collect()
             } else {
                 Vec::new()
             };
@@ -207,6 +213,12 @@ fn denied(decision: &Decision, reason: DenyReason, realm: &str) -> DeniedHttpRes
     };
     let mut headers = vec![header("content-type", "application/json")];
     let body = match reason {
+        // Our dependency failed, not the caller's credential: no challenge.
+        DenyReason::Unauthenticated(TokenError::IntrospectionFailed) => serde_json::json!({
+            "error": "temporarily_unavailable",
+            "error_description": TokenError::IntrospectionFailed.public_description(),
+            "decision_id": decision.id,
+        }),
         DenyReason::Unauthenticated(token) => {
             headers.push(header("www-authenticate", &www_authenticate(token, realm)));
             serde_json::json!({
@@ -302,9 +314,14 @@ impl Authorization for CheckService {
             "check"
         );
         let response = match &engine {
-            Some(engine) => check_response(&decision, engine.response_config(), engine.realm()),
+            Some(engine) => check_response(
+                &decision,
+                engine.response_config(),
+                engine.realm(),
+                engine.api_key_header(),
+            ),
             // Not loaded yet: a 503 Envoy passes on (health is NOT_SERVING meanwhile).
-            None => check_response(&decision, &ResponseConfig::default(), ""),
+            None => check_response(&decision, &ResponseConfig::default(), "", None),
         };
         Ok(tonic::Response::new(response))
     }

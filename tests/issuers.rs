@@ -304,3 +304,39 @@ async fn spiffe_workloads_are_principals_on_routes_that_allow_them() {
         json!(["writes-only-from-checkout"])
     );
 }
+
+#[tokio::test]
+async fn principals_of_a_type_an_action_does_not_declare_are_denied_unevaluated() {
+    let fx = Fixture::new();
+    let machine_key = TestKey::es256();
+    with_machine_issuer(&fx, &machine_key, "");
+    // "get /orders" (the first action of the schema) applies to users only now.
+    let schema_path = fx.path("policies/orders.cedarschema");
+    let schema = std::fs::read_to_string(&schema_path).unwrap();
+    std::fs::write(
+        &schema_path,
+        schema.replacen(
+            "principal: [User, Client, Workload]",
+            "principal: [User]",
+            1,
+        ),
+    )
+    .unwrap();
+    let server = fx.serve().await;
+    // "orders-read" permits any principal with the scope; a Client must still not
+    // get in through an action the schema does not give it.
+    let token = machine_key.sign(&machine_claims("billing"));
+    let out = outcome(
+        &server
+            .check(envoy_request("GET", "/orders", Some(&token)))
+            .await,
+    );
+    assert_eq!(out.http_status, 403);
+    assert_eq!(fx.audit_line(&out.decision_id)["reason"], "schema_mismatch");
+    let out = outcome(
+        &server
+            .check(envoy_request("GET", "/orders/7", Some(&token)))
+            .await,
+    );
+    assert_eq!(out.http_status, 200);
+}

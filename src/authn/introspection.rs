@@ -218,7 +218,8 @@ impl Introspector {
             expires_at: exp.unwrap_or_default(),
             scopes: scopes(response),
             roles: roles(response, &self.roles_claim),
-            client_id: string_claim(response, "client_id"),
+            client_id: string_claim(response, "client_id")
+                .or_else(|| string_claim(response, "azp")),
             key_id: String::new(),
             api_key_id: None,
             credential: CredentialKind::Introspected,

@@ -63,6 +63,20 @@ pub struct RequestFacts<'a> {
     pub action: &'a str,
     /// Path parameters of the matched route.
     pub path_params: &'a [(String, String)],
+    /// The mTLS peer's identity, when it is a trusted workload.
+    pub workload: Option<&'a str>,
+}
+
+/// Whether [`CedarMapping::build`] validates what it builds against the schema.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SchemaCheck {
+    /// Validate entities and context (load-time probes: tens of µs each).
+    Validate,
+    /// Skip validation on the request path: every shape `build` can produce for
+    /// an action (optional attributes present or absent, the route's path
+    /// parameters) was validated by the load-time probes, so repeating it per
+    /// request only costs time.
+    TrustShape,
 }
 
 /// Builds Cedar requests for one application.
@@ -74,6 +88,9 @@ pub struct CedarMapping {
     application: EntityUid,
     /// Actions whose context type declares `workload?: String`.
     workload_actions: HashSet<String>,
+    /// Per action, the principal types the schema accepts, and whether they may
+    /// have `Role` parents; established by load-time probes.
+    shapes: HashMap<String, HashMap<String, bool>>,
 }
 
 impl CedarMapping {
@@ -88,7 +105,7 @@ impl CedarMapping {
         };
         let application_type = name(APPLICATION_TYPE)?;
         let mut types = HashMap::new();
-        for ty in principal_types.into_iter().chain([USER_TYPE]) {
+        for ty in principal_types {
             types.insert(ty.to_owned(), name(ty)?);
         }
         Ok(CedarMapping {
@@ -100,7 +117,20 @@ impl CedarMapping {
                 EntityId::new(application),
             ),
             workload_actions: HashSet::new(),
+            shapes: HashMap::new(),
         })
+    }
+
+    /// Records that requests for `action` by `principal_type` conform to the schema
+    /// (with `Role` parents too when `with_roles`).
+    pub fn allow_shape(&mut self, action: &str, principal_type: &str, with_roles: bool) {
+        let roles_ok = self
+            .shapes
+            .entry(action.to_owned())
+            .or_default()
+            .entry(principal_type.to_owned())
+            .or_insert(false);
+        *roles_ok |= with_roles;
     }
 
     /// Declares that `action`'s context carries the peer's `workload` identity.
@@ -180,7 +210,32 @@ impl CedarMapping {
         store: &PolicyStore,
         token: &VerifiedToken,
         facts: RequestFacts<'_>,
+        check: SchemaCheck,
     ) -> Result<CedarInput, MappingError> {
+        let schema = match check {
+            SchemaCheck::Validate => Some(&store.schema),
+            SchemaCheck::TrustShape => {
+                let shape = self
+                    .shapes
+                    .get(facts.action)
+                    .and_then(|types| types.get(&token.principal_type));
+                match shape {
+                    Some(roles_ok) if *roles_ok || token.roles.is_empty() => None,
+                    Some(_) => {
+                        return Err(MappingError::Request(format!(
+                            "{} principals have no Role parents in the schema",
+                            token.principal_type
+                        )));
+                    }
+                    None => {
+                        return Err(MappingError::Request(format!(
+                            "action {:?} does not apply to {} principals",
+                            facts.action, token.principal_type
+                        )));
+                    }
+                }
+            }
+        };
         let principal = self.principal(token)?;
         let action = self.action(facts.action);
         let resource = self.application.clone();
@@ -211,13 +266,11 @@ impl CedarMapping {
         let entities = store
             .entities
             .clone()
-            .upsert_entities(added, Some(&store.schema))
+            .upsert_entities(added, schema)
             .map_err(|e| MappingError::Request(e.to_string()))?;
 
         let workload = facts
-            .http
-            .peer_principal
-            .as_deref()
+            .workload
             .filter(|_| self.workload_actions.contains(facts.action));
         let context = Context::from_pairs(context_pairs(token, facts, workload)?)
             .map_err(|e| MappingError::Request(e.to_string()))?;
@@ -226,7 +279,7 @@ impl CedarMapping {
             action.clone(),
             resource.clone(),
             context,
-            Some(&store.schema),
+            schema,
         )
         .map_err(|e| MappingError::Request(e.to_string()))?;
         Ok(CedarInput {
