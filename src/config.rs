@@ -637,17 +637,6 @@ impl Config {
                 }
             }
         }
-        if self
-            .issuers
-            .iter()
-            .filter(|i| i.introspection.is_some())
-            .count()
-            > 1
-        {
-            return Err(
-                "only one issuer may configure introspection (opaque tokens name no issuer)".into(),
-            );
-        }
         for (i, route) in self.routes.iter().enumerate() {
             let method_ok =
                 !route.method.is_empty() && route.method.bytes().all(|b| b.is_ascii_uppercase());

@@ -396,14 +396,24 @@ impl Engine {
         if is_jwt_shaped(token) {
             return self.verify_jwt(token, now).await;
         }
-        match self
-            .issuers
-            .introspecting()
-            .and_then(|i| i.introspection.as_ref())
-        {
-            Some(introspector) => introspector.introspect(token, now).await,
-            None => Err(TokenError::Malformed),
+        // An opaque token names no issuer: ask each introspecting issuer in turn;
+        // the first that knows it as active wins. If none does and one failed,
+        // we cannot tell: fail closed as `introspection_failed`.
+        let introspectors = self.issuers.introspectors();
+        if introspectors.is_empty() {
+            return Err(TokenError::Malformed);
         }
+        let mut verdict = TokenError::InactiveToken;
+        for introspector in introspectors {
+            match introspector.introspect(token, now).await {
+                Ok(identity) => return Ok(identity),
+                Err(TokenError::IntrospectionFailed) => verdict = TokenError::IntrospectionFailed,
+                Err(TokenError::InactiveToken) => {}
+                Err(other) if verdict == TokenError::InactiveToken => verdict = other,
+                Err(_) => {}
+            }
+        }
+        Err(verdict)
     }
 }
 

@@ -20,6 +20,7 @@ use envoy_types::pb::google::rpc;
 
 use crate::attributes::{HttpRequest, parse_source_ip};
 use crate::authn::TokenError;
+use crate::authn::workload::spiffe_id_from_certificate;
 use crate::config::ResponseConfig;
 use crate::decision::{BadRequest, Decision, DenyReason, Verdict};
 use crate::server::ServerState;
@@ -105,11 +106,17 @@ pub fn http_request(check: &CheckRequest) -> Option<HttpRequest> {
             Some(Address::SocketAddress(socket)) => parse_source_ip(&socket.address),
             _ => None,
         });
-    let peer_principal = attributes
-        .source
-        .as_ref()
-        .map(|peer| peer.principal.clone())
-        .filter(|p| !p.is_empty());
+    // Envoy's `source.principal` (the URI SAN of a verified mTLS peer), else the
+    // SPIFFE ID of the peer certificate sent with `include_peer_certificate`.
+    let peer_principal = attributes.source.as_ref().and_then(|peer| {
+        if peer.principal.is_empty() {
+            (!peer.certificate.is_empty())
+                .then(|| spiffe_id_from_certificate(&peer.certificate))
+                .flatten()
+        } else {
+            Some(peer.principal.clone())
+        }
+    });
     Some(HttpRequest {
         method,
         path,

@@ -340,3 +340,61 @@ async fn principals_of_a_type_an_action_does_not_declare_are_denied_unevaluated(
     );
     assert_eq!(out.http_status, 200);
 }
+
+/// Envoy with `include_peer_certificate` but no verified `source.principal`:
+/// the SPIFFE ID comes from the certificate's URI SAN.
+#[tokio::test]
+async fn spiffe_id_is_read_from_the_peer_certificate() {
+    let fx = Fixture::new();
+    fx.edit_config(
+        "method = \"GET\"\npath = \"/orders\"\n",
+        "method = \"GET\"\npath = \"/orders\"\nallow_workload = true\n",
+    );
+    fx.append_config("\n[workload]\ntrust_domains = [\"cluster.local\"]\n");
+    std::fs::write(
+        fx.path("policies/workloads.cedar"),
+        format!("permit (principal == Workload::\"{CHECKOUT}\", action == Action::\"get /orders\", resource);\n"),
+    )
+    .unwrap();
+    let server = fx.serve().await;
+
+    let certificate = |uri: &str| {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.subject_alt_names = vec![rcgen::SanType::URI(uri.try_into().unwrap())];
+        let key = rcgen::KeyPair::generate().unwrap();
+        let pem = params.self_signed(&key).unwrap().pem();
+        percent_encoding::utf8_percent_encode(&pem, percent_encoding::NON_ALPHANUMERIC).to_string()
+    };
+    let with_certificate = |uri: &str| {
+        let mut request = envoy_request("GET", "/orders", None);
+        request
+            .attributes
+            .as_mut()
+            .unwrap()
+            .source
+            .as_mut()
+            .unwrap()
+            .certificate = certificate(uri);
+        request
+    };
+    let out = outcome(&server.check(with_certificate(CHECKOUT)).await);
+    assert_eq!(out.http_status, 200);
+    assert_eq!(
+        out.metadata["principal"],
+        format!("Workload::\"{CHECKOUT}\"")
+    );
+    let out = outcome(
+        &server
+            .check(with_certificate("spiffe://cluster.local/ns/shop/sa/cart"))
+            .await,
+    );
+    assert_eq!(out.http_status, 403);
+    let out = outcome(
+        &server
+            .check(with_certificate(
+                "spiffe://evil.example/ns/shop/sa/checkout",
+            ))
+            .await,
+    );
+    assert_eq!(out.http_status, 401);
+}

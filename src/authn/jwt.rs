@@ -273,9 +273,18 @@ impl IssuerSet {
         Ok((verified, window))
     }
 
-    /// The issuer that introspects opaque tokens, if one is configured.
-    pub fn introspecting(&self) -> Option<&Issuer> {
-        self.issuers.values().find(|i| i.introspection.is_some())
+    /// The introspectors of opaque tokens, in a stable order (by issuer).
+    pub fn introspectors(&self) -> Vec<&Arc<Introspector>> {
+        let mut issuers: Vec<&Issuer> = self
+            .issuers
+            .values()
+            .filter(|i| i.introspection.is_some())
+            .collect();
+        issuers.sort_by(|a, b| a.issuer.cmp(&b.issuer));
+        issuers
+            .iter()
+            .filter_map(|i| i.introspection.as_ref())
+            .collect()
     }
 }
 

@@ -48,6 +48,30 @@ impl WorkloadIdentities {
     }
 }
 
+/// The SPIFFE ID (URI SAN `spiffe://...`) of a peer certificate as Envoy sends
+/// it with `include_peer_certificate`: URL-encoded PEM. `None` if there is not
+/// exactly one SPIFFE URI (an X.509-SVID has one).
+pub fn spiffe_id_from_certificate(url_encoded_pem: &str) -> Option<String> {
+    let pem = percent_encoding::percent_decode_str(url_encoded_pem)
+        .decode_utf8()
+        .ok()?;
+    let (_, pem) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).ok()?;
+    let certificate = pem.parse_x509().ok()?;
+    let names = certificate.subject_alternative_name().ok()??;
+    let mut spiffe = names
+        .value
+        .general_names
+        .iter()
+        .filter_map(|name| match name {
+            x509_parser::extensions::GeneralName::URI(uri) if uri.starts_with("spiffe://") => {
+                Some((*uri).to_owned())
+            }
+            _ => None,
+        });
+    let first = spiffe.next()?;
+    spiffe.next().is_none().then_some(first)
+}
+
 /// The lower-cased trust domain of a well-formed SPIFFE ID
 /// (`spiffe://<trust-domain>/<path>`, no query, fragment, port or user info).
 pub fn spiffe_trust_domain(id: &str) -> Option<String> {
