@@ -48,6 +48,8 @@ pub enum Command {
     Validate(ConfigArg),
     /// Decide one request offline and explain the decision.
     Check(CheckArgs),
+    /// Run the policy tests in `<policies>/tests/*.toml`.
+    Test(ConfigArg),
     /// Development tokens (for trying things out only).
     #[command(subcommand)]
     Token(TokenCommand),
@@ -186,6 +188,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Serve(args) => serve(args).await,
         Command::Validate(args) => validate(&args.config).await,
         Command::Check(args) => check(args).await,
+        Command::Test(args) => policy_test(&args.config).await,
         Command::Token(TokenCommand::Mint(args)) => mint(args),
         Command::ApiKey(ApiKeyCommand::Create(args)) => create_api_key(args),
         Command::Token(TokenCommand::Jwks(args)) => {
@@ -374,6 +377,47 @@ async fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
+    })
+}
+
+async fn policy_test(path: &Path) -> anyhow::Result<ExitCode> {
+    let config = Config::load(path)?;
+    let engine = load_engine(&config)?;
+    let key = crate::policy_tests::test_signing_key()?;
+    engine
+        .trust_test_key(&key)
+        .map_err(|e| anyhow::anyhow!("cannot trust the test key: {e}"))?;
+    let report = crate::policy_tests::run(&engine, &key, &config.policies.dir).await?;
+    let mut out = std::io::stdout().lock();
+    for case in &report.cases {
+        match &case.failure {
+            None => writeln!(out, "ok    {}", case.name)?,
+            Some(diff) => writeln!(
+                out,
+                "FAIL  {}
+{diff}",
+                case.name
+            )?,
+        }
+    }
+    let failed = report.cases.iter().filter(|c| c.failure.is_some()).count();
+    writeln!(
+        out,
+        "\n{} case(s), {} passed, {failed} failed",
+        report.cases.len(),
+        report.cases.len() - failed
+    )?;
+    if !report.unexercised.is_empty() {
+        writeln!(
+            out,
+            "policies no case exercised: {}",
+            report.unexercised.join(", ")
+        )?;
+    }
+    Ok(if report.passed() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     })
 }
 

@@ -16,7 +16,9 @@ use crate::attributes::HttpRequest;
 use crate::authn::api_key::{ReloadingApiKeyStore, is_api_key};
 use crate::authn::credential::bearer_token;
 use crate::authn::introspection::token_digest;
+use crate::authn::jwks::VerificationKey;
 use crate::authn::jwt::{Issuer, IssuerSet};
+use crate::authn::mint::SigningKey;
 use crate::authn::workload::WorkloadIdentities;
 use crate::authn::{CredentialKind, MAX_TOKEN_BYTES, TokenError, VerifiedToken};
 use crate::authz::mapping::{CedarMapping, MappingError, RequestFacts, SchemaCheck};
@@ -253,6 +255,23 @@ impl Engine {
     /// True when every issuer has keys: the engine may then serve.
     pub fn is_ready(&self) -> bool {
         self.issuers.keys_ready()
+    }
+
+    /// Makes every issuer trust `key` (for `portcullis test` only: it signs the
+    /// test cases' tokens with a throw-away key; `serve` never calls this).
+    pub fn trust_test_key(&self, key: &SigningKey) -> Result<(), String> {
+        let jwk = &key.public_jwks().keys[0];
+        let decoding = jsonwebtoken::DecodingKey::from_jwk(jwk).map_err(|e| e.to_string())?;
+        for issuer in self.issuers.iter() {
+            issuer.keys.add_key(
+                key.kid(),
+                VerificationKey {
+                    algorithm: jsonwebtoken::Algorithm::ES256,
+                    key: decoding.clone(),
+                },
+            );
+        }
+        Ok(())
     }
 
     /// The header API keys may arrive in, if configured.

@@ -19,5 +19,6 @@ pub mod config;
 pub mod decision;
 pub mod engine;
 pub mod ext_authz;
+pub mod policy_tests;
 pub mod server;
 pub mod telemetry;

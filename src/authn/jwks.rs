@@ -124,6 +124,13 @@ impl KeySet {
         Ok(KeySet { keys })
     }
 
+    /// A copy of this set with one more key.
+    pub fn with_key(&self, kid: &str, key: VerificationKey) -> KeySet {
+        let mut keys = self.keys.clone();
+        keys.insert(kid.to_owned(), key);
+        KeySet { keys }
+    }
+
     /// The key with this `kid`.
     pub fn get(&self, kid: &str) -> Option<&VerificationKey> {
         self.keys.get(kid)

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use arc_swap::ArcSwapOption;
 use serde::Deserialize;
 
-use super::jwks::{JwksError, KeySet};
+use super::jwks::{JwksError, KeySet, VerificationKey};
 use crate::config::{IssuerConfig, RemoteKeysConfig};
 
 /// Errors fetching remote keys or discovery documents.
@@ -178,6 +178,19 @@ impl IssuerKeys {
             }
         }
         self.current.load_full()
+    }
+
+    /// Adds a key to the current set (for `portcullis test`, whose throw-away
+    /// key signs the test tokens; `serve` never calls this). Marks remote keys
+    /// fresh so that an offline test run works.
+    pub fn add_key(&self, kid: &str, key: VerificationKey) {
+        let current = self.current.load_full().unwrap_or_default();
+        self.current
+            .store(Some(Arc::new(current.with_key(kid, key))));
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        if let Some(remote) = &self.remote {
+            remote.last_success.store(unix_now(), Ordering::Release);
+        }
     }
 
     /// True once keys are available (local file, or a first successful fetch).
