@@ -132,6 +132,13 @@ pub struct CheckArgs {
     /// Client address, for policies on `context.http.source_ip`.
     #[arg(long)]
     source_ip: Option<String>,
+    /// The mTLS peer's identity (e.g. a SPIFFE ID), as Envoy would report it.
+    #[arg(long)]
+    peer: Option<String>,
+    /// Also print the Cedar request built: principal and parents, action,
+    /// resource and context.
+    #[arg(long)]
+    explain: bool,
 }
 
 /// `token` subcommands.
@@ -336,7 +343,12 @@ async fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
         http.headers
             .insert("authorization".into(), format!("Bearer {token}"));
     }
-    let decision = engine.decide(&http).await;
+    http.peer_principal = args.peer.clone();
+    let (decision, cedar_request) = if args.explain {
+        engine.explain(&http).await
+    } else {
+        (engine.decide(&http).await, None)
+    };
     let list = |items: &[String]| {
         if items.is_empty() {
             "(none)".to_owned()
@@ -373,6 +385,19 @@ async fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
     )?;
     writeln!(out, "policies:  {}", list(&decision.policies))?;
     writeln!(out, "errors:    {}", list(&decision.errors))?;
+    if args.explain {
+        match cedar_request {
+            Some(request) => writeln!(
+                out,
+                "cedar request:\n{}",
+                serde_json::to_string_pretty(&request)?
+            )?,
+            None => writeln!(
+                out,
+                "cedar request: (none: the request was refused before policies ran)"
+            )?,
+        }
+    }
     Ok(if decision.verdict.is_allow() {
         ExitCode::SUCCESS
     } else {

@@ -295,6 +295,64 @@ impl Engine {
         problems
     }
 
+    /// Decides `http` now and also returns the Cedar request that was built for
+    /// it (principal with its parents, action, resource, context) as JSON, when
+    /// the pipeline got that far. For `check --explain`; bypasses the caches.
+    pub async fn explain(&self, http: &HttpRequest) -> (Decision, Option<serde_json::Value>) {
+        let decision = self.decide(http).await;
+        if decision.action.is_none() {
+            return (decision, None);
+        }
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or_default();
+        let path = http.path_without_query();
+        let route = self.routes.find(&http.method, path);
+        let allow_workload = route.as_ref().is_some_and(|r| r.allow_workload);
+        let Ok(token) = self.authenticate(http, allow_workload, now).await else {
+            return (decision, None);
+        };
+        let (action, params) = match (&route, &self.default_action) {
+            (Some(route), _) => (route.action, route.params.as_slice()),
+            (None, Some(default)) => (default.as_str(), &[][..]),
+            (None, None) => return (decision, None),
+        };
+        let workload = self.workload.as_ref().and_then(|w| {
+            let peer = http.peer_principal.as_deref()?;
+            w.identity(peer).map(|_| peer)
+        });
+        let facts = RequestFacts {
+            http,
+            action,
+            path_params: params,
+            workload,
+        };
+        let built = self
+            .mapping
+            .build(&self.store, &token, facts, SchemaCheck::Validate);
+        let explained = built.ok().map(|input| {
+            let parents: Vec<String> = input
+                .entities
+                .ancestors(&input.principal)
+                .map(|ancestors| ancestors.map(ToString::to_string).collect())
+                .unwrap_or_default();
+            let context = input
+                .request
+                .context()
+                .and_then(|c| c.to_json_value().ok())
+                .unwrap_or_default();
+            serde_json::json!({
+                "principal": input.principal.to_string(),
+                "principal_parents": parents,
+                "action": input.action.to_string(),
+                "resource": input.resource.to_string(),
+                "context": context,
+            })
+        });
+        (decision, explained)
+    }
+
     /// Decides `http` now.
     pub async fn decide(&self, http: &HttpRequest) -> Decision {
         let now = SystemTime::now()
