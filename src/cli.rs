@@ -48,6 +48,9 @@ pub enum Command {
     Validate(ConfigArg),
     /// Decide one request offline and explain the decision.
     Check(CheckArgs),
+    /// Route tools.
+    #[command(subcommand)]
+    Routes(RoutesCommand),
     /// Run the policy tests in `<policies>/tests/*.toml`.
     Test(ConfigArg),
     /// Development tokens (for trying things out only).
@@ -56,6 +59,32 @@ pub enum Command {
     /// API keys for machine clients.
     #[command(subcommand, name = "apikey")]
     ApiKey(ApiKeyCommand),
+}
+
+/// `routes` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum RoutesCommand {
+    /// Write `[[routes]]` and the Cedar schema's actions from an OpenAPI 3 document.
+    FromOpenapi(FromOpenApiArgs),
+}
+
+/// Arguments of `routes from-openapi`.
+#[derive(Debug, Args)]
+pub struct FromOpenApiArgs {
+    /// The OpenAPI 3.0/3.1 document (YAML or JSON).
+    spec: PathBuf,
+    /// Write the `[[routes]]` tables here (default: standard output).
+    #[arg(long)]
+    routes_out: Option<PathBuf>,
+    /// Write the Cedar schema here (default: standard output).
+    #[arg(long)]
+    schema_out: Option<PathBuf>,
+    /// Principal types of every action (repeatable).
+    #[arg(long = "principal-type", default_values_t = ["User".to_string(), "Client".to_string(), "Workload".to_string()])]
+    principal_types: Vec<String>,
+    /// Emit only the actions, not the entity and record types.
+    #[arg(long)]
+    no_base_types: bool,
 }
 
 /// `apikey` subcommands.
@@ -196,6 +225,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Validate(args) => validate(&args.config).await,
         Command::Check(args) => check(args).await,
         Command::Test(args) => policy_test(&args.config).await,
+        Command::Routes(RoutesCommand::FromOpenapi(args)) => from_openapi(args),
         Command::Token(TokenCommand::Mint(args)) => mint(args),
         Command::ApiKey(ApiKeyCommand::Create(args)) => create_api_key(args),
         Command::Token(TokenCommand::Jwks(args)) => {
@@ -403,6 +433,27 @@ async fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::from(1)
     })
+}
+
+fn from_openapi(args: FromOpenApiArgs) -> anyhow::Result<ExitCode> {
+    let text = std::fs::read_to_string(&args.spec)
+        .with_context(|| format!("cannot read {}", args.spec.display()))?;
+    let operations = crate::openapi::operations(&text)?;
+    let routes = crate::openapi::routes_toml(&operations);
+    let schema =
+        crate::openapi::cedar_schema(&operations, &args.principal_types, !args.no_base_types);
+    match &args.routes_out {
+        Some(path) => std::fs::write(path, &routes)
+            .with_context(|| format!("cannot write {}", path.display()))?,
+        None => println!("{routes}"),
+    }
+    match &args.schema_out {
+        Some(path) => std::fs::write(path, &schema)
+            .with_context(|| format!("cannot write {}", path.display()))?,
+        None => println!("{schema}"),
+    }
+    eprintln!("{} operation(s) imported", operations.len());
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn policy_test(path: &Path) -> anyhow::Result<ExitCode> {

@@ -19,6 +19,7 @@ pub mod config;
 pub mod decision;
 pub mod engine;
 pub mod ext_authz;
+pub mod openapi;
 pub mod policy_tests;
 pub mod server;
 pub mod telemetry;
