@@ -7,6 +7,7 @@
 //! Envoy or HTTP status codes (see [`crate::ext_authz`]).
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use cedar_policy::Authorizer;
@@ -21,6 +22,7 @@ use crate::authz::routes::{RouteTable, is_canonical_path};
 use crate::authz::{PolicyOutcome, evaluate};
 use crate::config::{Config, ResponseConfig};
 use crate::decision::{BadRequest, Decision, DenyReason, Verdict};
+use crate::revocation::RevocationStore;
 
 /// Everything wrong with a configuration, keys and policy folder, all at once.
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +44,7 @@ pub struct Engine {
     response: ResponseConfig,
     policy_dir: PathBuf,
     realm: String,
+    revocations: Option<Arc<RevocationStore>>,
 }
 
 impl Engine {
@@ -81,6 +84,7 @@ impl Engine {
             response: config.response.clone(),
             policy_dir: config.policies.dir.clone(),
             realm: config.application.name.clone(),
+            revocations: None,
         };
         let problems = engine.check_actions_against_schema();
         if problems.is_empty() {
@@ -88,6 +92,13 @@ impl Engine {
         } else {
             Err(LoadError { problems })
         }
+    }
+
+    /// Checks every authenticated credential against `store` (shared with the
+    /// admin API and, through Redis, with other instances).
+    pub fn with_revocations(mut self, store: Arc<RevocationStore>) -> Engine {
+        self.revocations = Some(store);
+        self
     }
 
     /// The loaded policy folder.
@@ -193,6 +204,12 @@ impl Engine {
         decision.principal = Some(self.mapping.principal(&token).to_string());
         decision.issuer = Some(token.issuer.clone());
         decision.jti = token.jti.clone();
+        // Revocation comes before anything else that uses the identity.
+        if let Some(revocations) = &self.revocations
+            && revocations.check(&token, now).is_err()
+        {
+            return Err(DenyReason::Unauthenticated(TokenError::Revoked));
+        }
 
         let route = self.routes.find(&http.method, path);
         let (action, params) = match (&route, &self.default_action) {

@@ -64,6 +64,10 @@ pub enum TokenError {
     /// [`TokenError::WrongAudience`], a missing `iss` [`TokenError::UnknownIssuer`].)
     #[error("token lacks a required claim")]
     MissingClaim,
+    /// The credential verified but is revoked (by jti, subject, key, client or
+    /// API key id; see `crate::revocation`).
+    #[error("token is revoked")]
+    Revoked,
 }
 
 impl TokenError {
@@ -85,6 +89,7 @@ impl TokenError {
             TokenError::WrongAudience => "wrong_audience",
             TokenError::LifetimeTooLong => "lifetime_too_long",
             TokenError::MissingClaim => "missing_claim",
+            TokenError::Revoked => "revoked",
         }
     }
 
@@ -96,6 +101,7 @@ impl TokenError {
             TokenError::Expired => "the access token expired",
             TokenError::NotYetValid => "the access token is not yet valid",
             TokenError::LifetimeTooLong => "the access token lifetime is too long",
+            TokenError::Revoked => "the access token was revoked",
             _ => "the access token is invalid",
         }
     }
