@@ -139,9 +139,9 @@ impl AdminService {
 
 fn target_from_pb(target: Option<pb::Target>) -> Result<(Target, Option<i64>), Status> {
     use pb::target::Kind;
-    let kind = target
-        .and_then(|t| t.kind)
-        .ok_or_else(|| Status::invalid_argument("a target (jti, sub, kid, client or API key id) is required"))?;
+    let kind = target.and_then(|t| t.kind).ok_or_else(|| {
+        Status::invalid_argument("a target (jti, sub, kid, client or API key id) is required")
+    })?;
     Ok(match kind {
         Kind::Token(t) => (
             Target::Token {
@@ -243,10 +243,7 @@ impl Admin for AdminService {
             },
             redis: status.redis.as_str().into(),
             pending_writes: status.pending_writes as u64,
-            policies: self
-                .state
-                .engine()
-                .map_or(0, |e| e.policies().len() as u64),
+            policies: self.state.engine().map_or(0, |e| e.policies().len() as u64),
         }))
     }
 }

@@ -1,20 +1,24 @@
-//! The command line: `serve`, `validate`, `check` and the `token` dev helpers.
+//! The command line: `serve`, `validate`, `check`, the admin API clients
+//! (`revoke`, `revocations`, `status`) and the `token` dev helpers.
 
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Duration;
+
+use std::time::{Duration, UNIX_EPOCH};
 
 use anyhow::{Context as _, bail};
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
 
+use crate::admin::{self, pb};
 use crate::attributes::{HttpRequest, parse_source_ip};
 use crate::audit::AuditLog;
 use crate::authn::mint::{MintRequest, SigningKey};
-use crate::config::Config;
+use crate::config::{Config, Secret};
 use crate::engine::Engine;
 use crate::ext_authz::http_status;
+use crate::revocation::RevocationStore;
 use crate::server;
 
 /// Portcullis: an Envoy ext_authz server enforcing JWT bearer tokens with Cedar policies.
@@ -47,9 +51,84 @@ pub enum Command {
     Validate(ConfigArg),
     /// Decide one request offline and explain the decision.
     Check(CheckArgs),
+    /// Revoke a credential on a running server (through its admin API).
+    Revoke(RevokeArgs),
+    /// List the revocations in force on a running server.
+    Revocations(AdminArgs),
+    /// Show a running server's revocation count, Redis link and policies.
+    Status(AdminArgs),
     /// Development tokens (for trying things out only).
     #[command(subcommand)]
     Token(TokenCommand),
+}
+
+/// How to reach a server's admin API.
+#[derive(Debug, Args)]
+pub struct AdminArgs {
+    /// Admin listener (`[admin] listen`), e.g. `127.0.0.1:9192`.
+    #[arg(long = "admin", value_name = "ADDR", env = "PORTCULLIS_ADMIN")]
+    pub admin: String,
+    /// The admin token. Prefer the environment variable: other users can read
+    /// command lines.
+    #[arg(
+        long,
+        env = "PORTCULLIS_ADMIN_TOKEN",
+        hide_env_values = true,
+        value_parser = parse_secret
+    )]
+    pub admin_token: Secret,
+}
+
+fn parse_secret(value: &str) -> Result<Secret, String> {
+    if value.is_empty() {
+        return Err("must not be empty".into());
+    }
+    Ok(Secret::new(value))
+}
+
+/// Arguments of `revoke`: exactly one target.
+#[derive(Debug, Args)]
+#[command(group(
+    ArgGroup::new("target")
+        .required(true)
+        .args(["jti", "sub", "kid", "client", "api_key"])
+))]
+pub struct RevokeArgs {
+    #[command(flatten)]
+    admin: AdminArgs,
+    /// One token, by its `jti` claim.
+    #[arg(long)]
+    jti: Option<String>,
+    /// With `--jti`: only that issuer's token (default: any issuer).
+    #[arg(long, requires = "jti")]
+    issuer: Option<String>,
+    /// With `--jti`: the token's `exp` (seconds since the epoch), so the entry
+    /// expires with the token.
+    #[arg(long, requires = "jti", value_name = "UNIX_SECONDS")]
+    exp: Option<i64>,
+    /// Every token of a subject (`sub`) issued up to `--before`.
+    #[arg(long)]
+    sub: Option<String>,
+    /// With `--sub`: the cut-off, RFC 3339 (e.g. `2026-11-29T10:00:00Z`) or `now`.
+    #[arg(
+        long,
+        requires = "sub",
+        value_name = "RFC3339|now",
+        default_value = "now"
+    )]
+    before: String,
+    /// Every token signed by the key with this `kid`.
+    #[arg(long)]
+    kid: Option<String>,
+    /// Every token of this client (`client_id` or `azp`).
+    #[arg(long)]
+    client: Option<String>,
+    /// Every request authenticated by this API key id.
+    #[arg(long)]
+    api_key: Option<String>,
+    /// Free text kept with the entry.
+    #[arg(long, default_value = "")]
+    reason: String,
 }
 
 /// `--config FILE`.
@@ -149,6 +228,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Serve(args) => serve(args).await,
         Command::Validate(args) => validate(&args.config),
         Command::Check(args) => check(args),
+        Command::Revoke(args) => revoke(args).await,
+        Command::Revocations(args) => revocations(args).await,
+        Command::Status(args) => status(args).await,
         Command::Token(TokenCommand::Mint(args)) => mint(args),
         Command::Token(TokenCommand::Jwks(args)) => {
             let key = signing_key(&args)?;
@@ -169,6 +251,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         Some(path) => AuditLog::file(path)
             .with_context(|| format!("cannot open audit file {}", path.display()))?,
         None => AuditLog::stdout(),
+    };
+    let admin_token = match &config.admin {
+        Some(admin) => Some(
+            admin
+                .resolve_token()
+                .map_err(|e| anyhow::anyhow!("invalid [admin] configuration: {e}"))?,
+        ),
+        None => None,
     };
     let running = server::start(listen, audit).await?;
     tracing::info!(addr = %running.local_addr(), "listening (NOT_SERVING until policies and keys load)");
@@ -193,17 +283,239 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     for warning in &engine.policies().warnings {
         tracing::warn!("{warning}");
     }
+
+    // Revocations: the journal, and Redis in shared mode (which may wait for it).
+    let store = tokio::select! {
+        store = RevocationStore::open(&config.revocation, config.token_lifetimes()) => store,
+        _ = server::shutdown_signal() => {
+            tracing::info!("shutting down before the revocation store was ready");
+            running.shutdown(config.server.shutdown_grace).await?;
+            return Ok(ExitCode::SUCCESS);
+        }
+    };
+    let store = match store {
+        Ok(store) => store,
+        Err(e) => {
+            running.shutdown(config.server.shutdown_grace).await?;
+            return Err(e).context("cannot open the revocation store");
+        }
+    };
+    let admin = match (&config.admin, &admin_token) {
+        (Some(admin), Some(token)) => {
+            match admin::start(admin.listen, token, store.clone(), running.state().clone()).await {
+                Ok(admin) => {
+                    tracing::info!(addr = %admin.local_addr(), "admin API listening");
+                    Some(admin)
+                }
+                Err(e) => {
+                    store.shutdown().await;
+                    running.shutdown(config.server.shutdown_grace).await?;
+                    return Err(e.into());
+                }
+            }
+        }
+        _ => None,
+    };
+
     tracing::info!(
         policies = engine.policies().len(),
         dir = %config.policies.dir.display(),
         "policies and keys loaded; SERVING"
     );
-    running.state().install(engine).await;
+    running
+        .state()
+        .install(engine.with_revocations(store.clone()))
+        .await;
 
     server::shutdown_signal().await;
     tracing::info!("shutting down: NOT_SERVING, finishing in-flight checks");
+    if let Some(admin) = admin
+        && let Err(e) = admin.shutdown(config.server.shutdown_grace).await
+    {
+        tracing::warn!(error = %e, "admin listener did not stop cleanly");
+    }
     running.shutdown(config.server.shutdown_grace).await?;
+    store.shutdown().await;
     tracing::info!("stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+type AdminClient = pb::admin_client::AdminClient<
+    tonic::service::interceptor::InterceptedService<
+        tonic::transport::Channel,
+        Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send>,
+    >,
+>;
+
+async fn admin_client(args: &AdminArgs) -> anyhow::Result<AdminClient> {
+    let url = if args.admin.contains("://") {
+        args.admin.clone()
+    } else {
+        format!("http://{}", args.admin)
+    };
+    let channel = tonic::transport::Channel::from_shared(url.clone())
+        .with_context(|| format!("invalid --admin address {:?}", args.admin))?
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(30))
+        .connect()
+        .await
+        .with_context(|| format!("cannot connect to the admin API at {url}"))?;
+    let mut value: tonic::metadata::MetadataValue<tonic::metadata::Ascii> =
+        format!("Bearer {}", args.admin_token.expose())
+            .parse()
+            .map_err(|_| anyhow::anyhow!("the admin token must be printable ASCII"))?;
+    value.set_sensitive(true);
+    let attach: Box<
+        dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send,
+    > = Box::new(move |mut request: tonic::Request<()>| {
+        request
+            .metadata_mut()
+            .insert("authorization", value.clone());
+        Ok(request)
+    });
+    Ok(pb::admin_client::AdminClient::with_interceptor(
+        channel, attach,
+    ))
+}
+
+fn admin_error(status: tonic::Status) -> anyhow::Error {
+    match status.code() {
+        tonic::Code::Unauthenticated => anyhow::anyhow!(
+            "the admin API refused the credential: check --admin-token or PORTCULLIS_ADMIN_TOKEN"
+        ),
+        code => anyhow::anyhow!("admin API: {code:?}: {}", status.message()),
+    }
+}
+
+fn rfc3339(secs: i64) -> String {
+    let time = UNIX_EPOCH + Duration::from_secs(secs.max(0) as u64);
+    humantime::format_rfc3339_seconds(time).to_string()
+}
+
+fn parse_cutoff(text: &str) -> anyhow::Result<Option<i64>> {
+    if text.eq_ignore_ascii_case("now") {
+        return Ok(None);
+    }
+    let time = humantime::parse_rfc3339_weak(text).with_context(|| {
+        format!("--before must be RFC 3339 (e.g. 2026-11-29T10:00:00Z) or now, found {text:?}")
+    })?;
+    let secs = time
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or_default();
+    Ok(Some(secs))
+}
+
+fn describe_target(target: Option<&pb::Target>) -> (&'static str, String) {
+    use pb::target::Kind;
+    match target.and_then(|t| t.kind.as_ref()) {
+        Some(Kind::Token(t)) if t.issuer.is_empty() => ("jti", format!("{:?} (any issuer)", t.jti)),
+        Some(Kind::Token(t)) => ("jti", format!("{:?} (issuer {:?})", t.jti, t.issuer)),
+        Some(Kind::Subject(s)) => (
+            "sub",
+            format!(
+                "{:?} (issued at or before {})",
+                s.sub,
+                rfc3339(s.issued_before.unwrap_or_default())
+            ),
+        ),
+        Some(Kind::KeyId(kid)) => ("kid", format!("{kid:?}")),
+        Some(Kind::ClientId(client)) => ("client", format!("{client:?}")),
+        Some(Kind::ApiKeyId(id)) => ("api_key", format!("{id:?}")),
+        None => ("?", String::new()),
+    }
+}
+
+async fn revoke(args: RevokeArgs) -> anyhow::Result<ExitCode> {
+    use pb::target::Kind;
+    let kind = if let Some(jti) = args.jti {
+        Kind::Token(pb::TokenTarget {
+            jti,
+            issuer: args.issuer.unwrap_or_default(),
+            expires_at: args.exp,
+        })
+    } else if let Some(sub) = args.sub {
+        Kind::Subject(pb::SubjectTarget {
+            sub,
+            issued_before: parse_cutoff(&args.before)?,
+        })
+    } else if let Some(kid) = args.kid {
+        Kind::KeyId(kid)
+    } else if let Some(client) = args.client {
+        Kind::ClientId(client)
+    } else if let Some(id) = args.api_key {
+        Kind::ApiKeyId(id)
+    } else {
+        bail!("one of --jti, --sub, --kid, --client, --api-key is required");
+    };
+    let mut client = admin_client(&args.admin).await?;
+    let response = client
+        .revoke(pb::RevokeRequest {
+            target: Some(pb::Target { kind: Some(kind) }),
+            reason: args.reason,
+        })
+        .await
+        .map_err(admin_error)?
+        .into_inner();
+    let entry = response.revocation.unwrap_or_default();
+    let (kind, target) = describe_target(entry.target.as_ref());
+    println!("revoked:  {kind} {target}");
+    println!("expires:  {}", rfc3339(entry.expires_at));
+    println!(
+        "redis:    {}",
+        if response.synced {
+            "written and published"
+        } else {
+            "not written: embedded mode, or queued until Redis is back (see `portcullis status`)"
+        }
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn revocations(args: AdminArgs) -> anyhow::Result<ExitCode> {
+    let mut client = admin_client(&args).await?;
+    let list = client
+        .list_revocations(pb::ListRevocationsRequest {})
+        .await
+        .map_err(admin_error)?
+        .into_inner()
+        .revocations;
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "{:<8} {:<21} {:<21} TARGET [REASON]",
+        "KIND", "CREATED", "EXPIRES"
+    )?;
+    for entry in &list {
+        let (kind, target) = describe_target(entry.target.as_ref());
+        let reason = if entry.reason.is_empty() {
+            String::new()
+        } else {
+            format!(" [{}]", entry.reason)
+        };
+        writeln!(
+            out,
+            "{kind:<8} {:<21} {:<21} {target}{reason}",
+            rfc3339(entry.created_at),
+            rfc3339(entry.expires_at)
+        )?;
+    }
+    writeln!(out, "{} revocation(s)", list.len())?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn status(args: AdminArgs) -> anyhow::Result<ExitCode> {
+    let mut client = admin_client(&args).await?;
+    let status = client
+        .status(pb::StatusRequest {})
+        .await
+        .map_err(admin_error)?
+        .into_inner();
+    println!("mode:           {}", status.mode);
+    println!("redis:          {}", status.redis);
+    println!("revocations:    {}", status.revocations);
+    println!("pending writes: {}", status.pending_writes);
+    println!("policies:       {}", status.policies);
     Ok(ExitCode::SUCCESS)
 }
 

@@ -551,7 +551,12 @@ path = "/orders/{id}"
         let err = parse(&short).unwrap().admin.unwrap().resolve_token();
         assert!(err.unwrap_err().contains("at least 16"));
         let same = text.replace("127.0.0.1:9192", "127.0.0.1:9191");
-        assert!(parse(&same).unwrap_err().to_string().contains("admin.listen"));
+        assert!(
+            parse(&same)
+                .unwrap_err()
+                .to_string()
+                .contains("admin.listen")
+        );
         let two = text.replace("[admin]\n", "[admin]\ntoken_env = \"X\"\n");
         assert!(parse(&two).unwrap_err().to_string().contains("exactly one"));
     }

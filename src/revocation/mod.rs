@@ -121,7 +121,9 @@ impl Target {
         };
         for (name, value) in ids {
             if value.is_empty() {
-                return Err(RevocationError::Invalid(format!("{name} must not be empty")));
+                return Err(RevocationError::Invalid(format!(
+                    "{name} must not be empty"
+                )));
             }
             if value.len() > MAX_ID_BYTES {
                 return Err(RevocationError::Invalid(format!(
@@ -543,7 +545,12 @@ impl RevocationStore {
 
     /// Drops entries expired at `now`; returns how many.
     pub fn sweep(&self, now: i64) -> usize {
-        if self.snapshot.load().next_expiry.is_none_or(|next| next > now) {
+        if self
+            .snapshot
+            .load()
+            .next_expiry
+            .is_none_or(|next| next > now)
+        {
             return 0;
         }
         let Ok(mut entries) = self.entries.lock() else {
@@ -572,7 +579,11 @@ impl RevocationStore {
             })
             .unwrap_or_default();
         list.sort_by(|a, b| {
-            (a.created_at, a.expires_at, a.to_line()).cmp(&(b.created_at, b.expires_at, b.to_line()))
+            (a.created_at, a.expires_at, a.to_line()).cmp(&(
+                b.created_at,
+                b.expires_at,
+                b.to_line(),
+            ))
         });
         list
     }
@@ -693,7 +704,10 @@ mod tests {
             issued_before: cutoff,
         };
         assert_eq!(check(vec![sub(1000)], &t, 1100).unwrap_err().kind, "sub");
-        assert!(check(vec![sub(999)], &t, 1100).is_ok(), "issued after the cut-off");
+        assert!(
+            check(vec![sub(999)], &t, 1100).is_ok(),
+            "issued after the cut-off"
+        );
         let kid = Target::Key { kid: "k1".into() };
         assert_eq!(check(vec![kid], &t, 1100).unwrap_err().kind, "kid");
         let client = Target::Client {
@@ -730,7 +744,10 @@ mod tests {
         };
         assert_eq!(l.expiry(&jti, now, None), now + 3660);
         assert_eq!(l.expiry(&jti, now, Some(now + 60)), now + 90);
-        assert_eq!(l.expiry(&Target::Key { kid: "k".into() }, now, None), now + 3660);
+        assert_eq!(
+            l.expiry(&Target::Key { kid: "k".into() }, now, None),
+            now + 3660
+        );
     }
 
     #[test]

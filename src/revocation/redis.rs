@@ -308,11 +308,7 @@ async fn session(store: &Weak<RevocationStore>, stop: &mut watch::Receiver<bool>
 
 /// Writes and publishes every queued local revocation, in one transaction.
 async fn flush(sync: &SyncHandle, conn: &mut MultiplexedConnection) -> Result<(), String> {
-    let batch: Vec<Pending> = sync
-        .pending
-        .lock()
-        .map(|p| p.clone())
-        .unwrap_or_default();
+    let batch: Vec<Pending> = sync.pending.lock().map(|p| p.clone()).unwrap_or_default();
     let Some(last) = batch.last().map(|p| p.seq) else {
         return Ok(());
     };
@@ -330,7 +326,10 @@ async fn flush(sync: &SyncHandle, conn: &mut MultiplexedConnection) -> Result<()
     Ok(())
 }
 
-async fn read_all(sync: &SyncHandle, conn: &mut MultiplexedConnection) -> Result<Vec<String>, String> {
+async fn read_all(
+    sync: &SyncHandle,
+    conn: &mut MultiplexedConnection,
+) -> Result<Vec<String>, String> {
     let now = unix_now();
     let mut expire = redis::cmd("ZREMRANGEBYSCORE");
     expire.arg(&sync.key).arg("-inf").arg(now);
