@@ -340,11 +340,24 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Adds `authorization: Bearer <admin token>` (marked sensitive) to every call.
+#[derive(Clone)]
+struct AdminCredential(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
+
+impl tonic::service::Interceptor for AdminCredential {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        request
+            .metadata_mut()
+            .insert("authorization", self.0.clone());
+        Ok(request)
+    }
+}
+
 type AdminClient = pb::admin_client::AdminClient<
-    tonic::service::interceptor::InterceptedService<
-        tonic::transport::Channel,
-        Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send>,
-    >,
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, AdminCredential>,
 >;
 
 async fn admin_client(args: &AdminArgs) -> anyhow::Result<AdminClient> {
@@ -365,16 +378,9 @@ async fn admin_client(args: &AdminArgs) -> anyhow::Result<AdminClient> {
             .parse()
             .map_err(|_| anyhow::anyhow!("the admin token must be printable ASCII"))?;
     value.set_sensitive(true);
-    let attach: Box<
-        dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send,
-    > = Box::new(move |mut request: tonic::Request<()>| {
-        request
-            .metadata_mut()
-            .insert("authorization", value.clone());
-        Ok(request)
-    });
     Ok(pb::admin_client::AdminClient::with_interceptor(
-        channel, attach,
+        channel,
+        AdminCredential(value),
     ))
 }
 

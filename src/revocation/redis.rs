@@ -164,7 +164,7 @@ pub(super) async fn run(store: Weak<RevocationStore>, mut stop: watch::Receiver<
                 } else {
                     failures += 1;
                     // Say it at once, then every tenth attempt, not every 5 seconds.
-                    if failures == 1 || failures % 10 == 0 {
+                    if failures == 1 || failures.is_multiple_of(10) {
                         tracing::warn!(%error, attempts = failures, retry_in = ?backoff, "cannot reach Redis; retrying");
                     }
                 }
