@@ -15,7 +15,6 @@ use subtle::ConstantTimeEq as _;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status};
 
@@ -305,12 +304,11 @@ pub async fn start(
             AdminService::new(store, state),
             auth,
         ));
-    let task = tokio::spawn(router.serve_with_incoming_shutdown(
-        TcpListenerStream::new(listener),
-        async {
-            let _ = shutdown_rx.await;
-        },
-    ));
+    // TCP_NODELAY: otherwise a response's trailers can wait ~40 ms on Nagle.
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let task = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
+        let _ = shutdown_rx.await;
+    }));
     Ok(RunningAdmin {
         local_addr,
         shutdown: Some(shutdown_tx),

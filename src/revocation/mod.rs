@@ -431,10 +431,12 @@ impl RevocationStore {
         self.snapshot.load().check(token, now)
     }
 
-    /// Revokes `target`: the entry is in force on this instance when this
-    /// returns, and on disk in the journal. In shared mode it is written to
-    /// Redis and published; if Redis is unreachable (or does not answer within
-    /// a second) it is queued and written once Redis is back.
+    /// Revokes `target`: the entry is in force on this instance at once, and on
+    /// disk in the journal when this returns. In shared mode it is also written
+    /// to Redis and published (in parallel with the journal write); if Redis is
+    /// unreachable (or does not answer within a second) it is queued and written
+    /// once Redis is back. A journal failure is returned as an error, but the
+    /// entry stays in force and queued for Redis.
     pub async fn revoke(
         self: &Arc<Self>,
         target: Target,
@@ -462,11 +464,17 @@ impl RevocationStore {
         let line = revocation.to_line();
         // Enforce first, then persist, then share.
         self.insert(vec![(line.clone(), revocation.clone())]);
-        self.append_journal(vec![line.clone()]).await?;
-        let synced = match &self.sync {
-            Some(sync) => sync.write(line, revocation.expires_at).await,
-            None => false,
+        // The journal (local durability) and Redis (every instance) in parallel:
+        // propagation does not wait on the local fsync.
+        let journal = self.append_journal(vec![line.clone()]);
+        let share = async {
+            match &self.sync {
+                Some(sync) => sync.write(line, revocation.expires_at).await,
+                None => false,
+            }
         };
+        let (journaled, synced) = tokio::join!(journal, share);
+        journaled?;
         Ok(Revoke { revocation, synced })
     }
 
