@@ -6,7 +6,8 @@
 //! for each measures the time from the start of the `Revoke` call on A until a
 //! `Check` on B denies that token (B is polled in a tight loop). It prints p50,
 //! p99 and max, the `Revoke` acknowledgement latency on A, and as the baseline
-//! the latency of one `Check` on B (the polling resolution).
+//! the latency of one `Check` on B (the polling resolution). Redis runs with its
+//! default `appendfsync everysec`.
 //!
 //! Under `cargo test --all-targets` (no `--bench` argument) it runs 20
 //! revocations as a smoke test.
@@ -94,7 +95,8 @@ fn ms(d: Duration) -> String {
 }
 
 async fn run(n: usize) {
-    let redis = RedisServer::start();
+    // Redis's default durability (AOF fsync once a second), as most deployments run it.
+    let redis = RedisServer::start_with_appendfsync("everysec");
     let fx = Fixture::with_keys(vec![TestKey::es256()]);
     let a = start(&config(&fx, "a", &redis.url())).await;
     let b = start(&config(&fx, "b", &redis.url())).await;

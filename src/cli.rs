@@ -152,8 +152,19 @@ pub struct ServeArgs {
 /// Arguments of `check`.
 #[derive(Debug, Args)]
 pub struct CheckArgs {
-    #[command(flatten)]
-    config: ConfigArg,
+    /// The TOML configuration file (decide offline with its engine).
+    #[arg(
+        long,
+        short,
+        env = "PORTCULLIS_CONFIG",
+        required_unless_present = "server"
+    )]
+    config: Option<PathBuf>,
+    /// Ask a running server instead (its Envoy-facing listener, e.g.
+    /// `127.0.0.1:9191`), over the real `Check` RPC as Envoy would: the answer
+    /// then reflects that server's revocations. `--config` is not used.
+    #[arg(long, value_name = "ADDR")]
+    server: Option<String>,
     /// The bearer token (omit to check an anonymous request).
     #[arg(long)]
     token: Option<String>,
@@ -227,7 +238,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Serve(args) => serve(args).await,
         Command::Validate(args) => validate(&args.config),
-        Command::Check(args) => check(args),
+        Command::Check(args) => match args.server.clone() {
+            Some(server) => check_remote(&server, args).await,
+            None => check(args),
+        },
         Command::Revoke(args) => revoke(args).await,
         Command::Revocations(args) => revocations(args).await,
         Command::Status(args) => status(args).await,
@@ -556,9 +570,7 @@ fn validate(path: &Path) -> anyhow::Result<ExitCode> {
     }
 }
 
-fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
-    let config = Config::load(&args.config.config)?;
-    let engine = load_engine(&config)?;
+fn request_from_args(args: CheckArgs) -> anyhow::Result<HttpRequest> {
     let mut http = HttpRequest {
         method: args.method.to_ascii_uppercase(),
         path: args.path,
@@ -583,6 +595,16 @@ fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
         http.headers
             .insert("authorization".into(), format!("Bearer {token}"));
     }
+    Ok(http)
+}
+
+fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
+    let Some(path) = args.config.clone() else {
+        bail!("--config (or PORTCULLIS_CONFIG) is required unless --server is given");
+    };
+    let config = Config::load(&path)?;
+    let engine = load_engine(&config)?;
+    let http = request_from_args(args)?;
     let decision = engine.decide(&http);
     let list = |items: &[String]| {
         if items.is_empty() {
@@ -621,6 +643,105 @@ fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
     writeln!(out, "policies:  {}", list(&decision.policies))?;
     writeln!(out, "errors:    {}", list(&decision.errors))?;
     Ok(if decision.verdict.is_allow() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+/// `check --server`: the same request, sent to a running server's `Check`.
+async fn check_remote(server: &str, args: CheckArgs) -> anyhow::Result<ExitCode> {
+    use envoy_types::pb::envoy::config::core::v3::address::Address;
+    use envoy_types::pb::envoy::config::core::v3::socket_address::PortSpecifier;
+    use envoy_types::pb::envoy::config::core::v3::{Address as EnvoyAddress, SocketAddress};
+    use envoy_types::pb::envoy::service::auth::v3::attribute_context::{
+        HttpRequest as EnvoyHttp, Peer, Request as EnvoyRequest,
+    };
+    use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
+    use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
+    use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest};
+    use envoy_types::pb::google::protobuf::value::Kind;
+
+    let http = request_from_args(args)?;
+    let mut headers = http.headers.clone();
+    headers.insert(":method".into(), http.method.clone());
+    headers.insert(":path".into(), http.path.clone());
+    headers.insert(":authority".into(), http.host.clone());
+    let source = http.source_ip.map(|ip| Peer {
+        address: Some(EnvoyAddress {
+            address: Some(Address::SocketAddress(SocketAddress {
+                address: ip.to_string(),
+                port_specifier: Some(PortSpecifier::PortValue(0)),
+                ..Default::default()
+            })),
+        }),
+        ..Default::default()
+    });
+    let request = CheckRequest {
+        attributes: Some(AttributeContext {
+            source,
+            request: Some(EnvoyRequest {
+                http: Some(EnvoyHttp {
+                    method: http.method.clone(),
+                    path: http.path.clone(),
+                    host: http.host.clone(),
+                    scheme: http.scheme.clone(),
+                    protocol: "HTTP/1.1".into(),
+                    headers: headers.into_iter().collect(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+    };
+    let url = if server.contains("://") {
+        server.to_owned()
+    } else {
+        format!("http://{server}")
+    };
+    let channel = tonic::transport::Channel::from_shared(url.clone())
+        .with_context(|| format!("invalid --server address {server:?}"))?
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .with_context(|| format!("cannot connect to {url}"))?;
+    let response = AuthorizationClient::new(channel)
+        .check(request)
+        .await
+        .map_err(|status| {
+            anyhow::anyhow!("Check failed: {:?}: {}", status.code(), status.message())
+        })?
+        .into_inner();
+    let field = |name: &str| {
+        response
+            .dynamic_metadata
+            .as_ref()
+            .and_then(|m| m.fields.get(name))
+            .and_then(|v| match &v.kind {
+                Some(Kind::StringValue(s)) => Some(s.clone()),
+                _ => None,
+            })
+            .unwrap_or_else(|| "(none)".into())
+    };
+    let (allowed, status) = match &response.http_response {
+        Some(HttpResponse::OkResponse(_)) => (true, 200),
+        Some(HttpResponse::DeniedResponse(denied)) => {
+            (false, denied.status.as_ref().map_or(403, |s| s.code))
+        }
+        _ => (false, 403),
+    };
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "decision:  {}", if allowed { "allow" } else { "deny" })?;
+    writeln!(out, "status:    {status}")?;
+    writeln!(out, "reason:    {}", field("reason"))?;
+    writeln!(out, "principal: {}", field("principal"))?;
+    writeln!(
+        out,
+        "id:        {} (the server's audit line)",
+        field("decision_id")
+    )?;
+    Ok(if allowed {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)

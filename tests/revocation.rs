@@ -636,6 +636,20 @@ async fn embedded_mode_persists_revocations_across_a_restart() {
     assert!(ok, "{stderr}");
     assert!(stdout.contains("revoked:  jti"), "{stdout}");
     assert_revoked(&check(listen.clone(), t.clone()).await);
+    let (ok, stdout, _) = cli(&[
+        "check",
+        "--server",
+        &listen,
+        "--token",
+        &t,
+        "--path",
+        "/orders/1",
+    ]);
+    assert!(!ok);
+    assert!(
+        stdout.contains("status:    401") && stdout.contains("reason:    revoked"),
+        "{stdout}"
+    );
     let (ok, stdout, _) = cli(&["revocations", "--admin", &admin]);
     assert!(ok);
     assert!(

@@ -101,7 +101,6 @@ impl TokenError {
             TokenError::Expired => "the access token expired",
             TokenError::NotYetValid => "the access token is not yet valid",
             TokenError::LifetimeTooLong => "the access token lifetime is too long",
-            TokenError::Revoked => "the access token was revoked",
             _ => "the access token is invalid",
         }
     }

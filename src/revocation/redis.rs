@@ -72,6 +72,9 @@ impl SyncHandle {
     /// Checks the URL (`redis://`, `rediss://`, `unix://`) and names the key and
     /// channel after `prefix`. Does not connect.
     pub fn new(url: &str, prefix: &str) -> Result<SyncHandle, RevocationError> {
+        // rediss:// uses rustls; make its crypto provider explicit (an error
+        // only means one is installed already).
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
         // The error is described by kind only: the URL may hold a password.
         let client = redis::Client::open(url).map_err(|e| {
             RevocationError::RedisUrl(format!(
@@ -337,4 +340,23 @@ async fn read_all(
     let mut read = redis::cmd("ZRANGEBYSCORE");
     read.arg(&sync.key).arg(format!("({now}")).arg("+inf");
     timed("ZRANGEBYSCORE", read.query_async::<Vec<String>>(conn)).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_checked_without_echoing_them() {
+        assert!(SyncHandle::new("redis://127.0.0.1:6379/0", "p").is_ok());
+        assert!(SyncHandle::new("rediss://:secret@redis.example.test:6380", "p").is_ok());
+        let err = SyncHandle::new("http://:hunter2@redis.example.test", "p")
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("hunter2"), "{err}");
+        let handle = SyncHandle::new("redis://localhost", "acme").unwrap();
+        assert_eq!(handle.key, "acme:revocations");
+        assert_eq!(handle.channel, "acme:revocations:events");
+        assert_eq!(handle.state(), RedisState::Connecting);
+    }
 }

@@ -29,12 +29,20 @@ pub struct RedisServer {
     pub port: u16,
     dir: tempfile::TempDir,
     child: Option<Child>,
+    appendfsync: &'static str,
 }
 
 impl RedisServer {
-    /// Starts `redis-server` on a free loopback port. Panics, saying how to
-    /// install it, when it is not on the `PATH`.
+    /// Starts `redis-server` on a free loopback port, fsyncing its append-only
+    /// file on every write. Panics, saying how to install it, when it is not on
+    /// the `PATH`.
     pub fn start() -> RedisServer {
+        Self::start_with_appendfsync("always")
+    }
+
+    /// The same with `appendfsync` set to `always`, `everysec` (Redis's default)
+    /// or `no`.
+    pub fn start_with_appendfsync(appendfsync: &'static str) -> RedisServer {
         let found = Command::new("redis-server")
             .arg("--version")
             .stdout(Stdio::null())
@@ -53,6 +61,7 @@ impl RedisServer {
             port: free_port(),
             dir: tempfile::tempdir().unwrap(),
             child: None,
+            appendfsync,
         };
         server.spawn();
         server
@@ -73,7 +82,7 @@ impl RedisServer {
             .args(["--dir", &self.dir.path().display().to_string()])
             .args(["--save", ""])
             .args(["--appendonly", "yes"])
-            .args(["--appendfsync", "always"])
+            .args(["--appendfsync", self.appendfsync])
             .args(["--daemonize", "no"])
             .args(["--logfile", "redis.log"])
             .stdout(Stdio::null())
