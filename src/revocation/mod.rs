@@ -23,7 +23,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
 use serde::{Deserialize, Serialize};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::authn::VerifiedToken;
@@ -349,6 +349,9 @@ pub struct RevocationStore {
     snapshot: ArcSwap<Index>,
     entries: Mutex<Entries>,
     journal: Arc<Mutex<Journal>>,
+    /// Entries received from Redis, journaled in the background so that an
+    /// fsync never delays the next message.
+    remote_journal: mpsc::UnboundedSender<Vec<String>>,
     lifetimes: Lifetimes,
     sync: Option<redis::SyncHandle>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
@@ -397,10 +400,18 @@ impl RevocationStore {
             by_line: replay.entries.into_iter().collect(),
         };
         let (stop, _) = watch::channel(false);
+        let journal = Arc::new(Mutex::new(journal));
+        let (remote_journal, remote_lines) = mpsc::unbounded_channel();
+        let journal_writer = tokio::spawn(journal_loop(
+            journal.clone(),
+            remote_lines,
+            stop.subscribe(),
+        ));
         let store = Arc::new(RevocationStore {
             snapshot: ArcSwap::from_pointee(Index::build(entries.by_line.values())),
             entries: Mutex::new(entries),
-            journal: Arc::new(Mutex::new(journal)),
+            journal,
+            remote_journal,
             lifetimes,
             sync,
             tasks: Mutex::new(Vec::new()),
@@ -408,6 +419,7 @@ impl RevocationStore {
         });
         let sweeper = tokio::spawn(sweep_loop(Arc::downgrade(&store), store.stop.subscribe()));
         store.push_task(sweeper);
+        store.push_task(journal_writer);
         if let Some(sync) = &store.sync {
             let task = tokio::spawn(redis::run(Arc::downgrade(&store), store.stop.subscribe()));
             store.push_task(task);
@@ -498,8 +510,9 @@ impl RevocationStore {
     }
 
     /// Applies entries received from Redis (lines as stored there): unknown,
-    /// unexpired ones are enforced at once, then journaled.
-    async fn apply_remote(&self, lines: Vec<String>) -> usize {
+    /// unexpired ones are enforced at once, and handed to the background
+    /// journal writer.
+    fn apply_remote(&self, lines: Vec<String>) -> usize {
         let now = unix_now();
         let mut batch = Vec::with_capacity(lines.len());
         let mut unreadable = 0usize;
@@ -518,10 +531,10 @@ impl RevocationStore {
         }
         let fresh = self.insert(batch);
         let count = fresh.len();
-        if count > 0
-            && let Err(e) = self.append_journal(fresh).await
-        {
-            tracing::error!(error = %e, "could not journal revocations received from Redis (they are enforced)");
+        if count > 0 && self.remote_journal.send(fresh).is_err() {
+            tracing::error!(
+                "revocation journal writer stopped; entries from Redis are enforced but not journaled"
+            );
         }
         count
     }
@@ -641,6 +654,48 @@ impl RevocationStore {
             {
                 abort.abort();
             }
+        }
+    }
+}
+
+/// Journals entries received from Redis, in batches; on stop, writes what is
+/// left first.
+async fn journal_loop(
+    journal: Arc<Mutex<Journal>>,
+    mut lines: mpsc::UnboundedReceiver<Vec<String>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let mut batch = tokio::select! {
+            batch = lines.recv() => match batch {
+                Some(batch) => batch,
+                None => return,
+            },
+            _ = stop.changed() => Vec::new(),
+        };
+        let stopping = *stop.borrow();
+        while let Ok(more) = lines.try_recv() {
+            batch.extend(more);
+        }
+        if !batch.is_empty() {
+            let journal = journal.clone();
+            let written = tokio::task::spawn_blocking(move || {
+                let mut journal = journal
+                    .lock()
+                    .map_err(|_| RevocationError::Task("journal lock poisoned".into()))?;
+                journal.append(batch.iter().map(String::as_str))
+            })
+            .await;
+            match written {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "could not journal revocations received from Redis (they are enforced)")
+                }
+                Err(e) => tracing::error!(error = %e, "revocation journal task failed"),
+            }
+        }
+        if stopping {
+            return;
         }
     }
 }

@@ -251,7 +251,7 @@ async fn session(store: &Weak<RevocationStore>, stop: &mut watch::Receiver<bool>
     // Then the full state, which holds everything published while we were away.
     match read_all(sync, &mut conn).await {
         Ok(lines) => {
-            let fresh = live.apply_remote(lines).await;
+            let fresh = live.apply_remote(lines);
             tracing::info!(
                 applied = fresh,
                 known = known.len(),
@@ -284,7 +284,7 @@ async fn session(store: &Weak<RevocationStore>, stop: &mut watch::Receiver<bool>
                 while let Some(Some(msg)) = messages.next().now_or_never() {
                     lines.extend(msg.get_payload::<String>().ok());
                 }
-                live.apply_remote(lines).await;
+                live.apply_remote(lines);
             }
             _ = sync.wake.notified() => {
                 if let Err(e) = flush(sync, &mut conn).await {
