@@ -266,6 +266,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             .with_context(|| format!("cannot open audit file {}", path.display()))?,
         None => AuditLog::stdout(),
     };
+    if let Some(admin) = &config.admin
+        && admin.listen == listen
+        && listen.port() != 0
+    {
+        bail!("[admin] listen must differ from the Envoy-facing listener, both are {listen}");
+    }
     let admin_token = match &config.admin {
         Some(admin) => Some(
             admin

@@ -349,7 +349,8 @@ mod tests {
     #[test]
     fn urls_are_checked_without_echoing_them() {
         assert!(SyncHandle::new("redis://127.0.0.1:6379/0", "p").is_ok());
-        assert!(SyncHandle::new("rediss://:secret@redis.example.test:6380", "p").is_ok());
+        let tls = SyncHandle::new("rediss://:secret@redis.example.test:6380", "p").unwrap();
+        assert!(!format!("{tls:?}").contains("secret"), "{tls:?}");
         let err = SyncHandle::new("http://:hunter2@redis.example.test", "p")
             .unwrap_err()
             .to_string();
