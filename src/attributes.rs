@@ -19,6 +19,8 @@ pub struct HttpRequest {
     pub headers: HashMap<String, String>,
     /// Address of the downstream client, IPv4-mapped IPv6 addresses normalised to IPv4.
     pub source_ip: Option<IpAddr>,
+    /// The mTLS peer's identity (e.g. a SPIFFE ID) as the proxy reports it.
+    pub peer_principal: Option<String>,
 }
 
 impl HttpRequest {

@@ -75,6 +75,8 @@ pub fn audit_line(decision: &Decision, http_status: u16) -> serde_json::Value {
         "errors": decision.errors,
         "issuer": decision.issuer,
         "jti": decision.jti,
+        "credential": decision.credential,
+        "api_key_id": decision.api_key_id,
         "method": decision.method,
         "path": decision.path,
         "latency_us": decision.elapsed.as_micros() as u64,

@@ -14,6 +14,7 @@ use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
 use crate::admin::{self, pb};
 use crate::attributes::{HttpRequest, parse_source_ip};
 use crate::audit::AuditLog;
+use crate::authn::api_key::{NewKey, create_key};
 use crate::authn::mint::{MintRequest, SigningKey};
 use crate::config::{Config, Secret};
 use crate::engine::Engine;
@@ -57,9 +58,76 @@ pub enum Command {
     Revocations(AdminArgs),
     /// Show a running server's revocation count, Redis link and policies.
     Status(AdminArgs),
+    /// Route tools.
+    #[command(subcommand)]
+    Routes(RoutesCommand),
+    /// Run the policy tests in `<policies>/tests/*.toml`.
+    Test(ConfigArg),
     /// Development tokens (for trying things out only).
     #[command(subcommand)]
     Token(TokenCommand),
+    /// API keys for machine clients.
+    #[command(subcommand, name = "apikey")]
+    ApiKey(ApiKeyCommand),
+}
+
+/// `routes` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum RoutesCommand {
+    /// Write `[[routes]]` and the Cedar schema's actions from an OpenAPI 3 document.
+    FromOpenapi(FromOpenApiArgs),
+}
+
+/// Arguments of `routes from-openapi`.
+#[derive(Debug, Args)]
+pub struct FromOpenApiArgs {
+    /// The OpenAPI 3.0/3.1 document (YAML or JSON).
+    spec: PathBuf,
+    /// Write the `[[routes]]` tables here (default: standard output).
+    #[arg(long)]
+    routes_out: Option<PathBuf>,
+    /// Write the Cedar schema here (default: standard output).
+    #[arg(long)]
+    schema_out: Option<PathBuf>,
+    /// Principal types of every action (repeatable).
+    #[arg(long = "principal-type", default_values_t = ["User".to_string(), "Client".to_string(), "Workload".to_string()])]
+    principal_types: Vec<String>,
+    /// Emit only the actions, not the entity and record types.
+    #[arg(long)]
+    no_base_types: bool,
+}
+
+/// `apikey` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum ApiKeyCommand {
+    /// Create a key: prints it once, appends only its hash to the key file.
+    Create(ApiKeyCreateArgs),
+}
+
+/// Arguments of `apikey create`.
+#[derive(Debug, Args)]
+pub struct ApiKeyCreateArgs {
+    /// The key file; defaults to `[api_keys] file` of `--config`.
+    #[arg(long, required_unless_present = "config")]
+    file: Option<PathBuf>,
+    /// Take the key file from this configuration.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Key id (public; part of the key).
+    #[arg(long)]
+    id: String,
+    /// Cedar principal id (default: the key id).
+    #[arg(long)]
+    principal: Option<String>,
+    /// Granted scope (repeatable).
+    #[arg(long = "scope")]
+    scopes: Vec<String>,
+    /// Granted role (repeatable).
+    #[arg(long = "role")]
+    roles: Vec<String>,
+    /// Lifetime, e.g. `30d`.
+    #[arg(long, default_value = "30d", value_parser = humantime::parse_duration)]
+    expires: Duration,
 }
 
 /// How to reach a server's admin API.
@@ -183,6 +251,13 @@ pub struct CheckArgs {
     /// Client address, for policies on `context.http.source_ip`.
     #[arg(long)]
     source_ip: Option<String>,
+    /// The mTLS peer's identity (e.g. a SPIFFE ID), as Envoy would report it.
+    #[arg(long)]
+    peer: Option<String>,
+    /// Also print the Cedar request built: principal and parents, action,
+    /// resource and context.
+    #[arg(long)]
+    explain: bool,
 }
 
 /// `token` subcommands.
@@ -237,15 +312,18 @@ pub struct MintArgs {
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Serve(args) => serve(args).await,
-        Command::Validate(args) => validate(&args.config),
+        Command::Validate(args) => validate(&args.config).await,
         Command::Check(args) => match args.server.clone() {
             Some(server) => check_remote(&server, args).await,
-            None => check(args),
+            None => check(args).await,
         },
         Command::Revoke(args) => revoke(args).await,
         Command::Revocations(args) => revocations(args).await,
         Command::Status(args) => status(args).await,
+        Command::Test(args) => policy_test(&args.config).await,
+        Command::Routes(RoutesCommand::FromOpenapi(args)) => from_openapi(args),
         Command::Token(TokenCommand::Mint(args)) => mint(args),
+        Command::ApiKey(ApiKeyCommand::Create(args)) => create_api_key(args),
         Command::Token(TokenCommand::Jwks(args)) => {
             let key = signing_key(&args)?;
             println!("{}", serde_json::to_string_pretty(&key.public_jwks())?);
@@ -303,6 +381,24 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     for warning in &engine.policies().warnings {
         tracing::warn!("{warning}");
     }
+    // Remote keys refresh in the background for the life of the process; health
+    // stays NOT_SERVING until every issuer has a key set.
+    let background = engine.spawn_background();
+    let mut waited = 0u32;
+    while !engine.is_ready() {
+        if waited.is_multiple_of(50) {
+            tracing::warn!("waiting for the keys of every issuer (NOT_SERVING meanwhile)");
+        }
+        waited += 1;
+        tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_millis(100)) => {}
+            _ = server::shutdown_signal() => {
+                background.iter().for_each(|t| t.abort());
+                running.shutdown(config.server.shutdown_grace).await?;
+                return Ok(ExitCode::SUCCESS);
+            }
+        }
+    }
 
     // Revocations: the journal, and Redis in shared mode (which may wait for it).
     let store = tokio::select! {
@@ -355,6 +451,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         tracing::warn!(error = %e, "admin listener did not stop cleanly");
     }
     running.shutdown(config.server.shutdown_grace).await?;
+    background.iter().for_each(|t| t.abort());
     store.shutdown().await;
     tracing::info!("stopped");
     Ok(ExitCode::SUCCESS)
@@ -545,7 +642,7 @@ async fn status(args: AdminArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn validate(path: &Path) -> anyhow::Result<ExitCode> {
+async fn validate(path: &Path) -> anyhow::Result<ExitCode> {
     let config = match Config::load(path) {
         Ok(config) => config,
         Err(e) => {
@@ -555,6 +652,14 @@ fn validate(path: &Path) -> anyhow::Result<ExitCode> {
     };
     match Engine::from_config(&config) {
         Ok(engine) => {
+            let fetch_problems = engine.fetch_remote_keys_once().await;
+            for problem in &fetch_problems {
+                eprintln!("error: {problem}");
+            }
+            if !fetch_problems.is_empty() {
+                eprintln!("{} problem(s) found", fetch_problems.len());
+                return Ok(ExitCode::FAILURE);
+            }
             for warning in &engine.policies().warnings {
                 eprintln!("warning: {warning}");
             }
@@ -601,17 +706,26 @@ fn request_from_args(args: CheckArgs) -> anyhow::Result<HttpRequest> {
         http.headers
             .insert("authorization".into(), format!("Bearer {token}"));
     }
+    http.peer_principal = args.peer.clone();
     Ok(http)
 }
 
-fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
+async fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
     let Some(path) = args.config.clone() else {
         bail!("--config (or PORTCULLIS_CONFIG) is required unless --server is given");
     };
     let config = Config::load(&path)?;
     let engine = load_engine(&config)?;
+    for problem in engine.fetch_remote_keys_once().await {
+        eprintln!("warning: {problem}");
+    }
+    let explain = args.explain;
     let http = request_from_args(args)?;
-    let decision = engine.decide(&http);
+    let (decision, cedar_request) = if explain {
+        engine.explain(&http).await
+    } else {
+        (engine.decide(&http).await, None)
+    };
     let list = |items: &[String]| {
         if items.is_empty() {
             "(none)".to_owned()
@@ -648,6 +762,19 @@ fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
     )?;
     writeln!(out, "policies:  {}", list(&decision.policies))?;
     writeln!(out, "errors:    {}", list(&decision.errors))?;
+    if explain {
+        match cedar_request {
+            Some(request) => writeln!(
+                out,
+                "cedar request:\n{}",
+                serde_json::to_string_pretty(&request)?
+            )?,
+            None => writeln!(
+                out,
+                "cedar request: (none: the request was refused before policies ran)"
+            )?,
+        }
+    }
     Ok(if decision.verdict.is_allow() {
         ExitCode::SUCCESS
     } else {
@@ -752,6 +879,110 @@ async fn check_remote(server: &str, args: CheckArgs) -> anyhow::Result<ExitCode>
     } else {
         ExitCode::from(1)
     })
+}
+
+fn from_openapi(args: FromOpenApiArgs) -> anyhow::Result<ExitCode> {
+    let text = std::fs::read_to_string(&args.spec)
+        .with_context(|| format!("cannot read {}", args.spec.display()))?;
+    let operations = crate::openapi::operations(&text)?;
+    let routes = crate::openapi::routes_toml(&operations);
+    let schema =
+        crate::openapi::cedar_schema(&operations, &args.principal_types, !args.no_base_types);
+    match &args.routes_out {
+        Some(path) => std::fs::write(path, &routes)
+            .with_context(|| format!("cannot write {}", path.display()))?,
+        None => println!("{routes}"),
+    }
+    match &args.schema_out {
+        Some(path) => std::fs::write(path, &schema)
+            .with_context(|| format!("cannot write {}", path.display()))?,
+        None => println!("{schema}"),
+    }
+    eprintln!("{} operation(s) imported", operations.len());
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn policy_test(path: &Path) -> anyhow::Result<ExitCode> {
+    let config = Config::load(path)?;
+    let engine = load_engine(&config)?;
+    let key = crate::policy_tests::test_signing_key()?;
+    engine
+        .trust_test_key(&key)
+        .map_err(|e| anyhow::anyhow!("cannot trust the test key: {e}"))?;
+    let report = crate::policy_tests::run(&engine, &key, &config.policies.dir).await?;
+    let mut out = std::io::stdout().lock();
+    for case in &report.cases {
+        match &case.failure {
+            None => writeln!(out, "ok    {}", case.name)?,
+            Some(diff) => writeln!(
+                out,
+                "FAIL  {}
+{diff}",
+                case.name
+            )?,
+        }
+    }
+    let failed = report.cases.iter().filter(|c| c.failure.is_some()).count();
+    writeln!(
+        out,
+        "\n{} case(s), {} passed, {failed} failed",
+        report.cases.len(),
+        report.cases.len() - failed
+    )?;
+    if !report.unexercised.is_empty() {
+        writeln!(
+            out,
+            "policies no case exercised: {}",
+            report.unexercised.join(", ")
+        )?;
+    }
+    Ok(if report.passed() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn create_api_key(args: ApiKeyCreateArgs) -> anyhow::Result<ExitCode> {
+    let settings = match &args.config {
+        Some(config) => Some(
+            Config::load(config)?
+                .api_keys
+                .context("the configuration has no [api_keys] section")?,
+        ),
+        None => None,
+    };
+    if let Some(settings) = &settings
+        && args.expires > settings.max_lifetime
+    {
+        bail!(
+            "--expires {} exceeds [api_keys] max_lifetime {}: the key would be refused",
+            humantime::format_duration(args.expires),
+            humantime::format_duration(settings.max_lifetime)
+        );
+    }
+    let file = match (&args.file, settings) {
+        (Some(file), _) => file.clone(),
+        (None, Some(settings)) => settings.file,
+        (None, None) => bail!("give --file or --config"),
+    };
+    let key = create_key(
+        &file,
+        NewKey {
+            id: args.id.clone(),
+            principal: args.principal,
+            scopes: args.scopes,
+            roles: args.roles,
+            lifetime: Some(args.expires),
+        },
+    )?;
+    eprintln!(
+        "created API key {:?} in {} (only its hash is stored; this is the only time the key is shown):",
+        args.id,
+        file.display()
+    );
+    println!("{key}");
+    Ok(ExitCode::SUCCESS)
 }
 
 fn signing_key(args: &KeyArgs) -> anyhow::Result<SigningKey> {

@@ -52,6 +52,12 @@ pub struct Config {
     /// Trusted token issuers.
     #[serde(default)]
     pub issuers: Vec<IssuerConfig>,
+    /// Opaque API keys for machine clients.
+    #[serde(default)]
+    pub api_keys: Option<ApiKeysConfig>,
+    /// Workload (SPIFFE) identities of mTLS peers.
+    #[serde(default)]
+    pub workload: Option<WorkloadConfig>,
     /// HTTP routes mapped to Cedar actions.
     #[serde(default)]
     pub routes: Vec<RouteConfig>,
@@ -67,6 +73,46 @@ pub struct Config {
     /// The admin API; absent means the admin API is off.
     #[serde(default)]
     pub admin: Option<AdminConfig>,
+    /// Verified-token and decision caches.
+    #[serde(default)]
+    pub cache: CacheConfig,
+}
+
+/// `[cache]`: the verified-token and decision caches.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheConfig {
+    /// Cache verified JWTs (keyed by a digest of the token).
+    #[serde(default = "default_true")]
+    pub tokens: bool,
+    /// Most tokens kept.
+    #[serde(default = "default_token_capacity")]
+    pub token_capacity: u64,
+    /// Longest a verified token is reused (it is never reused past its `exp`).
+    #[serde(default = "default_token_ttl", deserialize_with = "de_duration")]
+    pub token_ttl_max: Duration,
+    /// Cache policy decisions.
+    #[serde(default = "default_true")]
+    pub decisions: bool,
+    /// Memory bound of the decision cache, in approximate bytes.
+    #[serde(default = "default_decision_bytes")]
+    pub decision_max_bytes: u64,
+    /// Longest a decision is reused.
+    #[serde(default = "default_decision_ttl", deserialize_with = "de_duration")]
+    pub decision_ttl_max: Duration,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            tokens: true,
+            token_capacity: default_token_capacity(),
+            token_ttl_max: default_token_ttl(),
+            decisions: true,
+            decision_max_bytes: default_decision_bytes(),
+            decision_ttl_max: default_decision_ttl(),
+        }
+    }
 }
 
 /// A secret string (admin token, Redis URL with a password): never printed by
@@ -188,6 +234,26 @@ impl AdminConfig {
     }
 }
 
+fn default_true() -> bool {
+    true
+}
+
+fn default_token_capacity() -> u64 {
+    100_000
+}
+
+fn default_token_ttl() -> Duration {
+    Duration::from_secs(300)
+}
+
+fn default_decision_bytes() -> u64 {
+    64 * 1024 * 1024
+}
+
+fn default_decision_ttl() -> Duration {
+    Duration::from_secs(60)
+}
+
 /// `[server]`: the Envoy-facing listener.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -246,7 +312,36 @@ pub struct IssuerConfig {
     /// Accepted `aud` values; a token must name at least one.
     pub audiences: Vec<String>,
     /// Local JWKS file holding the issuer's public keys.
-    pub jwks_file: PathBuf,
+    #[serde(default)]
+    pub jwks_file: Option<PathBuf>,
+    /// Remote JWKS, fetched over HTTPS and refreshed in the background.
+    #[serde(default)]
+    pub jwks_uri: Option<String>,
+    /// Find `jwks_uri` (and the introspection endpoint) through OpenID Connect
+    /// discovery at `<issuer>/.well-known/openid-configuration`.
+    #[serde(default)]
+    pub discovery: bool,
+    /// Signature algorithms accepted from this issuer (a subset of the strong ones).
+    #[serde(default = "default_algorithms")]
+    pub algorithms: Vec<String>,
+    /// Claims every token must carry, besides `exp` and `iat`.
+    #[serde(default)]
+    pub required_claims: Vec<String>,
+    /// Required `typ` header, e.g. `at+jwt` (RFC 9068); unset accepts any.
+    #[serde(default)]
+    pub token_type: Option<String>,
+    /// Cedar entity type of this issuer's principals, e.g. `User` or `Client`.
+    #[serde(default = "default_principal_type")]
+    pub principal_type: String,
+    /// Claim holding the principal id, e.g. `sub` or `client_id`.
+    #[serde(default = "default_principal_claim")]
+    pub principal_claim: String,
+    /// Remote key refresh and HTTP settings.
+    #[serde(default)]
+    pub remote: RemoteKeysConfig,
+    /// RFC 7662 introspection of opaque tokens.
+    #[serde(default)]
+    pub introspection: Option<IntrospectionConfig>,
     /// Longest accepted `exp - iat`.
     #[serde(default = "default_max_lifetime", deserialize_with = "de_duration")]
     pub max_token_lifetime: Duration,
@@ -256,6 +351,114 @@ pub struct IssuerConfig {
     /// Claim holding the caller's roles (dotted path allowed, e.g. `realm_access.roles`).
     #[serde(default = "default_roles_claim")]
     pub roles_claim: String,
+}
+
+/// `[issuers.remote]`: how remote keys are fetched and refreshed.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemoteKeysConfig {
+    /// Refresh period when the response has no `Cache-Control: max-age`.
+    #[serde(default = "default_refresh", deserialize_with = "de_duration")]
+    pub refresh: Duration,
+    /// Lower bound of the refresh period (also the unknown-`kid` refresh rate limit).
+    #[serde(default = "default_refresh_min", deserialize_with = "de_duration")]
+    pub refresh_min: Duration,
+    /// Upper bound of the refresh period.
+    #[serde(default = "default_refresh_max", deserialize_with = "de_duration")]
+    pub refresh_max: Duration,
+    /// How long the last good key set keeps serving while refreshes fail.
+    #[serde(default = "default_max_staleness", deserialize_with = "de_duration")]
+    pub max_staleness: Duration,
+    /// TCP+TLS connect timeout.
+    #[serde(default = "default_connect_timeout", deserialize_with = "de_duration")]
+    pub connect_timeout: Duration,
+    /// Whole-request timeout.
+    #[serde(default = "default_http_timeout", deserialize_with = "de_duration")]
+    pub timeout: Duration,
+    /// Extra PEM root certificate(s) to trust (a private CA), besides the system's.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+}
+
+impl Default for RemoteKeysConfig {
+    fn default() -> Self {
+        Self {
+            refresh: default_refresh(),
+            refresh_min: default_refresh_min(),
+            refresh_max: default_refresh_max(),
+            max_staleness: default_max_staleness(),
+            connect_timeout: default_connect_timeout(),
+            timeout: default_http_timeout(),
+            ca_file: None,
+        }
+    }
+}
+
+/// `[issuers.introspection]`: RFC 7662 token introspection for opaque tokens.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IntrospectionConfig {
+    /// The endpoint; unset with `discovery = true` takes `introspection_endpoint`.
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    /// Client id for HTTP Basic authentication to the endpoint.
+    pub client_id: String,
+    /// File holding the client secret (kept out of the config file).
+    #[serde(default)]
+    pub client_secret_file: Option<PathBuf>,
+    /// Environment variable holding the client secret.
+    #[serde(default)]
+    pub client_secret_env: Option<String>,
+    /// Longest time an active result is reused (bounded by the token's `exp`).
+    #[serde(
+        default = "default_introspection_cache",
+        deserialize_with = "de_duration"
+    )]
+    pub cache_max: Duration,
+}
+
+fn default_algorithms() -> Vec<String> {
+    [
+        "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+fn default_principal_type() -> String {
+    "User".to_owned()
+}
+
+fn default_principal_claim() -> String {
+    "sub".to_owned()
+}
+
+fn default_refresh() -> Duration {
+    Duration::from_secs(300)
+}
+
+fn default_refresh_min() -> Duration {
+    Duration::from_secs(30)
+}
+
+fn default_refresh_max() -> Duration {
+    Duration::from_secs(3600)
+}
+
+fn default_max_staleness() -> Duration {
+    Duration::from_secs(24 * 3600)
+}
+
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(2)
+}
+
+fn default_http_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+
+fn default_introspection_cache() -> Duration {
+    Duration::from_secs(60)
 }
 
 fn default_max_lifetime() -> Duration {
@@ -281,6 +484,58 @@ pub struct RouteConfig {
     /// Cedar action id; defaults to `"<lower-case method> <path>"`.
     #[serde(default)]
     pub action: Option<String>,
+    /// A request without credential from an mTLS peer with a SPIFFE identity is
+    /// decided with `Workload::"<spiffe id>"` as principal (needs `[workload]`).
+    #[serde(default)]
+    pub allow_workload: bool,
+}
+
+/// `[api_keys]`: opaque keys for machine clients.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeysConfig {
+    /// The key file (hashes only), re-read when it changes.
+    pub file: PathBuf,
+    /// Header carrying the key besides `Authorization: Bearer`, e.g. `x-api-key`.
+    #[serde(default)]
+    pub header: Option<String>,
+    /// Cedar entity type of API-key principals.
+    #[serde(default = "default_client_type")]
+    pub principal_type: String,
+    /// How often the key file is checked for changes.
+    #[serde(default = "default_reload_interval", deserialize_with = "de_duration")]
+    pub reload_interval: Duration,
+    /// Longest accepted key lifetime (`expires - created`); keys without an
+    /// expiry or living longer are refused.
+    #[serde(default = "default_api_key_lifetime", deserialize_with = "de_duration")]
+    pub max_lifetime: Duration,
+}
+
+fn default_api_key_lifetime() -> Duration {
+    Duration::from_secs(90 * 24 * 3600)
+}
+
+fn default_client_type() -> String {
+    "Client".to_owned()
+}
+
+fn default_reload_interval() -> Duration {
+    Duration::from_secs(2)
+}
+
+/// `[workload]`: identities of mTLS peers, as Envoy reports them.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkloadConfig {
+    /// Cedar entity type of workload principals.
+    #[serde(default = "default_workload_type")]
+    pub principal_type: String,
+    /// Accepted SPIFFE trust domains, e.g. `cluster.local`.
+    pub trust_domains: Vec<String>,
+}
+
+fn default_workload_type() -> String {
+    "Workload".to_owned()
 }
 
 impl RouteConfig {
@@ -324,6 +579,23 @@ pub struct AuditConfig {
     /// File to append decision lines to; unset writes them to standard output.
     #[serde(default)]
     pub file: Option<PathBuf>,
+}
+
+/// A Cedar entity type name: an identifier, optionally namespaced (`A::B`).
+pub fn check_entity_type(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.split("::").all(|part| {
+            let mut chars = part.chars();
+            chars
+                .next()
+                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("{name:?} is not a Cedar entity type name"))
+    }
 }
 
 /// Parses a humantime duration string such as `"30s"`, `"5m"` or `"1h 30m"`.
@@ -370,10 +642,25 @@ impl Config {
         };
         resolve(&mut self.policies.dir);
         for issuer in &mut self.issuers {
-            resolve(&mut issuer.jwks_file);
+            if let Some(file) = &mut issuer.jwks_file {
+                resolve(file);
+            }
+            if let Some(file) = &mut issuer.remote.ca_file {
+                resolve(file);
+            }
+            if let Some(file) = issuer
+                .introspection
+                .as_mut()
+                .and_then(|i| i.client_secret_file.as_mut())
+            {
+                resolve(file);
+            }
         }
         if let Some(file) = &mut self.audit.file {
             resolve(file);
+        }
+        if let Some(api_keys) = &mut self.api_keys {
+            resolve(&mut api_keys.file);
         }
         resolve(&mut self.revocation.data_dir);
         if let Some(file) = self.admin.as_mut().and_then(|a| a.token_file.as_mut()) {
@@ -396,6 +683,11 @@ impl Config {
                 .iter()
                 .map(|i| i.leeway)
                 .max()
+                .unwrap_or_default(),
+            api_key_lifetime: self
+                .api_keys
+                .as_ref()
+                .map(|k| k.max_lifetime)
                 .unwrap_or_default(),
         }
     }
@@ -431,6 +723,72 @@ impl Config {
             if issuer.roles_claim.is_empty() {
                 return Err(format!("issuers[{i}].roles_claim must not be empty"));
             }
+            let sources = usize::from(issuer.jwks_file.is_some())
+                + usize::from(issuer.jwks_uri.is_some())
+                + usize::from(issuer.discovery);
+            if sources > 1 {
+                return Err(format!(
+                    "issuers[{i}]: give one of jwks_file, jwks_uri or discovery = true, not several"
+                ));
+            }
+            if sources == 0 && issuer.introspection.is_none() {
+                return Err(format!(
+                    "issuers[{i}]: keys are needed: set jwks_file, jwks_uri or discovery = true (or configure introspection)"
+                ));
+            }
+            if let Some(uri) = &issuer.jwks_uri
+                && !uri.starts_with("https://")
+            {
+                return Err(format!(
+                    "issuers[{i}].jwks_uri must be an https:// URL, found {uri:?}"
+                ));
+            }
+            if issuer.discovery && !issuer.issuer.starts_with("https://") {
+                return Err(format!(
+                    "issuers[{i}]: discovery needs an https:// issuer, found {:?}",
+                    issuer.issuer
+                ));
+            }
+            for alg in &issuer.algorithms {
+                if !default_algorithms().contains(alg) {
+                    return Err(format!(
+                        "issuers[{i}].algorithms: {alg:?} is not accepted (allowed: {})",
+                        default_algorithms().join(", ")
+                    ));
+                }
+            }
+            if issuer.algorithms.is_empty() {
+                return Err(format!("issuers[{i}].algorithms must not be empty"));
+            }
+            check_entity_type(&issuer.principal_type)
+                .map_err(|e| format!("issuers[{i}].principal_type: {e}"))?;
+            let remote = &issuer.remote;
+            if remote.refresh_min > remote.refresh_max {
+                return Err(format!(
+                    "issuers[{i}].remote: refresh_min must not exceed refresh_max"
+                ));
+            }
+            if let Some(introspection) = &issuer.introspection {
+                if introspection.endpoint.is_none() && !issuer.discovery {
+                    return Err(format!(
+                        "issuers[{i}].introspection.endpoint is required without discovery"
+                    ));
+                }
+                if let Some(endpoint) = &introspection.endpoint
+                    && !endpoint.starts_with("https://")
+                {
+                    return Err(format!(
+                        "issuers[{i}].introspection.endpoint must be an https:// URL, found {endpoint:?}"
+                    ));
+                }
+                if introspection.client_secret_file.is_none()
+                    && introspection.client_secret_env.is_none()
+                {
+                    return Err(format!(
+                        "issuers[{i}].introspection needs client_secret_file or client_secret_env"
+                    ));
+                }
+            }
         }
         for (i, route) in self.routes.iter().enumerate() {
             let method_ok =
@@ -447,6 +805,31 @@ impl Config {
                     route.path
                 ));
             }
+        }
+        if let Some(api_keys) = &self.api_keys {
+            check_entity_type(&api_keys.principal_type)
+                .map_err(|e| format!("api_keys.principal_type: {e}"))?;
+            if let Some(header) = &api_keys.header
+                && (header.is_empty() || header.bytes().any(|b| b.is_ascii_uppercase()))
+            {
+                return Err(format!(
+                    "api_keys.header must be a lower-case header name, found {header:?}"
+                ));
+            }
+        }
+        if let Some(workload) = &self.workload {
+            check_entity_type(&workload.principal_type)
+                .map_err(|e| format!("workload.principal_type: {e}"))?;
+            if workload.trust_domains.is_empty() {
+                return Err("workload.trust_domains must list at least one trust domain".into());
+            }
+        }
+        if self.workload.is_none()
+            && let Some(i) = self.routes.iter().position(|r| r.allow_workload)
+        {
+            return Err(format!(
+                "routes[{i}].allow_workload needs a [workload] section"
+            ));
         }
         let header = &self.response.subject_header;
         if !header.is_empty()
@@ -516,7 +899,12 @@ path = "/orders/{id}"
             PathBuf::from("/etc/portcullis/policies")
         );
         let issuer = &config.issuers[0];
-        assert_eq!(issuer.jwks_file, PathBuf::from("/etc/portcullis/jwks.json"));
+        assert_eq!(
+            issuer.jwks_file,
+            Some(PathBuf::from("/etc/portcullis/jwks.json"))
+        );
+        assert_eq!(issuer.principal_type, "User");
+        assert_eq!(issuer.principal_claim, "sub");
         assert_eq!(issuer.max_token_lifetime, Duration::from_secs(900));
         assert_eq!(issuer.leeway, Duration::from_secs(30));
         assert_eq!(issuer.roles_claim, "roles");

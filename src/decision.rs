@@ -98,6 +98,10 @@ pub struct Decision {
     pub issuer: Option<String>,
     /// Token `jti`, once verified.
     pub jti: Option<String>,
+    /// The API key id, for API-key credentials.
+    pub api_key_id: Option<String>,
+    /// The kind of credential that authenticated (`jwt`, `api_key`, ...).
+    pub credential: Option<&'static str>,
     /// HTTP method.
     pub method: String,
     /// HTTP path without query string.
@@ -120,6 +124,8 @@ impl Decision {
             errors: Vec::new(),
             issuer: None,
             jti: None,
+            credential: None,
+            api_key_id: None,
             method: method.to_owned(),
             path: path.to_owned(),
             elapsed: Duration::ZERO,

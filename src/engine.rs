@@ -13,14 +13,20 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use cedar_policy::Authorizer;
 
 use crate::attributes::HttpRequest;
+use crate::authn::api_key::{ReloadingApiKeyStore, is_api_key};
 use crate::authn::credential::bearer_token;
+use crate::authn::introspection::token_digest;
+use crate::authn::jwks::VerificationKey;
 use crate::authn::jwt::{Issuer, IssuerSet};
-use crate::authn::{TokenError, VerifiedToken};
-use crate::authz::mapping::{CedarMapping, RequestFacts};
+use crate::authn::mint::SigningKey;
+use crate::authn::workload::WorkloadIdentities;
+use crate::authn::{CredentialKind, MAX_TOKEN_BYTES, TokenError, VerifiedToken};
+use crate::authz::mapping::{CedarMapping, MappingError, RequestFacts, SchemaCheck};
 use crate::authz::policy_store::PolicyStore;
 use crate::authz::routes::{RouteTable, is_canonical_path};
 use crate::authz::{PolicyOutcome, evaluate};
-use crate::config::{Config, ResponseConfig};
+use crate::cache::{CachedToken, Caches};
+use crate::config::{ApiKeysConfig, Config, ResponseConfig};
 use crate::decision::{BadRequest, Decision, DenyReason, Verdict};
 use crate::revocation::RevocationStore;
 
@@ -32,10 +38,19 @@ pub struct LoadError {
     pub problems: Vec<String>,
 }
 
+/// The API key store and its settings.
+#[derive(Debug)]
+struct ApiKeys {
+    store: Arc<ReloadingApiKeyStore>,
+    settings: ApiKeysConfig,
+}
+
 /// A loaded engine: keys, routes and policies, immutable once built.
 #[derive(Debug)]
 pub struct Engine {
     issuers: IssuerSet,
+    api_keys: Option<ApiKeys>,
+    workload: Option<WorkloadIdentities>,
     routes: RouteTable,
     store: PolicyStore,
     mapping: CedarMapping,
@@ -44,6 +59,7 @@ pub struct Engine {
     response: ResponseConfig,
     policy_dir: PathBuf,
     realm: String,
+    caches: Caches,
     revocations: Option<Arc<RevocationStore>>,
 }
 
@@ -65,17 +81,50 @@ impl Engine {
         let store = PolicyStore::load(&config.policies.dir)
             .map_err(|e| problems.extend(e.diagnostics.iter().map(ToString::to_string)))
             .ok();
-        let mapping = CedarMapping::new(&config.application.name)
-            .map_err(|e| problems.push(format!("application.name: {e}")))
-            .ok();
+        let mut principal_types: Vec<String> = config
+            .issuers
+            .iter()
+            .map(|i| i.principal_type.clone())
+            .chain(config.api_keys.iter().map(|k| k.principal_type.clone()))
+            .chain(config.workload.iter().map(|w| w.principal_type.clone()))
+            .collect();
+        principal_types.sort();
+        principal_types.dedup();
+        let mapping = CedarMapping::new(
+            &config.application.name,
+            principal_types.iter().map(String::as_str),
+        )
+        .map_err(|e| problems.push(format!("application: {e}")))
+        .ok();
         let (Some(routes), Some(store), Some(mapping)) = (routes, store, mapping) else {
             return Err(LoadError { problems });
         };
         if !problems.is_empty() {
             return Err(LoadError { problems });
         }
-        let engine = Engine {
+        let api_keys = match &config.api_keys {
+            None => None,
+            Some(settings) => match ReloadingApiKeyStore::load(&settings.file) {
+                Ok(store) => Some(ApiKeys {
+                    store: Arc::new(store),
+                    settings: settings.clone(),
+                }),
+                Err(e) => {
+                    problems.push(format!("api_keys: {e}"));
+                    None
+                }
+            },
+        };
+        if !problems.is_empty() {
+            return Err(LoadError { problems });
+        }
+        let mut engine = Engine {
             issuers: IssuerSet::new(issuers),
+            api_keys,
+            workload: config
+                .workload
+                .as_ref()
+                .map(WorkloadIdentities::from_config),
             routes,
             store,
             mapping,
@@ -84,9 +133,10 @@ impl Engine {
             response: config.response.clone(),
             policy_dir: config.policies.dir.clone(),
             realm: config.application.name.clone(),
+            caches: Caches::new(&config.cache),
             revocations: None,
         };
-        let problems = engine.check_actions_against_schema();
+        let problems = engine.check_actions_against_schema(&principal_types);
         if problems.is_empty() {
             Ok(engine)
         } else {
@@ -116,9 +166,14 @@ impl Engine {
         &self.response
     }
 
-    /// Every route action must be declared in the schema, and the context we build
-    /// for it (with and without the optional token claims) must conform.
-    fn check_actions_against_schema(&self) -> Vec<String> {
+    /// Every route action must be declared in the schema, and the requests we
+    /// build for it must conform: for each configured principal type (with and
+    /// without roles) and with every optional attribute present, then absent.
+    /// The shapes that conform are recorded; on the request path any other shape
+    /// is denied (`schema_mismatch`) without evaluating, which is what lets the
+    /// request path skip per-request validation. Actions whose context also
+    /// accepts `workload` get the peer identity in it.
+    fn check_actions_against_schema(&mut self, principal_types: &[String]) -> Vec<String> {
         let mut problems = Vec::new();
         let declared: Vec<_> = self.store.schema.actions().cloned().collect();
         let mut actions: Vec<(String, Vec<String>)> = self
@@ -142,47 +197,186 @@ impl Engine {
                 .into_iter()
                 .map(|p| (p, "probe".to_owned()))
                 .collect();
-            // Once with every optional attribute present, once with none.
-            for optional in [true, false] {
-                let http = HttpRequest {
-                    method: "GET".into(),
-                    path: "/".into(),
-                    host: "probe".into(),
-                    scheme: "https".into(),
-                    source_ip: optional.then(|| [127, 0, 0, 1].into()),
-                    ..Default::default()
-                };
-                let facts = RequestFacts {
-                    http: &http,
-                    action: &action,
-                    path_params: &path_params,
-                };
-                if let Err(e) = self
-                    .mapping
-                    .build(&self.store, &probe_token(optional), facts)
-                {
-                    problems.push(format!("{}: action {action:?}: {e}", schema_file.display()));
-                    break;
+            let conforms = |mapping: &CedarMapping, ty: &str, roles: bool, workload: bool| {
+                [true, false].into_iter().try_for_each(|optional| {
+                    let http = probe_request(optional);
+                    let facts = RequestFacts {
+                        http: &http,
+                        action: &action,
+                        path_params: &path_params,
+                        workload: (optional && workload).then_some("spiffe://probe/probe"),
+                    };
+                    let token = probe_token(ty, roles, optional);
+                    mapping
+                        .build(&self.store, &token, facts, SchemaCheck::Validate)
+                        .map(drop)
+                })
+            };
+            let mut first_error = None;
+            let mut any = false;
+            for ty in principal_types {
+                for roles in [false, true] {
+                    match conforms(&self.mapping, ty, roles, false) {
+                        Ok(()) => {
+                            any = true;
+                            self.mapping.allow_shape(&action, ty, roles);
+                        }
+                        Err(e) => {
+                            first_error.get_or_insert(e);
+                        }
+                    }
                 }
+            }
+            if !any {
+                if let Some(e) = first_error {
+                    problems.push(format!("{}: action {action:?}: {e}", schema_file.display()));
+                }
+                continue;
+            }
+            let mut with_workload = self.mapping.clone();
+            with_workload.enable_workload_context(&action);
+            if principal_types
+                .iter()
+                .any(|ty| conforms(&with_workload, ty, false, true).is_ok())
+            {
+                self.mapping.enable_workload_context(&action);
             }
         }
         problems
     }
 
-    /// Decides `http` now.
-    pub fn decide(&self, http: &HttpRequest) -> Decision {
+    /// Starts the engine's background work: refreshing remote keys, watching the
+    /// API key file. Abort the handles to stop it.
+    pub fn spawn_background(&self) -> Vec<tokio::task::JoinHandle<()>> {
+        let mut tasks: Vec<_> = self
+            .issuers
+            .iter()
+            .filter(|i| i.keys.is_remote())
+            .map(|i| tokio::spawn(i.keys.clone().refresh_forever()))
+            .collect();
+        tasks.extend(
+            self.api_keys
+                .as_ref()
+                .map(|k| k.store.spawn_watch(k.settings.reload_interval)),
+        );
+        tasks
+    }
+
+    /// True when every issuer has keys: the engine may then serve.
+    pub fn is_ready(&self) -> bool {
+        self.issuers.keys_ready()
+    }
+
+    /// Makes every issuer trust `key` (for `portcullis test` only: it signs the
+    /// test cases' tokens with a throw-away key; `serve` never calls this).
+    pub fn trust_test_key(&self, key: &SigningKey) -> Result<(), String> {
+        let jwk = &key.public_jwks().keys[0];
+        let decoding = jsonwebtoken::DecodingKey::from_jwk(jwk).map_err(|e| e.to_string())?;
+        for issuer in self.issuers.iter() {
+            issuer.keys.add_key(
+                key.kid(),
+                VerificationKey {
+                    algorithm: jsonwebtoken::Algorithm::ES256,
+                    key: decoding.clone(),
+                },
+            );
+        }
+        Ok(())
+    }
+
+    /// The header API keys may arrive in, if configured.
+    pub fn api_key_header(&self) -> Option<&str> {
+        self.api_keys.as_ref()?.settings.header.as_deref()
+    }
+
+    /// The trusted issuers (for key refresh and readiness).
+    pub fn issuers(&self) -> &IssuerSet {
+        &self.issuers
+    }
+
+    /// Fetches the keys of every remote issuer once (for the offline commands).
+    pub async fn fetch_remote_keys_once(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        for issuer in self.issuers.iter().filter(|i| i.keys.is_remote()) {
+            if let Err(e) = issuer.keys.refresh().await {
+                problems.push(format!("issuer {}: {e}", issuer.issuer));
+            }
+        }
+        problems
+    }
+
+    /// Decides `http` now and also returns the Cedar request that was built for
+    /// it (principal with its parents, action, resource, context) as JSON, when
+    /// the pipeline got that far. For `check --explain`; bypasses the caches.
+    pub async fn explain(&self, http: &HttpRequest) -> (Decision, Option<serde_json::Value>) {
+        let decision = self.decide(http).await;
+        if decision.action.is_none() {
+            return (decision, None);
+        }
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs() as i64)
             .unwrap_or_default();
-        self.decide_at(http, now)
+        let path = http.path_without_query();
+        let route = self.routes.find(&http.method, path);
+        let allow_workload = route.as_ref().is_some_and(|r| r.allow_workload);
+        let Ok(token) = self.authenticate(http, allow_workload, now).await else {
+            return (decision, None);
+        };
+        let (action, params) = match (&route, &self.default_action) {
+            (Some(route), _) => (route.action, route.params.as_slice()),
+            (None, Some(default)) => (default.as_str(), &[][..]),
+            (None, None) => return (decision, None),
+        };
+        let workload = self.workload.as_ref().and_then(|w| {
+            let peer = http.peer_principal.as_deref()?;
+            w.identity(peer).map(|_| peer)
+        });
+        let facts = RequestFacts {
+            http,
+            action,
+            path_params: params,
+            workload,
+        };
+        let built = self
+            .mapping
+            .build(&self.store, &token, facts, SchemaCheck::Validate);
+        let explained = built.ok().map(|input| {
+            let parents: Vec<String> = input
+                .entities
+                .ancestors(&input.principal)
+                .map(|ancestors| ancestors.map(ToString::to_string).collect())
+                .unwrap_or_default();
+            let context = input
+                .request
+                .context()
+                .and_then(|c| c.to_json_value().ok())
+                .unwrap_or_default();
+            serde_json::json!({
+                "principal": input.principal.to_string(),
+                "principal_parents": parents,
+                "action": input.action.to_string(),
+                "resource": input.resource.to_string(),
+                "context": context,
+            })
+        });
+        (decision, explained)
+    }
+
+    /// Decides `http` now.
+    pub async fn decide(&self, http: &HttpRequest) -> Decision {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or_default();
+        self.decide_at(http, now).await
     }
 
     /// Decides `http` as if the clock read `now` (seconds since the epoch).
-    pub fn decide_at(&self, http: &HttpRequest, now: i64) -> Decision {
+    pub async fn decide_at(&self, http: &HttpRequest, now: i64) -> Decision {
         let started = Instant::now();
         let mut decision = Decision::new(&http.method, http.path_without_query());
-        decision.verdict = match self.run(http, now, &mut decision) {
+        decision.verdict = match self.run(http, now, &mut decision).await {
             Ok(()) => Verdict::Allow,
             Err(reason) => Verdict::Deny(reason),
         };
@@ -190,7 +384,12 @@ impl Engine {
         decision
     }
 
-    fn run(&self, http: &HttpRequest, now: i64, decision: &mut Decision) -> Result<(), DenyReason> {
+    async fn run(
+        &self,
+        http: &HttpRequest,
+        now: i64,
+        decision: &mut Decision,
+    ) -> Result<(), DenyReason> {
         if http.method.is_empty() || http.path.is_empty() {
             return Err(DenyReason::BadRequest(BadRequest::MissingMethodOrPath));
         }
@@ -198,20 +397,32 @@ impl Engine {
         if !is_canonical_path(path) {
             return Err(DenyReason::BadRequest(BadRequest::NonCanonicalPath));
         }
+        let route = self.routes.find(&http.method, path);
 
-        let token = self.authenticate(http, now)?;
+        let allow_workload = route.as_ref().is_some_and(|r| r.allow_workload);
+        let token = self
+            .authenticate(http, allow_workload, now)
+            .await
+            .map_err(DenyReason::Unauthenticated)?;
+        decision.credential = Some(token.credential.as_str());
         decision.subject = Some(token.subject.clone());
-        decision.principal = Some(self.mapping.principal(&token).to_string());
         decision.issuer = Some(token.issuer.clone());
         decision.jti = token.jti.clone();
-        // Revocation comes before anything else that uses the identity.
+        decision.api_key_id = token.api_key_id.clone();
+        // Revocation comes right after authentication, before anything else uses
+        // the identity (and before any cached decision).
         if let Some(revocations) = &self.revocations
             && revocations.check(&token, now).is_err()
         {
             return Err(DenyReason::Unauthenticated(TokenError::Revoked));
         }
+        let principal = self.mapping.principal(&token).map_err(|e| {
+            decision.errors.push(e.to_string());
+            DenyReason::SchemaMismatch
+        })?;
+        decision.principal = Some(principal.to_string());
 
-        let route = self.routes.find(&http.method, path);
+        // Authenticated first, so an anonymous caller learns nothing about routes.
         let (action, params) = match (&route, &self.default_action) {
             (Some(route), _) => (route.action, route.params.as_slice()),
             (None, Some(default)) => (default.as_str(), &[][..]),
@@ -220,54 +431,190 @@ impl Engine {
         decision.action = Some(self.mapping.action(action).to_string());
         decision.resource = Some(self.mapping.application().to_string());
 
+        // Only a trusted peer identity reaches the policies.
+        let workload = self.workload.as_ref().and_then(|w| {
+            let peer = http.peer_principal.as_deref()?;
+            w.identity(peer).map(|_| peer)
+        });
         let facts = RequestFacts {
             http,
             action,
             path_params: params,
+            workload,
         };
-        let input = self
-            .mapping
-            .build(&self.store, &token, facts)
-            .map_err(|e| {
-                decision.errors.push(e.to_string());
-                DenyReason::SchemaMismatch
-            })?;
-        let PolicyOutcome {
-            allowed,
-            policies,
-            errors,
-        } = evaluate(&self.authorizer, &self.store, &input);
-        decision.policies = policies;
-        let had_errors = !errors.is_empty();
-        decision.errors = errors;
-        match (allowed, had_errors) {
+        let outcome = self.evaluate_cached(&token, facts).map_err(|e| {
+            decision.errors.push(e.to_string());
+            DenyReason::SchemaMismatch
+        })?;
+        decision.policies = outcome.policies.clone();
+        decision.errors = outcome.errors.clone();
+        let had_errors = !outcome.errors.is_empty();
+        match (outcome.allowed, had_errors) {
             (true, _) => Ok(()),
             (false, true) => Err(DenyReason::PolicyError),
             (false, false) => Err(DenyReason::PolicyDenied),
         }
     }
 
-    fn authenticate(&self, http: &HttpRequest, now: i64) -> Result<VerifiedToken, DenyReason> {
-        let token =
-            bearer_token(http.header("authorization")).map_err(DenyReason::Unauthenticated)?;
-        self.issuers
-            .verify(token, now)
-            .map_err(|e: TokenError| DenyReason::Unauthenticated(e))
+    /// The credential, in order: `Authorization: Bearer` (a JWT, an API key, or
+    /// an opaque token to introspect), the API-key header, then (on routes that
+    /// allow it, with no credential at all) the mTLS peer's workload identity.
+    async fn authenticate(
+        &self,
+        http: &HttpRequest,
+        allow_workload: bool,
+        now: i64,
+    ) -> Result<VerifiedToken, TokenError> {
+        let api_key_header = self
+            .api_keys
+            .as_ref()
+            .and_then(|k| k.settings.header.as_deref())
+            .and_then(|name| http.header(name));
+        let token = match (bearer_token(http.header("authorization")), api_key_header) {
+            (Ok(token), _) => token,
+            (Err(TokenError::Missing), Some(key)) => return self.verify_api_key(key.trim(), now),
+            (Err(TokenError::Missing), None) => {
+                if allow_workload
+                    && let (Some(workload), Some(peer)) = (&self.workload, &http.peer_principal)
+                    && let Some(identity) = workload.identity(peer)
+                {
+                    return Ok(identity);
+                }
+                return Err(TokenError::Missing);
+            }
+            (Err(e), _) => return Err(e),
+        };
+        if is_api_key(token) {
+            return self.verify_api_key(token, now);
+        }
+        if is_jwt_shaped(token) {
+            return self.verify_jwt(token, now).await;
+        }
+        // An opaque token names no issuer: ask each introspecting issuer in turn;
+        // the first that knows it as active wins. If none does and one failed,
+        // we cannot tell: fail closed as `introspection_failed`.
+        let introspectors = self.issuers.introspectors();
+        if introspectors.is_empty() {
+            return Err(TokenError::Malformed);
+        }
+        let mut verdict = TokenError::InactiveToken;
+        for introspector in introspectors {
+            match introspector.introspect(token, now).await {
+                Ok(identity) => return Ok(identity),
+                Err(TokenError::IntrospectionFailed) => verdict = TokenError::IntrospectionFailed,
+                Err(TokenError::InactiveToken) => {}
+                Err(other) if verdict == TokenError::InactiveToken => verdict = other,
+                Err(_) => {}
+            }
+        }
+        Err(verdict)
+    }
+}
+
+impl Engine {
+    /// Policy evaluation through the decision cache.
+    fn evaluate_cached(
+        &self,
+        token: &VerifiedToken,
+        facts: RequestFacts<'_>,
+    ) -> Result<Arc<PolicyOutcome>, MappingError> {
+        let key = self
+            .caches
+            .caches_decisions()
+            .then(|| self.mapping.decision_key(token, facts));
+        if let Some(hit) = key.as_ref().and_then(|k| self.caches.decision(k)) {
+            return Ok(hit);
+        }
+        let input = self
+            .mapping
+            .build(&self.store, token, facts, SchemaCheck::TrustShape)?;
+        let outcome = Arc::new(evaluate(&self.authorizer, &self.store, &input));
+        if let Some(key) = key {
+            self.caches.remember_decision(key, outcome.clone());
+        }
+        Ok(outcome)
+    }
+
+    /// JWT verification through the verified-token cache.
+    async fn verify_jwt(&self, token: &str, now: i64) -> Result<VerifiedToken, TokenError> {
+        let digest = token_digest(token);
+        if let Some(hit) = self
+            .caches
+            .token(&digest, now, |iss| self.issuers.key_generation(iss))
+        {
+            return Ok(hit);
+        }
+        let (verified, window) = self.issuers.verify_with_window(token, now).await?;
+        self.caches.remember_token(
+            digest,
+            CachedToken {
+                token: verified.clone(),
+                key_generation: window.key_generation,
+                valid_from: window.from,
+                valid_until: window.until,
+            },
+        );
+        Ok(verified)
+    }
+
+    /// The engine's caches (statistics, tests).
+    pub fn caches(&self) -> &Caches {
+        &self.caches
+    }
+
+    fn verify_api_key(&self, key: &str, now: i64) -> Result<VerifiedToken, TokenError> {
+        let Some(api_keys) = &self.api_keys else {
+            return Err(TokenError::UnknownApiKey);
+        };
+        if key.len() > MAX_TOKEN_BYTES {
+            return Err(TokenError::TooLarge);
+        }
+        let identity = api_keys.store.verify(key, now)?;
+        // Short life applies to keys too: no expiry, or too long a one, is refused.
+        let max = api_keys.settings.max_lifetime.as_secs() as i64;
+        match identity.expires {
+            Some(expires) if expires - identity.created <= max => {}
+            _ => return Err(TokenError::LifetimeTooLong),
+        }
+        Ok(identity.into_verified(&api_keys.settings.principal_type))
+    }
+}
+
+/// Three dot-separated parts: a JWS compact serialization.
+fn is_jwt_shaped(token: &str) -> bool {
+    token.bytes().filter(|b| *b == b'.').count() == 2
+}
+
+fn probe_request(with_optional_attributes: bool) -> HttpRequest {
+    HttpRequest {
+        method: "GET".into(),
+        path: "/".into(),
+        host: "probe".into(),
+        scheme: "https".into(),
+        source_ip: with_optional_attributes.then(|| [127, 0, 0, 1].into()),
+        ..Default::default()
     }
 }
 
 /// A token shaped like real ones, for checking the mapping against the schema.
-fn probe_token(with_optional_claims: bool) -> VerifiedToken {
+fn probe_token(principal_type: &str, roles: bool, with_optional_claims: bool) -> VerifiedToken {
     VerifiedToken {
         issuer: "probe".into(),
         subject: "probe".into(),
+        principal_type: principal_type.into(),
+        principal_id: "probe".into(),
         jti: with_optional_claims.then(|| "probe".into()),
         issued_at: 0,
         expires_at: 0,
         scopes: vec!["probe".into()],
-        roles: vec!["probe".into()],
+        roles: if roles {
+            vec!["probe".into()]
+        } else {
+            Vec::new()
+        },
         client_id: with_optional_claims.then(|| "probe".into()),
         key_id: "probe".into(),
         api_key_id: None,
+        credential: CredentialKind::Jwt,
     }
 }

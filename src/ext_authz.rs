@@ -20,6 +20,7 @@ use envoy_types::pb::google::rpc;
 
 use crate::attributes::{HttpRequest, parse_source_ip};
 use crate::authn::TokenError;
+use crate::authn::workload::spiffe_id_from_certificate;
 use crate::config::ResponseConfig;
 use crate::decision::{BadRequest, Decision, DenyReason, Verdict};
 use crate::server::ServerState;
@@ -38,6 +39,8 @@ pub fn http_status(verdict: Verdict) -> u16 {
     match verdict {
         Verdict::Allow => 200,
         Verdict::Deny(DenyReason::BadRequest(_)) => 400,
+        // Our dependency failed, not the caller's token: a retryable 503.
+        Verdict::Deny(DenyReason::Unauthenticated(TokenError::IntrospectionFailed)) => 503,
         Verdict::Deny(DenyReason::Unauthenticated(_)) => 401,
         Verdict::Deny(DenyReason::NotReady) => 503,
         Verdict::Deny(_) => 403,
@@ -48,6 +51,9 @@ fn grpc_status(verdict: Verdict) -> i32 {
     match verdict {
         Verdict::Allow => grpc_code::OK,
         Verdict::Deny(DenyReason::BadRequest(_)) => grpc_code::INVALID_ARGUMENT,
+        Verdict::Deny(DenyReason::Unauthenticated(TokenError::IntrospectionFailed)) => {
+            grpc_code::UNAVAILABLE
+        }
         Verdict::Deny(DenyReason::Unauthenticated(_)) => grpc_code::UNAUTHENTICATED,
         Verdict::Deny(DenyReason::NotReady) => grpc_code::UNAVAILABLE,
         Verdict::Deny(_) => grpc_code::PERMISSION_DENIED,
@@ -100,6 +106,17 @@ pub fn http_request(check: &CheckRequest) -> Option<HttpRequest> {
             Some(Address::SocketAddress(socket)) => parse_source_ip(&socket.address),
             _ => None,
         });
+    // Envoy's `source.principal` (the URI SAN of a verified mTLS peer), else the
+    // SPIFFE ID of the peer certificate sent with `include_peer_certificate`.
+    let peer_principal = attributes.source.as_ref().and_then(|peer| {
+        if peer.principal.is_empty() {
+            (!peer.certificate.is_empty())
+                .then(|| spiffe_id_from_certificate(&peer.certificate))
+                .flatten()
+        } else {
+            Some(peer.principal.clone())
+        }
+    });
     Some(HttpRequest {
         method,
         path,
@@ -107,6 +124,7 @@ pub fn http_request(check: &CheckRequest) -> Option<HttpRequest> {
         scheme,
         headers,
         source_ip,
+        peer_principal,
     })
 }
 
@@ -129,11 +147,13 @@ fn string_value(s: &str) -> Value {
     }
 }
 
-/// Builds the response Envoy acts on.
+/// Builds the response Envoy acts on. `credential_header` is the API-key header,
+/// removed with `authorization` when `remove_authorization` is set.
 pub fn check_response(
     decision: &Decision,
     response: &ResponseConfig,
     realm: &str,
+    credential_header: Option<&str>,
 ) -> CheckResponse {
     let verdict = decision.verdict;
     let http_response = match verdict {
@@ -143,8 +163,12 @@ pub fn check_response(
             {
                 headers.push(header(&response.subject_header, subject));
             }
+            // Credentials stay at the edge when asked: the bearer token and the
+            // API-key header.
             let headers_to_remove = if response.remove_authorization {
-                vec!["authorization".to_owned()]
+                std::iter::once("authorization".to_owned())
+                    .chain(credential_header.map(str::to_owned))
+                    .collect()
             } else {
                 Vec::new()
             };
@@ -196,6 +220,12 @@ fn denied(decision: &Decision, reason: DenyReason, realm: &str) -> DeniedHttpRes
     };
     let mut headers = vec![header("content-type", "application/json")];
     let body = match reason {
+        // Our dependency failed, not the caller's credential: no challenge.
+        DenyReason::Unauthenticated(TokenError::IntrospectionFailed) => serde_json::json!({
+            "error": "temporarily_unavailable",
+            "error_description": TokenError::IntrospectionFailed.public_description(),
+            "decision_id": decision.id,
+        }),
         DenyReason::Unauthenticated(token) => {
             headers.push(header("www-authenticate", &www_authenticate(token, realm)));
             serde_json::json!({
@@ -278,7 +308,7 @@ impl Authorization for CheckService {
                 d
             }
             (Some(http), None) => Decision::new(&http.method, http.path_without_query()),
-            (Some(http), Some(engine)) => engine.decide(&http),
+            (Some(http), Some(engine)) => engine.decide(&http).await,
         };
         self.state
             .audit()
@@ -291,9 +321,14 @@ impl Authorization for CheckService {
             "check"
         );
         let response = match &engine {
-            Some(engine) => check_response(&decision, engine.response_config(), engine.realm()),
+            Some(engine) => check_response(
+                &decision,
+                engine.response_config(),
+                engine.realm(),
+                engine.api_key_header(),
+            ),
             // Not loaded yet: a 503 Envoy passes on (health is NOT_SERVING meanwhile).
-            None => check_response(&decision, &ResponseConfig::default(), ""),
+            None => check_response(&decision, &ResponseConfig::default(), "", None),
         };
         Ok(tonic::Response::new(response))
     }

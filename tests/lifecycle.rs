@@ -195,6 +195,35 @@ async fn check_explains_allow_and_deny_offline() {
     assert!(stdout.contains("status:    403"), "{stdout}");
     assert!(stdout.contains("reason:    policy_denied"), "{stdout}");
 
+    let explained = portcullis(&[
+        "check",
+        "--config",
+        &config,
+        "--token",
+        &token,
+        "--path",
+        "/orders/7?x=1",
+        "--source-ip",
+        "::ffff:10.0.0.3",
+        "--explain",
+    ]);
+    let stdout = String::from_utf8_lossy(&explained.stdout);
+    let json_start =
+        stdout.find("cedar request:\n").expect("explain output") + "cedar request:\n".len();
+    let request: serde_json::Value = serde_json::from_str(&stdout[json_start..]).unwrap();
+    assert_eq!(request["principal"], "User::\"alice\"");
+    assert_eq!(request["action"], "Action::\"get /orders/{id}\"");
+    assert_eq!(request["context"]["path_params"]["id"], "7");
+    assert_eq!(request["context"]["http"]["path"], "/orders/7");
+    assert_eq!(
+        request["context"]["http"]["source_ip"]["__extn"]["arg"],
+        "10.0.0.3"
+    );
+    assert_eq!(
+        request["context"]["token"]["scopes"],
+        serde_json::json!(["orders:read"])
+    );
+
     let anonymous = portcullis(&["check", "--config", &config, "--path", "/orders"]);
     let stdout = String::from_utf8_lossy(&anonymous.stdout);
     assert!(stdout.contains("status:    401"), "{stdout}");

@@ -80,8 +80,20 @@ impl KeySet {
     }
 
     /// Parses a JWKS document. Keys marked `"use": "enc"` are ignored; any other
-    /// key that cannot be used for a strong signature algorithm is an error.
+    /// key that cannot be used for a strong signature algorithm is an error (a
+    /// local file is the operator's own and should be exact).
     pub fn from_json(text: &str) -> Result<KeySet, JwksError> {
+        Self::parse(text, true)
+    }
+
+    /// Parses a JWKS served by an identity provider: keys we cannot use (other
+    /// curves, weak RSA, symmetric) are skipped with a warning, as long as one
+    /// signing key remains. Duplicate `kid`s are still refused.
+    pub fn from_json_lenient(text: &str) -> Result<KeySet, JwksError> {
+        Self::parse(text, false)
+    }
+
+    fn parse(text: &str, strict: bool) -> Result<KeySet, JwksError> {
         let doc: serde_json::Value =
             serde_json::from_str(text).map_err(|e| JwksError::Shape(e.to_string()))?;
         let entries = doc
@@ -90,29 +102,15 @@ impl KeySet {
             .ok_or_else(|| JwksError::Shape("missing \"keys\" array".into()))?;
         let mut keys = HashMap::new();
         for (index, entry) in entries.iter().enumerate() {
-            let kid_label = entry
-                .get("kid")
-                .and_then(|k| k.as_str())
-                .map(|k| format!(" (kid {k:?})"))
-                .unwrap_or_default();
-            let key_error = |reason: String| JwksError::Key {
-                index,
-                kid: kid_label.clone(),
-                reason,
+            let (kid, algorithm, key) = match parse_key(index, entry) {
+                Ok(Some(found)) => found,
+                Ok(None) => continue,
+                Err(e) if strict => return Err(e),
+                Err(e) => {
+                    tracing::warn!(error = %e, "skipping unusable key in remote JWKS");
+                    continue;
+                }
             };
-            let jwk: Jwk =
-                serde_json::from_value(entry.clone()).map_err(|e| key_error(e.to_string()))?;
-            if jwk.common.public_key_use == Some(PublicKeyUse::Encryption) {
-                continue;
-            }
-            let kid = jwk
-                .common
-                .key_id
-                .clone()
-                .filter(|k| !k.is_empty())
-                .ok_or_else(|| key_error("a \"kid\" is required".into()))?;
-            let algorithm = pinned_algorithm(&jwk).map_err(key_error)?;
-            let key = DecodingKey::from_jwk(&jwk).map_err(|e| key_error(e.to_string()))?;
             if keys
                 .insert(kid.clone(), VerificationKey { algorithm, key })
                 .is_some()
@@ -124,6 +122,13 @@ impl KeySet {
             return Err(JwksError::Empty);
         }
         Ok(KeySet { keys })
+    }
+
+    /// A copy of this set with one more key.
+    pub fn with_key(&self, kid: &str, key: VerificationKey) -> KeySet {
+        let mut keys = self.keys.clone();
+        keys.insert(kid.to_owned(), key);
+        KeySet { keys }
     }
 
     /// The key with this `kid`.
@@ -140,6 +145,36 @@ impl KeySet {
     pub fn is_empty(&self) -> bool {
         self.keys.is_empty()
     }
+}
+
+/// One JWKS entry: `None` for an encryption key, else its kid, pinned algorithm and key.
+fn parse_key(
+    index: usize,
+    entry: &serde_json::Value,
+) -> Result<Option<(String, Algorithm, DecodingKey)>, JwksError> {
+    let kid_label = entry
+        .get("kid")
+        .and_then(|k| k.as_str())
+        .map(|k| format!(" (kid {k:?})"))
+        .unwrap_or_default();
+    let key_error = |reason: String| JwksError::Key {
+        index,
+        kid: kid_label.clone(),
+        reason,
+    };
+    let jwk: Jwk = serde_json::from_value(entry.clone()).map_err(|e| key_error(e.to_string()))?;
+    if jwk.common.public_key_use == Some(PublicKeyUse::Encryption) {
+        return Ok(None);
+    }
+    let kid = jwk
+        .common
+        .key_id
+        .clone()
+        .filter(|k| !k.is_empty())
+        .ok_or_else(|| key_error("a \"kid\" is required".into()))?;
+    let algorithm = pinned_algorithm(&jwk).map_err(key_error)?;
+    let key = DecodingKey::from_jwk(&jwk).map_err(|e| key_error(e.to_string()))?;
+    Ok(Some((kid, algorithm, key)))
 }
 
 /// Strong signature algorithms we accept. No `none`, no HMAC (a shared secret in a

@@ -7,6 +7,7 @@
 //! `iat` required and not in the future, lifetime bounded, `sub` required.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -15,8 +16,10 @@ use jsonwebtoken::{Algorithm, Validation};
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::jwks::{JwksError, KeySet, is_accepted_algorithm};
-use super::{MAX_TOKEN_BYTES, TokenError, VerifiedToken};
+use super::introspection::{IntrospectionSetupError, Introspector};
+use super::jwks::is_accepted_algorithm;
+use super::keys::{IssuerKeys, KeysError};
+use super::{CredentialKind, MAX_TOKEN_BYTES, TokenError, VerifiedToken};
 use crate::config::IssuerConfig;
 
 /// One trusted issuer: its keys and its token rules.
@@ -26,40 +29,87 @@ pub struct Issuer {
     pub issuer: String,
     /// Accepted audiences.
     pub audiences: Vec<String>,
+    /// Algorithms accepted from this issuer.
+    pub algorithms: Vec<Algorithm>,
     /// Longest accepted `exp - iat`.
     pub max_token_lifetime: Duration,
     /// Clock skew tolerance.
     pub leeway: Duration,
     /// Dotted path of the roles claim.
     pub roles_claim: String,
-    /// Public keys by `kid`.
-    pub keys: KeySet,
+    /// Claims that must be present besides `exp` and `iat`.
+    pub required_claims: Vec<String>,
+    /// Required `typ` header value, compared case-insensitively.
+    pub token_type: Option<String>,
+    /// Cedar entity type of the principal.
+    pub principal_type: String,
+    /// Claim holding the principal id.
+    pub principal_claim: String,
+    /// Where the public keys come from.
+    pub keys: Arc<IssuerKeys>,
+    /// Introspection of opaque tokens, when configured.
+    pub introspection: Option<Arc<Introspector>>,
+}
+
+/// Errors building an issuer.
+#[derive(Debug, thiserror::Error)]
+pub enum IssuerError {
+    /// Its keys are unusable.
+    #[error(transparent)]
+    Keys(#[from] KeysError),
+    /// Its introspection settings are unusable.
+    #[error(transparent)]
+    Introspection(#[from] IntrospectionSetupError),
 }
 
 impl Issuer {
-    /// Builds an issuer from its configuration, loading its JWKS file.
-    pub fn from_config(config: &IssuerConfig) -> Result<Issuer, JwksError> {
+    /// Builds an issuer from its configuration; a local JWKS file is read now.
+    pub fn from_config(config: &IssuerConfig) -> Result<Issuer, IssuerError> {
+        let keys = Arc::new(IssuerKeys::from_config(config)?);
+        let introspection = Introspector::from_config(config, keys.clone())?.map(Arc::new);
         Ok(Issuer {
             issuer: config.issuer.clone(),
             audiences: config.audiences.clone(),
+            algorithms: config
+                .algorithms
+                .iter()
+                .filter_map(|a| a.parse().ok())
+                .collect(),
             max_token_lifetime: config.max_token_lifetime,
             leeway: config.leeway,
             roles_claim: config.roles_claim.clone(),
-            keys: KeySet::from_file(&config.jwks_file)?,
+            required_claims: config.required_claims.clone(),
+            token_type: config.token_type.clone(),
+            principal_type: config.principal_type.clone(),
+            principal_claim: config.principal_claim.clone(),
+            keys,
+            introspection,
         })
     }
 
     fn validation(&self, algorithm: Algorithm) -> Validation {
         let mut validation = Validation::new(algorithm);
         validation.leeway = self.leeway.as_secs();
-        validation.validate_exp = true;
-        validation.validate_nbf = true;
+        // Time claims are checked by `check_times` against the caller's clock.
+        validation.validate_exp = false;
+        validation.validate_nbf = false;
         validation.set_audience(&self.audiences);
         validation.set_issuer(&[&self.issuer]);
-        // `exp`, `iat`, `nbf` and `sub` are checked by `check_times` and `verify`.
         validation.set_required_spec_claims(&["iss", "aud"]);
         validation
     }
+}
+
+/// When a verification result holds: the key generation that verified it and
+/// the seconds `[from, until)` in which the time checks pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ValidityWindow {
+    /// Generation of the issuer's key set used.
+    pub key_generation: u64,
+    /// First second at which `nbf`/`iat` (minus leeway) allow the token.
+    pub from: i64,
+    /// First second at which `exp` (plus leeway) refuses it.
+    pub until: i64,
 }
 
 /// All trusted issuers, by `iss`.
@@ -74,6 +124,8 @@ struct RawHeader {
     #[serde(default)]
     kid: Option<String>,
     #[serde(default)]
+    typ: Option<String>,
+    #[serde(default)]
     crit: Option<Value>,
 }
 
@@ -85,8 +137,38 @@ impl IssuerSet {
         }
     }
 
+    /// The issuers, for readiness checks and background refresh.
+    pub fn iter(&self) -> impl Iterator<Item = &Issuer> {
+        self.issuers.values()
+    }
+
+    /// True when every issuer has a key set (or needs none: introspection only).
+    pub fn keys_ready(&self) -> bool {
+        self.issuers
+            .values()
+            .all(|i| i.keys.is_ready() || (!i.keys.is_remote() && i.keys.get().is_none()))
+    }
+
     /// Verifies `token` at time `now` (seconds since the epoch).
-    pub fn verify(&self, token: &str, now: i64) -> Result<VerifiedToken, TokenError> {
+    pub async fn verify(&self, token: &str, now: i64) -> Result<VerifiedToken, TokenError> {
+        self.verify_with_window(token, now)
+            .await
+            .map(|(token, _)| token)
+    }
+
+    /// The generation of `iss`'s key set, while it has one.
+    pub fn key_generation(&self, iss: &str) -> Option<u64> {
+        let keys = &self.issuers.get(iss)?.keys;
+        keys.get().map(|_| keys.generation())
+    }
+
+    /// Verifies `token` and also says when the same verification would succeed:
+    /// the key generation used and the `[from, until)` window of seconds.
+    pub async fn verify_with_window(
+        &self,
+        token: &str,
+        now: i64,
+    ) -> Result<(VerifiedToken, ValidityWindow), TokenError> {
         if token.len() > MAX_TOKEN_BYTES {
             return Err(TokenError::TooLarge);
         }
@@ -120,32 +202,64 @@ impl IssuerSet {
             .and_then(Value::as_str)
             .ok_or(TokenError::UnknownIssuer)?;
         let issuer = self.issuers.get(iss).ok_or(TokenError::UnknownIssuer)?;
+        if !issuer.algorithms.contains(&header_alg) {
+            return Err(TokenError::UnsupportedAlgorithm);
+        }
+        if let Some(expected) = &issuer.token_type {
+            let typ = header.typ.as_deref().unwrap_or_default();
+            let typ = typ.strip_prefix("application/").unwrap_or(typ);
+            if !typ.eq_ignore_ascii_case(expected) {
+                return Err(TokenError::WrongTokenType);
+            }
+        }
 
         let kid = header.kid.as_deref().ok_or(TokenError::UnknownKey)?;
-        let key = issuer.keys.get(kid).ok_or(TokenError::UnknownKey)?;
+        // Read before the keys, so a concurrent refresh can only make it older.
+        let mut key_generation = issuer.keys.generation();
+        let key = match issuer.keys.get() {
+            Some(keys) if keys.get(kid).is_some() => keys,
+            // A new kid may mean the issuer rotated: one shared, rate-limited refresh.
+            _ => {
+                issuer.keys.refresh_for_unknown_kid(key_generation).await;
+                key_generation = issuer.keys.generation();
+                issuer.keys.get().ok_or(TokenError::UnknownKey)?
+            }
+        };
+        let key = key.get(kid).ok_or(TokenError::UnknownKey)?;
         if key.algorithm != header_alg {
             return Err(TokenError::AlgorithmMismatch);
         }
 
-        let mut validation = issuer.validation(key.algorithm);
-        // We check time claims against `now` ourselves below so that one clock
-        // (the caller's) governs every rule; jsonwebtoken checks signature, iss, aud.
-        validation.validate_exp = false;
-        validation.validate_nbf = false;
-        let data = jsonwebtoken::decode::<Value>(token, &key.key, &validation)
-            .map_err(|e| map_jwt_error(e.kind()))?;
+        let data =
+            jsonwebtoken::decode::<Value>(token, &key.key, &issuer.validation(key.algorithm))
+                .map_err(|e| map_jwt_error(e.kind()))?;
         let claims = data.claims;
         check_times(issuer, &claims, now)?;
-
-        let subject = claims
-            .get("sub")
-            .and_then(Value::as_str)
+        for claim in &issuer.required_claims {
+            if claims.get(claim).is_none_or(Value::is_null) {
+                return Err(TokenError::MissingClaim);
+            }
+        }
+        let principal_id = string_claim(&claims, &issuer.principal_claim)
             .filter(|s| !s.is_empty())
-            .ok_or(TokenError::MissingClaim)?
-            .to_owned();
-        Ok(VerifiedToken {
+            .ok_or(TokenError::MissingClaim)?;
+        let leeway = issuer.leeway.as_secs() as i64;
+        let issued_at = numeric_date(&claims, "iat")?.unwrap_or_default();
+        let not_before = numeric_date(&claims, "nbf")?
+            .unwrap_or(i64::MIN)
+            .max(issued_at);
+        let window = ValidityWindow {
+            key_generation,
+            from: not_before.saturating_sub(leeway),
+            until: numeric_date(&claims, "exp")?
+                .unwrap_or_default()
+                .saturating_add(leeway),
+        };
+        let verified = VerifiedToken {
             issuer: issuer.issuer.clone(),
-            subject,
+            subject: string_claim(&claims, "sub").unwrap_or_else(|| principal_id.clone()),
+            principal_type: issuer.principal_type.clone(),
+            principal_id,
             jti: string_claim(&claims, "jti"),
             issued_at: numeric_date(&claims, "iat")?.unwrap_or_default(),
             expires_at: numeric_date(&claims, "exp")?.unwrap_or_default(),
@@ -154,7 +268,23 @@ impl IssuerSet {
             client_id: string_claim(&claims, "client_id").or_else(|| string_claim(&claims, "azp")),
             key_id: kid.to_owned(),
             api_key_id: None,
-        })
+            credential: CredentialKind::Jwt,
+        };
+        Ok((verified, window))
+    }
+
+    /// The introspectors of opaque tokens, in a stable order (by issuer).
+    pub fn introspectors(&self) -> Vec<&Arc<Introspector>> {
+        let mut issuers: Vec<&Issuer> = self
+            .issuers
+            .values()
+            .filter(|i| i.introspection.is_some())
+            .collect();
+        issuers.sort_by(|a, b| a.issuer.cmp(&b.issuer));
+        issuers
+            .iter()
+            .filter_map(|i| i.introspection.as_ref())
+            .collect()
     }
 }
 
@@ -209,7 +339,7 @@ fn check_times(issuer: &Issuer, claims: &Value, now: i64) -> Result<(), TokenErr
 }
 
 /// A NumericDate claim; fractional seconds are truncated, other types are malformed.
-fn numeric_date(claims: &Value, name: &str) -> Result<Option<i64>, TokenError> {
+pub(crate) fn numeric_date(claims: &Value, name: &str) -> Result<Option<i64>, TokenError> {
     match claims.get(name) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::Number(n)) => n
@@ -221,12 +351,12 @@ fn numeric_date(claims: &Value, name: &str) -> Result<Option<i64>, TokenError> {
     }
 }
 
-fn string_claim(claims: &Value, name: &str) -> Option<String> {
+pub(crate) fn string_claim(claims: &Value, name: &str) -> Option<String> {
     claims.get(name).and_then(Value::as_str).map(str::to_owned)
 }
 
 /// Scopes from `scope` (space separated, RFC 8693) or `scp` (array or string).
-fn scopes(claims: &Value) -> Vec<String> {
+pub(crate) fn scopes(claims: &Value) -> Vec<String> {
     let mut out = Vec::new();
     for name in ["scope", "scp"] {
         match claims.get(name) {
@@ -243,7 +373,7 @@ fn scopes(claims: &Value) -> Vec<String> {
 }
 
 /// Roles from a dotted claim path holding an array of strings or one string.
-fn roles(claims: &Value, path: &str) -> Vec<String> {
+pub(crate) fn roles(claims: &Value, path: &str) -> Vec<String> {
     let mut node = claims;
     for segment in path.split('.') {
         match node.get(segment) {

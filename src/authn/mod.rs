@@ -1,14 +1,22 @@
 //! Authentication: from the request's credential to a verified identity.
 //!
 //! - [`credential`] extracts the bearer token from the request headers;
-//! - [`jwks`] loads an issuer's public keys, each pinned to one algorithm;
+//! - [`jwks`] parses an issuer's public keys, each pinned to one algorithm;
+//! - [`keys`] keeps them: a local file, or a remote JWKS refreshed in the background;
 //! - [`jwt`] verifies a token against its issuer's rules;
+//! - [`introspection`] asks the issuer about opaque tokens (RFC 7662);
+//! - [`workload`] turns an mTLS peer's SPIFFE identity into a principal;
+//! - [`api_key`] verifies opaque API keys against a file of their hashes;
 //! - [`mint`] signs development tokens (for trying things out only).
 
+pub mod api_key;
 pub mod credential;
+pub mod introspection;
 pub mod jwks;
 pub mod jwt;
+pub mod keys;
 pub mod mint;
+pub mod workload;
 
 /// Largest accepted token, checked before any parsing.
 pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
@@ -60,10 +68,29 @@ pub enum TokenError {
     /// `exp - iat` exceeds the issuer's `max_token_lifetime`.
     #[error("token lifetime exceeds the maximum")]
     LifetimeTooLong,
+    /// The `typ` header is not the issuer's required token type.
+    #[error("token type is not accepted")]
+    WrongTokenType,
+    /// Introspection says the token is not active.
+    #[error("token is not active")]
+    InactiveToken,
+    /// The introspection endpoint failed or timed out (fail closed).
+    #[error("token introspection failed")]
+    IntrospectionFailed,
     /// A required claim (`exp`, `iat`, `sub`) is absent. (A missing `aud` is
     /// [`TokenError::WrongAudience`], a missing `iss` [`TokenError::UnknownIssuer`].)
     #[error("token lacks a required claim")]
     MissingClaim,
+    /// An API key whose id is unknown or whose secret is wrong (the two are not
+    /// told apart, so key ids cannot be probed).
+    #[error("API key is unknown")]
+    UnknownApiKey,
+    /// An API key that is disabled in the key file.
+    #[error("API key is disabled")]
+    DisabledApiKey,
+    /// An API key past its `expires` time.
+    #[error("API key expired")]
+    ExpiredApiKey,
     /// The credential verified but is revoked (by jti, subject, key, client or
     /// API key id; see `crate::revocation`).
     #[error("token is revoked")]
@@ -89,6 +116,12 @@ impl TokenError {
             TokenError::WrongAudience => "wrong_audience",
             TokenError::LifetimeTooLong => "lifetime_too_long",
             TokenError::MissingClaim => "missing_claim",
+            TokenError::WrongTokenType => "wrong_token_type",
+            TokenError::InactiveToken => "inactive_token",
+            TokenError::IntrospectionFailed => "introspection_failed",
+            TokenError::UnknownApiKey => "unknown_api_key",
+            TokenError::DisabledApiKey => "disabled_api_key",
+            TokenError::ExpiredApiKey => "expired_api_key",
             TokenError::Revoked => "revoked",
         }
     }
@@ -101,18 +134,51 @@ impl TokenError {
             TokenError::Expired => "the access token expired",
             TokenError::NotYetValid => "the access token is not yet valid",
             TokenError::LifetimeTooLong => "the access token lifetime is too long",
+            TokenError::IntrospectionFailed => "the access token could not be checked; retry later",
+            TokenError::ExpiredApiKey => "the API key expired",
+            TokenError::UnknownApiKey | TokenError::DisabledApiKey => "the API key is invalid",
             _ => "the access token is invalid",
         }
     }
 }
 
-/// The identity established from a verified token: what later stages may rely on.
+/// What kind of credential established an identity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CredentialKind {
+    /// A signed JWT verified with the issuer's keys.
+    Jwt,
+    /// An opaque token vouched for by the issuer's introspection endpoint.
+    Introspected,
+    /// An opaque API key from the key file.
+    ApiKey,
+    /// An mTLS peer's SPIFFE identity, on a route that allows it.
+    Workload,
+}
+
+impl CredentialKind {
+    /// Name used in the audit line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CredentialKind::Jwt => "jwt",
+            CredentialKind::Introspected => "introspection",
+            CredentialKind::ApiKey => "api_key",
+            CredentialKind::Workload => "workload",
+        }
+    }
+}
+
+/// The identity established from a verified credential: what later stages may rely on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VerifiedToken {
-    /// The configured issuer that vouched for the token (`iss`).
+    /// The configured issuer that vouched for the credential (`iss`), or
+    /// `api-key` / `workload` for those credentials.
     pub issuer: String,
-    /// The `sub` claim: the principal id.
+    /// The `sub` claim (the principal id when there is no `sub`).
     pub subject: String,
+    /// Cedar entity type of the principal, e.g. `User` or `Client`.
+    pub principal_type: String,
+    /// Cedar entity id of the principal.
+    pub principal_id: String,
     /// The `jti` claim, if any.
     pub jti: Option<String>,
     /// Issued-at, seconds since the epoch.
@@ -130,4 +196,6 @@ pub struct VerifiedToken {
     pub key_id: String,
     /// The id of the API key this identity came from, for API-key credentials.
     pub api_key_id: Option<String>,
+    /// How the identity was established.
+    pub credential: CredentialKind,
 }

@@ -1,12 +1,13 @@
 //! From a verified identity and an HTTP request to a schema-checked Cedar request.
 //!
 //! The convention follows API-linked policy stores:
-//! - principal `User::"<sub>"`, its parents `Role::"<role>"` for each role claim value;
+//! - principal `User::"<sub>"` (the issuer's `principal_type` and `principal_claim`),
+//!   its parents `Role::"<role>"` for each role claim value;
 //! - action `Action::"<lower-case method> <route template>"` (or the route's `action`);
 //! - resource `Application::"<application.name>"`;
-//! - context `{ http, path_params, token }` (see the README for the types).
+//! - context `{ http, path_params, token, workload? }` (see the README for the types).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::str::FromStr;
 
@@ -62,32 +63,79 @@ pub struct RequestFacts<'a> {
     pub action: &'a str,
     /// Path parameters of the matched route.
     pub path_params: &'a [(String, String)],
+    /// The mTLS peer's identity, when it is a trusted workload.
+    pub workload: Option<&'a str>,
+}
+
+/// Whether [`CedarMapping::build`] validates what it builds against the schema.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SchemaCheck {
+    /// Validate entities and context (load-time probes: tens of µs each).
+    Validate,
+    /// Skip validation on the request path: every shape `build` can produce for
+    /// an action (optional attributes present or absent, the route's path
+    /// parameters) was validated by the load-time probes, so repeating it per
+    /// request only costs time.
+    TrustShape,
 }
 
 /// Builds Cedar requests for one application.
 #[derive(Debug, Clone)]
 pub struct CedarMapping {
-    user_type: EntityTypeName,
+    principal_types: HashMap<String, EntityTypeName>,
     role_type: EntityTypeName,
     action_type: EntityTypeName,
     application: EntityUid,
+    /// Actions whose context type declares `workload?: String`.
+    workload_actions: HashSet<String>,
+    /// Per action, the principal types the schema accepts, and whether they may
+    /// have `Role` parents; established by load-time probes.
+    shapes: HashMap<String, HashMap<String, bool>>,
 }
 
 impl CedarMapping {
-    /// A mapping whose resource is `Application::"<application>"`.
-    pub fn new(application: &str) -> Result<CedarMapping, MappingError> {
-        let name =
-            |n: &str| EntityTypeName::from_str(n).map_err(|e| MappingError::Entity(e.to_string()));
+    /// A mapping whose resource is `Application::"<application>"` and whose
+    /// principals are of the given entity types (parsed once, here).
+    pub fn new<'a>(
+        application: &str,
+        principal_types: impl IntoIterator<Item = &'a str>,
+    ) -> Result<CedarMapping, MappingError> {
+        let name = |n: &str| {
+            EntityTypeName::from_str(n).map_err(|e| MappingError::Entity(format!("{n:?}: {e}")))
+        };
         let application_type = name(APPLICATION_TYPE)?;
+        let mut types = HashMap::new();
+        for ty in principal_types {
+            types.insert(ty.to_owned(), name(ty)?);
+        }
         Ok(CedarMapping {
-            user_type: name(USER_TYPE)?,
+            principal_types: types,
             role_type: name(ROLE_TYPE)?,
             action_type: name(ACTION_TYPE)?,
             application: EntityUid::from_type_name_and_id(
                 application_type,
                 EntityId::new(application),
             ),
+            workload_actions: HashSet::new(),
+            shapes: HashMap::new(),
         })
+    }
+
+    /// Records that requests for `action` by `principal_type` conform to the schema
+    /// (with `Role` parents too when `with_roles`).
+    pub fn allow_shape(&mut self, action: &str, principal_type: &str, with_roles: bool) {
+        let roles_ok = self
+            .shapes
+            .entry(action.to_owned())
+            .or_default()
+            .entry(principal_type.to_owned())
+            .or_insert(false);
+        *roles_ok |= with_roles;
+    }
+
+    /// Declares that `action`'s context carries the peer's `workload` identity.
+    pub fn enable_workload_context(&mut self, action: &str) {
+        self.workload_actions.insert(action.to_owned());
     }
 
     /// The resource every request is about.
@@ -95,14 +143,65 @@ impl CedarMapping {
         &self.application
     }
 
-    /// The principal uid of a token.
-    pub fn principal(&self, token: &VerifiedToken) -> EntityUid {
-        EntityUid::from_type_name_and_id(self.user_type.clone(), EntityId::new(&token.subject))
+    /// The principal uid of an identity, e.g. `User::"alice"`.
+    pub fn principal(&self, token: &VerifiedToken) -> Result<EntityUid, MappingError> {
+        let ty = match self.principal_types.get(&token.principal_type) {
+            Some(ty) => ty.clone(),
+            None => EntityTypeName::from_str(&token.principal_type)
+                .map_err(|e| MappingError::Entity(e.to_string()))?,
+        };
+        Ok(EntityUid::from_type_name_and_id(
+            ty,
+            EntityId::new(&token.principal_id),
+        ))
     }
 
     /// The action uid of an action id.
     pub fn action(&self, action: &str) -> EntityUid {
         EntityUid::from_type_name_and_id(self.action_type.clone(), EntityId::new(action))
+    }
+
+    /// A digest of every input [`CedarMapping::build`] reads, so two requests
+    /// with the same key get the same Cedar request and entities (the decision
+    /// cache's key). Keep in step with `build` and `context_pairs`.
+    pub fn decision_key(&self, token: &VerifiedToken, facts: RequestFacts<'_>) -> [u8; 32] {
+        let mut digest = DecisionKey::default();
+        digest.field(token.principal_type.as_bytes());
+        digest.field(token.principal_id.as_bytes());
+        let mut roles: Vec<&str> = token.roles.iter().map(String::as_str).collect();
+        roles.sort_unstable();
+        roles.dedup();
+        digest.list(roles.iter().map(|r| r.as_bytes()));
+        digest.field(facts.action.as_bytes());
+        let http = facts.http;
+        digest.field(http.method.as_bytes());
+        digest.field(http.path_without_query().as_bytes());
+        digest.field(http.host.as_bytes());
+        digest.field(http.scheme.as_bytes());
+        digest.field(
+            http.source_ip
+                .map(|ip| ip.to_string())
+                .unwrap_or_default()
+                .as_bytes(),
+        );
+        let workload = http
+            .peer_principal
+            .as_deref()
+            .filter(|_| self.workload_actions.contains(facts.action));
+        digest.option(workload.map(str::as_bytes));
+        digest.list(
+            facts
+                .path_params
+                .iter()
+                .flat_map(|(k, v)| [k.as_bytes(), v.as_bytes()]),
+        );
+        digest.field(token.issuer.as_bytes());
+        digest.field(&token.issued_at.to_be_bytes());
+        digest.field(&token.expires_at.to_be_bytes());
+        digest.list(token.scopes.iter().map(|s| s.as_bytes()));
+        digest.option(token.jti.as_deref().map(str::as_bytes));
+        digest.option(token.client_id.as_deref().map(str::as_bytes));
+        digest.finish()
     }
 
     /// Builds the schema-checked request and its entities.
@@ -111,8 +210,33 @@ impl CedarMapping {
         store: &PolicyStore,
         token: &VerifiedToken,
         facts: RequestFacts<'_>,
+        check: SchemaCheck,
     ) -> Result<CedarInput, MappingError> {
-        let principal = self.principal(token);
+        let schema = match check {
+            SchemaCheck::Validate => Some(&store.schema),
+            SchemaCheck::TrustShape => {
+                let shape = self
+                    .shapes
+                    .get(facts.action)
+                    .and_then(|types| types.get(&token.principal_type));
+                match shape {
+                    Some(roles_ok) if *roles_ok || token.roles.is_empty() => None,
+                    Some(_) => {
+                        return Err(MappingError::Request(format!(
+                            "{} principals have no Role parents in the schema",
+                            token.principal_type
+                        )));
+                    }
+                    None => {
+                        return Err(MappingError::Request(format!(
+                            "action {:?} does not apply to {} principals",
+                            facts.action, token.principal_type
+                        )));
+                    }
+                }
+            }
+        };
+        let principal = self.principal(token)?;
         let action = self.action(facts.action);
         let resource = self.application.clone();
 
@@ -142,17 +266,20 @@ impl CedarMapping {
         let entities = store
             .entities
             .clone()
-            .upsert_entities(added, Some(&store.schema))
+            .upsert_entities(added, schema)
             .map_err(|e| MappingError::Request(e.to_string()))?;
 
-        let context = Context::from_pairs(context_pairs(token, facts)?)
+        let workload = facts
+            .workload
+            .filter(|_| self.workload_actions.contains(facts.action));
+        let context = Context::from_pairs(context_pairs(token, facts, workload)?)
             .map_err(|e| MappingError::Request(e.to_string()))?;
         let request = Request::new(
             principal.clone(),
             action.clone(),
             resource.clone(),
             context,
-            Some(&store.schema),
+            schema,
         )
         .map_err(|e| MappingError::Request(e.to_string()))?;
         Ok(CedarInput {
@@ -162,6 +289,47 @@ impl CedarMapping {
             action,
             resource,
         })
+    }
+}
+
+/// Unambiguous hashing: every field is length-prefixed.
+struct DecisionKey(aws_lc_rs::digest::Context);
+
+impl Default for DecisionKey {
+    fn default() -> Self {
+        DecisionKey(aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256))
+    }
+}
+
+impl DecisionKey {
+    fn field(&mut self, bytes: &[u8]) {
+        self.0.update(&(bytes.len() as u64).to_be_bytes());
+        self.0.update(bytes);
+    }
+
+    fn option(&mut self, bytes: Option<&[u8]>) {
+        match bytes {
+            Some(bytes) => {
+                self.0.update(&[1]);
+                self.field(bytes);
+            }
+            None => self.0.update(&[0]),
+        }
+    }
+
+    fn list<'a>(&mut self, items: impl Iterator<Item = &'a [u8]>) {
+        let mut count = 0u64;
+        for item in items {
+            self.field(item);
+            count += 1;
+        }
+        self.0.update(&count.to_be_bytes());
+    }
+
+    fn finish(self) -> [u8; 32] {
+        let mut out = [0u8; 32];
+        out.copy_from_slice(self.0.finish().as_ref());
+        out
     }
 }
 
@@ -178,6 +346,7 @@ fn record(
 fn context_pairs(
     token: &VerifiedToken,
     facts: RequestFacts<'_>,
+    workload: Option<&str>,
 ) -> Result<Vec<(String, RestrictedExpression)>, MappingError> {
     let http = facts.http;
     let mut http_attrs = vec![
@@ -222,9 +391,13 @@ fn context_pairs(
         token_attrs.push(("client_id".to_owned(), string(client_id)));
     }
 
-    Ok(vec![
+    let mut pairs = vec![
         ("http".to_owned(), record(http_attrs)?),
         ("path_params".to_owned(), record(params)?),
         ("token".to_owned(), record(token_attrs)?),
-    ])
+    ];
+    if let Some(workload) = workload {
+        pairs.push(("workload".to_owned(), string(workload)));
+    }
+    Ok(pairs)
 }

@@ -28,11 +28,14 @@ pub struct RouteMatch<'a> {
     pub template: &'a str,
     /// Path parameters by name, percent-decoded.
     pub params: Vec<(String, String)>,
+    /// The route accepts an mTLS workload identity instead of a credential.
+    pub allow_workload: bool,
 }
 
 struct Route {
     action: String,
     template: String,
+    allow_workload: bool,
 }
 
 /// All configured routes, one matcher per method.
@@ -69,6 +72,7 @@ impl RouteTable {
             table.routes.push(Route {
                 action: config.action_id(),
                 template: config.path.clone(),
+                allow_workload: config.allow_workload,
             });
         }
         Ok(table)
@@ -92,6 +96,7 @@ impl RouteTable {
             action: &route.action,
             template: &route.template,
             params,
+            allow_workload: route.allow_workload,
         })
     }
 
@@ -138,6 +143,7 @@ mod tests {
             method: method.into(),
             path: path.into(),
             action: None,
+            allow_workload: false,
         }
     }
 

@@ -165,6 +165,9 @@ pub struct Lifetimes {
     pub max_lifetime: Duration,
     /// Largest clock-skew leeway any issuer tolerates.
     pub leeway: Duration,
+    /// Longest an API key can be valid (`[api_keys] max_lifetime`; zero
+    /// without API keys).
+    pub api_key_lifetime: Duration,
 }
 
 impl Lifetimes {
@@ -186,6 +189,10 @@ impl Lifetimes {
                 Some(exp) => exp.saturating_add(leeway).min(now + self.max_ttl()),
                 None => now + self.max_ttl(),
             },
+            Target::ApiKey { .. } => {
+                let api_key = (self.api_key_lifetime + self.leeway).as_secs() as i64;
+                now + api_key.max(self.max_ttl())
+            }
             _ => now + self.max_ttl(),
         }
     }
@@ -726,6 +733,8 @@ mod tests {
         VerifiedToken {
             issuer: "https://iss".into(),
             subject: "alice".into(),
+            principal_type: "User".into(),
+            principal_id: "alice".into(),
             jti: Some("j1".into()),
             issued_at: 1000,
             expires_at: 1600,
@@ -734,6 +743,7 @@ mod tests {
             client_id: Some("web".into()),
             key_id: "k1".into(),
             api_key_id: None,
+            credential: crate::authn::CredentialKind::Jwt,
         }
     }
 
@@ -793,6 +803,7 @@ mod tests {
         let l = Lifetimes {
             max_lifetime: Duration::from_secs(3600),
             leeway: Duration::from_secs(30),
+            api_key_lifetime: Duration::from_secs(86_400),
         };
         let now = 10_000;
         let sub = Target::Subject {

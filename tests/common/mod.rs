@@ -425,3 +425,37 @@ pub fn portcullis(args: &[&str]) -> std::process::Output {
 pub fn path_arg(p: &Path) -> String {
     p.display().to_string()
 }
+pub mod idp;
+
+impl Fixture {
+    /// Appends TOML to the configuration.
+    pub fn append_config(&self, text: &str) {
+        let mut config = std::fs::read_to_string(self.config_path()).unwrap();
+        config.push_str(text);
+        std::fs::write(self.config_path(), config).unwrap();
+    }
+
+    /// Starts the real server with the engine's background work (remote key
+    /// refresh, API key watch) running, and installs the engine once ready, as
+    /// `portcullis serve` does.
+    pub async fn serve_with_background(&self) -> (TestServer, Vec<tokio::task::JoinHandle<()>>) {
+        let running = self.serve_unloaded().await;
+        let engine = Engine::from_config(&self.config()).unwrap();
+        let tasks = engine.spawn_background();
+        wait_for("engine ready", || engine.is_ready()).await;
+        running.state().install(engine).await;
+        (TestServer::connect(running).await, tasks)
+    }
+}
+
+/// Polls `condition` until it holds; panics after a generous deadline (this is
+/// a wait for an event, not a timing assertion).
+pub async fn wait_for(what: &str, mut condition: impl FnMut() -> bool) {
+    for _ in 0..600 {
+        if condition() {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("timed out waiting for {what}");
+}

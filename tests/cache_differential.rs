@@ -1,0 +1,168 @@
+//! "A cache never changes a decision": long random streams of requests, token
+//! expiries (the clock moves, also backwards) and policy swaps, decided by engines
+//! with caches on and off; every decision must be identical.
+
+mod common;
+
+use common::*;
+use portcullis::attributes::HttpRequest;
+use portcullis::engine::Engine;
+use serde_json::json;
+
+/// A small deterministic PRNG (xorshift64*), so a failure can be replayed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+
+    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+        &items[self.below(items.len())]
+    }
+}
+
+fn engines(fx: &Fixture) -> (Engine, Engine) {
+    let mut cached = fx.config();
+    cached.cache.tokens = true;
+    cached.cache.decisions = true;
+    let mut uncached = fx.config();
+    uncached.cache.tokens = false;
+    uncached.cache.decisions = false;
+    (
+        Engine::from_config(&cached).unwrap(),
+        Engine::from_config(&uncached).unwrap(),
+    )
+}
+
+/// Extra policies that read the context, so caching keyed on too little would show.
+const EXTRA: &str = r#"
+@id("no-order-13")
+forbid (principal, action == Action::"get /orders/{id}", resource)
+when { context.path_params.id == "13" };
+
+@id("hosts")
+forbid (principal, action, resource) when { context.http.host == "blocked.example.test" };
+
+@id("jti-x")
+forbid (principal, action, resource) when { context.token has jti && context.token.jti == "x" };
+"#;
+
+#[tokio::test]
+async fn caches_never_change_a_decision() {
+    let set_a = Fixture::new();
+    std::fs::write(set_a.path("policies/extra.cedar"), EXTRA).unwrap();
+    // Set B: same keys, different policies (reads allowed only for admins).
+    let set_b = Fixture::with_keys(vec![]);
+    std::fs::copy(set_a.path("jwks.json"), set_b.path("jwks.json")).unwrap();
+    std::fs::write(
+        set_b.path("policies/orders.cedar"),
+        "@id(\"admins-only\")\npermit (principal in Role::\"admin\", action, resource);\n",
+    )
+    .unwrap();
+    let (a_cached, a_plain) = engines(&set_a);
+    let (b_cached, b_plain) = engines(&set_b);
+
+    let start = now();
+    let key = set_a.es256();
+    let mut tokens: Vec<Option<String>> = vec![None, Some("garbage".into())];
+    for i in 0..40 {
+        let mut c = claims(
+            &format!("user{}", i % 7),
+            &[["orders:read"], ["orders:write"]][i % 2],
+            if i % 5 == 0 { &["admin"] } else { &[] },
+        );
+        c["iat"] = json!(start + (i as i64 % 4) * 30 - 60);
+        c["exp"] = json!(start + 300 + (i as i64) * 30);
+        if i % 6 == 0 {
+            c["nbf"] = json!(start + 100);
+        }
+        if i % 9 == 0 {
+            c["jti"] = json!("x");
+        }
+        tokens.push(Some(set_a.keys[i % 3].sign(&c)));
+    }
+    tokens.push(Some(key.impostor_of().token(
+        "mallory",
+        &["orders:read"],
+        &["admin"],
+    )));
+    let routes = [
+        ("GET", "/orders"),
+        ("GET", "/orders/7"),
+        ("GET", "/orders/13"),
+        ("GET", "/orders/13?x=1"),
+        ("POST", "/orders"),
+        ("DELETE", "/orders/9"),
+        ("GET", "/nowhere"),
+        ("GET", "/orders/../x"),
+    ];
+    let hosts = ["orders.example.test", "blocked.example.test"];
+    let ips = [None, Some("10.0.0.1"), Some("203.0.113.7")];
+
+    let mut rng = Rng(0x5eed_cafe_f00d_1234);
+    let mut clock = start;
+    let mut use_b = false;
+    let mut compared = 0;
+    for step in 0..6000 {
+        match rng.below(100) {
+            0..=2 => use_b = !use_b,                 // policy swap
+            3..=6 => clock += rng.below(120) as i64, // time passes
+            7 => clock -= rng.below(100) as i64,     // and a clock skews back
+            8 => clock = start,                      // replay the window
+            _ => {}
+        }
+        let (method, path) = *rng.pick(&routes);
+        let mut http = HttpRequest {
+            method: method.into(),
+            path: path.into(),
+            host: (*rng.pick(&hosts)).into(),
+            scheme: "https".into(),
+            source_ip: rng.pick(&ips).map(|ip| ip.parse().unwrap()),
+            ..Default::default()
+        };
+        if let Some(token) = rng.pick(&tokens) {
+            http.headers
+                .insert("authorization".into(), format!("Bearer {token}"));
+        }
+        let (cached, plain) = if use_b {
+            (&b_cached, &b_plain)
+        } else {
+            (&a_cached, &a_plain)
+        };
+        let got = cached.decide_at(&http, clock).await;
+        let want = plain.decide_at(&http, clock).await;
+        assert_eq!(
+            (
+                got.verdict,
+                &got.principal,
+                &got.action,
+                &got.policies,
+                &got.errors
+            ),
+            (
+                want.verdict,
+                &want.principal,
+                &want.action,
+                &want.policies,
+                &want.errors
+            ),
+            "step {step}: {method} {path} at {clock}"
+        );
+        compared += 1;
+    }
+    assert_eq!(compared, 6000);
+    // The caches were really used, or the comparison proves nothing.
+    use std::sync::atomic::Ordering::Relaxed;
+    let stats = &a_cached.caches().stats;
+    assert!(stats.token_hits.load(Relaxed) > 500, "{:?}", stats);
+    assert!(stats.decision_hits.load(Relaxed) > 200, "{:?}", stats);
+    assert_eq!(a_plain.caches().stats.token_hits.load(Relaxed), 0);
+}
