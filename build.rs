@@ -1,5 +1,12 @@
-//! Build script: produces the encoded `FileDescriptorSet` that gRPC reflection serves
-//! for Envoy's `envoy.service.auth.v3.Authorization` service.
+//! Build script:
+//!
+//! 1. compiles our admin API (`proto/portcullis/admin/v1/admin.proto`) into Rust
+//!    (messages, tonic client and server) and an encoded descriptor set for
+//!    reflection on the admin listener;
+//! 2. produces the encoded `FileDescriptorSet` that gRPC reflection serves for
+//!    Envoy's `envoy.service.auth.v3.Authorization` service.
+//!
+//! Both use the pure-Rust `protox` compiler (no system `protoc`).
 //!
 //! The message types themselves come from the `envoy-types` crate; we only compile
 //! descriptors, from the `.proto` files that crate ships, with the pure-Rust `protox`
@@ -10,9 +17,13 @@ use std::path::{Path, PathBuf};
 
 const ENVOY_TYPES_DIR: &str = "envoy-types-0.7.7";
 
+const ADMIN_PROTO: &str = "portcullis/admin/v1/admin.proto";
+
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rerun-if-changed=proto");
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
+    compile_admin(&out);
     let target = out.join("envoy_auth_descriptor.bin");
     let bytes = match find_envoy_proto_root() {
         Some(root) => compile(&root),
@@ -24,6 +35,21 @@ fn main() {
         }
     };
     std::fs::write(&target, bytes).expect("write descriptor set");
+}
+
+/// Our own API must compile: any problem fails the build.
+fn compile_admin(out: &Path) {
+    let fds = protox::compile([ADMIN_PROTO], ["proto"]).expect("compile proto/ with protox");
+    std::fs::write(
+        out.join("admin_descriptor.bin"),
+        prost::Message::encode_to_vec(&fds),
+    )
+    .expect("write admin descriptor set");
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_fds(fds)
+        .expect("generate the admin API code");
 }
 
 fn compile(root: &Path) -> Vec<u8> {

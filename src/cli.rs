@@ -1,21 +1,25 @@
-//! The command line: `serve`, `validate`, `check` and the `token` dev helpers.
+//! The command line: `serve`, `validate`, `check`, the admin API clients
+//! (`revoke`, `revocations`, `status`) and the `token` dev helpers.
 
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Duration;
+
+use std::time::{Duration, UNIX_EPOCH};
 
 use anyhow::{Context as _, bail};
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
 
+use crate::admin::{self, pb};
 use crate::attributes::{HttpRequest, parse_source_ip};
 use crate::audit::AuditLog;
 use crate::authn::api_key::{NewKey, create_key};
 use crate::authn::mint::{MintRequest, SigningKey};
-use crate::config::Config;
+use crate::config::{Config, Secret};
 use crate::engine::Engine;
 use crate::ext_authz::http_status;
+use crate::revocation::RevocationStore;
 use crate::server;
 
 /// Portcullis: an Envoy ext_authz server enforcing JWT bearer tokens with Cedar policies.
@@ -48,6 +52,12 @@ pub enum Command {
     Validate(ConfigArg),
     /// Decide one request offline and explain the decision.
     Check(CheckArgs),
+    /// Revoke a credential on a running server (through its admin API).
+    Revoke(RevokeArgs),
+    /// List the revocations in force on a running server.
+    Revocations(AdminArgs),
+    /// Show a running server's revocation count, Redis link and policies.
+    Status(AdminArgs),
     /// Route tools.
     #[command(subcommand)]
     Routes(RoutesCommand),
@@ -120,6 +130,75 @@ pub struct ApiKeyCreateArgs {
     expires: Duration,
 }
 
+/// How to reach a server's admin API.
+#[derive(Debug, Args)]
+pub struct AdminArgs {
+    /// Admin listener (`[admin] listen`), e.g. `127.0.0.1:9192`.
+    #[arg(long = "admin", value_name = "ADDR", env = "PORTCULLIS_ADMIN")]
+    pub admin: String,
+    /// The admin token. Prefer the environment variable: other users can read
+    /// command lines.
+    #[arg(
+        long,
+        env = "PORTCULLIS_ADMIN_TOKEN",
+        hide_env_values = true,
+        value_parser = parse_secret
+    )]
+    pub admin_token: Secret,
+}
+
+fn parse_secret(value: &str) -> Result<Secret, String> {
+    if value.is_empty() {
+        return Err("must not be empty".into());
+    }
+    Ok(Secret::new(value))
+}
+
+/// Arguments of `revoke`: exactly one target.
+#[derive(Debug, Args)]
+#[command(group(
+    ArgGroup::new("target")
+        .required(true)
+        .args(["jti", "sub", "kid", "client", "api_key"])
+))]
+pub struct RevokeArgs {
+    #[command(flatten)]
+    admin: AdminArgs,
+    /// One token, by its `jti` claim.
+    #[arg(long)]
+    jti: Option<String>,
+    /// With `--jti`: only that issuer's token (default: any issuer).
+    #[arg(long, requires = "jti")]
+    issuer: Option<String>,
+    /// With `--jti`: the token's `exp` (seconds since the epoch), so the entry
+    /// expires with the token.
+    #[arg(long, requires = "jti", value_name = "UNIX_SECONDS")]
+    exp: Option<i64>,
+    /// Every token of a subject (`sub`) issued up to `--before`.
+    #[arg(long)]
+    sub: Option<String>,
+    /// With `--sub`: the cut-off, RFC 3339 (e.g. `2026-11-29T10:00:00Z`) or `now`.
+    #[arg(
+        long,
+        requires = "sub",
+        value_name = "RFC3339|now",
+        default_value = "now"
+    )]
+    before: String,
+    /// Every token signed by the key with this `kid`.
+    #[arg(long)]
+    kid: Option<String>,
+    /// Every token of this client (`client_id` or `azp`).
+    #[arg(long)]
+    client: Option<String>,
+    /// Every request authenticated by this API key id.
+    #[arg(long)]
+    api_key: Option<String>,
+    /// Free text kept with the entry.
+    #[arg(long, default_value = "")]
+    reason: String,
+}
+
 /// `--config FILE`.
 #[derive(Debug, Args)]
 pub struct ConfigArg {
@@ -141,8 +220,19 @@ pub struct ServeArgs {
 /// Arguments of `check`.
 #[derive(Debug, Args)]
 pub struct CheckArgs {
-    #[command(flatten)]
-    config: ConfigArg,
+    /// The TOML configuration file (decide offline with its engine).
+    #[arg(
+        long,
+        short,
+        env = "PORTCULLIS_CONFIG",
+        required_unless_present = "server"
+    )]
+    config: Option<PathBuf>,
+    /// Ask a running server instead (its Envoy-facing listener, e.g.
+    /// `127.0.0.1:9191`), over the real `Check` RPC as Envoy would: the answer
+    /// then reflects that server's revocations. `--config` is not used.
+    #[arg(long, value_name = "ADDR")]
+    server: Option<String>,
     /// The bearer token (omit to check an anonymous request).
     #[arg(long)]
     token: Option<String>,
@@ -223,7 +313,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Serve(args) => serve(args).await,
         Command::Validate(args) => validate(&args.config).await,
-        Command::Check(args) => check(args).await,
+        Command::Check(args) => match args.server.clone() {
+            Some(server) => check_remote(&server, args).await,
+            None => check(args).await,
+        },
+        Command::Revoke(args) => revoke(args).await,
+        Command::Revocations(args) => revocations(args).await,
+        Command::Status(args) => status(args).await,
         Command::Test(args) => policy_test(&args.config).await,
         Command::Routes(RoutesCommand::FromOpenapi(args)) => from_openapi(args),
         Command::Token(TokenCommand::Mint(args)) => mint(args),
@@ -247,6 +343,20 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         Some(path) => AuditLog::file(path)
             .with_context(|| format!("cannot open audit file {}", path.display()))?,
         None => AuditLog::stdout(),
+    };
+    if let Some(admin) = &config.admin
+        && admin.listen == listen
+        && listen.port() != 0
+    {
+        bail!("[admin] listen must differ from the Envoy-facing listener, both are {listen}");
+    }
+    let admin_token = match &config.admin {
+        Some(admin) => Some(
+            admin
+                .resolve_token()
+                .map_err(|e| anyhow::anyhow!("invalid [admin] configuration: {e}"))?,
+        ),
+        None => None,
     };
     let running = server::start(listen, audit).await?;
     tracing::info!(addr = %running.local_addr(), "listening (NOT_SERVING until policies and keys load)");
@@ -289,18 +399,246 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             }
         }
     }
+
+    // Revocations: the journal, and Redis in shared mode (which may wait for it).
+    let store = tokio::select! {
+        store = RevocationStore::open(&config.revocation, config.token_lifetimes()) => store,
+        _ = server::shutdown_signal() => {
+            tracing::info!("shutting down before the revocation store was ready");
+            running.shutdown(config.server.shutdown_grace).await?;
+            return Ok(ExitCode::SUCCESS);
+        }
+    };
+    let store = match store {
+        Ok(store) => store,
+        Err(e) => {
+            running.shutdown(config.server.shutdown_grace).await?;
+            return Err(e).context("cannot open the revocation store");
+        }
+    };
+    let admin = match (&config.admin, &admin_token) {
+        (Some(admin), Some(token)) => {
+            match admin::start(admin.listen, token, store.clone(), running.state().clone()).await {
+                Ok(admin) => {
+                    tracing::info!(addr = %admin.local_addr(), "admin API listening");
+                    Some(admin)
+                }
+                Err(e) => {
+                    store.shutdown().await;
+                    running.shutdown(config.server.shutdown_grace).await?;
+                    return Err(e.into());
+                }
+            }
+        }
+        _ => None,
+    };
+
     tracing::info!(
         policies = engine.policies().len(),
         dir = %config.policies.dir.display(),
         "policies and keys loaded; SERVING"
     );
-    running.state().install(engine).await;
+    running
+        .state()
+        .install(engine.with_revocations(store.clone()))
+        .await;
 
     server::shutdown_signal().await;
     tracing::info!("shutting down: NOT_SERVING, finishing in-flight checks");
+    if let Some(admin) = admin
+        && let Err(e) = admin.shutdown(config.server.shutdown_grace).await
+    {
+        tracing::warn!(error = %e, "admin listener did not stop cleanly");
+    }
     running.shutdown(config.server.shutdown_grace).await?;
     background.iter().for_each(|t| t.abort());
+    store.shutdown().await;
     tracing::info!("stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Adds `authorization: Bearer <admin token>` (marked sensitive) to every call.
+#[derive(Clone)]
+struct AdminCredential(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
+
+impl tonic::service::Interceptor for AdminCredential {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        request
+            .metadata_mut()
+            .insert("authorization", self.0.clone());
+        Ok(request)
+    }
+}
+
+type AdminClient = pb::admin_client::AdminClient<
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, AdminCredential>,
+>;
+
+async fn admin_client(args: &AdminArgs) -> anyhow::Result<AdminClient> {
+    let url = if args.admin.contains("://") {
+        args.admin.clone()
+    } else {
+        format!("http://{}", args.admin)
+    };
+    let channel = tonic::transport::Channel::from_shared(url.clone())
+        .with_context(|| format!("invalid --admin address {:?}", args.admin))?
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(30))
+        .connect()
+        .await
+        .with_context(|| format!("cannot connect to the admin API at {url}"))?;
+    let mut value: tonic::metadata::MetadataValue<tonic::metadata::Ascii> =
+        format!("Bearer {}", args.admin_token.expose())
+            .parse()
+            .map_err(|_| anyhow::anyhow!("the admin token must be printable ASCII"))?;
+    value.set_sensitive(true);
+    Ok(pb::admin_client::AdminClient::with_interceptor(
+        channel,
+        AdminCredential(value),
+    ))
+}
+
+fn admin_error(status: tonic::Status) -> anyhow::Error {
+    match status.code() {
+        tonic::Code::Unauthenticated => anyhow::anyhow!(
+            "the admin API refused the credential: check --admin-token or PORTCULLIS_ADMIN_TOKEN"
+        ),
+        code => anyhow::anyhow!("admin API: {code:?}: {}", status.message()),
+    }
+}
+
+fn rfc3339(secs: i64) -> String {
+    let time = UNIX_EPOCH + Duration::from_secs(secs.max(0) as u64);
+    humantime::format_rfc3339_seconds(time).to_string()
+}
+
+fn parse_cutoff(text: &str) -> anyhow::Result<Option<i64>> {
+    if text.eq_ignore_ascii_case("now") {
+        return Ok(None);
+    }
+    let time = humantime::parse_rfc3339_weak(text).with_context(|| {
+        format!("--before must be RFC 3339 (e.g. 2026-11-29T10:00:00Z) or now, found {text:?}")
+    })?;
+    let secs = time
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or_default();
+    Ok(Some(secs))
+}
+
+fn describe_target(target: Option<&pb::Target>) -> (&'static str, String) {
+    use pb::target::Kind;
+    match target.and_then(|t| t.kind.as_ref()) {
+        Some(Kind::Token(t)) if t.issuer.is_empty() => ("jti", format!("{:?} (any issuer)", t.jti)),
+        Some(Kind::Token(t)) => ("jti", format!("{:?} (issuer {:?})", t.jti, t.issuer)),
+        Some(Kind::Subject(s)) => (
+            "sub",
+            format!(
+                "{:?} (issued at or before {})",
+                s.sub,
+                rfc3339(s.issued_before.unwrap_or_default())
+            ),
+        ),
+        Some(Kind::KeyId(kid)) => ("kid", format!("{kid:?}")),
+        Some(Kind::ClientId(client)) => ("client", format!("{client:?}")),
+        Some(Kind::ApiKeyId(id)) => ("api_key", format!("{id:?}")),
+        None => ("?", String::new()),
+    }
+}
+
+async fn revoke(args: RevokeArgs) -> anyhow::Result<ExitCode> {
+    use pb::target::Kind;
+    let kind = if let Some(jti) = args.jti {
+        Kind::Token(pb::TokenTarget {
+            jti,
+            issuer: args.issuer.unwrap_or_default(),
+            expires_at: args.exp,
+        })
+    } else if let Some(sub) = args.sub {
+        Kind::Subject(pb::SubjectTarget {
+            sub,
+            issued_before: parse_cutoff(&args.before)?,
+        })
+    } else if let Some(kid) = args.kid {
+        Kind::KeyId(kid)
+    } else if let Some(client) = args.client {
+        Kind::ClientId(client)
+    } else if let Some(id) = args.api_key {
+        Kind::ApiKeyId(id)
+    } else {
+        bail!("one of --jti, --sub, --kid, --client, --api-key is required");
+    };
+    let mut client = admin_client(&args.admin).await?;
+    let response = client
+        .revoke(pb::RevokeRequest {
+            target: Some(pb::Target { kind: Some(kind) }),
+            reason: args.reason,
+        })
+        .await
+        .map_err(admin_error)?
+        .into_inner();
+    let entry = response.revocation.unwrap_or_default();
+    let (kind, target) = describe_target(entry.target.as_ref());
+    println!("revoked:  {kind} {target}");
+    println!("expires:  {}", rfc3339(entry.expires_at));
+    println!(
+        "redis:    {}",
+        if response.synced {
+            "written and published"
+        } else {
+            "not written: embedded mode, or queued until Redis is back (see `portcullis status`)"
+        }
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn revocations(args: AdminArgs) -> anyhow::Result<ExitCode> {
+    let mut client = admin_client(&args).await?;
+    let list = client
+        .list_revocations(pb::ListRevocationsRequest {})
+        .await
+        .map_err(admin_error)?
+        .into_inner()
+        .revocations;
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "{:<8} {:<21} {:<21} TARGET [REASON]",
+        "KIND", "CREATED", "EXPIRES"
+    )?;
+    for entry in &list {
+        let (kind, target) = describe_target(entry.target.as_ref());
+        let reason = if entry.reason.is_empty() {
+            String::new()
+        } else {
+            format!(" [{}]", entry.reason)
+        };
+        writeln!(
+            out,
+            "{kind:<8} {:<21} {:<21} {target}{reason}",
+            rfc3339(entry.created_at),
+            rfc3339(entry.expires_at)
+        )?;
+    }
+    writeln!(out, "{} revocation(s)", list.len())?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn status(args: AdminArgs) -> anyhow::Result<ExitCode> {
+    let mut client = admin_client(&args).await?;
+    let status = client
+        .status(pb::StatusRequest {})
+        .await
+        .map_err(admin_error)?
+        .into_inner();
+    println!("mode:           {}", status.mode);
+    println!("redis:          {}", status.redis);
+    println!("revocations:    {}", status.revocations);
+    println!("pending writes: {}", status.pending_writes);
+    println!("policies:       {}", status.policies);
     Ok(ExitCode::SUCCESS)
 }
 
@@ -343,12 +681,7 @@ async fn validate(path: &Path) -> anyhow::Result<ExitCode> {
     }
 }
 
-async fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
-    let config = Config::load(&args.config.config)?;
-    let engine = load_engine(&config)?;
-    for problem in engine.fetch_remote_keys_once().await {
-        eprintln!("warning: {problem}");
-    }
+fn request_from_args(args: CheckArgs) -> anyhow::Result<HttpRequest> {
     let mut http = HttpRequest {
         method: args.method.to_ascii_uppercase(),
         path: args.path,
@@ -374,7 +707,21 @@ async fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
             .insert("authorization".into(), format!("Bearer {token}"));
     }
     http.peer_principal = args.peer.clone();
-    let (decision, cedar_request) = if args.explain {
+    Ok(http)
+}
+
+async fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
+    let Some(path) = args.config.clone() else {
+        bail!("--config (or PORTCULLIS_CONFIG) is required unless --server is given");
+    };
+    let config = Config::load(&path)?;
+    let engine = load_engine(&config)?;
+    for problem in engine.fetch_remote_keys_once().await {
+        eprintln!("warning: {problem}");
+    }
+    let explain = args.explain;
+    let http = request_from_args(args)?;
+    let (decision, cedar_request) = if explain {
         engine.explain(&http).await
     } else {
         (engine.decide(&http).await, None)
@@ -416,7 +763,7 @@ async fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
     )?;
     writeln!(out, "policies:  {}", list(&decision.policies))?;
     writeln!(out, "errors:    {}", list(&decision.errors))?;
-    if args.explain {
+    if explain {
         match cedar_request {
             Some(request) => writeln!(
                 out,
@@ -430,6 +777,105 @@ async fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(if decision.effective_verdict().is_allow() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+/// `check --server`: the same request, sent to a running server's `Check`.
+async fn check_remote(server: &str, args: CheckArgs) -> anyhow::Result<ExitCode> {
+    use envoy_types::pb::envoy::config::core::v3::address::Address;
+    use envoy_types::pb::envoy::config::core::v3::socket_address::PortSpecifier;
+    use envoy_types::pb::envoy::config::core::v3::{Address as EnvoyAddress, SocketAddress};
+    use envoy_types::pb::envoy::service::auth::v3::attribute_context::{
+        HttpRequest as EnvoyHttp, Peer, Request as EnvoyRequest,
+    };
+    use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
+    use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
+    use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest};
+    use envoy_types::pb::google::protobuf::value::Kind;
+
+    let http = request_from_args(args)?;
+    let mut headers = http.headers.clone();
+    headers.insert(":method".into(), http.method.clone());
+    headers.insert(":path".into(), http.path.clone());
+    headers.insert(":authority".into(), http.host.clone());
+    let source = http.source_ip.map(|ip| Peer {
+        address: Some(EnvoyAddress {
+            address: Some(Address::SocketAddress(SocketAddress {
+                address: ip.to_string(),
+                port_specifier: Some(PortSpecifier::PortValue(0)),
+                ..Default::default()
+            })),
+        }),
+        ..Default::default()
+    });
+    let request = CheckRequest {
+        attributes: Some(AttributeContext {
+            source,
+            request: Some(EnvoyRequest {
+                http: Some(EnvoyHttp {
+                    method: http.method.clone(),
+                    path: http.path.clone(),
+                    host: http.host.clone(),
+                    scheme: http.scheme.clone(),
+                    protocol: "HTTP/1.1".into(),
+                    headers: headers.into_iter().collect(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+    };
+    let url = if server.contains("://") {
+        server.to_owned()
+    } else {
+        format!("http://{server}")
+    };
+    let channel = tonic::transport::Channel::from_shared(url.clone())
+        .with_context(|| format!("invalid --server address {server:?}"))?
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .with_context(|| format!("cannot connect to {url}"))?;
+    let response = AuthorizationClient::new(channel)
+        .check(request)
+        .await
+        .map_err(|status| {
+            anyhow::anyhow!("Check failed: {:?}: {}", status.code(), status.message())
+        })?
+        .into_inner();
+    let field = |name: &str| {
+        response
+            .dynamic_metadata
+            .as_ref()
+            .and_then(|m| m.fields.get(name))
+            .and_then(|v| match &v.kind {
+                Some(Kind::StringValue(s)) => Some(s.clone()),
+                _ => None,
+            })
+            .unwrap_or_else(|| "(none)".into())
+    };
+    let (allowed, status) = match &response.http_response {
+        Some(HttpResponse::OkResponse(_)) => (true, 200),
+        Some(HttpResponse::DeniedResponse(denied)) => {
+            (false, denied.status.as_ref().map_or(403, |s| s.code))
+        }
+        _ => (false, 403),
+    };
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "decision:  {}", if allowed { "allow" } else { "deny" })?;
+    writeln!(out, "status:    {status}")?;
+    writeln!(out, "reason:    {}", field("reason"))?;
+    writeln!(out, "principal: {}", field("principal"))?;
+    writeln!(
+        out,
+        "id:        {} (the server's audit line)",
+        field("decision_id")
+    )?;
+    Ok(if allowed {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)

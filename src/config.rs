@@ -67,6 +67,12 @@ pub struct Config {
     /// The decision log.
     #[serde(default)]
     pub audit: AuditConfig,
+    /// The revocation set: local journal, optional Redis.
+    #[serde(default)]
+    pub revocation: RevocationConfig,
+    /// The admin API; absent means the admin API is off.
+    #[serde(default)]
+    pub admin: Option<AdminConfig>,
     /// Verified-token and decision caches.
     #[serde(default)]
     pub cache: CacheConfig,
@@ -106,6 +112,125 @@ impl Default for CacheConfig {
             decision_max_bytes: default_decision_bytes(),
             decision_ttl_max: default_decision_ttl(),
         }
+    }
+}
+
+/// A secret string (admin token, Redis URL with a password): never printed by
+/// `Debug`.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret value.
+    pub fn new(value: impl Into<String>) -> Secret {
+        Secret(value.into())
+    }
+
+    /// The value, for the one place that needs it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+/// `[revocation]`: where revocations are kept and how instances share them.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevocationConfig {
+    /// Folder of the append-only journal (`revocations.log`).
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    /// `redis://` or `rediss://` URL: shared mode. Unset: embedded mode.
+    #[serde(default)]
+    pub redis_url: Option<Secret>,
+    /// Without Redis at start: wait for it, or serve on the local journal.
+    #[serde(default)]
+    pub startup: StartupMode,
+    /// Prefix of the Redis key and channel, so deployments can share one Redis.
+    #[serde(default = "default_redis_prefix")]
+    pub redis_prefix: String,
+}
+
+impl Default for RevocationConfig {
+    fn default() -> Self {
+        Self {
+            data_dir: default_data_dir(),
+            redis_url: None,
+            startup: StartupMode::default(),
+            redis_prefix: default_redis_prefix(),
+        }
+    }
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("data")
+}
+
+fn default_redis_prefix() -> String {
+    "portcullis".to_owned()
+}
+
+/// What `serve` does when Redis is unreachable at start.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StartupMode {
+    /// Stay NOT_SERVING until the first full sync with Redis.
+    #[default]
+    Wait,
+    /// Serve at once on the local journal; sync when Redis answers.
+    Local,
+}
+
+/// `[admin]`: the admin gRPC listener and its credential.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Address of the admin listener (never the Envoy-facing one).
+    pub listen: SocketAddr,
+    /// The admin bearer token, inline.
+    #[serde(default)]
+    pub token: Option<Secret>,
+    /// A file holding the admin token (surrounding whitespace is ignored).
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// The name of an environment variable holding the admin token.
+    #[serde(default)]
+    pub token_env: Option<String>,
+}
+
+/// Shortest accepted admin token.
+pub const MIN_ADMIN_TOKEN_BYTES: usize = 16;
+
+impl AdminConfig {
+    /// Reads the admin token from wherever the configuration says it is.
+    pub fn resolve_token(&self) -> Result<Secret, String> {
+        let token = match (&self.token, &self.token_file, &self.token_env) {
+            (Some(token), None, None) => token.expose().to_owned(),
+            (None, Some(file), None) => std::fs::read_to_string(file)
+                .map_err(|e| format!("admin.token_file {}: {e}", file.display()))?
+                .trim()
+                .to_owned(),
+            (None, None, Some(var)) => std::env::var(var)
+                .map_err(|_| format!("admin.token_env: environment variable {var} is not set"))?
+                .trim()
+                .to_owned(),
+            _ => return Err("[admin] needs exactly one of token, token_file, token_env".into()),
+        };
+        if token.len() < MIN_ADMIN_TOKEN_BYTES {
+            return Err(format!(
+                "the admin token must be at least {MIN_ADMIN_TOKEN_BYTES} bytes long"
+            ));
+        }
+        if token.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err("the admin token must not contain whitespace".into());
+        }
+        Ok(Secret(token))
     }
 }
 
@@ -569,6 +694,34 @@ impl Config {
         if let Some(api_keys) = &mut self.api_keys {
             resolve(&mut api_keys.file);
         }
+        resolve(&mut self.revocation.data_dir);
+        if let Some(file) = self.admin.as_mut().and_then(|a| a.token_file.as_mut()) {
+            resolve(file);
+        }
+    }
+
+    /// The longest token lifetime and leeway over all issuers: how long a
+    /// revoked credential could otherwise stay valid.
+    pub fn token_lifetimes(&self) -> crate::revocation::Lifetimes {
+        crate::revocation::Lifetimes {
+            max_lifetime: self
+                .issuers
+                .iter()
+                .map(|i| i.max_token_lifetime)
+                .max()
+                .unwrap_or_default(),
+            leeway: self
+                .issuers
+                .iter()
+                .map(|i| i.leeway)
+                .max()
+                .unwrap_or_default(),
+            api_key_lifetime: self
+                .api_keys
+                .as_ref()
+                .map(|k| k.max_lifetime)
+                .unwrap_or_default(),
+        }
     }
 
     fn check(&self) -> Result<(), String> {
@@ -720,6 +873,28 @@ impl Config {
                 "response.subject_header must be a lower-case header name, found {header:?}"
             ));
         }
+        let prefix = &self.revocation.redis_prefix;
+        if prefix.is_empty() || prefix.chars().any(|c| c.is_whitespace()) {
+            return Err(format!(
+                "revocation.redis_prefix must be non-empty without whitespace, found {prefix:?}"
+            ));
+        }
+        if let Some(admin) = &self.admin {
+            let set = [
+                admin.token.is_some(),
+                admin.token_file.is_some(),
+                admin.token_env.is_some(),
+            ];
+            if set.iter().filter(|s| **s).count() != 1 {
+                return Err("[admin] needs exactly one of token, token_file, token_env".into());
+            }
+            if admin.listen == self.server.listen && admin.listen.port() != 0 {
+                return Err(format!(
+                    "admin.listen must differ from server.listen (the Envoy-facing listener), both are {}",
+                    admin.listen
+                ));
+            }
+        }
         Ok(())
     }
 }
@@ -767,6 +942,43 @@ path = "/orders/{id}"
         assert_eq!(issuer.roles_claim, "roles");
         assert_eq!(config.routes[0].action_id(), "get /orders/{id}");
         assert_eq!(config.response.subject_header, "x-portcullis-subject");
+        assert_eq!(
+            config.revocation.data_dir,
+            PathBuf::from("/etc/portcullis/data")
+        );
+        assert!(config.revocation.redis_url.is_none());
+        assert_eq!(config.revocation.startup, StartupMode::Wait);
+        assert!(config.admin.is_none());
+    }
+
+    #[test]
+    fn admin_and_revocation_sections() {
+        let text = format!(
+            "{MINIMAL}\n[revocation]\nredis_url = \"redis://:hunter2@127.0.0.1:6379\"\nstartup = \"local\"\n[admin]\nlisten = \"127.0.0.1:9192\"\ntoken = \"0123456789abcdef0123\"\n"
+        );
+        let config = parse(&text).unwrap();
+        assert_eq!(config.revocation.startup, StartupMode::Local);
+        let admin = config.admin.as_ref().unwrap();
+        assert_eq!(
+            admin.resolve_token().unwrap().expose(),
+            "0123456789abcdef0123"
+        );
+        let debug = format!("{config:?}");
+        assert!(!debug.contains("hunter2"), "{debug}");
+        assert!(!debug.contains("0123456789abcdef0123"), "{debug}");
+
+        let short = text.replace("0123456789abcdef0123", "short");
+        let err = parse(&short).unwrap().admin.unwrap().resolve_token();
+        assert!(err.unwrap_err().contains("at least 16"));
+        let same = text.replace("127.0.0.1:9192", "127.0.0.1:9191");
+        assert!(
+            parse(&same)
+                .unwrap_err()
+                .to_string()
+                .contains("admin.listen")
+        );
+        let two = text.replace("[admin]\n", "[admin]\ntoken_env = \"X\"\n");
+        assert!(parse(&two).unwrap_err().to_string().contains("exactly one"));
     }
 
     #[test]

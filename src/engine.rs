@@ -28,6 +28,7 @@ use crate::authz::{PolicyOutcome, evaluate};
 use crate::cache::{CachedToken, Caches};
 use crate::config::{ApiKeysConfig, Config, Mode, ResponseConfig};
 use crate::decision::{BadRequest, Decision, DenyReason, Verdict};
+use crate::revocation::RevocationStore;
 
 /// Everything wrong with a configuration, keys and policy folder, all at once.
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +62,7 @@ pub struct Engine {
     caches: Caches,
     mode: Mode,
     token_mode: Mode,
+    revocations: Option<Arc<RevocationStore>>,
 }
 
 impl Engine {
@@ -136,6 +138,7 @@ impl Engine {
             caches: Caches::new(&config.cache),
             mode: config.application.mode,
             token_mode: config.application.token_mode,
+            revocations: None,
         };
         let problems = engine.check_actions_against_schema(&principal_types);
         if problems.is_empty() {
@@ -143,6 +146,13 @@ impl Engine {
         } else {
             Err(LoadError { problems })
         }
+    }
+
+    /// Checks every authenticated credential against `store` (shared with the
+    /// admin API and, through Redis, with other instances).
+    pub fn with_revocations(mut self, store: Arc<RevocationStore>) -> Engine {
+        self.revocations = Some(store);
+        self
     }
 
     /// The loaded policy folder.
@@ -429,6 +439,13 @@ impl Engine {
         decision.issuer = Some(token.issuer.clone());
         decision.jti = token.jti.clone();
         decision.api_key_id = token.api_key_id.clone();
+        // Revocation comes right after authentication, before anything else uses
+        // the identity (and before any cached decision).
+        if let Some(revocations) = &self.revocations
+            && revocations.check(&token, now).is_err()
+        {
+            return Err(DenyReason::Unauthenticated(TokenError::Revoked));
+        }
         let principal = self.mapping.principal(&token).map_err(|e| {
             decision.errors.push(e.to_string());
             DenyReason::SchemaMismatch

@@ -5,10 +5,13 @@
 //! [`attributes`] → [`authn`] → [`authz`] → [`decision`], orchestrated by
 //! [`engine`]; [`ext_authz`] adapts it to Envoy, [`server`] serves it, [`audit`]
 //! records every decision, [`config`] and [`cli`] are the operator's surface.
+//! [`revocation`] holds the revoked credentials the engine checks right after
+//! authentication; [`admin`] is the admin gRPC API that manages them.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod admin;
 pub mod attributes;
 pub mod audit;
 pub mod authn;
@@ -21,5 +24,6 @@ pub mod engine;
 pub mod ext_authz;
 pub mod openapi;
 pub mod policy_tests;
+pub mod revocation;
 pub mod server;
 pub mod telemetry;

@@ -91,6 +91,10 @@ pub enum TokenError {
     /// An API key past its `expires` time.
     #[error("API key expired")]
     ExpiredApiKey,
+    /// The credential verified but is revoked (by jti, subject, key, client or
+    /// API key id; see `crate::revocation`).
+    #[error("token is revoked")]
+    Revoked,
 }
 
 impl TokenError {
@@ -118,6 +122,7 @@ impl TokenError {
             TokenError::UnknownApiKey => "unknown_api_key",
             TokenError::DisabledApiKey => "disabled_api_key",
             TokenError::ExpiredApiKey => "expired_api_key",
+            TokenError::Revoked => "revoked",
         }
     }
 

@@ -1,0 +1,336 @@
+//! The admin gRPC API (`portcullis.admin.v1.Admin`): revoke credentials, list the
+//! revocations in force, report status.
+//!
+//! It has its own listener (`[admin] listen`), never the Envoy-facing one. Every
+//! call, reflection included, needs `authorization: Bearer <admin token>`
+//! metadata; the token is compared in constant time (both sides are hashed with
+//! SHA-256 first, so not even its length leaks). Anything else is refused with
+//! UNAUTHENTICATED, and the presented value is never logged or echoed.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use subtle::ConstantTimeEq as _;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::service::interceptor::InterceptedService;
+use tonic::{Request, Response, Status};
+
+use crate::config::Secret;
+use crate::revocation::{self, RevocationError, RevocationStore, Target, unix_now};
+use crate::server::ServerState;
+
+/// The generated admin API types, client and server.
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
+pub mod pb {
+    tonic::include_proto!("portcullis.admin.v1");
+
+    /// Encoded descriptors of the admin API, for reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/admin_descriptor.bin"));
+}
+
+use pb::admin_server::{Admin, AdminServer};
+
+/// Errors starting or running the admin listener.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr} (admin): {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// gRPC reflection could not be set up.
+    #[error("cannot build the admin reflection service: {0}")]
+    Reflection(String),
+    /// The transport failed.
+    #[error("admin gRPC transport: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// The server task panicked or was cancelled.
+    #[error("admin server task: {0}")]
+    Task(String),
+}
+
+/// Checks the admin credential of every call.
+#[derive(Clone)]
+pub struct AdminAuth {
+    digest: [u8; 32],
+}
+
+impl std::fmt::Debug for AdminAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AdminAuth(<redacted>)")
+    }
+}
+
+fn sha256(bytes: &[u8]) -> [u8; 32] {
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, bytes);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(digest.as_ref());
+    out
+}
+
+impl AdminAuth {
+    /// Accepts calls bearing `token`.
+    pub fn new(token: &Secret) -> AdminAuth {
+        AdminAuth {
+            digest: sha256(token.expose().as_bytes()),
+        }
+    }
+
+    /// True if `authorization` is `Bearer <the admin token>`.
+    pub fn accepts(&self, authorization: Option<&[u8]>) -> bool {
+        let Some(value) = authorization else {
+            return false;
+        };
+        let Some((scheme, token)) = value
+            .iter()
+            .position(|b| *b == b' ')
+            .map(|i| (&value[..i], &value[i + 1..]))
+        else {
+            return false;
+        };
+        if !scheme.eq_ignore_ascii_case(b"bearer") {
+            return false;
+        }
+        bool::from(sha256(token.trim_ascii()).ct_eq(&self.digest))
+    }
+}
+
+impl tonic::service::Interceptor for AdminAuth {
+    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+        let header = request
+            .metadata()
+            .get("authorization")
+            .map(|v| v.as_bytes());
+        if self.accepts(header) {
+            Ok(request)
+        } else {
+            tracing::warn!(
+                peer = ?request.remote_addr(),
+                "admin call refused: missing or wrong admin credential"
+            );
+            Err(Status::unauthenticated(
+                "admin credential required: authorization: Bearer <admin token>",
+            ))
+        }
+    }
+}
+
+/// The `portcullis.admin.v1.Admin` service.
+#[derive(Debug, Clone)]
+pub struct AdminService {
+    store: Arc<RevocationStore>,
+    state: Arc<ServerState>,
+}
+
+impl AdminService {
+    /// A service over `store`, reporting the engine installed in `state`.
+    pub fn new(store: Arc<RevocationStore>, state: Arc<ServerState>) -> AdminService {
+        AdminService { store, state }
+    }
+}
+
+fn target_from_pb(target: Option<pb::Target>) -> Result<(Target, Option<i64>), Status> {
+    use pb::target::Kind;
+    let kind = target.and_then(|t| t.kind).ok_or_else(|| {
+        Status::invalid_argument("a target (jti, sub, kid, client or API key id) is required")
+    })?;
+    Ok(match kind {
+        Kind::Token(t) => (
+            Target::Token {
+                jti: t.jti,
+                issuer: Some(t.issuer).filter(|i| !i.is_empty()),
+            },
+            t.expires_at,
+        ),
+        Kind::Subject(s) => (
+            Target::Subject {
+                sub: s.sub,
+                issued_before: s.issued_before.unwrap_or_else(unix_now),
+            },
+            None,
+        ),
+        Kind::KeyId(kid) => (Target::Key { kid }, None),
+        Kind::ClientId(client_id) => (Target::Client { client_id }, None),
+        Kind::ApiKeyId(api_key_id) => (Target::ApiKey { api_key_id }, None),
+    })
+}
+
+fn target_to_pb(target: &Target) -> pb::Target {
+    use pb::target::Kind;
+    let kind = match target {
+        Target::Token { jti, issuer } => Kind::Token(pb::TokenTarget {
+            jti: jti.clone(),
+            issuer: issuer.clone().unwrap_or_default(),
+            expires_at: None,
+        }),
+        Target::Subject { sub, issued_before } => Kind::Subject(pb::SubjectTarget {
+            sub: sub.clone(),
+            issued_before: Some(*issued_before),
+        }),
+        Target::Key { kid } => Kind::KeyId(kid.clone()),
+        Target::Client { client_id } => Kind::ClientId(client_id.clone()),
+        Target::ApiKey { api_key_id } => Kind::ApiKeyId(api_key_id.clone()),
+    };
+    pb::Target { kind: Some(kind) }
+}
+
+/// The wire form of an entry.
+pub fn revocation_to_pb(r: &revocation::Revocation) -> pb::Revocation {
+    pb::Revocation {
+        target: Some(target_to_pb(&r.target)),
+        created_at: r.created_at,
+        expires_at: r.expires_at,
+        reason: r.reason.clone(),
+    }
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn revoke(
+        &self,
+        request: Request<pb::RevokeRequest>,
+    ) -> Result<Response<pb::RevokeResponse>, Status> {
+        let request = request.into_inner();
+        let (target, token_exp) = target_from_pb(request.target)?;
+        let kind = target.kind();
+        let done = self
+            .store
+            .revoke(target, token_exp, request.reason)
+            .await
+            .map_err(|e| match e {
+                RevocationError::Invalid(_) => Status::invalid_argument(e.to_string()),
+                _ => Status::internal(e.to_string()),
+            })?;
+        tracing::info!(
+            kind,
+            expires_at = done.revocation.expires_at,
+            synced = done.synced,
+            "revocation recorded"
+        );
+        Ok(Response::new(pb::RevokeResponse {
+            revocation: Some(revocation_to_pb(&done.revocation)),
+            synced: done.synced,
+        }))
+    }
+
+    async fn list_revocations(
+        &self,
+        _request: Request<pb::ListRevocationsRequest>,
+    ) -> Result<Response<pb::ListRevocationsResponse>, Status> {
+        Ok(Response::new(pb::ListRevocationsResponse {
+            revocations: self.store.list().iter().map(revocation_to_pb).collect(),
+        }))
+    }
+
+    async fn status(
+        &self,
+        _request: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        let status = self.store.status();
+        Ok(Response::new(pb::StatusResponse {
+            revocations: status.revocations as u64,
+            mode: match status.mode {
+                revocation::Mode::Embedded => "embedded".into(),
+                revocation::Mode::Redis => "redis".into(),
+            },
+            redis: status.redis.as_str().into(),
+            pending_writes: status.pending_writes as u64,
+            policies: self.state.engine().map_or(0, |e| e.policies().len() as u64),
+        }))
+    }
+}
+
+/// A running admin listener.
+#[derive(Debug)]
+pub struct RunningAdmin {
+    local_addr: SocketAddr,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+impl RunningAdmin {
+    /// The bound address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Stops accepting and waits up to `grace` for calls in flight.
+    pub async fn shutdown(mut self, grace: Duration) -> Result<(), AdminError> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        let abort = self.task.abort_handle();
+        match tokio::time::timeout(grace, self.task).await {
+            Ok(Ok(result)) => result.map_err(AdminError::from),
+            Ok(Err(e)) => Err(AdminError::Task(e.to_string())),
+            Err(_) => {
+                abort.abort();
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Binds `addr` and serves the admin API (and its reflection), every call
+/// requiring `token`.
+pub async fn start(
+    addr: SocketAddr,
+    token: &Secret,
+    store: Arc<RevocationStore>,
+    state: Arc<ServerState>,
+) -> Result<RunningAdmin, AdminError> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| AdminError::Bind { addr, source })?;
+    let local_addr = listener
+        .local_addr()
+        .map_err(|source| AdminError::Bind { addr, source })?;
+    let auth = AdminAuth::new(token);
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| AdminError::Reflection(e.to_string()))?;
+    let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
+    let router = tonic::transport::Server::builder()
+        .add_service(InterceptedService::new(reflection, auth.clone()))
+        .add_service(AdminServer::with_interceptor(
+            AdminService::new(store, state),
+            auth,
+        ));
+    // TCP_NODELAY: otherwise a response's trailers can wait ~40 ms on Nagle.
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let task = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
+        let _ = shutdown_rx.await;
+    }));
+    Ok(RunningAdmin {
+        local_addr,
+        shutdown: Some(shutdown_tx),
+        task,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_exact_bearer_token_is_accepted() {
+        let auth = AdminAuth::new(&Secret::new("0123456789abcdef"));
+        assert!(auth.accepts(Some(b"Bearer 0123456789abcdef")));
+        assert!(auth.accepts(Some(b"bearer 0123456789abcdef")));
+        assert!(!auth.accepts(None));
+        assert!(!auth.accepts(Some(b"Bearer")));
+        assert!(!auth.accepts(Some(b"Bearer 0123456789abcdeX")));
+        assert!(!auth.accepts(Some(b"Bearer 0123456789abcdef0")));
+        assert!(!auth.accepts(Some(b"Basic 0123456789abcdef")));
+        assert!(!auth.accepts(Some(b"0123456789abcdef")));
+        assert!(!format!("{auth:?}").contains("0123"));
+    }
+}

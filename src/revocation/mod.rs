@@ -1,0 +1,837 @@
+//! Revocation: the set of revoked credentials, checked on every request.
+//!
+//! - [`Target`] says what an entry matches: one token (`jti`, optionally scoped by
+//!   issuer), a subject's tokens issued up to a cut-off, a key (`kid`), a client
+//!   (`client_id`) or an API key id;
+//! - every [`Revocation`] carries the time after which no token it matches can
+//!   still be valid, and is dropped then, so the set does not grow forever;
+//! - [`RevocationStore`] holds the set. Requests read an immutable snapshot
+//!   (`arc-swap`), so the check never takes a lock or waits on I/O; writers build
+//!   a new snapshot and publish it atomically;
+//! - [`journal`] persists every entry to an append-only file (fsync per write),
+//!   replayed and compacted on start: the embedded mode, and the local copy in
+//!   shared mode;
+//! - [`redis`] shares entries between instances through Redis (shared mode).
+
+pub mod journal;
+pub mod redis;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use crate::authn::VerifiedToken;
+use crate::config::RevocationConfig;
+use journal::Journal;
+
+/// Longest accepted identifier (jti, sub, kid, client id, API key id, issuer).
+pub const MAX_ID_BYTES: usize = 1024;
+/// Longest accepted free-text reason.
+pub const MAX_REASON_BYTES: usize = 1024;
+
+/// Errors of the revocation store. None of them carries a credential.
+#[derive(Debug, thiserror::Error)]
+pub enum RevocationError {
+    /// The journal could not be read or written.
+    #[error("revocation journal {path}: {source}")]
+    Journal {
+        /// The journal file or data folder.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A revocation request is not acceptable.
+    #[error("invalid revocation: {0}")]
+    Invalid(String),
+    /// The Redis URL is not valid.
+    #[error("invalid [revocation] redis_url: {0}")]
+    RedisUrl(String),
+    /// A background task failed.
+    #[error("revocation task: {0}")]
+    Task(String),
+}
+
+/// What a revocation matches.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Target {
+    /// One token, by `jti`; with an issuer, only that issuer's token.
+    Token {
+        /// The `jti` claim.
+        jti: String,
+        /// The `iss` claim; `None` matches the `jti` of any issuer.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        issuer: Option<String>,
+    },
+    /// Every token of a subject with `iat <= issued_before`.
+    Subject {
+        /// The `sub` claim.
+        sub: String,
+        /// The cut-off, seconds since the epoch (inclusive).
+        issued_before: i64,
+    },
+    /// Every token signed by a key.
+    Key {
+        /// The key id (`kid`).
+        kid: String,
+    },
+    /// Every token of a client.
+    Client {
+        /// The `client_id` (or `azp`) claim.
+        client_id: String,
+    },
+    /// Every request authenticated by an API key.
+    ApiKey {
+        /// The API key id.
+        api_key_id: String,
+    },
+}
+
+impl Target {
+    /// The kind as a stable word: `jti`, `sub`, `kid`, `client`, `api_key`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Target::Token { .. } => "jti",
+            Target::Subject { .. } => "sub",
+            Target::Key { .. } => "kid",
+            Target::Client { .. } => "client",
+            Target::ApiKey { .. } => "api_key",
+        }
+    }
+
+    fn validate(&self) -> Result<(), RevocationError> {
+        let ids: Vec<(&str, &str)> = match self {
+            Target::Token { jti, issuer } => {
+                let mut ids = vec![("jti", jti.as_str())];
+                if let Some(issuer) = issuer {
+                    ids.push(("issuer", issuer.as_str()));
+                }
+                ids
+            }
+            Target::Subject { sub, .. } => vec![("sub", sub.as_str())],
+            Target::Key { kid } => vec![("kid", kid.as_str())],
+            Target::Client { client_id } => vec![("client_id", client_id.as_str())],
+            Target::ApiKey { api_key_id } => vec![("api_key_id", api_key_id.as_str())],
+        };
+        for (name, value) in ids {
+            if value.is_empty() {
+                return Err(RevocationError::Invalid(format!(
+                    "{name} must not be empty"
+                )));
+            }
+            if value.len() > MAX_ID_BYTES {
+                return Err(RevocationError::Invalid(format!(
+                    "{name} is longer than {MAX_ID_BYTES} bytes"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One revocation entry, as journaled, stored in Redis and listed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Revocation {
+    /// What it matches.
+    pub target: Target,
+    /// When it was made, seconds since the epoch.
+    pub created_at: i64,
+    /// When it is dropped (seconds since the epoch): no token it matches can
+    /// still be valid then.
+    pub expires_at: i64,
+    /// Free text for operators.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub reason: String,
+}
+
+impl Revocation {
+    /// The entry's one-line JSON form (journal line, Redis member, pub/sub message).
+    pub fn to_line(&self) -> String {
+        // Serializing plain strings and integers cannot fail.
+        serde_json::to_string(self).unwrap_or_default()
+    }
+}
+
+/// How long a revoked credential can stay valid, from the issuers' rules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lifetimes {
+    /// Longest `exp - iat` any issuer accepts.
+    pub max_lifetime: Duration,
+    /// Largest clock-skew leeway any issuer tolerates.
+    pub leeway: Duration,
+    /// Longest an API key can be valid (`[api_keys] max_lifetime`; zero
+    /// without API keys).
+    pub api_key_lifetime: Duration,
+}
+
+impl Lifetimes {
+    /// Longest time a token can still be accepted after it was seen: its whole
+    /// lifetime, plus the leeway on `iat` and on `exp`.
+    pub fn max_ttl(&self) -> i64 {
+        (self.max_lifetime + 2 * self.leeway).as_secs() as i64
+    }
+
+    /// When an entry for `target`, made at `now`, may be dropped. `token_exp` is
+    /// the token's `exp` when known (a `jti` revocation).
+    pub fn expiry(&self, target: &Target, now: i64, token_exp: Option<i64>) -> i64 {
+        let leeway = self.leeway.as_secs() as i64;
+        match target {
+            Target::Subject { issued_before, .. } => {
+                issued_before.saturating_add(self.max_ttl() - leeway)
+            }
+            Target::Token { .. } => match token_exp {
+                Some(exp) => exp.saturating_add(leeway).min(now + self.max_ttl()),
+                None => now + self.max_ttl(),
+            },
+            Target::ApiKey { .. } => {
+                let api_key = (self.api_key_lifetime + self.leeway).as_secs() as i64;
+                now + api_key.max(self.max_ttl())
+            }
+            _ => now + self.max_ttl(),
+        }
+    }
+}
+
+/// A revoked credential, with the kind of entry that matched (never the
+/// credential itself).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("credential revoked (by {kind})")]
+pub struct Revoked {
+    /// `jti`, `sub`, `kid`, `client` or `api_key`.
+    pub kind: &'static str,
+}
+
+/// The immutable lookup structure the request path reads.
+#[derive(Debug, Default)]
+struct Index {
+    /// jti → (issuer or any, expiry).
+    jti: HashMap<String, Vec<(Option<String>, i64)>>,
+    /// sub → (cut-off, expiry).
+    sub: HashMap<String, Vec<(i64, i64)>>,
+    /// kid → expiry.
+    kid: HashMap<String, i64>,
+    /// client id → expiry.
+    client: HashMap<String, i64>,
+    /// API key id → expiry.
+    api_key: HashMap<String, i64>,
+    /// Earliest expiry, for the sweeper.
+    next_expiry: Option<i64>,
+}
+
+impl Index {
+    fn build<'a>(entries: impl Iterator<Item = &'a Revocation>) -> Index {
+        let mut index = Index::default();
+        let keep_latest = |map: &mut HashMap<String, i64>, key: &str, exp: i64| {
+            let slot = map.entry(key.to_owned()).or_insert(exp);
+            *slot = (*slot).max(exp);
+        };
+        for entry in entries {
+            let exp = entry.expires_at;
+            index.next_expiry = Some(index.next_expiry.map_or(exp, |n| n.min(exp)));
+            match &entry.target {
+                Target::Token { jti, issuer } => index
+                    .jti
+                    .entry(jti.clone())
+                    .or_default()
+                    .push((issuer.clone(), exp)),
+                Target::Subject { sub, issued_before } => index
+                    .sub
+                    .entry(sub.clone())
+                    .or_default()
+                    .push((*issued_before, exp)),
+                Target::Key { kid } => keep_latest(&mut index.kid, kid, exp),
+                Target::Client { client_id } => keep_latest(&mut index.client, client_id, exp),
+                Target::ApiKey { api_key_id } => keep_latest(&mut index.api_key, api_key_id, exp),
+            }
+        }
+        index
+    }
+
+    fn check(&self, token: &VerifiedToken, now: i64) -> Result<(), Revoked> {
+        let live = |exp: &i64| *exp > now;
+        if let Some(jti) = &token.jti
+            && let Some(rules) = self.jti.get(jti)
+            && rules.iter().any(|(issuer, exp)| {
+                live(exp) && issuer.as_deref().is_none_or(|iss| iss == token.issuer)
+            })
+        {
+            return Err(Revoked { kind: "jti" });
+        }
+        if let Some(rules) = self.sub.get(&token.subject)
+            && rules
+                .iter()
+                .any(|(cutoff, exp)| live(exp) && token.issued_at <= *cutoff)
+        {
+            return Err(Revoked { kind: "sub" });
+        }
+        if !token.key_id.is_empty() && self.kid.get(&token.key_id).is_some_and(live) {
+            return Err(Revoked { kind: "kid" });
+        }
+        if let Some(client) = &token.client_id
+            && self.client.get(client).is_some_and(live)
+        {
+            return Err(Revoked { kind: "client" });
+        }
+        if let Some(id) = &token.api_key_id
+            && self.api_key.get(id).is_some_and(live)
+        {
+            return Err(Revoked { kind: "api_key" });
+        }
+        Ok(())
+    }
+}
+
+/// Where revocations are shared: `embedded` (journal only) or `redis`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// This instance only, persisted to its journal.
+    Embedded,
+    /// Shared through Redis, with the journal as the local copy.
+    Redis,
+}
+
+/// The Redis link as the admin API reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RedisState {
+    /// Embedded mode.
+    Disabled,
+    /// Not connected yet since start.
+    Connecting,
+    /// Subscribed and in sync.
+    Connected,
+    /// Lost; reconnecting with backoff.
+    Disconnected,
+}
+
+impl RedisState {
+    /// A stable word for the state.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RedisState::Disabled => "disabled",
+            RedisState::Connecting => "connecting",
+            RedisState::Connected => "connected",
+            RedisState::Disconnected => "disconnected",
+        }
+    }
+}
+
+/// What [`RevocationStore::revoke`] did.
+#[derive(Debug, Clone)]
+pub struct Revoke {
+    /// The entry in force.
+    pub revocation: Revocation,
+    /// Written to Redis (false: queued, or no Redis configured).
+    pub synced: bool,
+}
+
+/// A summary for the admin API.
+#[derive(Debug, Clone)]
+pub struct StoreStatus {
+    /// Entries in force.
+    pub revocations: usize,
+    /// Embedded or Redis.
+    pub mode: Mode,
+    /// The Redis link.
+    pub redis: RedisState,
+    /// Local revocations not yet written to Redis.
+    pub pending_writes: usize,
+}
+
+/// The mutable side: every entry by its line, behind a lock writers take.
+#[derive(Debug, Default)]
+struct Entries {
+    by_line: HashMap<String, Revocation>,
+}
+
+/// The revocation set of one instance: checked on every request, written by the
+/// admin API and (in shared mode) by Redis.
+#[derive(Debug)]
+pub struct RevocationStore {
+    snapshot: ArcSwap<Index>,
+    entries: Mutex<Entries>,
+    journal: Arc<Mutex<Journal>>,
+    /// Entries received from Redis, journaled in the background so that an
+    /// fsync never delays the next message.
+    remote_journal: mpsc::UnboundedSender<Vec<String>>,
+    lifetimes: Lifetimes,
+    sync: Option<redis::SyncHandle>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+    stop: watch::Sender<bool>,
+}
+
+/// Seconds since the epoch.
+pub fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or_default()
+}
+
+impl RevocationStore {
+    /// Opens the store: replays the journal under `config.data_dir`, then, in
+    /// shared mode, starts the Redis sync (waiting for the first full sync when
+    /// `startup = "wait"`). Starts the sweeper that drops expired entries.
+    pub async fn open(
+        config: &RevocationConfig,
+        lifetimes: Lifetimes,
+    ) -> Result<Arc<RevocationStore>, RevocationError> {
+        let dir = config.data_dir.clone();
+        let now = unix_now();
+        let (journal, replay) = tokio::task::spawn_blocking(move || Journal::open(&dir, now))
+            .await
+            .map_err(|e| RevocationError::Task(e.to_string()))??;
+        tracing::info!(
+            journal = %journal.path().display(),
+            entries = replay.entries.len(),
+            expired_dropped = replay.expired,
+            unreadable_skipped = replay.unreadable,
+            "revocation journal replayed"
+        );
+        if replay.unreadable > 0 {
+            tracing::warn!(
+                lines = replay.unreadable,
+                "revocation journal: unreadable lines skipped (a torn last write is expected after a crash)"
+            );
+        }
+        let sync = match &config.redis_url {
+            Some(url) => Some(redis::SyncHandle::new(url.expose(), &config.redis_prefix)?),
+            None => None,
+        };
+        let entries = Entries {
+            by_line: replay.entries.into_iter().collect(),
+        };
+        let (stop, _) = watch::channel(false);
+        let journal = Arc::new(Mutex::new(journal));
+        let (remote_journal, remote_lines) = mpsc::unbounded_channel();
+        let journal_writer = tokio::spawn(journal_loop(
+            journal.clone(),
+            remote_lines,
+            stop.subscribe(),
+        ));
+        let store = Arc::new(RevocationStore {
+            snapshot: ArcSwap::from_pointee(Index::build(entries.by_line.values())),
+            entries: Mutex::new(entries),
+            journal,
+            remote_journal,
+            lifetimes,
+            sync,
+            tasks: Mutex::new(Vec::new()),
+            stop,
+        });
+        let sweeper = tokio::spawn(sweep_loop(Arc::downgrade(&store), store.stop.subscribe()));
+        store.push_task(sweeper);
+        store.push_task(journal_writer);
+        if let Some(sync) = &store.sync {
+            let task = tokio::spawn(redis::run(Arc::downgrade(&store), store.stop.subscribe()));
+            store.push_task(task);
+            if config.startup == crate::config::StartupMode::Wait {
+                tracing::info!("waiting for the first sync with Redis (startup = \"wait\")");
+                sync.wait_connected().await;
+            }
+        }
+        Ok(store)
+    }
+
+    fn push_task(&self, task: JoinHandle<()>) {
+        if let Ok(mut tasks) = self.tasks.lock() {
+            tasks.push(task);
+        }
+    }
+
+    /// Is `token` revoked at `now` (seconds since the epoch)? Lock-free: reads
+    /// the current snapshot.
+    pub fn check(&self, token: &VerifiedToken, now: i64) -> Result<(), Revoked> {
+        self.snapshot.load().check(token, now)
+    }
+
+    /// Revokes `target`: the entry is in force on this instance at once, and on
+    /// disk in the journal when this returns. In shared mode it is also written
+    /// to Redis and published (in parallel with the journal write); if Redis is
+    /// unreachable (or does not answer within a second) it is queued and written
+    /// once Redis is back. A journal failure is returned as an error, but the
+    /// entry stays in force and queued for Redis.
+    pub async fn revoke(
+        self: &Arc<Self>,
+        target: Target,
+        token_exp: Option<i64>,
+        reason: String,
+    ) -> Result<Revoke, RevocationError> {
+        target.validate()?;
+        if reason.len() > MAX_REASON_BYTES {
+            return Err(RevocationError::Invalid(format!(
+                "reason is longer than {MAX_REASON_BYTES} bytes"
+            )));
+        }
+        let now = unix_now();
+        let revocation = Revocation {
+            expires_at: self.lifetimes.expiry(&target, now, token_exp),
+            target,
+            created_at: now,
+            reason,
+        };
+        if revocation.expires_at <= now {
+            return Err(RevocationError::Invalid(
+                "no token it matches can still be valid".into(),
+            ));
+        }
+        let line = revocation.to_line();
+        // Enforce first, then persist, then share.
+        self.insert(vec![(line.clone(), revocation.clone())]);
+        // The journal (local durability) and Redis (every instance) in parallel:
+        // propagation does not wait on the local fsync.
+        let journal = self.append_journal(vec![line.clone()]);
+        let share = async {
+            match &self.sync {
+                Some(sync) => sync.write(line, revocation.expires_at).await,
+                None => false,
+            }
+        };
+        let (journaled, synced) = tokio::join!(journal, share);
+        journaled?;
+        Ok(Revoke { revocation, synced })
+    }
+
+    /// Adds entries not known yet; returns the lines that were new.
+    fn insert(&self, batch: Vec<(String, Revocation)>) -> Vec<String> {
+        let Ok(mut entries) = self.entries.lock() else {
+            return Vec::new();
+        };
+        let mut fresh = Vec::new();
+        for (line, entry) in batch {
+            if !entries.by_line.contains_key(&line) {
+                entries.by_line.insert(line.clone(), entry);
+                fresh.push(line);
+            }
+        }
+        if !fresh.is_empty() {
+            self.snapshot
+                .store(Arc::new(Index::build(entries.by_line.values())));
+        }
+        fresh
+    }
+
+    /// Applies entries received from Redis (lines as stored there): unknown,
+    /// unexpired ones are enforced at once, and handed to the background
+    /// journal writer.
+    fn apply_remote(&self, lines: Vec<String>) -> usize {
+        let now = unix_now();
+        let mut batch = Vec::with_capacity(lines.len());
+        let mut unreadable = 0usize;
+        for line in lines {
+            match serde_json::from_str::<Revocation>(&line) {
+                Ok(entry) if entry.expires_at > now => batch.push((line, entry)),
+                Ok(_) => {}
+                Err(_) => unreadable += 1,
+            }
+        }
+        if unreadable > 0 {
+            tracing::warn!(
+                entries = unreadable,
+                "ignored unreadable revocation entries from Redis"
+            );
+        }
+        let fresh = self.insert(batch);
+        let count = fresh.len();
+        if count > 0 && self.remote_journal.send(fresh).is_err() {
+            tracing::error!(
+                "revocation journal writer stopped; entries from Redis are enforced but not journaled"
+            );
+        }
+        count
+    }
+
+    async fn append_journal(&self, lines: Vec<String>) -> Result<(), RevocationError> {
+        let journal = self.journal.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut journal = journal
+                .lock()
+                .map_err(|_| RevocationError::Task("journal lock poisoned".into()))?;
+            journal.append(lines.iter().map(String::as_str))
+        })
+        .await
+        .map_err(|e| RevocationError::Task(e.to_string()))?
+    }
+
+    /// Every entry's line and expiry (for the Redis resync).
+    fn lines(&self) -> Vec<(String, i64)> {
+        self.entries
+            .lock()
+            .map(|e| {
+                e.by_line
+                    .iter()
+                    .map(|(line, entry)| (line.clone(), entry.expires_at))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Drops entries expired at `now`; returns how many.
+    pub fn sweep(&self, now: i64) -> usize {
+        if self
+            .snapshot
+            .load()
+            .next_expiry
+            .is_none_or(|next| next > now)
+        {
+            return 0;
+        }
+        let Ok(mut entries) = self.entries.lock() else {
+            return 0;
+        };
+        let before = entries.by_line.len();
+        entries.by_line.retain(|_, entry| entry.expires_at > now);
+        let removed = before - entries.by_line.len();
+        self.snapshot
+            .store(Arc::new(Index::build(entries.by_line.values())));
+        removed
+    }
+
+    /// The entries in force, oldest first.
+    pub fn list(&self) -> Vec<Revocation> {
+        let now = unix_now();
+        let mut list: Vec<Revocation> = self
+            .entries
+            .lock()
+            .map(|e| {
+                e.by_line
+                    .values()
+                    .filter(|r| r.expires_at > now)
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default();
+        list.sort_by(|a, b| {
+            (a.created_at, a.expires_at, a.to_line()).cmp(&(
+                b.created_at,
+                b.expires_at,
+                b.to_line(),
+            ))
+        });
+        list
+    }
+
+    /// Counts and the Redis link, for the admin API.
+    pub fn status(&self) -> StoreStatus {
+        let now = unix_now();
+        let revocations = self
+            .entries
+            .lock()
+            .map(|e| e.by_line.values().filter(|r| r.expires_at > now).count())
+            .unwrap_or_default();
+        StoreStatus {
+            revocations,
+            mode: if self.sync.is_some() {
+                Mode::Redis
+            } else {
+                Mode::Embedded
+            },
+            redis: self
+                .sync
+                .as_ref()
+                .map_or(RedisState::Disabled, |s| s.state()),
+            pending_writes: self.sync.as_ref().map_or(0, |s| s.pending()),
+        }
+    }
+
+    /// The token lifetimes entries' expiries are computed from.
+    pub fn lifetimes(&self) -> Lifetimes {
+        self.lifetimes
+    }
+
+    /// Stops the sweeper and the Redis sync. Entries not yet written to Redis
+    /// stay in the journal and are written at the next start.
+    pub async fn shutdown(&self) {
+        let _ = self.stop.send(true);
+        let tasks = self
+            .tasks
+            .lock()
+            .map(|mut t| std::mem::take(&mut *t))
+            .unwrap_or_default();
+        for task in tasks {
+            let abort = task.abort_handle();
+            if tokio::time::timeout(Duration::from_secs(5), task)
+                .await
+                .is_err()
+            {
+                abort.abort();
+            }
+        }
+    }
+}
+
+/// Journals entries received from Redis, in batches; on stop, writes what is
+/// left first.
+async fn journal_loop(
+    journal: Arc<Mutex<Journal>>,
+    mut lines: mpsc::UnboundedReceiver<Vec<String>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let mut batch = tokio::select! {
+            batch = lines.recv() => match batch {
+                Some(batch) => batch,
+                None => return,
+            },
+            _ = stop.changed() => Vec::new(),
+        };
+        let stopping = *stop.borrow();
+        while let Ok(more) = lines.try_recv() {
+            batch.extend(more);
+        }
+        if !batch.is_empty() {
+            let journal = journal.clone();
+            let written = tokio::task::spawn_blocking(move || {
+                let mut journal = journal
+                    .lock()
+                    .map_err(|_| RevocationError::Task("journal lock poisoned".into()))?;
+                journal.append(batch.iter().map(String::as_str))
+            })
+            .await;
+            match written {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "could not journal revocations received from Redis (they are enforced)")
+                }
+                Err(e) => tracing::error!(error = %e, "revocation journal task failed"),
+            }
+        }
+        if stopping {
+            return;
+        }
+    }
+}
+
+/// Drops expired entries once a second (cheap when nothing expired). The Redis
+/// sync drops them from Redis on its own tick.
+async fn sweep_loop(store: std::sync::Weak<RevocationStore>, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => return,
+        }
+        let Some(store) = store.upgrade() else { return };
+        let removed = store.sweep(unix_now());
+        if removed > 0 {
+            tracing::debug!(removed, "expired revocations dropped");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn token() -> VerifiedToken {
+        VerifiedToken {
+            issuer: "https://iss".into(),
+            subject: "alice".into(),
+            principal_type: "User".into(),
+            principal_id: "alice".into(),
+            jti: Some("j1".into()),
+            issued_at: 1000,
+            expires_at: 1600,
+            scopes: vec![],
+            roles: vec![],
+            client_id: Some("web".into()),
+            key_id: "k1".into(),
+            api_key_id: None,
+            credential: crate::authn::CredentialKind::Jwt,
+        }
+    }
+
+    fn entry(target: Target) -> Revocation {
+        Revocation {
+            target,
+            created_at: 1000,
+            expires_at: 5000,
+            reason: String::new(),
+        }
+    }
+
+    fn check(targets: Vec<Target>, token: &VerifiedToken, now: i64) -> Result<(), Revoked> {
+        let entries: Vec<Revocation> = targets.into_iter().map(entry).collect();
+        Index::build(entries.iter()).check(token, now)
+    }
+
+    #[test]
+    fn each_kind_matches_only_its_credential() {
+        let t = token();
+        assert_eq!(check(vec![], &t, 1100), Ok(()));
+        let jti = |issuer: Option<&str>| Target::Token {
+            jti: "j1".into(),
+            issuer: issuer.map(Into::into),
+        };
+        assert_eq!(check(vec![jti(None)], &t, 1100).unwrap_err().kind, "jti");
+        assert!(check(vec![jti(Some("https://iss"))], &t, 1100).is_err());
+        assert!(check(vec![jti(Some("https://other"))], &t, 1100).is_ok());
+        let sub = |cutoff| Target::Subject {
+            sub: "alice".into(),
+            issued_before: cutoff,
+        };
+        assert_eq!(check(vec![sub(1000)], &t, 1100).unwrap_err().kind, "sub");
+        assert!(
+            check(vec![sub(999)], &t, 1100).is_ok(),
+            "issued after the cut-off"
+        );
+        let kid = Target::Key { kid: "k1".into() };
+        assert_eq!(check(vec![kid], &t, 1100).unwrap_err().kind, "kid");
+        let client = Target::Client {
+            client_id: "web".into(),
+        };
+        assert_eq!(check(vec![client], &t, 1100).unwrap_err().kind, "client");
+        let api = Target::ApiKey {
+            api_key_id: "ak1".into(),
+        };
+        assert!(check(vec![api.clone()], &t, 1100).is_ok());
+        let mut keyed = t.clone();
+        keyed.api_key_id = Some("ak1".into());
+        assert_eq!(check(vec![api], &keyed, 1100).unwrap_err().kind, "api_key");
+        // Expired entries no longer match.
+        assert!(check(vec![jti(None)], &t, 5000).is_ok());
+    }
+
+    #[test]
+    fn expiry_covers_every_token_the_entry_can_match() {
+        let l = Lifetimes {
+            max_lifetime: Duration::from_secs(3600),
+            leeway: Duration::from_secs(30),
+            api_key_lifetime: Duration::from_secs(86_400),
+        };
+        let now = 10_000;
+        let sub = Target::Subject {
+            sub: "a".into(),
+            issued_before: now,
+        };
+        // A token issued at the cut-off lives until iat + lifetime + leeway.
+        assert_eq!(l.expiry(&sub, now, None), now + 3600 + 30);
+        let jti = Target::Token {
+            jti: "j".into(),
+            issuer: None,
+        };
+        assert_eq!(l.expiry(&jti, now, None), now + 3660);
+        assert_eq!(l.expiry(&jti, now, Some(now + 60)), now + 90);
+        assert_eq!(
+            l.expiry(&Target::Key { kid: "k".into() }, now, None),
+            now + 3660
+        );
+    }
+
+    #[test]
+    fn lines_round_trip() {
+        let r = entry(Target::Token {
+            jti: "j".into(),
+            issuer: Some("i".into()),
+        });
+        let line = r.to_line();
+        assert_eq!(serde_json::from_str::<Revocation>(&line).unwrap(), r);
+        assert!(!line.contains('\n'));
+    }
+}

@@ -1,0 +1,363 @@
+//! Shared mode: revocations shared by every instance through Redis.
+//!
+//! State in Redis is one sorted set, `<prefix>:revocations`, whose members are
+//! the entries' JSON lines, scored by their expiry (seconds since the epoch).
+//! Expired members are removed with `ZREMRANGEBYSCORE`. A new entry is written
+//! with `ZADD` and announced with `PUBLISH` on the channel
+//! `<prefix>:revocations:events`, in one `MULTI`/`EXEC` transaction.
+//!
+//! One task per instance keeps the link. Each session:
+//! 1. connects (a multiplexed connection for commands, one for pub/sub) and
+//!    `SUBSCRIBE`s;
+//! 2. writes every entry this instance knows back with `ZADD` (idempotent), so
+//!    entries queued while Redis was unreachable, or lost by a Redis that
+//!    restarted without persistence or failed over, are restored;
+//! 3. writes and publishes the queued local revocations;
+//! 4. reads the full set (everything missed while disconnected) and applies it;
+//! 5. applies published entries as they arrive, writes new local revocations,
+//!    and pings both connections and drops expired members every 2 seconds.
+//!
+//! Any error ends the session; the task reconnects forever with exponential
+//! backoff capped at 5 seconds. Meanwhile the known entries stay enforced and new
+//! local revocations are enforced, journaled and queued.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, Weak};
+use std::time::Duration;
+
+use futures_util::FutureExt as _;
+use redis::AsyncConnectionConfig;
+use redis::aio::MultiplexedConnection;
+use tokio::sync::{Notify, watch};
+use tokio_stream::StreamExt as _;
+
+use super::{RedisState, RevocationError, RevocationStore, unix_now};
+
+/// First retry delay after a lost connection.
+const MIN_BACKOFF: Duration = Duration::from_millis(100);
+/// Longest retry delay.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// Connect and command timeout.
+const TIMEOUT: Duration = Duration::from_secs(3);
+/// Liveness pings and expiry of old members.
+const TICK: Duration = Duration::from_secs(2);
+/// How long `Revoke` waits for Redis to confirm a write before answering
+/// "queued".
+const WRITE_WAIT: Duration = Duration::from_secs(1);
+/// Members per `ZADD` pipeline during a resync.
+const CHUNK: usize = 1000;
+
+/// A local revocation waiting to be written to Redis.
+#[derive(Debug, Clone)]
+struct Pending {
+    seq: u64,
+    line: String,
+    expires_at: i64,
+}
+
+/// The shared-mode link of one store: Redis client, queue and state.
+#[derive(Debug)]
+pub struct SyncHandle {
+    client: redis::Client,
+    key: String,
+    channel: String,
+    pending: Mutex<Vec<Pending>>,
+    next_seq: AtomicU64,
+    synced: watch::Sender<u64>,
+    state: watch::Sender<RedisState>,
+    wake: Notify,
+}
+
+impl SyncHandle {
+    /// Checks the URL (`redis://`, `rediss://`, `unix://`) and names the key and
+    /// channel after `prefix`. Does not connect.
+    pub fn new(url: &str, prefix: &str) -> Result<SyncHandle, RevocationError> {
+        // rediss:// uses rustls; make its crypto provider explicit (an error
+        // only means one is installed already).
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        // The error is described by kind only: the URL may hold a password.
+        let client = redis::Client::open(url).map_err(|e| {
+            RevocationError::RedisUrl(format!(
+                "expected redis://[user:password@]host[:port][/db] or rediss://...; {:?}: {}",
+                e.kind(),
+                e.detail().unwrap_or("cannot be used")
+            ))
+        })?;
+        Ok(SyncHandle {
+            client,
+            key: format!("{prefix}:revocations"),
+            channel: format!("{prefix}:revocations:events"),
+            pending: Mutex::new(Vec::new()),
+            next_seq: AtomicU64::new(0),
+            synced: watch::channel(0).0,
+            state: watch::channel(RedisState::Connecting).0,
+            wake: Notify::new(),
+        })
+    }
+
+    /// The link's state.
+    pub fn state(&self) -> RedisState {
+        *self.state.borrow()
+    }
+
+    /// Local revocations not yet written to Redis.
+    pub fn pending(&self) -> usize {
+        self.pending.lock().map(|p| p.len()).unwrap_or_default()
+    }
+
+    /// Resolves once the first full sync has completed.
+    pub async fn wait_connected(&self) {
+        let mut rx = self.state.subscribe();
+        let _ = rx.wait_for(|s| *s == RedisState::Connected).await;
+    }
+
+    /// Queues `line` for Redis and waits briefly for the write; true if Redis
+    /// confirmed it.
+    pub async fn write(&self, line: String, expires_at: i64) -> bool {
+        let seq = self.next_seq.fetch_add(1, Ordering::SeqCst) + 1;
+        if let Ok(mut pending) = self.pending.lock() {
+            pending.push(Pending {
+                seq,
+                line,
+                expires_at,
+            });
+        }
+        self.wake.notify_one();
+        if self.state() != RedisState::Connected {
+            return false;
+        }
+        let mut synced = self.synced.subscribe();
+        matches!(
+            tokio::time::timeout(WRITE_WAIT, synced.wait_for(|s| *s >= seq)).await,
+            Ok(Ok(_))
+        )
+    }
+
+    fn set_state(&self, state: RedisState) {
+        self.state.send_replace(state);
+    }
+}
+
+/// Why a session ended.
+enum End {
+    /// Stop requested, or the store is gone.
+    Stop,
+    /// The link failed; `synced` says whether the session got as far as a full sync.
+    Lost { error: String, synced: bool },
+}
+
+/// The sync task: sessions, reconnecting forever with capped backoff.
+pub(super) async fn run(store: Weak<RevocationStore>, mut stop: watch::Receiver<bool>) {
+    let mut backoff = MIN_BACKOFF;
+    let mut failures: u64 = 0;
+    loop {
+        let end = session(&store, &mut stop).await;
+        let Some(live) = store.upgrade() else { return };
+        let Some(sync) = live.sync.as_ref() else {
+            return;
+        };
+        match end {
+            End::Stop => return,
+            End::Lost { error, synced } => {
+                if synced {
+                    backoff = MIN_BACKOFF;
+                    failures = 0;
+                    sync.set_state(RedisState::Disconnected);
+                    tracing::warn!(%error, "lost Redis; revocations known stay enforced, new ones are queued; reconnecting");
+                } else {
+                    failures += 1;
+                    // Say it at once, then every tenth attempt, not every 5 seconds.
+                    if failures == 1 || failures.is_multiple_of(10) {
+                        tracing::warn!(%error, attempts = failures, retry_in = ?backoff, "cannot reach Redis; retrying");
+                    }
+                }
+            }
+        }
+        drop(live);
+        let delay = backoff + jitter(backoff);
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = stop.changed() => return,
+        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// Up to a quarter of `d`, so that instances do not reconnect in lock step.
+fn jitter(d: Duration) -> Duration {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|t| t.subsec_nanos())
+        .unwrap_or_default();
+    let quarter = (d.as_millis() as u64 / 4).max(1);
+    Duration::from_millis(u64::from(nanos) % quarter)
+}
+
+async fn timed<T>(
+    what: &str,
+    fut: impl Future<Output = redis::RedisResult<T>>,
+) -> Result<T, String> {
+    match tokio::time::timeout(TIMEOUT, fut).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(format!("{what}: {e}")),
+        Err(_) => Err(format!("{what}: no answer within {TIMEOUT:?}")),
+    }
+}
+
+async fn session(store: &Weak<RevocationStore>, stop: &mut watch::Receiver<bool>) -> End {
+    let lost = |error: String, synced: bool| End::Lost { error, synced };
+    let Some(live) = store.upgrade() else {
+        return End::Stop;
+    };
+    let Some(sync) = live.sync.as_ref() else {
+        return End::Stop;
+    };
+    let config = AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(TIMEOUT))
+        .set_response_timeout(Some(TIMEOUT));
+    let mut conn = match timed(
+        "connect",
+        sync.client
+            .get_multiplexed_async_connection_with_config(&config),
+    )
+    .await
+    {
+        Ok(c) => c,
+        Err(e) => return lost(e, false),
+    };
+    let pubsub = match timed("connect (pub/sub)", sync.client.get_async_pubsub()).await {
+        Ok(p) => p,
+        Err(e) => return lost(e, false),
+    };
+    let (mut sink, mut messages) = pubsub.split();
+    if let Err(e) = timed("SUBSCRIBE", sink.subscribe(&sync.channel)).await {
+        return lost(e, false);
+    }
+
+    // Everything we know goes back to Redis (idempotent), then the queue.
+    let known = live.lines();
+    for chunk in known.chunks(CHUNK) {
+        let mut pipe = redis::pipe();
+        for (line, expires_at) in chunk {
+            pipe.zadd(&sync.key, line, *expires_at).ignore();
+        }
+        if let Err(e) = timed("ZADD (resync)", pipe.query_async::<()>(&mut conn)).await {
+            return lost(e, false);
+        }
+    }
+    if let Err(e) = flush(sync, &mut conn).await {
+        return lost(e, false);
+    }
+    // Then the full state, which holds everything published while we were away.
+    match read_all(sync, &mut conn).await {
+        Ok(lines) => {
+            let fresh = live.apply_remote(lines);
+            tracing::info!(
+                applied = fresh,
+                known = known.len(),
+                "Redis connected: subscribed and in sync"
+            );
+        }
+        Err(e) => return lost(e, false),
+    }
+    sync.set_state(RedisState::Connected);
+    drop(live);
+
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.reset();
+    loop {
+        let Some(live) = store.upgrade() else {
+            return End::Stop;
+        };
+        let Some(sync) = live.sync.as_ref() else {
+            return End::Stop;
+        };
+        tokio::select! {
+            msg = messages.next() => {
+                let Some(msg) = msg else {
+                    return lost("pub/sub connection closed".into(), true);
+                };
+                let mut lines = Vec::new();
+                lines.extend(msg.get_payload::<String>().ok());
+                // Apply whatever else has already arrived in the same batch.
+                while let Some(Some(msg)) = messages.next().now_or_never() {
+                    lines.extend(msg.get_payload::<String>().ok());
+                }
+                live.apply_remote(lines);
+            }
+            _ = sync.wake.notified() => {
+                if let Err(e) = flush(sync, &mut conn).await {
+                    return lost(e, true);
+                }
+            }
+            _ = tick.tick() => {
+                if let Err(e) = timed("PING", redis::cmd("PING").query_async::<redis::Value>(&mut conn)).await {
+                    return lost(e, true);
+                }
+                if let Err(e) = timed("PING (pub/sub)", sink.ping::<redis::Value>()).await {
+                    return lost(e, true);
+                }
+                let mut expire = redis::cmd("ZREMRANGEBYSCORE");
+                expire.arg(&sync.key).arg("-inf").arg(unix_now());
+                if let Err(e) = timed("ZREMRANGEBYSCORE", expire.query_async::<()>(&mut conn)).await {
+                    return lost(e, true);
+                }
+            }
+            _ = stop.changed() => return End::Stop,
+        }
+    }
+}
+
+/// Writes and publishes every queued local revocation, in one transaction.
+async fn flush(sync: &SyncHandle, conn: &mut MultiplexedConnection) -> Result<(), String> {
+    let batch: Vec<Pending> = sync.pending.lock().map(|p| p.clone()).unwrap_or_default();
+    let Some(last) = batch.last().map(|p| p.seq) else {
+        return Ok(());
+    };
+    let mut pipe = redis::pipe();
+    pipe.atomic();
+    for p in &batch {
+        pipe.zadd(&sync.key, &p.line, p.expires_at).ignore();
+        pipe.publish(&sync.channel, &p.line).ignore();
+    }
+    timed("ZADD/PUBLISH", pipe.query_async::<()>(conn)).await?;
+    if let Ok(mut pending) = sync.pending.lock() {
+        pending.retain(|p| p.seq > last);
+    }
+    sync.synced.send_replace(last);
+    Ok(())
+}
+
+async fn read_all(
+    sync: &SyncHandle,
+    conn: &mut MultiplexedConnection,
+) -> Result<Vec<String>, String> {
+    let now = unix_now();
+    let mut expire = redis::cmd("ZREMRANGEBYSCORE");
+    expire.arg(&sync.key).arg("-inf").arg(now);
+    timed("ZREMRANGEBYSCORE", expire.query_async::<()>(conn)).await?;
+    let mut read = redis::cmd("ZRANGEBYSCORE");
+    read.arg(&sync.key).arg(format!("({now}")).arg("+inf");
+    timed("ZRANGEBYSCORE", read.query_async::<Vec<String>>(conn)).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_checked_without_echoing_them() {
+        assert!(SyncHandle::new("redis://127.0.0.1:6379/0", "p").is_ok());
+        let tls = SyncHandle::new("rediss://:secret@redis.example.test:6380", "p").unwrap();
+        assert!(!format!("{tls:?}").contains("secret"), "{tls:?}");
+        let err = SyncHandle::new("http://:hunter2@redis.example.test", "p")
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("hunter2"), "{err}");
+        let handle = SyncHandle::new("redis://localhost", "acme").unwrap();
+        assert_eq!(handle.key, "acme:revocations");
+        assert_eq!(handle.channel, "acme:revocations:events");
+        assert_eq!(handle.state(), RedisState::Connecting);
+    }
+}

@@ -1,0 +1,708 @@
+//! Revocation, as operators and Envoy meet it: real servers over real gRPC on
+//! loopback, a real `redis-server` started by the test, the admin API and CLI.
+//!
+//! Propagation is awaited by polling with a generous deadline; timing goals live
+//! in `benches/revocation_propagation.rs`.
+
+mod common;
+#[path = "common/redis.rs"]
+mod redis_harness;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use common::*;
+use portcullis::admin::pb::admin_client::AdminClient;
+use portcullis::admin::pb::{self, target::Kind};
+use portcullis::admin::{self as admin_api, RunningAdmin};
+use portcullis::audit::AuditLog;
+use portcullis::config::Config;
+use portcullis::engine::Engine;
+use portcullis::revocation::RevocationStore;
+use portcullis::server;
+use redis_harness::{RedisServer, TcpProxy};
+use serde_json::Value;
+use tonic::transport::Channel;
+
+const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
+const KEY: &str = "portcullis:revocations";
+
+/// One Portcullis instance in-process: ext_authz listener, admin listener and
+/// revocation store, wired as `serve` wires them.
+struct Instance {
+    server: TestServer,
+    admin: RunningAdmin,
+    store: Arc<RevocationStore>,
+}
+
+impl Instance {
+    async fn start(config_path: &Path) -> Instance {
+        let config = Config::load(config_path).unwrap();
+        let store = RevocationStore::open(&config.revocation, config.token_lifetimes())
+            .await
+            .unwrap();
+        let audit_file = config_path.with_extension("audit.log");
+        let running = server::start(
+            "127.0.0.1:0".parse().unwrap(),
+            AuditLog::file(&audit_file).unwrap(),
+        )
+        .await
+        .unwrap();
+        let engine = Engine::from_config(&config)
+            .unwrap()
+            .with_revocations(store.clone());
+        running.state().install(engine).await;
+        let admin_config = config.admin.as_ref().unwrap();
+        let admin = admin_api::start(
+            admin_config.listen,
+            &admin_config.resolve_token().unwrap(),
+            store.clone(),
+            running.state().clone(),
+        )
+        .await
+        .unwrap();
+        Instance {
+            server: TestServer::connect(running).await,
+            admin,
+            store,
+        }
+    }
+
+    async fn stop(self) {
+        self.admin.shutdown(Duration::from_secs(5)).await.unwrap();
+        drop(self.server.client);
+        drop(self.server.channel);
+        self.server
+            .running
+            .shutdown(Duration::from_secs(5))
+            .await
+            .unwrap();
+        self.store.shutdown().await;
+    }
+
+    async fn admin(&self) -> AdminClient<Channel> {
+        let channel = Channel::from_shared(format!("http://{}", self.admin.local_addr()))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        AdminClient::new(channel)
+    }
+
+    async fn revoke(&self, kind: Kind) -> pb::RevokeResponse {
+        let mut request = tonic::Request::new(pb::RevokeRequest {
+            target: Some(pb::Target { kind: Some(kind) }),
+            reason: "test".into(),
+        });
+        authorize(&mut request, ADMIN_TOKEN);
+        self.admin()
+            .await
+            .revoke(request)
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
+    async fn status(&self) -> pb::StatusResponse {
+        let mut request = tonic::Request::new(pb::StatusRequest {});
+        authorize(&mut request, ADMIN_TOKEN);
+        self.admin()
+            .await
+            .status(request)
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
+    async fn list(&self) -> Vec<pb::Revocation> {
+        let mut request = tonic::Request::new(pb::ListRevocationsRequest {});
+        authorize(&mut request, ADMIN_TOKEN);
+        self.admin()
+            .await
+            .list_revocations(request)
+            .await
+            .unwrap()
+            .into_inner()
+            .revocations
+    }
+
+    /// The decision for `GET /orders/1` with `token`, through the real Check RPC.
+    async fn check(&self, token: &str) -> Outcome {
+        outcome(
+            &self
+                .server
+                .check(envoy_request("GET", "/orders/1", Some(token)))
+                .await,
+        )
+    }
+
+    async fn assert_allowed(&self, token: &str) {
+        let out = self.check(token).await;
+        assert_eq!(out.http_status, 200, "{out:?}");
+    }
+
+    async fn assert_revoked(&self, token: &str) {
+        let out = self.check(token).await;
+        assert_revoked(&out);
+    }
+
+    /// Polls until `token` is denied as revoked (generous deadline: this is not
+    /// a timing assertion).
+    async fn eventually_revoked(&self, token: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let out = self.check(token).await;
+            if out.http_status == 401 {
+                assert_revoked(&out);
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "token still {} after 30s",
+                out.http_status
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn eventually_status(&self, what: &str, ok: impl Fn(&pb::StatusResponse) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let status = self.status().await;
+            if ok(&status) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "status never became {what}: {status:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+fn assert_revoked(out: &Outcome) {
+    assert_eq!(out.http_status, 401, "{out:?}");
+    assert_eq!(out.grpc_code, 16, "{out:?}");
+    assert_eq!(out.metadata["reason"], "revoked", "{out:?}");
+    assert_eq!(out.body["error"], "invalid_token", "{out:?}");
+    let challenge = out.header("www-authenticate").unwrap();
+    assert!(challenge.contains("error=\"invalid_token\""), "{challenge}");
+}
+
+fn authorize<T>(request: &mut tonic::Request<T>, token: &str) {
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+}
+
+static SEQ: AtomicU64 = AtomicU64::new(0);
+
+/// A fresh jti.
+fn jti() -> String {
+    format!(
+        "jti-{}-{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::SeqCst)
+    )
+}
+
+/// A token allowed on `GET /orders/1`, with its own jti; `edit` adjusts claims.
+fn token(key: &TestKey, sub: &str, edit: impl FnOnce(&mut Value)) -> (String, String) {
+    let mut claims = claims(sub, &["orders:read"], &[]);
+    let id = jti();
+    claims["jti"] = Value::from(id.clone());
+    claims["client_id"] = Value::from("web-app");
+    edit(&mut claims);
+    (key.sign(&claims), id)
+}
+
+/// Writes an instance configuration next to the fixture's policies.
+fn instance_config(fx: &Fixture, name: &str, extra: &str) -> PathBuf {
+    let base = std::fs::read_to_string(fx.config_path()).unwrap();
+    let text =
+        format!("{base}\n{extra}\n[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"{ADMIN_TOKEN}\"\n");
+    let path = fx.path(&format!("{name}.toml"));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn shared(data_dir: &str, redis_url: &str, startup: &str) -> String {
+    format!(
+        "[revocation]\ndata_dir = \"{data_dir}\"\nredis_url = \"{redis_url}\"\nstartup = \"{startup}\"\n"
+    )
+}
+
+fn two_keys() -> Fixture {
+    Fixture::with_keys(vec![TestKey::es256(), TestKey::es256()])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_on_one_instance_is_enforced_by_the_other() {
+    let redis = RedisServer::start();
+    let fx = two_keys();
+    let a = Instance::start(&instance_config(
+        &fx,
+        "a",
+        &shared("data-a", &redis.url(), "wait"),
+    ))
+    .await;
+    let b = Instance::start(&instance_config(
+        &fx,
+        "b",
+        &shared("data-b", &redis.url(), "wait"),
+    ))
+    .await;
+    let (k1, k2) = (&fx.keys[0], &fx.keys[1]);
+
+    let (by_jti, jti_1) = token(k1, "alice", |_| {});
+    let (alice_other, _) = token(k1, "alice", |_| {});
+    let now = now();
+    let (bob_old, _) = token(k1, "bob", |c| c["iat"] = Value::from(now - 20));
+    let (bob_new, _) = token(k1, "bob", |_| {});
+    let (by_kid, _) = token(k2, "carol", |_| {});
+    let (dave, _) = token(k1, "dave", |c| c["client_id"] = Value::from("cli"));
+    for t in [&by_jti, &alice_other, &bob_old, &bob_new, &by_kid, &dave] {
+        b.assert_allowed(t).await;
+    }
+
+    // By jti (scoped to the issuer): only that token.
+    let done = a
+        .revoke(Kind::Token(pb::TokenTarget {
+            jti: jti_1,
+            issuer: ISSUER.into(),
+            expires_at: None,
+        }))
+        .await;
+    assert!(done.synced, "written to Redis");
+    a.assert_revoked(&by_jti).await;
+    b.eventually_revoked(&by_jti).await;
+    b.assert_allowed(&alice_other).await;
+
+    // By subject, with a cut-off: tokens issued after it still work.
+    a.revoke(Kind::Subject(pb::SubjectTarget {
+        sub: "bob".into(),
+        issued_before: Some(now - 10),
+    }))
+    .await;
+    b.eventually_revoked(&bob_old).await;
+    b.assert_allowed(&bob_new).await;
+
+    // By key: every token that key signed, none of the other key's.
+    a.revoke(Kind::KeyId(k2.kid().to_owned())).await;
+    b.eventually_revoked(&by_kid).await;
+    b.assert_allowed(&alice_other).await;
+
+    // By client.
+    a.revoke(Kind::ClientId("cli".into())).await;
+    b.eventually_revoked(&dave).await;
+    b.assert_allowed(&alice_other).await;
+
+    assert_eq!(b.list().await.len(), 4);
+    let status = b.status().await;
+    assert_eq!(
+        (
+            status.mode.as_str(),
+            status.redis.as_str(),
+            status.revocations,
+            status.pending_writes,
+            status.policies
+        ),
+        ("redis", "connected", 4, 0, 4)
+    );
+    assert_eq!(redis.zcard(KEY), 4);
+
+    // The audit line names the reason, never the token.
+    let audit = std::fs::read_to_string(fx.path("b.audit.log")).unwrap();
+    assert!(audit.contains("\"reason\":\"revoked\""));
+    assert!(!audit.contains(&by_jti));
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocations_made_while_an_instance_is_cut_off_reach_it_on_reconnect() {
+    let redis = RedisServer::start();
+    let proxy = TcpProxy::start(redis.port).await;
+    let fx = two_keys();
+    let a = Instance::start(&instance_config(
+        &fx,
+        "a",
+        &shared("data-a", &redis.url(), "wait"),
+    ))
+    .await;
+    let b = Instance::start(&instance_config(
+        &fx,
+        "b",
+        &shared("data-b", &proxy.url(), "wait"),
+    ))
+    .await;
+    let (t, id) = token(&fx.keys[0], "alice", |_| {});
+    b.assert_allowed(&t).await;
+
+    proxy.cut();
+    b.eventually_status("disconnected", |s| s.redis == "disconnected")
+        .await;
+    let done = a
+        .revoke(Kind::Token(pb::TokenTarget {
+            jti: id,
+            issuer: String::new(),
+            expires_at: None,
+        }))
+        .await;
+    assert!(done.synced);
+    a.assert_revoked(&t).await;
+    // B missed the publication: it cannot know yet.
+    b.assert_allowed(&t).await;
+
+    proxy.restore();
+    b.eventually_revoked(&t).await;
+    b.eventually_status("connected", |s| s.redis == "connected")
+        .await;
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_is_lost_across_redis_and_instance_restarts() {
+    let mut redis = RedisServer::start();
+    let fx = two_keys();
+    let a_config = instance_config(&fx, "a", &shared("data-a", &redis.url(), "wait"));
+    let b_config = instance_config(&fx, "b", &shared("data-b", &redis.url(), "wait"));
+    let a = Instance::start(&a_config).await;
+    let b = Instance::start(&b_config).await;
+    let (t1, id1) = token(&fx.keys[0], "alice", |_| {});
+    let (t2, id2) = token(&fx.keys[0], "alice", |_| {});
+    let by_jti = |jti: String| {
+        Kind::Token(pb::TokenTarget {
+            jti,
+            issuer: String::new(),
+            expires_at: None,
+        })
+    };
+
+    assert!(a.revoke(by_jti(id1)).await.synced);
+    b.eventually_revoked(&t1).await;
+
+    // Redis goes away: known revocations stay enforced, a new one is enforced
+    // locally at once and queued.
+    redis.stop();
+    a.eventually_status("disconnected", |s| s.redis == "disconnected")
+        .await;
+    b.assert_revoked(&t1).await;
+    let queued = a.revoke(by_jti(id2)).await;
+    assert!(!queued.synced);
+    a.assert_revoked(&t2).await;
+    assert_eq!(a.status().await.pending_writes, 1);
+
+    // Redis is back (from its append-only file): the queue drains, B catches up.
+    redis.restart();
+    b.eventually_revoked(&t2).await;
+    a.eventually_status("synced", |s| {
+        s.redis == "connected" && s.pending_writes == 0
+    })
+    .await;
+    assert_eq!(redis.zcard(KEY), 2);
+
+    // Every instance stops; Redis crashes and restarts. A brand-new instance
+    // with an empty journal learns both revocations from Redis alone.
+    a.stop().await;
+    b.stop().await;
+    redis.restart();
+    assert_eq!(redis.zcard(KEY), 2, "Redis persisted the revocations");
+    let c_config = instance_config(&fx, "c", &shared("data-c", &redis.url(), "wait"));
+    let c = Instance::start(&c_config).await;
+    c.assert_revoked(&t1).await;
+    c.assert_revoked(&t2).await;
+    c.stop().await;
+
+    // An instance restarted while Redis is down still denies, from its journal
+    // (startup = "local" serves on local state).
+    redis.stop();
+    let b_local = instance_config(&fx, "b-local", &shared("data-b", &redis.url(), "local"));
+    let b = Instance::start(&b_local).await;
+    assert_eq!(b.status().await.redis, "connecting");
+    b.assert_revoked(&t1).await;
+    b.assert_revoked(&t2).await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_expire_once_no_token_they_match_can_be_valid() {
+    let redis = RedisServer::start();
+    let fx = two_keys();
+    // Tokens live at most 2 seconds: entries expire 2 seconds after they are made.
+    let short = std::fs::read_to_string(fx.config_path())
+        .unwrap()
+        .replace("max_token_lifetime = \"1h\"", "max_token_lifetime = \"2s\"")
+        .replace("leeway = \"30s\"", "leeway = \"0s\"");
+    std::fs::write(fx.config_path(), short).unwrap();
+    let a = Instance::start(&instance_config(
+        &fx,
+        "a",
+        &shared("data-a", &redis.url(), "wait"),
+    ))
+    .await;
+    let key = &fx.keys[1];
+    let lifetime = |c: &mut Value| c["exp"] = Value::from(c["iat"].as_i64().unwrap() + 2);
+
+    let (t, _) = token(key, "alice", lifetime);
+    a.assert_allowed(&t).await;
+    let done = a.revoke(Kind::KeyId(key.kid().to_owned())).await;
+    let entry = done.revocation.unwrap();
+    assert_eq!(entry.expires_at - entry.created_at, 2);
+    a.assert_revoked(&t).await;
+    assert_eq!(a.list().await.len(), 1);
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !(a.list().await.is_empty() && redis.zcard(KEY) == 0) {
+        assert!(Instant::now() < deadline, "entry never expired");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(a.status().await.revocations, 0);
+    // A token the key signs after the entry expired is accepted again.
+    let (fresh, _) = token(key, "alice", lifetime);
+    a.assert_allowed(&fresh).await;
+    a.stop().await;
+
+    // The journal dropped it too.
+    let journal = std::fs::read_to_string(fx.path("data-a/revocations.log")).unwrap_or_default();
+    let a = Instance::start(&fx.path("a.toml")).await;
+    assert!(a.list().await.is_empty(), "{journal}");
+    a.stop().await;
+}
+
+#[tokio::test]
+async fn the_admin_api_refuses_calls_without_the_admin_token() {
+    let fx = Fixture::new();
+    let inst = Instance::start(&instance_config(
+        &fx,
+        "a",
+        "[revocation]\ndata_dir = \"data\"",
+    ))
+    .await;
+    let mut client = inst.admin().await;
+
+    let anonymous = client.status(pb::StatusRequest {}).await.unwrap_err();
+    assert_eq!(anonymous.code(), tonic::Code::Unauthenticated);
+    for wrong in [
+        "Bearer wrong-token-0123456789",
+        "Bearer test-admin-token-012345678",
+        "Basic dGVzdA==",
+        ADMIN_TOKEN,
+    ] {
+        let mut request = tonic::Request::new(pb::RevokeRequest {
+            target: Some(pb::Target {
+                kind: Some(Kind::KeyId("k".into())),
+            }),
+            reason: String::new(),
+        });
+        request
+            .metadata_mut()
+            .insert("authorization", wrong.parse().unwrap());
+        let err = client.revoke(request).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unauthenticated, "{wrong}");
+        assert!(!err.message().contains(wrong));
+    }
+    assert!(
+        inst.list().await.is_empty(),
+        "refused calls changed nothing"
+    );
+
+    // Reflection on the admin listener needs the credential too.
+    let reflection =
+        tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient::new(
+            Channel::from_shared(format!("http://{}", inst.admin.local_addr()))
+                .unwrap()
+                .connect()
+                .await
+                .unwrap(),
+        )
+        .server_reflection_info(tokio_stream::iter(vec![
+        tonic_reflection::pb::v1::ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(
+                tonic_reflection::pb::v1::server_reflection_request::MessageRequest::ListServices(
+                    String::new(),
+                ),
+            ),
+        },
+    ]))
+        .await;
+    assert_eq!(reflection.unwrap_err().code(), tonic::Code::Unauthenticated);
+
+    // The admin API is not served on the Envoy-facing listener.
+    let mut on_envoy_port = AdminClient::new(inst.server.channel.clone());
+    let mut request = tonic::Request::new(pb::StatusRequest {});
+    authorize(&mut request, ADMIN_TOKEN);
+    let err = on_envoy_port.status(request).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unimplemented);
+
+    // With the token: served.
+    let status = inst.status().await;
+    assert_eq!(
+        (status.mode.as_str(), status.redis.as_str()),
+        ("embedded", "disabled")
+    );
+    inst.stop().await;
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn sigterm(mut child: std::process::Child) {
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    assert!(child.wait().unwrap().success());
+}
+
+fn cli(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args(args)
+        .env("PORTCULLIS_ADMIN_TOKEN", ADMIN_TOKEN)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Embedded mode, as a user runs it: `serve`, `portcullis revoke`, a restart.
+#[tokio::test]
+async fn embedded_mode_persists_revocations_across_a_restart() {
+    let fx = Fixture::new();
+    let admin = format!("127.0.0.1:{}", free_port());
+    let listen = format!("127.0.0.1:{}", free_port());
+    let base = std::fs::read_to_string(fx.config_path()).unwrap();
+    let config = fx.path("serve.toml");
+    std::fs::write(
+        &config,
+        format!("{base}\n[admin]\nlisten = \"{admin}\"\ntoken_env = \"PORTCULLIS_ADMIN_TOKEN\"\n"),
+    )
+    .unwrap();
+    let (t, id) = token(fx.es256(), "alice", |_| {});
+    let check = |listen: String, t: String| async move {
+        let channel = Channel::from_shared(format!("http://{listen}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut client = envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient::new(channel);
+        outcome(
+            &client
+                .check(envoy_request("GET", "/orders/1", Some(&t)))
+                .await
+                .unwrap()
+                .into_inner(),
+        )
+    };
+
+    let server = spawn_serve_with_token(&config, &listen).await;
+    assert_eq!(check(listen.clone(), t.clone()).await.http_status, 200);
+
+    let (ok, _, stderr) = cli(&[
+        "revoke",
+        "--admin",
+        &admin,
+        "--jti",
+        &id,
+        "--admin-token",
+        "wrong-token-0123456789",
+    ]);
+    assert!(!ok);
+    assert!(stderr.contains("refused the credential"), "{stderr}");
+    let (ok, stdout, stderr) = cli(&[
+        "revoke",
+        "--admin",
+        &admin,
+        "--jti",
+        &id,
+        "--reason",
+        "laptop stolen",
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("revoked:  jti"), "{stdout}");
+    assert_revoked(&check(listen.clone(), t.clone()).await);
+    let (ok, stdout, _) = cli(&[
+        "check",
+        "--server",
+        &listen,
+        "--token",
+        &t,
+        "--path",
+        "/orders/1",
+    ]);
+    assert!(!ok);
+    assert!(
+        stdout.contains("status:    401") && stdout.contains("reason:    revoked"),
+        "{stdout}"
+    );
+    let (ok, stdout, _) = cli(&["revocations", "--admin", &admin]);
+    assert!(ok);
+    assert!(
+        stdout.contains(&id)
+            && stdout.contains("laptop stolen")
+            && stdout.contains("1 revocation(s)"),
+        "{stdout}"
+    );
+    let (ok, stdout, _) = cli(&["status", "--admin", &admin]);
+    assert!(ok);
+    assert!(stdout.contains("mode:           embedded"), "{stdout}");
+    assert!(stdout.contains("revocations:    1"), "{stdout}");
+    sigterm(server);
+
+    // Restarted: the journal under data/ still holds the revocation.
+    assert!(fx.path("data/revocations.log").is_file());
+    let server = spawn_serve_with_token(&config, &listen).await;
+    assert_revoked(&check(listen.clone(), t.clone()).await);
+    sigterm(server);
+}
+
+async fn wait_serving(listen: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(channel) = Channel::from_shared(format!("http://{listen}"))
+            .unwrap()
+            .connect()
+            .await
+        {
+            let health = tonic_health::pb::health_client::HealthClient::new(channel)
+                .check(tonic_health::pb::HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await;
+            if health.is_ok_and(|h| h.into_inner().status == 1) {
+                return;
+            }
+        }
+        assert!(Instant::now() < deadline, "serve never became SERVING");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Starts the binary with the admin token in its environment; returns it once
+/// the ext_authz listener reports SERVING.
+async fn spawn_serve_with_token(config: &Path, listen: &str) -> std::process::Child {
+    let child = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args(["serve", "--config", &path_arg(config), "--listen", listen])
+        .env("PORTCULLIS_ADMIN_TOKEN", ADMIN_TOKEN)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_serving(listen).await;
+    child
+}
