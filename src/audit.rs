@@ -81,6 +81,8 @@ pub fn audit_line(decision: &Decision, http_status: u16) -> serde_json::Value {
         "api_key_id": decision.api_key_id,
         "method": decision.method,
         "path": decision.path,
+        "policy_generation": decision.policy_generation,
+        "policy_digest": decision.policy_digest,
         "latency_us": decision.elapsed.as_micros() as u64,
     })
 }

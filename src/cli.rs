@@ -5,6 +5,7 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -442,8 +443,16 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         .state()
         .install(engine.with_revocations(store.clone()))
         .await;
+    let reload_stats = Arc::new(crate::reload::ReloadStats::default());
+    let watcher = tokio::spawn(crate::reload::watch(
+        running.state().clone(),
+        config.clone(),
+        reload_stats.clone(),
+        config.policies.watch_interval,
+    ));
 
     server::shutdown_signal().await;
+    watcher.abort();
     tracing::info!("shutting down: NOT_SERVING, finishing in-flight checks");
     if let Some(admin) = admin
         && let Err(e) = admin.shutdown(config.server.shutdown_grace).await

@@ -289,6 +289,16 @@ fn default_listen() -> SocketAddr {
 pub struct PoliciesConfig {
     /// Folder with `*.cedarschema`, `*.cedar` and an optional `entities.json`.
     pub dir: PathBuf,
+    /// Watch the folder and reload on change (SIGHUP always reloads).
+    #[serde(default = "default_true")]
+    pub watch: bool,
+    /// How often the folder is checked for changes.
+    #[serde(default = "default_watch_interval", deserialize_with = "de_duration")]
+    pub watch_interval: Duration,
+}
+
+fn default_watch_interval() -> Duration {
+    Duration::from_secs(1)
 }
 
 /// `[application]`: the protected application.

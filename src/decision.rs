@@ -110,6 +110,10 @@ pub struct Decision {
     pub elapsed: Duration,
     /// The verdict is a deny that dry-run mode turns into an allow.
     pub dry_run: bool,
+    /// Generation of the policy set that decided (0: none loaded).
+    pub policy_generation: u64,
+    /// Content digest of that policy set.
+    pub policy_digest: Option<String>,
 }
 
 impl Decision {
@@ -132,6 +136,8 @@ impl Decision {
             path: path.to_owned(),
             elapsed: Duration::ZERO,
             dry_run: false,
+            policy_generation: 0,
+            policy_digest: None,
         }
     }
 

@@ -39,7 +39,7 @@ pub struct LoadError {
 }
 
 /// The API key store and its settings.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct ApiKeys {
     store: Arc<ReloadingApiKeyStore>,
     settings: ApiKeysConfig,
@@ -63,18 +63,33 @@ pub struct Engine {
     mode: Mode,
     token_mode: Mode,
     revocations: Option<Arc<RevocationStore>>,
+    generation: u64,
 }
 
 impl Engine {
     /// Loads keys and policies named by `config` and checks that every route's
     /// action exists in the schema and that the requests we build conform to it.
     pub fn from_config(config: &Config) -> Result<Engine, LoadError> {
+        Self::build(config, None)
+    }
+
+    /// A new engine with the policy folder read again: issuers and their keys,
+    /// API keys and revocations are shared with `self`, the caches start empty,
+    /// and the generation is one more. Nothing of `self` changes, so a reload
+    /// that fails leaves the serving engine as it was.
+    pub fn reload_policies(&self, config: &Config) -> Result<Engine, LoadError> {
+        Self::build(config, Some(self))
+    }
+
+    fn build(config: &Config, previous: Option<&Engine>) -> Result<Engine, LoadError> {
         let mut problems = Vec::new();
         let mut issuers = Vec::new();
-        for issuer in &config.issuers {
-            match Issuer::from_config(issuer) {
-                Ok(loaded) => issuers.push(loaded),
-                Err(e) => problems.push(format!("issuer {}: {e}", issuer.issuer)),
+        if previous.is_none() {
+            for issuer in &config.issuers {
+                match Issuer::from_config(issuer) {
+                    Ok(loaded) => issuers.push(loaded),
+                    Err(e) => problems.push(format!("issuer {}: {e}", issuer.issuer)),
+                }
             }
         }
         let routes = RouteTable::new(&config.routes)
@@ -104,9 +119,10 @@ impl Engine {
         if !problems.is_empty() {
             return Err(LoadError { problems });
         }
-        let api_keys = match &config.api_keys {
-            None => None,
-            Some(settings) => match ReloadingApiKeyStore::load(&settings.file) {
+        let api_keys = match (&config.api_keys, previous) {
+            (_, Some(previous)) => previous.api_keys.clone(),
+            (None, None) => None,
+            (Some(settings), None) => match ReloadingApiKeyStore::load(&settings.file) {
                 Ok(store) => Some(ApiKeys {
                     store: Arc::new(store),
                     settings: settings.clone(),
@@ -121,7 +137,10 @@ impl Engine {
             return Err(LoadError { problems });
         }
         let mut engine = Engine {
-            issuers: IssuerSet::new(issuers),
+            issuers: match previous {
+                Some(previous) => previous.issuers.clone(),
+                None => IssuerSet::new(issuers),
+            },
             api_keys,
             workload: config
                 .workload
@@ -138,7 +157,8 @@ impl Engine {
             caches: Caches::new(&config.cache),
             mode: config.application.mode,
             token_mode: config.application.token_mode,
-            revocations: None,
+            revocations: previous.and_then(|p| p.revocations.clone()),
+            generation: previous.map_or(1, |p| p.generation + 1),
         };
         let problems = engine.check_actions_against_schema(&principal_types);
         if problems.is_empty() {
@@ -153,6 +173,11 @@ impl Engine {
     pub fn with_revocations(mut self, store: Arc<RevocationStore>) -> Engine {
         self.revocations = Some(store);
         self
+    }
+
+    /// The policy-set generation: 1 at start, one more per successful reload.
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
     /// The loaded policy folder.
@@ -396,6 +421,8 @@ impl Engine {
     pub async fn decide_at(&self, http: &HttpRequest, now: i64) -> Decision {
         let started = Instant::now();
         let mut decision = Decision::new(&http.method, http.path_without_query());
+        decision.policy_generation = self.generation;
+        decision.policy_digest = Some(self.store.digest.clone());
         decision.verdict = match self.run(http, now, &mut decision).await {
             Ok(()) => Verdict::Allow,
             Err(reason) => Verdict::Deny(reason),

@@ -24,6 +24,7 @@ pub mod engine;
 pub mod ext_authz;
 pub mod openapi;
 pub mod policy_tests;
+pub mod reload;
 pub mod revocation;
 pub mod server;
 pub mod telemetry;

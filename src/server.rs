@@ -76,6 +76,12 @@ impl ServerState {
         self.set_health(ServingStatus::Serving).await;
     }
 
+    /// Publishes a reloaded engine atomically: new checks use it, checks in
+    /// flight finish on the engine they started with. Health is unchanged.
+    pub fn replace_engine(&self, engine: Engine) {
+        self.engine.store(Some(Arc::new(engine)));
+    }
+
     async fn set_health(&self, status: ServingStatus) {
         for service in ["", AUTHORIZATION_SERVICE] {
             self.health.set_service_status(service, status).await;

@@ -69,6 +69,9 @@ pub struct PolicyStore {
     pub warnings: Vec<PolicyDiagnostic>,
     /// Which file each policy came from.
     pub policy_files: HashMap<PolicyId, PathBuf>,
+    /// SHA-256 (hex) of every file of the set (names and contents), so a
+    /// decision names the exact set that made it.
+    pub digest: String,
 }
 
 struct SourceFile {
@@ -206,6 +209,7 @@ impl PolicyStore {
                     .into_iter()
                     .map(|(id, i)| (id, policy_files[i].path.clone()))
                     .collect(),
+                digest: content_digest(dir, schema_files.iter().chain(&policy_files)),
             }),
             _ => Err(PolicyLoadError { diagnostics }),
         }
@@ -220,6 +224,49 @@ impl PolicyStore {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
+
+fn content_digest<'a>(dir: &Path, files: impl Iterator<Item = &'a SourceFile>) -> String {
+    let mut digest = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+    let entities = dir.join(ENTITIES_FILE);
+    let entities_text = std::fs::read(&entities).unwrap_or_default();
+    let mut add = |name: &Path, bytes: &[u8]| {
+        let name = name
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        digest.update(&(name.len() as u64).to_be_bytes());
+        digest.update(name.as_bytes());
+        digest.update(&(bytes.len() as u64).to_be_bytes());
+        digest.update(bytes);
+    };
+    for file in files {
+        add(&file.path, file.text.as_bytes());
+    }
+    add(&entities, &entities_text);
+    digest
+        .finish()
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// A cheap fingerprint of the policy folder (names, sizes, modification times),
+/// to notice changes without reading the files.
+pub fn folder_fingerprint(dir: &Path) -> Vec<(PathBuf, u64, Option<std::time::SystemTime>)> {
+    let mut entries: Vec<_> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            let meta = entry.metadata().ok()?;
+            meta.is_file()
+                .then(|| (entry.path(), meta.len(), meta.modified().ok()))
+        })
+        .collect();
+    entries.sort();
+    entries
 }
 
 fn statement_id(annotation: Option<&str>, file_name: &str, index: usize) -> PolicyId {
