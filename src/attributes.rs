@@ -21,6 +21,8 @@ pub struct HttpRequest {
     pub source_ip: Option<IpAddr>,
     /// The mTLS peer's identity (e.g. a SPIFFE ID) as the proxy reports it.
     pub peer_principal: Option<String>,
+    /// Per-route settings from Envoy's `context_extensions` (e.g. `portcullis.mode`).
+    pub context_extensions: HashMap<String, String>,
 }
 
 impl HttpRequest {

@@ -734,16 +734,17 @@ async fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
         }
     };
     let mut out = std::io::stdout().lock();
+    let shown = match (decision.dry_run, decision.verdict.is_allow()) {
+        (true, _) => "allow (dry-run: would deny)",
+        (false, true) => "allow",
+        (false, false) => "deny",
+    };
+    writeln!(out, "decision:  {shown}")?;
     writeln!(
         out,
-        "decision:  {}",
-        if decision.verdict.is_allow() {
-            "allow"
-        } else {
-            "deny"
-        }
+        "status:    {}",
+        http_status(decision.effective_verdict())
     )?;
-    writeln!(out, "status:    {}", http_status(decision.verdict))?;
     writeln!(out, "reason:    {}", decision.verdict.class())?;
     writeln!(
         out,
@@ -775,7 +776,7 @@ async fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
             )?,
         }
     }
-    Ok(if decision.verdict.is_allow() {
+    Ok(if decision.effective_verdict().is_allow() {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)

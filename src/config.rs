@@ -301,6 +301,35 @@ pub struct ApplicationConfig {
     /// means such requests are denied with 403 before any policy runs.
     #[serde(default)]
     pub default_action: Option<String>,
+    /// `enforce` (default) or `dry-run`: policy denies are logged and counted
+    /// as would-deny, but the request is allowed.
+    #[serde(default)]
+    pub mode: Mode,
+    /// The same for credential failures (401s), separately.
+    #[serde(default)]
+    pub token_mode: Mode,
+}
+
+/// Enforce decisions, or only log what would have been denied.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// Denies are denied.
+    #[default]
+    Enforce,
+    /// Denies are logged as would-deny and allowed.
+    DryRun,
+}
+
+impl Mode {
+    /// Parses `enforce` / `dry-run` (as in Envoy `context_extensions`).
+    pub fn parse(text: &str) -> Option<Mode> {
+        match text.trim() {
+            "enforce" => Some(Mode::Enforce),
+            "dry-run" => Some(Mode::DryRun),
+            _ => None,
+        }
+    }
 }
 
 /// `[[issuers]]`: one trusted token issuer.
@@ -488,6 +517,9 @@ pub struct RouteConfig {
     /// decided with `Workload::"<spiffe id>"` as principal (needs `[workload]`).
     #[serde(default)]
     pub allow_workload: bool,
+    /// Overrides `[application] mode` for this route's policy decisions.
+    #[serde(default)]
+    pub mode: Option<Mode>,
 }
 
 /// `[api_keys]`: opaque keys for machine clients.

@@ -108,6 +108,8 @@ pub struct Decision {
     pub path: String,
     /// Time spent deciding.
     pub elapsed: Duration,
+    /// The verdict is a deny that dry-run mode turns into an allow.
+    pub dry_run: bool,
 }
 
 impl Decision {
@@ -129,6 +131,16 @@ impl Decision {
             method: method.to_owned(),
             path: path.to_owned(),
             elapsed: Duration::ZERO,
+            dry_run: false,
+        }
+    }
+
+    /// What the caller gets: the verdict, or an allow for a dry-run deny.
+    pub fn effective_verdict(&self) -> Verdict {
+        if self.dry_run {
+            Verdict::Allow
+        } else {
+            self.verdict
         }
     }
 }

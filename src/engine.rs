@@ -26,7 +26,7 @@ use crate::authz::policy_store::PolicyStore;
 use crate::authz::routes::{RouteTable, is_canonical_path};
 use crate::authz::{PolicyOutcome, evaluate};
 use crate::cache::{CachedToken, Caches};
-use crate::config::{ApiKeysConfig, Config, ResponseConfig};
+use crate::config::{ApiKeysConfig, Config, Mode, ResponseConfig};
 use crate::decision::{BadRequest, Decision, DenyReason, Verdict};
 use crate::revocation::RevocationStore;
 
@@ -60,6 +60,8 @@ pub struct Engine {
     policy_dir: PathBuf,
     realm: String,
     caches: Caches,
+    mode: Mode,
+    token_mode: Mode,
     revocations: Option<Arc<RevocationStore>>,
 }
 
@@ -134,6 +136,8 @@ impl Engine {
             policy_dir: config.policies.dir.clone(),
             realm: config.application.name.clone(),
             caches: Caches::new(&config.cache),
+            mode: config.application.mode,
+            token_mode: config.application.token_mode,
             revocations: None,
         };
         let problems = engine.check_actions_against_schema(&principal_types);
@@ -363,6 +367,22 @@ impl Engine {
         (decision, explained)
     }
 
+    /// The enforcement mode of a request's policy decision: Envoy's
+    /// `context_extensions` `portcullis.mode`, else the route's, else the global.
+    fn policy_mode(&self, http: &HttpRequest) -> Mode {
+        if let Some(mode) = http
+            .context_extensions
+            .get("portcullis.mode")
+            .and_then(|m| Mode::parse(m))
+        {
+            return mode;
+        }
+        self.routes
+            .find(&http.method, http.path_without_query())
+            .and_then(|r| r.mode)
+            .unwrap_or(self.mode)
+    }
+
     /// Decides `http` now.
     pub async fn decide(&self, http: &HttpRequest) -> Decision {
         let now = SystemTime::now()
@@ -379,6 +399,18 @@ impl Engine {
         decision.verdict = match self.run(http, now, &mut decision).await {
             Ok(()) => Verdict::Allow,
             Err(reason) => Verdict::Deny(reason),
+        };
+        decision.dry_run = match decision.verdict {
+            // A revocation is an operator's explicit order: enforced in every mode.
+            Verdict::Deny(DenyReason::Unauthenticated(TokenError::Revoked)) => false,
+            Verdict::Deny(DenyReason::Unauthenticated(_)) => self.token_mode == Mode::DryRun,
+            Verdict::Deny(
+                DenyReason::PolicyDenied
+                | DenyReason::PolicyError
+                | DenyReason::NoRoute
+                | DenyReason::SchemaMismatch,
+            ) => self.policy_mode(http) == Mode::DryRun,
+            _ => false,
         };
         decision.elapsed = started.elapsed();
         decision

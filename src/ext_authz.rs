@@ -125,6 +125,7 @@ pub fn http_request(check: &CheckRequest) -> Option<HttpRequest> {
         headers,
         source_ip,
         peer_principal,
+        context_extensions: attributes.context_extensions.clone(),
     })
 }
 
@@ -155,7 +156,9 @@ pub fn check_response(
     realm: &str,
     credential_header: Option<&str>,
 ) -> CheckResponse {
-    let verdict = decision.verdict;
+    // A dry-run deny is answered as an allow; the real verdict stays in the
+    // audit line and the metadata.
+    let verdict = decision.effective_verdict();
     let http_response = match verdict {
         Verdict::Allow => {
             let mut headers = Vec::new();
@@ -186,7 +189,12 @@ pub fn check_response(
         .insert("decision_id".into(), string_value(&decision.id));
     metadata
         .fields
-        .insert("reason".into(), string_value(verdict.class()));
+        .insert("reason".into(), string_value(decision.verdict.class()));
+    if decision.dry_run {
+        metadata
+            .fields
+            .insert("dry_run".into(), string_value("would-deny"));
+    }
     if let Some(principal) = &decision.principal {
         metadata
             .fields
@@ -312,7 +320,7 @@ impl Authorization for CheckService {
         };
         self.state
             .audit()
-            .record(&decision, http_status(decision.verdict));
+            .record(&decision, http_status(decision.effective_verdict()));
         tracing::debug!(
             decision_id = %decision.id,
             outcome = decision.verdict.class(),

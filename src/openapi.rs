@@ -103,6 +103,7 @@ fn route_config(op: &Operation) -> RouteConfig {
         path: op.path.clone(),
         action: None,
         allow_workload: false,
+        mode: None,
     }
 }
 

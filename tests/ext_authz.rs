@@ -487,3 +487,90 @@ async fn users_from_entities_json_keep_their_parents_and_gain_token_roles() {
         403
     );
 }
+
+#[tokio::test]
+async fn dry_run_allows_and_logs_the_would_deny() {
+    let fx = Fixture::new();
+    let config = std::fs::read_to_string(fx.config_path())
+        .unwrap()
+        .replace("name = \"orders\"", "name = \"orders\"\nmode = \"dry-run\"")
+        .replacen(
+            "method = \"DELETE\"\npath = \"/orders/{id}\"",
+            "method = \"DELETE\"\npath = \"/orders/{id}\"\nmode = \"enforce\"",
+            1,
+        );
+    std::fs::write(fx.config_path(), config).unwrap();
+    let server = fx.serve().await;
+    let reader = fx.es256().token("alice", &["orders:read"], &[]);
+
+    // A policy deny in dry-run: allowed, logged as a would-deny with its reason.
+    let out = outcome(
+        &server
+            .check(envoy_request("POST", "/orders", Some(&reader)))
+            .await,
+    );
+    assert_eq!(out.http_status, 200);
+    assert_eq!(out.metadata["dry_run"], "would-deny");
+    let line = fx.audit_line(&out.decision_id);
+    assert_eq!(line["outcome"], "allow");
+    assert_eq!(line["dry_run"], true);
+    assert_eq!(line["would"], "deny");
+    assert_eq!(line["reason"], "policy_denied");
+
+    // The route says enforce.
+    let out = outcome(
+        &server
+            .check(envoy_request("DELETE", "/orders/1", Some(&reader)))
+            .await,
+    );
+    assert_eq!(out.http_status, 403);
+    // Envoy's per-route context_extensions win over both.
+    let mut enforced = envoy_request("POST", "/orders", Some(&reader));
+    enforced
+        .attributes
+        .as_mut()
+        .unwrap()
+        .context_extensions
+        .insert("portcullis.mode".into(), "enforce".into());
+    assert_eq!(outcome(&server.check(enforced).await).http_status, 403);
+    let mut dry = envoy_request("DELETE", "/orders/1", Some(&reader));
+    dry.attributes
+        .as_mut()
+        .unwrap()
+        .context_extensions
+        .insert("portcullis.mode".into(), "dry-run".into());
+    assert_eq!(outcome(&server.check(dry).await).http_status, 200);
+
+    // Credential failures are enforced unless token_mode says otherwise.
+    let out = outcome(&server.check(envoy_request("GET", "/orders", None)).await);
+    assert_eq!(out.http_status, 401);
+    // Allowed requests are not marked.
+    let out = outcome(
+        &server
+            .check(envoy_request("GET", "/orders", Some(&reader)))
+            .await,
+    );
+    assert_eq!(fx.audit_line(&out.decision_id)["dry_run"], false);
+}
+
+#[tokio::test]
+async fn token_failures_can_be_dry_run_separately() {
+    let fx = Fixture::new();
+    let config = std::fs::read_to_string(fx.config_path()).unwrap().replace(
+        "name = \"orders\"",
+        "name = \"orders\"\ntoken_mode = \"dry-run\"",
+    );
+    std::fs::write(fx.config_path(), config).unwrap();
+    let server = fx.serve().await;
+    let out = outcome(&server.check(envoy_request("GET", "/orders", None)).await);
+    assert_eq!(out.http_status, 200);
+    assert_eq!(fx.audit_line(&out.decision_id)["reason"], "missing_token");
+    // Policy denies stay enforced.
+    let reader = fx.es256().token("alice", &["orders:read"], &[]);
+    let out = outcome(
+        &server
+            .check(envoy_request("POST", "/orders", Some(&reader)))
+            .await,
+    );
+    assert_eq!(out.http_status, 403);
+}

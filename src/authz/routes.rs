@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 
-use crate::config::RouteConfig;
+use crate::config::{Mode, RouteConfig};
 
 /// Errors raised while building the route table.
 #[derive(Debug, thiserror::Error)]
@@ -30,12 +30,15 @@ pub struct RouteMatch<'a> {
     pub params: Vec<(String, String)>,
     /// The route accepts an mTLS workload identity instead of a credential.
     pub allow_workload: bool,
+    /// The route's own enforcement mode, if set.
+    pub mode: Option<Mode>,
 }
 
 struct Route {
     action: String,
     template: String,
     allow_workload: bool,
+    mode: Option<Mode>,
 }
 
 /// All configured routes, one matcher per method.
@@ -73,6 +76,7 @@ impl RouteTable {
                 action: config.action_id(),
                 template: config.path.clone(),
                 allow_workload: config.allow_workload,
+                mode: config.mode,
             });
         }
         Ok(table)
@@ -97,6 +101,7 @@ impl RouteTable {
             template: &route.template,
             params,
             allow_workload: route.allow_workload,
+            mode: route.mode,
         })
     }
 
@@ -144,6 +149,7 @@ mod tests {
             path: path.into(),
             action: None,
             allow_workload: false,
+            mode: None,
         }
     }
 

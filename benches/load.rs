@@ -1,0 +1,947 @@
+//! Load benchmark: Portcullis against a no-op ext_authz server, in one run.
+//!
+//! Both servers run in this process on one Tokio runtime, behind the same tonic
+//! stack and the same kind of loopback listener. The no-op server allows
+//! everything without looking at the request; Portcullis is the real server
+//! (`portcullis::server::start`) with an engine loaded from the quickstart
+//! configuration, generated ES256 keys and an audit log written to a temporary
+//! file. A load generator on its own Tokio runtime (its own worker threads)
+//! drives each server with the same concurrent gRPC load: several HTTP/2
+//! connections with many requests in flight on each. Requests are Envoy-like
+//! `CheckRequest`s, encoded once before the timed phase so the client spends as
+//! little of the shared CPU as possible.
+//!
+//! Scenarios (each reports req/s, p50/p99/p99.9 and Portcullis / no-op):
+//! - *hot*: 4 tokens, `GET /orders/7` over and over;
+//! - *warm*: 1,000 tokens, `GET /orders` and `GET /orders/{id}` with ids 1..100;
+//! - *cold*: a different token on every request; also reported as a fraction of
+//!   the machine's raw ES256 verification ceiling, measured in this run on all
+//!   cores with aws-lc;
+//! - *hot at half load*: hot again, paced at half of Portcullis' hot peak.
+//!
+//! Every Portcullis response must be an allow; any deny or gRPC error makes the
+//! run invalid (exit code 1).
+//!
+//! Run: `cargo bench --bench load`. Durations and load shape can be overridden
+//! with `PORTCULLIS_BENCH_SECS` (measured seconds per scenario, default 5),
+//! `PORTCULLIS_BENCH_WARMUP_SECS` (default 1), `PORTCULLIS_BENCH_CHANNELS`
+//! (connections, default 8), `PORTCULLIS_BENCH_CONCURRENCY` (requests in
+//! flight in total, default 64), `PORTCULLIS_BENCH_CLIENT_THREADS` and
+//! `PORTCULLIS_BENCH_SERVER_THREADS` (default: the number of cores each),
+//! `PORTCULLIS_BENCH_COLD_MAX_TOKENS` (default 200,000) and
+//! `PORTCULLIS_BENCH_NOOP_NODELAY=1` (set `TCP_NODELAY` on the no-op server's
+//! accepted sockets; by default it matches Portcullis, where tonic's
+//! `serve_with_incoming*` leaves Nagle's algorithm on).
+//!
+//! Without `--bench` in its arguments (that is how `cargo test --benches` runs
+//! it) it does a short smoke run, so CI exercises it in a few seconds.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use aws_lc_rs::rand::SystemRandom;
+use aws_lc_rs::signature::{
+    ECDSA_P256_SHA256_FIXED, ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair,
+    UnparsedPublicKey,
+};
+use base64::Engine as _;
+use bytes::{BufMut, Bytes};
+use envoy_types::pb::envoy::config::core::v3::address::Address;
+use envoy_types::pb::envoy::config::core::v3::socket_address::PortSpecifier;
+use envoy_types::pb::envoy::config::core::v3::{Address as EnvoyAddress, SocketAddress};
+use envoy_types::pb::envoy::service::auth::v3::attribute_context::{
+    HttpRequest, Peer, Request as AttrRequest,
+};
+use envoy_types::pb::envoy::service::auth::v3::authorization_server::{
+    Authorization, AuthorizationServer,
+};
+use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
+use envoy_types::pb::envoy::service::auth::v3::{
+    AttributeContext, CheckRequest, CheckResponse, OkHttpResponse,
+};
+use envoy_types::pb::google::rpc::Status as RpcStatus;
+use hdrhistogram::Histogram;
+use jsonwebtoken::Algorithm;
+use portcullis::audit::AuditLog;
+use portcullis::authn::mint::SigningKey;
+use portcullis::config::Config;
+use portcullis::engine::Engine;
+use portcullis::server::{self, RunningServer};
+use prost::Message;
+use serde_json::json;
+use tokio::net::TcpListener;
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::codegen::http::uri::PathAndQuery;
+use tonic::transport::Channel;
+use tonic::transport::server::TcpIncoming;
+
+const CHECK_PATH: &str = "/envoy.service.auth.v3.Authorization/Check";
+const ISSUER: &str = "https://auth.example.test";
+const AUDIENCE: &str = "orders-api";
+
+// ---------------------------------------------------------------------------
+// Settings
+
+struct Settings {
+    smoke: bool,
+    warmup: Duration,
+    measure: Duration,
+    channels: usize,
+    concurrency: usize,
+    client_threads: usize,
+    server_threads: usize,
+    warm_tokens: usize,
+    warm_requests: usize,
+    cold_max_tokens: usize,
+    ceiling_time: Duration,
+    noop_nodelay: bool,
+}
+
+fn env_f64(name: &str) -> Option<f64> {
+    std::env::var(name).ok().map(|v| {
+        v.parse()
+            .unwrap_or_else(|_| panic!("{name}={v:?} is not a number"))
+    })
+}
+
+fn env_usize(name: &str) -> Option<usize> {
+    env_f64(name).map(|v| v as usize)
+}
+
+impl Settings {
+    fn from_env() -> Settings {
+        // `cargo bench` passes `--bench`; `cargo test --benches` does not.
+        let smoke = !std::env::args().any(|a| a == "--bench");
+        let cores = cores();
+        let (warmup, measure, warm_tokens, warm_requests, cold_max, ceiling) = if smoke {
+            (0.05, 0.2, 20, 2_000, 5_000, 0.1)
+        } else {
+            (1.0, 5.0, 1_000, 100_000, 200_000, 2.0)
+        };
+        Settings {
+            smoke,
+            warmup: Duration::from_secs_f64(
+                env_f64("PORTCULLIS_BENCH_WARMUP_SECS").unwrap_or(warmup),
+            ),
+            measure: Duration::from_secs_f64(env_f64("PORTCULLIS_BENCH_SECS").unwrap_or(measure)),
+            channels: env_usize("PORTCULLIS_BENCH_CHANNELS").unwrap_or(8).max(1),
+            concurrency: env_usize("PORTCULLIS_BENCH_CONCURRENCY")
+                .unwrap_or(64)
+                .max(1),
+            client_threads: env_usize("PORTCULLIS_BENCH_CLIENT_THREADS")
+                .unwrap_or(cores)
+                .max(1),
+            server_threads: env_usize("PORTCULLIS_BENCH_SERVER_THREADS")
+                .unwrap_or(cores)
+                .max(1),
+            warm_tokens,
+            warm_requests,
+            cold_max_tokens: env_usize("PORTCULLIS_BENCH_COLD_MAX_TOKENS").unwrap_or(cold_max),
+            ceiling_time: Duration::from_secs_f64(ceiling),
+            noop_nodelay: env_usize("PORTCULLIS_BENCH_NOOP_NODELAY").unwrap_or(0) != 0,
+        }
+    }
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown".to_owned())
+}
+
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".to_owned())
+}
+
+// ---------------------------------------------------------------------------
+// The no-op server
+
+/// Allows everything, without looking at the request.
+struct Noop;
+
+#[tonic::async_trait]
+impl Authorization for Noop {
+    async fn check(
+        &self,
+        _request: tonic::Request<CheckRequest>,
+    ) -> Result<tonic::Response<CheckResponse>, tonic::Status> {
+        Ok(tonic::Response::new(CheckResponse {
+            status: Some(RpcStatus {
+                code: 0,
+                ..Default::default()
+            }),
+            http_response: Some(HttpResponse::OkResponse(OkHttpResponse::default())),
+            ..Default::default()
+        }))
+    }
+}
+
+/// Same listener and transport as `portcullis::server::start`: a bound
+/// `TcpListener` handed to tonic as a stream of accepted connections (on which
+/// tonic sets no socket options). With `nodelay`, accepted sockets get
+/// `TCP_NODELAY`, to show what Nagle's algorithm costs.
+async fn start_noop(nodelay: bool) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let incoming = TcpIncoming::from(listener).with_nodelay(nodelay.then_some(true));
+    let router = tonic::transport::Server::builder().add_service(AuthorizationServer::new(Noop));
+    tokio::spawn(router.serve_with_incoming(incoming));
+    addr
+}
+
+// ---------------------------------------------------------------------------
+// Portcullis, keys and tokens
+
+fn pem(der: &[u8]) -> String {
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    format!("-----BEGIN PRIVATE KEY-----\n{b64}\n-----END PRIVATE KEY-----\n")
+}
+
+fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+/// The quickstart deployment with a generated ES256 key, in a temporary folder.
+struct Deployment {
+    dir: tempfile::TempDir,
+    key: SigningKey,
+    config: Config,
+}
+
+fn deployment() -> Deployment {
+    let doc = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &SystemRandom::new())
+        .unwrap();
+    let key = SigningKey::from_pem(pem(doc.as_ref()).as_bytes(), Algorithm::ES256, None).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let jwks = json!({ "keys": [serde_json::to_value(&key.public_jwks().keys[0]).unwrap()] });
+    std::fs::write(dir.path().join("jwks.json"), jwks.to_string()).unwrap();
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/quickstart");
+    let text = std::fs::read_to_string(root.join("portcullis.toml"))
+        .unwrap()
+        .replace(
+            "dir = \"policies\"",
+            &format!("dir = {:?}", root.join("policies").display().to_string()),
+        );
+    let config = Config::from_toml(&text, Path::new("load-bench.toml"), dir.path()).unwrap();
+    Deployment { dir, key, config }
+}
+
+async fn start_portcullis(deployment: &Deployment) -> RunningServer {
+    let audit = AuditLog::file(&deployment.dir.path().join("audit.log")).unwrap();
+    let running = server::start("127.0.0.1:0".parse().unwrap(), audit)
+        .await
+        .unwrap();
+    let engine = Engine::from_config(&deployment.config).unwrap();
+    running.state().install(engine).await;
+    running
+}
+
+/// Signs one `orders:read` token per subject, on all cores.
+fn mint(key: &SigningKey, subjects: impl Iterator<Item = String>) -> Vec<String> {
+    let subjects: Vec<String> = subjects.collect();
+    let iat = now();
+    let chunk = subjects.len().div_ceil(cores()).max(1);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = subjects
+            .chunks(chunk)
+            .map(|chunk| {
+                s.spawn(move || {
+                    chunk
+                        .iter()
+                        .map(|sub| {
+                            let claims = json!({
+                                "iss": ISSUER, "aud": AUDIENCE, "sub": sub,
+                                "iat": iat, "exp": iat + 3000, "jti": format!("jti-{sub}"),
+                                "scope": "orders:read",
+                            });
+                            key.sign_claims(&claims).unwrap()
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect()
+    })
+}
+
+/// A request as Envoy builds it, encoded once.
+fn envoy_request(method: &str, path: &str, token: &str, n: usize) -> Bytes {
+    let request_id = format!("5c7e1a52-0000-4000-8000-{n:012}");
+    let headers = [
+        (":method", method.to_owned()),
+        (":path", path.to_owned()),
+        (":authority", "orders.example.test".to_owned()),
+        (":scheme", "https".to_owned()),
+        ("authorization", format!("Bearer {token}")),
+        ("accept", "application/json".to_owned()),
+        ("user-agent", "load-bench/1.0".to_owned()),
+        ("x-forwarded-proto", "https".to_owned()),
+        ("x-request-id", request_id.clone()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    let peer = |ip: &str, port: u32| Peer {
+        address: Some(EnvoyAddress {
+            address: Some(Address::SocketAddress(SocketAddress {
+                address: ip.into(),
+                port_specifier: Some(PortSpecifier::PortValue(port)),
+                ..Default::default()
+            })),
+        }),
+        ..Default::default()
+    };
+    CheckRequest {
+        attributes: Some(AttributeContext {
+            source: Some(peer("10.1.2.3", 40000 + (n % 20000) as u32)),
+            destination: Some(peer("10.9.8.7", 8443)),
+            request: Some(AttrRequest {
+                http: Some(HttpRequest {
+                    id: request_id,
+                    method: method.into(),
+                    path: path.into(),
+                    host: "orders.example.test".into(),
+                    scheme: "https".into(),
+                    protocol: "HTTP/2".into(),
+                    headers,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+    }
+    .encode_to_vec()
+    .into()
+}
+
+/// A small deterministic generator (xorshift64*), so every run sends the same mix.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: usize) -> usize {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        (self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 33) as usize % n
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The verification ceiling
+
+/// Raw ES256 verifications per second on all cores (aws-lc, no JWT parsing): the
+/// most a server that verifies every request could ever do on this machine.
+fn es256_ceiling(time: Duration) -> f64 {
+    let rng = SystemRandom::new();
+    let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
+    let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref()).unwrap();
+    let message = b"eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9";
+    let signature = pair.sign(&rng, message).unwrap();
+    let public = pair.public_key().as_ref().to_vec();
+    let started = Instant::now();
+    let total: u64 = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..cores())
+            .map(|_| {
+                let public = UnparsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, public.clone());
+                let signature = signature.as_ref();
+                s.spawn(move || {
+                    let mut n = 0u64;
+                    while started.elapsed() < time {
+                        for _ in 0..32 {
+                            public
+                                .verify(std::hint::black_box(message), signature)
+                                .unwrap();
+                        }
+                        n += 32;
+                    }
+                    n
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).sum()
+    });
+    total as f64 / started.elapsed().as_secs_f64()
+}
+
+// ---------------------------------------------------------------------------
+// The load generator
+
+/// Sends pre-encoded `CheckRequest` bytes and decodes the `CheckResponse`.
+#[derive(Clone, Copy, Default)]
+struct RawCheckCodec;
+
+struct RawEncoder;
+struct ResponseDecoder;
+
+impl Codec for RawCheckCodec {
+    type Encode = Bytes;
+    type Decode = CheckResponse;
+    type Encoder = RawEncoder;
+    type Decoder = ResponseDecoder;
+    fn encoder(&mut self) -> RawEncoder {
+        RawEncoder
+    }
+    fn decoder(&mut self) -> ResponseDecoder {
+        ResponseDecoder
+    }
+}
+
+impl Encoder for RawEncoder {
+    type Item = Bytes;
+    type Error = tonic::Status;
+    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), tonic::Status> {
+        dst.put(item);
+        Ok(())
+    }
+}
+
+impl Decoder for ResponseDecoder {
+    type Item = CheckResponse;
+    type Error = tonic::Status;
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<CheckResponse>, tonic::Status> {
+        CheckResponse::decode(src)
+            .map(Some)
+            .map_err(|e| tonic::Status::internal(e.to_string()))
+    }
+}
+
+/// Where requests come from.
+#[derive(Clone)]
+enum Source {
+    /// Round and round the list (each worker from its own offset).
+    Cycle(Arc<Vec<Bytes>>),
+    /// Each request once, shared by all workers; the run stops when they run out.
+    Once(Arc<Vec<Bytes>>, Arc<AtomicUsize>),
+}
+
+impl Source {
+    fn once(requests: Arc<Vec<Bytes>>) -> Source {
+        Source::Once(requests, Arc::new(AtomicUsize::new(0)))
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Plan {
+    warmup: Duration,
+    measure: Duration,
+    /// Requests per second in total, or `None` for as fast as responses come.
+    rate: Option<f64>,
+}
+
+struct Stats {
+    latency_ns: Histogram<u64>,
+    measured: u64,
+    allowed: u64,
+    denied: u64,
+    errors: u64,
+    first_problem: Option<String>,
+    exhausted: bool,
+    last_done: Option<Instant>,
+}
+
+impl Stats {
+    fn new() -> Stats {
+        Stats {
+            latency_ns: Histogram::new_with_bounds(1, 60_000_000_000, 3).unwrap(),
+            measured: 0,
+            allowed: 0,
+            denied: 0,
+            errors: 0,
+            first_problem: None,
+            exhausted: false,
+            last_done: None,
+        }
+    }
+
+    fn merge(&mut self, other: Stats) {
+        self.latency_ns.add(&other.latency_ns).unwrap();
+        self.measured += other.measured;
+        self.allowed += other.allowed;
+        self.denied += other.denied;
+        self.errors += other.errors;
+        self.first_problem = self.first_problem.take().or(other.first_problem);
+        self.exhausted |= other.exhausted;
+        self.last_done = self.last_done.max(other.last_done);
+    }
+}
+
+fn is_allow(response: &CheckResponse) -> bool {
+    response.status.as_ref().is_some_and(|s| s.code == 0)
+        && matches!(response.http_response, Some(HttpResponse::OkResponse(_)))
+}
+
+/// Opens `n` HTTP/2 connections to `addr`.
+async fn connect(addr: SocketAddr, n: usize) -> Vec<Channel> {
+    let mut channels = Vec::with_capacity(n);
+    for _ in 0..n {
+        let channel = Channel::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        channels.push(channel);
+    }
+    channels
+}
+
+struct Measured {
+    throughput: f64,
+    stats: Stats,
+    window: Duration,
+}
+
+/// Drives the server behind `channels` with `concurrency` workers spread over
+/// the connections.
+async fn drive(channels: &[Channel], concurrency: usize, source: Source, plan: Plan) -> Measured {
+    let start = Instant::now();
+    let measure_start = start + plan.warmup;
+    let end = measure_start + plan.measure;
+    let mut tasks = tokio::task::JoinSet::new();
+    for w in 0..concurrency {
+        let channel = channels[w % channels.len()].clone();
+        let source = source.clone();
+        // Paced: each worker sends at rate / concurrency, staggered.
+        let pace = plan.rate.map(|rate| {
+            let interval = Duration::from_secs_f64(concurrency as f64 / rate);
+            (interval, interval.mul_f64(w as f64 / concurrency as f64))
+        });
+        tasks.spawn(async move {
+            let mut stats = Stats::new();
+            let mut grpc = tonic::client::Grpc::new(channel);
+            let mut cursor = match &source {
+                Source::Cycle(list) => w * list.len() / concurrency,
+                Source::Once(..) => 0,
+            };
+            let mut next_send = pace.map(|(_, offset)| start + offset);
+            loop {
+                if let (Some(at), Some((interval, _))) = (next_send.as_mut(), pace) {
+                    if *at >= end {
+                        break;
+                    }
+                    tokio::time::sleep_until((*at).into()).await;
+                    *at += interval;
+                }
+                let body = match &source {
+                    Source::Cycle(list) => {
+                        cursor = (cursor + 1) % list.len();
+                        list[cursor].clone()
+                    }
+                    Source::Once(list, next) => {
+                        match list.get(next.fetch_add(1, Ordering::Relaxed)) {
+                            Some(body) => body.clone(),
+                            None => {
+                                stats.exhausted = true;
+                                break;
+                            }
+                        }
+                    }
+                };
+                let sent = Instant::now();
+                if sent >= end {
+                    break;
+                }
+                let result = match grpc.ready().await {
+                    Ok(()) => {
+                        let path = PathAndQuery::from_static(CHECK_PATH);
+                        grpc.unary(tonic::Request::new(body), path, RawCheckCodec)
+                            .await
+                    }
+                    Err(e) => Err(tonic::Status::unavailable(e.to_string())),
+                };
+                let done = Instant::now();
+                match result {
+                    Ok(response) if is_allow(response.get_ref()) => stats.allowed += 1,
+                    Ok(response) => {
+                        stats.denied += 1;
+                        stats
+                            .first_problem
+                            .get_or_insert_with(|| format!("deny: {:?}", response.get_ref()));
+                    }
+                    Err(status) => {
+                        stats.errors += 1;
+                        stats
+                            .first_problem
+                            .get_or_insert_with(|| format!("gRPC error: {status}"));
+                    }
+                }
+                if sent >= measure_start {
+                    stats.measured += 1;
+                    let ns = (done - sent).as_nanos().max(1) as u64;
+                    stats.latency_ns.saturating_record(ns);
+                    stats.last_done = Some(done);
+                }
+            }
+            stats
+        });
+    }
+    let mut stats = Stats::new();
+    while let Some(worker) = tasks.join_next().await {
+        stats.merge(worker.unwrap());
+    }
+    // When the requests ran out early, the window is what was actually used.
+    let window = if stats.exhausted {
+        stats
+            .last_done
+            .map(|t| t.saturating_duration_since(measure_start))
+            .unwrap_or_default()
+    } else {
+        plan.measure
+    };
+    let throughput = if window.is_zero() {
+        0.0
+    } else {
+        stats.measured as f64 / window.as_secs_f64()
+    };
+    Measured {
+        throughput,
+        stats,
+        window,
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Reporting
+
+struct Row {
+    scenario: String,
+    server: &'static str,
+    result: Measured,
+    ratio: Option<f64>,
+}
+
+fn us(h: &Histogram<u64>, q: f64) -> f64 {
+    h.value_at_quantile(q) as f64 / 1000.0
+}
+
+fn print_line(cells: [&str; 8]) {
+    println!(
+        "| {:<18} | {:<10} | {:>9} | {:>8} | {:>8} | {:>8} | {:>9} | {:>15} |",
+        cells[0], cells[1], cells[2], cells[3], cells[4], cells[5], cells[6], cells[7]
+    );
+}
+
+fn print_row(row: &Row) {
+    let h = &row.result.stats.latency_ns;
+    let s = &row.result.stats;
+    print_line([
+        &row.scenario,
+        row.server,
+        &format!("{:.0}", row.result.throughput),
+        &format!("{:.0}", us(h, 0.50)),
+        &format!("{:.0}", us(h, 0.99)),
+        &format!("{:.0}", us(h, 0.999)),
+        &row.ratio.map(|r| format!("{r:.2}")).unwrap_or_default(),
+        &format!("{} / {}", s.denied, s.errors),
+    ]);
+}
+
+fn print_header() {
+    print_line([
+        "scenario",
+        "server",
+        "req/s",
+        "p50 µs",
+        "p99 µs",
+        "p99.9 µs",
+        "/ no-op",
+        "denies / errors",
+    ]);
+    print_line([
+        "------------------",
+        "----------",
+        "--------:",
+        "-------:",
+        "-------:",
+        "-------:",
+        "--------:",
+        "--------------:",
+    ]);
+}
+
+fn progress(row: &Row) {
+    let h = &row.result.stats.latency_ns;
+    eprintln!(
+        "  {:<18} {:<10} {:>9.0} req/s  p50 {:>6.0} µs  p99 {:>6.0} µs  p99.9 {:>6.0} µs  ({} measured in {:.2} s{})",
+        row.scenario,
+        row.server,
+        row.result.throughput,
+        us(h, 0.50),
+        us(h, 0.99),
+        us(h, 0.999),
+        row.result.stats.measured,
+        row.result.window.as_secs_f64(),
+        if row.result.stats.exhausted {
+            ", requests ran out"
+        } else {
+            ""
+        }
+    );
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok { "met" } else { "MISSED" }
+}
+
+// ---------------------------------------------------------------------------
+
+fn main() {
+    let settings = Settings::from_env();
+    let cores = cores();
+    let load_before = load_average();
+    eprintln!(
+        "load benchmark{}: {} cores, {} connections, {} in flight, {:?} warm-up + {:?} per scenario",
+        if settings.smoke {
+            " (smoke run: pass --bench, as `cargo bench` does, for the real one)"
+        } else {
+            ""
+        },
+        cores,
+        settings.channels,
+        settings.concurrency,
+        settings.warmup,
+        settings.measure,
+    );
+
+    // Measured first, with every server idle.
+    let ceiling = es256_ceiling(settings.ceiling_time);
+    eprintln!("  raw ES256 verification ceiling: {ceiling:.0} verifications/s on {cores} cores");
+
+    let deployment = deployment();
+    let server_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(settings.server_threads)
+        .thread_name("bench-server")
+        .enable_all()
+        .build()
+        .unwrap();
+    let client_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(settings.client_threads)
+        .thread_name("bench-client")
+        .enable_all()
+        .build()
+        .unwrap();
+    let noop_addr = server_rt.block_on(start_noop(settings.noop_nodelay));
+    let portcullis = server_rt.block_on(start_portcullis(&deployment));
+    let (noop, real) = client_rt.block_on(async {
+        (
+            connect(noop_addr, settings.channels).await,
+            connect(portcullis.local_addr(), settings.channels).await,
+        )
+    });
+
+    // Requests, all encoded before anything is timed.
+    let hot_tokens = mint(&deployment.key, (0..4).map(|i| format!("hot-{i}")));
+    let hot: Arc<Vec<Bytes>> = Arc::new(
+        hot_tokens
+            .iter()
+            .enumerate()
+            .map(|(n, t)| envoy_request("GET", "/orders/7", t, n))
+            .collect(),
+    );
+    let warm_tokens = mint(
+        &deployment.key,
+        (0..settings.warm_tokens).map(|i| format!("warm-{i}")),
+    );
+    let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+    let warm: Arc<Vec<Bytes>> = Arc::new(
+        (0..settings.warm_requests)
+            .map(|n| {
+                let token = &warm_tokens[rng.below(warm_tokens.len())];
+                // GET /orders or GET /orders/{1..100}, uniformly over the 101 paths.
+                match rng.below(101) {
+                    0 => envoy_request("GET", "/orders", token, n),
+                    id => envoy_request("GET", &format!("/orders/{id}"), token, n),
+                }
+            })
+            .collect(),
+    );
+    // No run can verify faster than the ceiling: that many tokens (with a margin)
+    // always last the whole cold run, unless capped.
+    let cold_needed = (ceiling * (settings.warmup + settings.measure).as_secs_f64() * 1.2) as usize;
+    let cold_count = cold_needed.min(settings.cold_max_tokens);
+    let minting = Instant::now();
+    let cold_tokens = mint(
+        &deployment.key,
+        (0..cold_count).map(|i| format!("cold-{i}")),
+    );
+    let cold: Arc<Vec<Bytes>> = Arc::new(
+        cold_tokens
+            .iter()
+            .enumerate()
+            .map(|(n, t)| envoy_request("GET", "/orders/7", t, n))
+            .collect(),
+    );
+    drop(cold_tokens);
+    eprintln!(
+        "  minted and encoded {cold_count} cold tokens in {:.1} s (enough for {:.1} s at the ceiling)",
+        minting.elapsed().as_secs_f64(),
+        cold_count as f64 / ceiling
+    );
+
+    let plan = Plan {
+        warmup: settings.warmup,
+        measure: settings.measure,
+        rate: None,
+    };
+    let run = |channels: &[Channel], source: Source, plan: Plan| {
+        client_rt.block_on(drive(channels, settings.concurrency, source, plan))
+    };
+    let mut rows: Vec<Row> = Vec::new();
+    let pair =
+        |rows: &mut Vec<Row>, name: &str, noop_source: Source, real_source: Source, plan: Plan| {
+            let base = run(&noop, noop_source, plan);
+            let measured = run(&real, real_source, plan);
+            let ratio = measured.throughput / base.throughput;
+            for row in [
+                Row {
+                    scenario: name.to_owned(),
+                    server: "no-op",
+                    result: base,
+                    ratio: None,
+                },
+                Row {
+                    scenario: name.to_owned(),
+                    server: "portcullis",
+                    result: measured,
+                    // At a fixed offered rate, a throughput ratio says nothing.
+                    ratio: plan.rate.is_none().then_some(ratio),
+                },
+            ] {
+                progress(&row);
+                rows.push(row);
+            }
+            ratio
+        };
+
+    let hot_ratio = pair(
+        &mut rows,
+        "hot",
+        Source::Cycle(hot.clone()),
+        Source::Cycle(hot.clone()),
+        plan,
+    );
+    let warm_ratio = pair(
+        &mut rows,
+        "warm",
+        Source::Cycle(warm.clone()),
+        Source::Cycle(warm.clone()),
+        plan,
+    );
+    // The no-op server does not care whether tokens repeat; it cycles the same list.
+    let cold_ratio = pair(
+        &mut rows,
+        "cold",
+        Source::Cycle(cold.clone()),
+        Source::once(cold.clone()),
+        plan,
+    );
+    let hot_peak = rows[1].result.throughput;
+    let cold_throughput = rows[5].result.throughput;
+    let half = Plan {
+        rate: Some(hot_peak / 2.0),
+        ..plan
+    };
+    pair(
+        &mut rows,
+        &format!("hot @ {:.0}/s", hot_peak / 2.0),
+        Source::Cycle(hot.clone()),
+        Source::Cycle(hot.clone()),
+        half,
+    );
+    let half_p99_us = us(&rows[7].result.stats.latency_ns, 0.99);
+
+    let load_after = load_average();
+    drop(noop);
+    drop(real);
+    drop(client_rt);
+    server_rt.block_on(async {
+        portcullis.shutdown(Duration::from_secs(2)).await.unwrap();
+    });
+
+    // The report.
+    println!();
+    println!("## Load benchmark: Portcullis vs a no-op ext_authz server (same run)");
+    println!();
+    print_header();
+    for row in &rows {
+        print_row(row);
+    }
+    println!();
+    let fraction = cold_throughput / ceiling;
+    println!(
+        "- hot: Portcullis / no-op = {hot_ratio:.2} (target ≥ 0.85: {})",
+        verdict(hot_ratio >= 0.85)
+    );
+    println!(
+        "- warm: Portcullis / no-op = {warm_ratio:.2} (target ≥ 0.5: {})",
+        verdict(warm_ratio >= 0.5)
+    );
+    println!(
+        "- cold: {cold_throughput:.0} req/s = {fraction:.2} of the raw ES256 verification ceiling of {ceiling:.0}/s on {cores} cores (target ≥ 0.9: {}); Portcullis / no-op = {cold_ratio:.2}",
+        verdict(fraction >= 0.9)
+    );
+    println!(
+        "- hot at half of Portcullis' peak ({:.0} req/s offered): p99 = {half_p99_us:.0} µs (target < 1000 µs: {})",
+        hot_peak / 2.0,
+        verdict(half_p99_us < 1000.0)
+    );
+    println!();
+    println!(
+        "Machine: {cores} cores, {}; load average {load_before} before, {load_after} after.",
+        cpu_model()
+    );
+    println!(
+        "Client and servers share these cores: the load generator ({} Tokio worker threads) and both servers ({} worker threads, one runtime) run in one process; only one server is under load at a time.",
+        settings.client_threads, settings.server_threads
+    );
+    println!(
+        "Load: {} HTTP/2 connections, {} requests in flight (closed loop; the half-load row is paced with Tokio's 1 ms timer, latency measured from the actual send), {:?} warm-up + {:?} measured per row. Latency is the client-side round trip of the gRPC Check call on loopback.",
+        settings.channels, settings.concurrency, settings.warmup, settings.measure
+    );
+    println!("Reproduce: cargo bench --bench load");
+
+    let invalid: Vec<&Row> = rows
+        .iter()
+        .filter(|r| {
+            r.result.stats.denied + r.result.stats.errors > 0 || r.result.stats.measured == 0
+        })
+        .collect();
+    if !invalid.is_empty() {
+        println!();
+        for row in &invalid {
+            println!(
+                "INVALID: {} / {}: {} denies, {} errors, {} measured; first: {}",
+                row.scenario,
+                row.server,
+                row.result.stats.denied,
+                row.result.stats.errors,
+                row.result.stats.measured,
+                row.result.stats.first_problem.as_deref().unwrap_or("-")
+            );
+        }
+        std::process::exit(1);
+    }
+}
