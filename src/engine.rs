@@ -428,6 +428,8 @@ impl Engine {
             Err(reason) => Verdict::Deny(reason),
         };
         decision.dry_run = match decision.verdict {
+            // A revocation is an operator's explicit order: enforced in every mode.
+            Verdict::Deny(DenyReason::Unauthenticated(TokenError::Revoked)) => false,
             Verdict::Deny(DenyReason::Unauthenticated(_)) => self.token_mode == Mode::DryRun,
             Verdict::Deny(
                 DenyReason::PolicyDenied

@@ -550,6 +550,41 @@ async fn the_admin_api_refuses_calls_without_the_admin_token() {
     inst.stop().await;
 }
 
+/// Dry-run lets would-be denials through, but never a revoked credential.
+#[tokio::test]
+async fn revocations_are_enforced_even_in_dry_run() {
+    let fx = Fixture::new();
+    let text = std::fs::read_to_string(fx.config_path()).unwrap().replace(
+        "name = \"orders\"",
+        "name = \"orders\"\nmode = \"dry-run\"\ntoken_mode = \"dry-run\"",
+    );
+    std::fs::write(fx.config_path(), text).unwrap();
+    let inst = Instance::start(&instance_config(
+        &fx,
+        "a",
+        "[revocation]\ndata_dir = \"data\"",
+    ))
+    .await;
+    let (expired, _) = token(fx.es256(), "alice", |c| {
+        c["exp"] = Value::from(now() - 3600);
+        c["iat"] = Value::from(now() - 4000);
+    });
+    assert_eq!(
+        inst.check(&expired).await.http_status,
+        200,
+        "dry-run lets an expired token through"
+    );
+    let (t, id) = token(fx.es256(), "alice", |_| {});
+    inst.revoke(Kind::Token(pb::TokenTarget {
+        jti: id,
+        issuer: String::new(),
+        expires_at: None,
+    }))
+    .await;
+    inst.assert_revoked(&t).await;
+    inst.stop().await;
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
