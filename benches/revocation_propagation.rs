@@ -61,6 +61,7 @@ async fn start(config_path: &Path) -> Instance {
         &admin_config.resolve_token().expect("token"),
         store.clone(),
         running.state().clone(),
+        config.clone(),
     )
     .await
     .expect("admin");

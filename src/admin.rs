@@ -9,6 +9,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use subtle::ConstantTimeEq as _;
@@ -127,12 +128,22 @@ impl tonic::service::Interceptor for AdminAuth {
 pub struct AdminService {
     store: Arc<RevocationStore>,
     state: Arc<ServerState>,
+    config: crate::config::Config,
 }
 
 impl AdminService {
-    /// A service over `store`, reporting the engine installed in `state`.
-    pub fn new(store: Arc<RevocationStore>, state: Arc<ServerState>) -> AdminService {
-        AdminService { store, state }
+    /// A service over `store`, reporting (and reloading, with `config`'s policy
+    /// folder) the engine installed in `state`.
+    pub fn new(
+        store: Arc<RevocationStore>,
+        state: Arc<ServerState>,
+        config: crate::config::Config,
+    ) -> AdminService {
+        AdminService {
+            store,
+            state,
+            config,
+        }
     }
 }
 
@@ -234,6 +245,7 @@ impl Admin for AdminService {
         _request: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
         let status = self.store.status();
+        let reloads = self.state.reload_stats();
         Ok(Response::new(pb::StatusResponse {
             revocations: status.revocations as u64,
             mode: match status.mode {
@@ -243,6 +255,99 @@ impl Admin for AdminService {
             redis: status.redis.as_str().into(),
             pending_writes: status.pending_writes as u64,
             policies: self.state.engine().map_or(0, |e| e.policies().len() as u64),
+            policy_generation: self.state.engine().map_or(0, |e| e.generation()),
+            policy_digest: self
+                .state
+                .engine()
+                .map(|e| e.policies().digest.clone())
+                .unwrap_or_default(),
+            reloads: reloads.reloads.load(Ordering::Relaxed),
+            reload_failures: reloads.failures.load(Ordering::Relaxed),
+            last_reload_error: reloads
+                .last_error
+                .lock()
+                .ok()
+                .and_then(|e| e.clone())
+                .unwrap_or_default(),
+        }))
+    }
+
+    async fn reload_policies(
+        &self,
+        _request: Request<pb::ReloadPoliciesRequest>,
+    ) -> Result<Response<pb::ReloadPoliciesResponse>, Status> {
+        let result = crate::reload::reload_once(&self.state, &self.config).await;
+        let engine = self.state.engine();
+        let (reloaded, error) = match result {
+            Ok(_) => (true, String::new()),
+            Err(crate::reload::ReloadError::NotServing) => {
+                return Err(Status::unavailable("no policy set is serving yet"));
+            }
+            Err(e) => (false, e.to_string()),
+        };
+        Ok(Response::new(pb::ReloadPoliciesResponse {
+            reloaded,
+            generation: engine.as_ref().map_or(0, |e| e.generation()),
+            digest: engine
+                .map(|e| e.policies().digest.clone())
+                .unwrap_or_default(),
+            error,
+        }))
+    }
+
+    async fn explain(
+        &self,
+        request: Request<pb::ExplainRequest>,
+    ) -> Result<Response<pb::ExplainResponse>, Status> {
+        let request = request.into_inner();
+        let engine = self
+            .state
+            .engine()
+            .ok_or_else(|| Status::unavailable("no policy set is serving yet"))?;
+        if request.path.is_empty() {
+            return Err(Status::invalid_argument("path is required"));
+        }
+        let source_ip = match request.source_ip.as_str() {
+            "" => None,
+            ip => Some(
+                crate::attributes::parse_source_ip(ip)
+                    .ok_or_else(|| Status::invalid_argument("source_ip is not an IP address"))?,
+            ),
+        };
+        let http = crate::attributes::HttpRequest {
+            method: if request.method.is_empty() {
+                "GET".into()
+            } else {
+                request.method.to_ascii_uppercase()
+            },
+            path: request.path,
+            host: request.host,
+            scheme: "https".into(),
+            headers: request
+                .headers
+                .into_iter()
+                .map(|(k, v)| (k.to_ascii_lowercase(), v))
+                .collect(),
+            source_ip,
+            peer_principal: (!request.peer.is_empty()).then_some(request.peer),
+            ..Default::default()
+        };
+        let (decision, cedar) = engine.explain(&http).await;
+        Ok(Response::new(pb::ExplainResponse {
+            decision: if decision.effective_verdict().is_allow() {
+                "allow".into()
+            } else {
+                "deny".into()
+            },
+            http_status: crate::ext_authz::http_status(decision.effective_verdict()).into(),
+            reason: decision.verdict.class().into(),
+            principal: decision.principal.unwrap_or_default(),
+            action: decision.action.unwrap_or_default(),
+            resource: decision.resource.unwrap_or_default(),
+            policies: decision.policies,
+            errors: decision.errors,
+            cedar_request_json: cedar.map(|c| c.to_string()).unwrap_or_default(),
+            policy_generation: decision.policy_generation,
         }))
     }
 }
@@ -285,6 +390,7 @@ pub async fn start(
     token: &Secret,
     store: Arc<RevocationStore>,
     state: Arc<ServerState>,
+    config: crate::config::Config,
 ) -> Result<RunningAdmin, AdminError> {
     let listener = TcpListener::bind(addr)
         .await
@@ -301,7 +407,7 @@ pub async fn start(
     let router = tonic::transport::Server::builder()
         .add_service(InterceptedService::new(reflection, auth.clone()))
         .add_service(AdminServer::with_interceptor(
-            AdminService::new(store, state),
+            AdminService::new(store, state, config),
             auth,
         ));
     // TCP_NODELAY: otherwise a response's trailers can wait ~40 ms on Nagle.

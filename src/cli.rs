@@ -5,7 +5,6 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -419,7 +418,15 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     };
     let admin = match (&config.admin, &admin_token) {
         (Some(admin), Some(token)) => {
-            match admin::start(admin.listen, token, store.clone(), running.state().clone()).await {
+            match admin::start(
+                admin.listen,
+                token,
+                store.clone(),
+                running.state().clone(),
+                config.clone(),
+            )
+            .await
+            {
                 Ok(admin) => {
                     tracing::info!(addr = %admin.local_addr(), "admin API listening");
                     Some(admin)
@@ -443,11 +450,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         .state()
         .install(engine.with_revocations(store.clone()))
         .await;
-    let reload_stats = Arc::new(crate::reload::ReloadStats::default());
     let watcher = tokio::spawn(crate::reload::watch(
         running.state().clone(),
         config.clone(),
-        reload_stats.clone(),
         config.policies.watch_interval,
     ));
 
@@ -648,6 +653,17 @@ async fn status(args: AdminArgs) -> anyhow::Result<ExitCode> {
     println!("revocations:    {}", status.revocations);
     println!("pending writes: {}", status.pending_writes);
     println!("policies:       {}", status.policies);
+    println!(
+        "policy set:     generation {} digest {}",
+        status.policy_generation, status.policy_digest
+    );
+    println!(
+        "reloads:        {} ok, {} rejected",
+        status.reloads, status.reload_failures
+    );
+    if !status.last_reload_error.is_empty() {
+        println!("last rejected change:\n{}", status.last_reload_error);
+    }
     Ok(ExitCode::SUCCESS)
 }
 

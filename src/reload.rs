@@ -38,11 +38,8 @@ pub enum ReloadError {
 }
 
 /// Reloads the policy folder now. Returns the new generation.
-pub async fn reload_once(
-    state: &Arc<ServerState>,
-    config: &Config,
-    stats: &ReloadStats,
-) -> Result<u64, ReloadError> {
+pub async fn reload_once(state: &Arc<ServerState>, config: &Config) -> Result<u64, ReloadError> {
+    let stats = state.reload_stats();
     let current = state.engine().ok_or(ReloadError::NotServing)?;
     let config = config.clone();
     let loaded = tokio::task::spawn_blocking(move || current.reload_policies(&config))
@@ -79,12 +76,7 @@ pub async fn reload_once(
 
 /// Watches the policy folder (polling every `interval`, unless `[policies]
 /// watch = false`) and SIGHUP, reloading on each change. Runs until aborted.
-pub async fn watch(
-    state: Arc<ServerState>,
-    config: Config,
-    stats: Arc<ReloadStats>,
-    interval: Duration,
-) {
+pub async fn watch(state: Arc<ServerState>, config: Config, interval: Duration) {
     let dir = config.policies.dir.clone();
     let mut seen = folder_fingerprint(&dir);
     #[cfg(unix)]
@@ -111,6 +103,6 @@ pub async fn watch(
             continue;
         }
         seen = now;
-        let _ = reload_once(&state, &config, &stats).await;
+        let _ = reload_once(&state, &config).await;
     }
 }

@@ -57,12 +57,18 @@ pub struct ServerState {
     engine: ArcSwapOption<Engine>,
     audit: AuditLog,
     health: HealthReporter,
+    reloads: crate::reload::ReloadStats,
 }
 
 impl ServerState {
     /// The engine in force, or `None` before one is installed.
     pub fn engine(&self) -> Option<Arc<Engine>> {
         self.engine.load_full()
+    }
+
+    /// What policy reloads have done.
+    pub fn reload_stats(&self) -> &crate::reload::ReloadStats {
+        &self.reloads
     }
 
     /// The decision log.
@@ -155,6 +161,7 @@ pub async fn start(addr: SocketAddr, audit: AuditLog) -> Result<RunningServer, S
         engine: ArcSwapOption::empty(),
         audit,
         health,
+        reloads: Default::default(),
     });
     state.set_health(ServingStatus::NotServing).await;
 

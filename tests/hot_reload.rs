@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use common::*;
-use portcullis::reload::{ReloadStats, reload_once};
+use portcullis::reload::reload_once;
 
 /// Set A lets readers read; set B forbids everyone everything.
 const SET_A: &str = "@id(\"read\")\npermit (principal, action == Action::\"get /orders/{id}\", resource)\nwhen { context.token.scopes.contains(\"orders:read\") };\n";
@@ -29,7 +29,6 @@ async fn a_hundred_swaps_under_load_never_mix_sets_or_fail_a_call() {
     let server = fx.serve().await;
     let state = server.running.state().clone();
     let config = fx.config();
-    let stats = ReloadStats::default();
     let token = fx.es256().token("alice", &["orders:read"], &[]);
 
     // Expected outcome per digest of each set that ever served.
@@ -65,7 +64,7 @@ async fn a_hundred_swaps_under_load_never_mix_sets_or_fail_a_call() {
             _ => (INVALID, false, 0),
         };
         std::fs::write(&policy_file, text).unwrap();
-        let result = reload_once(&state, &config, &stats).await;
+        let result = reload_once(&state, &config).await;
         let engine = state.engine().unwrap();
         if valid {
             assert_eq!(result.unwrap(), generation + 1, "swap {i}");
@@ -87,6 +86,7 @@ async fn a_hundred_swaps_under_load_never_mix_sets_or_fail_a_call() {
         calls += stream.await.unwrap();
     }
     assert!(calls > 100, "only {calls} calls during the swaps");
+    let stats = state.reload_stats();
     assert_eq!(stats.reloads.load(Ordering::Relaxed), 50);
     assert_eq!(stats.failures.load(Ordering::Relaxed), 50);
 
@@ -115,13 +115,12 @@ async fn the_folder_is_watched() {
     std::fs::write(&policy_file, SET_A).unwrap();
     let server = fx.serve().await;
     let state = server.running.state().clone();
-    let stats = Arc::new(ReloadStats::default());
     let watcher = tokio::spawn(portcullis::reload::watch(
         state.clone(),
         fx.config(),
-        stats.clone(),
         std::time::Duration::from_millis(50),
     ));
+    let stats = state.reload_stats();
     let token = fx.es256().token("alice", &["orders:read"], &[]);
     let status = |server: &TestServer| {
         let request = envoy_request("GET", "/orders/7", Some(&token));
@@ -149,4 +148,126 @@ async fn the_folder_is_watched() {
     assert_eq!(status(&server).await, 403);
     assert!(stats.last_error.lock().unwrap().is_none());
     watcher.abort();
+}
+
+const ADMIN_TOKEN: &str = "hot-reload-admin-token-0123456789";
+
+fn authorized<T>(message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {ADMIN_TOKEN}").parse().unwrap(),
+    );
+    request
+}
+
+/// The admin API: ReloadPolicies, Status (with the rejected change's error) and
+/// Explain, on the admin listener with the admin token.
+#[tokio::test]
+async fn admin_reload_status_and_explain() {
+    use portcullis::admin::pb;
+    let fx = Fixture::new();
+    fx.append_config(&format!(
+        "\n[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"{ADMIN_TOKEN}\"\n\n[revocation]\ndata_dir = \"data\"\n"
+    ));
+    let policy_file = fx.path("policies/orders.cedar");
+    std::fs::write(&policy_file, SET_A).unwrap();
+    let server = fx.serve().await;
+    let config = fx.config();
+    let store =
+        portcullis::revocation::RevocationStore::open(&config.revocation, config.token_lifetimes())
+            .await
+            .unwrap();
+    let admin_config = config.admin.clone().unwrap();
+    let admin = portcullis::admin::start(
+        admin_config.listen,
+        &admin_config.resolve_token().unwrap(),
+        store.clone(),
+        server.running.state().clone(),
+        config.clone(),
+    )
+    .await
+    .unwrap();
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", admin.local_addr()))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = pb::admin_client::AdminClient::new(channel);
+
+    // A broken change: rejected, and Status says why.
+    std::fs::write(&policy_file, BROKEN).unwrap();
+    let reload = client
+        .reload_policies(authorized(pb::ReloadPoliciesRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!reload.reloaded);
+    assert_eq!(reload.generation, 1);
+    assert!(reload.error.contains("orders.cedar:2:"), "{}", reload.error);
+    let status = client
+        .status(authorized(pb::StatusRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((status.policy_generation, status.reload_failures), (1, 1));
+    assert!(
+        status.last_reload_error.contains("orders.cedar:2:"),
+        "{}",
+        status.last_reload_error
+    );
+
+    // A good one goes live.
+    std::fs::write(&policy_file, SET_B).unwrap();
+    let reload = client
+        .reload_policies(authorized(pb::ReloadPoliciesRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(reload.reloaded, "{}", reload.error);
+    assert_eq!(reload.generation, 2);
+    let status = client
+        .status(authorized(pb::StatusRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(status.policy_digest, reload.digest);
+    assert!(status.last_reload_error.is_empty());
+
+    // Explain one request against the serving set.
+    let token = fx.es256().token("alice", &["orders:read"], &["staff"]);
+    let mut headers = std::collections::HashMap::new();
+    headers.insert("authorization".to_string(), format!("Bearer {token}"));
+    let explained = client
+        .explain(authorized(pb::ExplainRequest {
+            method: "GET".into(),
+            path: "/orders/7".into(),
+            headers,
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(explained.decision, "deny");
+    assert_eq!(explained.http_status, 403);
+    assert_eq!(explained.policies, vec!["lockdown".to_string()]);
+    assert_eq!(explained.policy_generation, 2);
+    let cedar: serde_json::Value = serde_json::from_str(&explained.cedar_request_json).unwrap();
+    assert_eq!(
+        cedar["principal_parents"],
+        serde_json::json!(["Role::\"staff\""])
+    );
+    assert_eq!(cedar["context"]["path_params"]["id"], "7");
+
+    // Without the admin token, nothing.
+    let refused = client
+        .reload_policies(pb::ReloadPoliciesRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+    admin
+        .shutdown(std::time::Duration::from_secs(2))
+        .await
+        .unwrap();
+    store.shutdown().await;
 }

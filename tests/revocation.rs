@@ -61,6 +61,7 @@ impl Instance {
             &admin_config.resolve_token().unwrap(),
             store.clone(),
             running.state().clone(),
+            config.clone(),
         )
         .await
         .unwrap();
