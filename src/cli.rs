@@ -58,6 +58,8 @@ pub enum Command {
     Revocations(AdminArgs),
     /// Show a running server's revocation count, Redis link and policies.
     Status(AdminArgs),
+    /// Reload a running server's policy folder now (as SIGHUP does).
+    Reload(AdminArgs),
     /// Route tools.
     #[command(subcommand)]
     Routes(RoutesCommand),
@@ -320,6 +322,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Revoke(args) => revoke(args).await,
         Command::Revocations(args) => revocations(args).await,
         Command::Status(args) => status(args).await,
+        Command::Reload(args) => reload(args).await,
         Command::Test(args) => policy_test(&args.config).await,
         Command::Routes(RoutesCommand::FromOpenapi(args)) => from_openapi(args),
         Command::Token(TokenCommand::Mint(args)) => mint(args),
@@ -665,6 +668,29 @@ async fn status(args: AdminArgs) -> anyhow::Result<ExitCode> {
         println!("last rejected change:\n{}", status.last_reload_error);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+async fn reload(args: AdminArgs) -> anyhow::Result<ExitCode> {
+    let mut client = admin_client(&args).await?;
+    let reply = client
+        .reload_policies(pb::ReloadPoliciesRequest {})
+        .await
+        .map_err(admin_error)?
+        .into_inner();
+    if reply.reloaded {
+        println!(
+            "reloaded: policy set generation {} digest {}",
+            reply.generation, reply.digest
+        );
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!("{}", reply.error);
+        eprintln!(
+            "still serving generation {} digest {}",
+            reply.generation, reply.digest
+        );
+        Ok(ExitCode::FAILURE)
+    }
 }
 
 async fn validate(path: &Path) -> anyhow::Result<ExitCode> {
