@@ -873,6 +873,9 @@ impl Config {
                 "routes[{i}].allow_workload needs a [workload] section"
             ));
         }
+        if self.policies.watch_interval < Duration::from_millis(100) {
+            return Err("policies.watch_interval must be at least 100ms".into());
+        }
         let header = &self.response.subject_header;
         if !header.is_empty()
             && !header

@@ -336,7 +336,9 @@ impl Engine {
 
     /// Decides `http` now and also returns the Cedar request that was built for
     /// it (principal with its parents, action, resource, context) as JSON, when
-    /// the pipeline got that far. For `check --explain`; bypasses the caches.
+    /// the pipeline got that far. For `check --explain` and the admin `Explain`
+    /// call. The request is rebuilt (and validated against the schema) for the
+    /// explanation; the credential is checked a second time for it.
     pub async fn explain(&self, http: &HttpRequest) -> (Decision, Option<serde_json::Value>) {
         let decision = self.decide(http).await;
         if decision.action.is_none() {

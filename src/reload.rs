@@ -21,6 +21,9 @@ pub struct ReloadStats {
     pub failures: AtomicU64,
     /// The problems of the last rejected change, cleared by a good one.
     pub last_error: std::sync::Mutex<Option<String>>,
+    /// One reload at a time (watch, SIGHUP and the admin call may coincide), so
+    /// each builds on the set the previous one installed.
+    serial: tokio::sync::Mutex<()>,
 }
 
 /// Errors of one reload.
@@ -40,12 +43,21 @@ pub enum ReloadError {
 /// Reloads the policy folder now. Returns the new generation.
 pub async fn reload_once(state: &Arc<ServerState>, config: &Config) -> Result<u64, ReloadError> {
     let stats = state.reload_stats();
+    let _one_at_a_time = stats.serial.lock().await;
     let current = state.engine().ok_or(ReloadError::NotServing)?;
     let config = config.clone();
     let loaded = tokio::task::spawn_blocking(move || current.reload_policies(&config))
         .await
         .map_err(|e| ReloadError::Task(e.to_string()))?;
     match loaded {
+        Ok(engine) if engine.policies().digest == state_digest(state) => {
+            // Same content (a `touch`, an editor's temporary file): keep the
+            // serving set and its warm caches.
+            if let Ok(mut last) = stats.last_error.lock() {
+                *last = None;
+            }
+            Ok(engine.generation() - 1)
+        }
         Ok(engine) => {
             let generation = engine.generation();
             tracing::info!(
@@ -72,6 +84,13 @@ pub async fn reload_once(state: &Arc<ServerState>, config: &Config) -> Result<u6
             Err(ReloadError::Invalid(e))
         }
     }
+}
+
+fn state_digest(state: &ServerState) -> String {
+    state
+        .engine()
+        .map(|e| e.policies().digest.clone())
+        .unwrap_or_default()
 }
 
 /// Watches the policy folder (polling every `interval`, unless `[policies]
