@@ -29,9 +29,9 @@
 //! flight in total, default 64), `PORTCULLIS_BENCH_CLIENT_THREADS` and
 //! `PORTCULLIS_BENCH_SERVER_THREADS` (default: the number of cores each),
 //! `PORTCULLIS_BENCH_COLD_MAX_TOKENS` (default 200,000) and
-//! `PORTCULLIS_BENCH_NOOP_NODELAY=1` (set `TCP_NODELAY` on the no-op server's
-//! accepted sockets; by default it matches Portcullis, where tonic's
-//! `serve_with_incoming*` leaves Nagle's algorithm on).
+//! `PORTCULLIS_BENCH_NOOP_NODELAY=0` (leave Nagle's algorithm on for the no-op
+//! server's accepted sockets; by default it sets `TCP_NODELAY`, as
+//! `portcullis::server::start` does).
 //!
 //! Without `--bench` in its arguments (that is how `cargo test --benches` runs
 //! it) it does a short smoke run, so CI exercises it in a few seconds.
@@ -141,7 +141,7 @@ impl Settings {
             warm_requests,
             cold_max_tokens: env_usize("PORTCULLIS_BENCH_COLD_MAX_TOKENS").unwrap_or(cold_max),
             ceiling_time: Duration::from_secs_f64(ceiling),
-            noop_nodelay: env_usize("PORTCULLIS_BENCH_NOOP_NODELAY").unwrap_or(0) != 0,
+            noop_nodelay: env_usize("PORTCULLIS_BENCH_NOOP_NODELAY").unwrap_or(1) != 0,
         }
     }
 }
@@ -194,9 +194,8 @@ impl Authorization for Noop {
 }
 
 /// Same listener and transport as `portcullis::server::start`: a bound
-/// `TcpListener` handed to tonic as a stream of accepted connections (on which
-/// tonic sets no socket options). With `nodelay`, accepted sockets get
-/// `TCP_NODELAY`, to show what Nagle's algorithm costs.
+/// `TcpListener` handed to tonic as accepted connections with `TCP_NODELAY`
+/// (unless `nodelay` is false, to show what Nagle's algorithm costs).
 async fn start_noop(nodelay: bool) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
