@@ -23,7 +23,7 @@ use crate::authn::workload::WorkloadIdentities;
 use crate::authn::{CredentialKind, MAX_TOKEN_BYTES, TokenError, VerifiedToken};
 use crate::authz::mapping::{CedarMapping, MappingError, RequestFacts, SchemaCheck};
 use crate::authz::policy_store::PolicyStore;
-use crate::authz::routes::{RouteTable, is_canonical_path};
+use crate::authz::routes::{RouteMatch, RouteTable, is_canonical_path};
 use crate::authz::{PolicyOutcome, evaluate};
 use crate::cache::{CachedToken, Caches};
 use crate::config::{ApiKeysConfig, Config, Mode, ResponseConfig};
@@ -354,20 +354,8 @@ impl Engine {
         let Ok(token) = self.authenticate(http, allow_workload, now).await else {
             return (decision, None);
         };
-        let (action, params) = match (&route, &self.default_action) {
-            (Some(route), _) => (route.action, route.params.as_slice()),
-            (None, Some(default)) => (default.as_str(), &[][..]),
-            (None, None) => return (decision, None),
-        };
-        let workload = self.workload.as_ref().and_then(|w| {
-            let peer = http.peer_principal.as_deref()?;
-            w.identity(peer).map(|_| peer)
-        });
-        let facts = RequestFacts {
-            http,
-            action,
-            path_params: params,
-            workload,
+        let Some(facts) = self.request_facts(http, &route) else {
+            return (decision, None);
         };
         let built = self
             .mapping
@@ -484,25 +472,11 @@ impl Engine {
         decision.principal = Some(principal.to_string());
 
         // Authenticated first, so an anonymous caller learns nothing about routes.
-        let (action, params) = match (&route, &self.default_action) {
-            (Some(route), _) => (route.action, route.params.as_slice()),
-            (None, Some(default)) => (default.as_str(), &[][..]),
-            (None, None) => return Err(DenyReason::NoRoute),
-        };
-        decision.action = Some(self.mapping.action(action).to_string());
+        let facts = self
+            .request_facts(http, &route)
+            .ok_or(DenyReason::NoRoute)?;
+        decision.action = Some(self.mapping.action(facts.action).to_string());
         decision.resource = Some(self.mapping.application().to_string());
-
-        // Only a trusted peer identity reaches the policies.
-        let workload = self.workload.as_ref().and_then(|w| {
-            let peer = http.peer_principal.as_deref()?;
-            w.identity(peer).map(|_| peer)
-        });
-        let facts = RequestFacts {
-            http,
-            action,
-            path_params: params,
-            workload,
-        };
         let outcome = self.evaluate_cached(&token, facts).map_err(|e| {
             decision.errors.push(e.to_string());
             DenyReason::SchemaMismatch
@@ -573,6 +547,32 @@ impl Engine {
 }
 
 impl Engine {
+    /// What the mapping reads besides the identity: the route's action (or the
+    /// default action) and path parameters, and the peer identity when it is a
+    /// trusted workload. `None` when no route matches and there is no default.
+    fn request_facts<'a>(
+        &'a self,
+        http: &'a HttpRequest,
+        route: &'a Option<RouteMatch<'a>>,
+    ) -> Option<RequestFacts<'a>> {
+        let (action, path_params) = match (route, &self.default_action) {
+            (Some(route), _) => (route.action, route.params.as_slice()),
+            (None, Some(default)) => (default.as_str(), &[][..]),
+            (None, None) => return None,
+        };
+        // Only a trusted peer identity reaches the policies.
+        let workload = self.workload.as_ref().and_then(|w| {
+            let peer = http.peer_principal.as_deref()?;
+            w.identity(peer).map(|_| peer)
+        });
+        Some(RequestFacts {
+            http,
+            action,
+            path_params,
+            workload,
+        })
+    }
+
     /// Policy evaluation through the decision cache.
     fn evaluate_cached(
         &self,
