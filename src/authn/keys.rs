@@ -253,16 +253,12 @@ impl IssuerKeys {
             url: url.clone(),
             reason,
         };
-        let response = remote
-            .client
-            .get(&url)
-            .header("accept", "application/jwk-set+json, application/json")
-            .send()
-            .await
-            .map_err(|e| http_error(e.without_url().to_string()))?;
-        if !response.status().is_success() {
-            return Err(http_error(format!("status {}", response.status())));
-        }
+        let response = get_ok(
+            &remote.client,
+            &url,
+            "application/jwk-set+json, application/json",
+        )
+        .await?;
         let max_age = response
             .headers()
             .get(reqwest::header::CACHE_CONTROL)
@@ -305,21 +301,7 @@ impl IssuerKeys {
             url: url.clone(),
             reason,
         };
-        let response = remote
-            .client
-            .get(&url)
-            .send()
-            .await
-            .map_err(|e| FetchError::Http {
-                url: url.clone(),
-                reason: e.without_url().to_string(),
-            })?;
-        if !response.status().is_success() {
-            return Err(FetchError::Http {
-                url: url.clone(),
-                reason: format!("status {}", response.status()),
-            });
-        }
+        let response = get_ok(&remote.client, &url, "application/json").await?;
         let doc: DiscoveryDocument = response
             .json()
             .await
@@ -396,6 +378,28 @@ pub enum KeysError {
     /// The HTTP client could not be built.
     #[error(transparent)]
     Fetch(#[from] FetchError),
+}
+
+/// GET `url`; a transport error or a non-2xx status is a [`FetchError::Http`].
+async fn get_ok(
+    client: &reqwest::Client,
+    url: &str,
+    accept: &str,
+) -> Result<reqwest::Response, FetchError> {
+    let http_error = |reason: String| FetchError::Http {
+        url: url.to_owned(),
+        reason,
+    };
+    let response = client
+        .get(url)
+        .header("accept", accept)
+        .send()
+        .await
+        .map_err(|e| http_error(e.without_url().to_string()))?;
+    if !response.status().is_success() {
+        return Err(http_error(format!("status {}", response.status())));
+    }
+    Ok(response)
 }
 
 /// `max-age=N` of a `Cache-Control` header; `no-store`/`no-cache` mean 0.
