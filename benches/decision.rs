@@ -17,19 +17,13 @@ use aws_lc_rs::signature::{
     ECDSA_P256_SHA256_FIXED, ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, Ed25519KeyPair,
     KeyPair, UnparsedPublicKey,
 };
-use base64::Engine as _;
 use criterion::{Criterion, criterion_group};
 use jsonwebtoken::Algorithm;
 use portcullis::attributes::HttpRequest;
-use portcullis::authn::mint::SigningKey;
+use portcullis::authn::mint::{SigningKey, pkcs8_pem};
 use portcullis::config::Config;
 use portcullis::engine::Engine;
 use serde_json::json;
-
-fn pem(der: &[u8]) -> String {
-    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
-    format!("-----BEGIN PRIVATE KEY-----\n{b64}\n-----END PRIVATE KEY-----\n")
-}
 
 fn now() -> i64 {
     SystemTime::now()
@@ -56,15 +50,22 @@ fn setup() -> Setup {
     let keys = [
         (
             "ES256",
-            SigningKey::from_pem(pem(es.as_ref()).as_bytes(), Algorithm::ES256, None).unwrap(),
+            SigningKey::from_pem(pkcs8_pem(es.as_ref()).as_bytes(), Algorithm::ES256, None)
+                .unwrap(),
         ),
         (
             "RS256",
-            SigningKey::from_pem(pem(rsa_der.as_ref()).as_bytes(), Algorithm::RS256, None).unwrap(),
+            SigningKey::from_pem(
+                pkcs8_pem(rsa_der.as_ref()).as_bytes(),
+                Algorithm::RS256,
+                None,
+            )
+            .unwrap(),
         ),
         (
             "EdDSA",
-            SigningKey::from_pem(pem(ed.as_ref()).as_bytes(), Algorithm::EdDSA, None).unwrap(),
+            SigningKey::from_pem(pkcs8_pem(ed.as_ref()).as_bytes(), Algorithm::EdDSA, None)
+                .unwrap(),
         ),
     ];
     let dir = tempfile::tempdir().unwrap();

@@ -47,7 +47,6 @@ use aws_lc_rs::signature::{
     ECDSA_P256_SHA256_FIXED, ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair,
     UnparsedPublicKey,
 };
-use base64::Engine as _;
 use bytes::{BufMut, Bytes};
 use envoy_types::pb::envoy::config::core::v3::address::Address;
 use envoy_types::pb::envoy::config::core::v3::socket_address::PortSpecifier;
@@ -66,7 +65,7 @@ use envoy_types::pb::google::rpc::Status as RpcStatus;
 use hdrhistogram::Histogram;
 use jsonwebtoken::Algorithm;
 use portcullis::audit::AuditLog;
-use portcullis::authn::mint::SigningKey;
+use portcullis::authn::mint::{SigningKey, pkcs8_pem};
 use portcullis::config::Config;
 use portcullis::engine::Engine;
 use portcullis::server::{self, RunningServer};
@@ -208,11 +207,6 @@ async fn start_noop(nodelay: bool) -> SocketAddr {
 // ---------------------------------------------------------------------------
 // Portcullis, keys and tokens
 
-fn pem(der: &[u8]) -> String {
-    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
-    format!("-----BEGIN PRIVATE KEY-----\n{b64}\n-----END PRIVATE KEY-----\n")
-}
-
 fn now() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -230,7 +224,8 @@ struct Deployment {
 fn deployment() -> Deployment {
     let doc = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &SystemRandom::new())
         .unwrap();
-    let key = SigningKey::from_pem(pem(doc.as_ref()).as_bytes(), Algorithm::ES256, None).unwrap();
+    let key =
+        SigningKey::from_pem(pkcs8_pem(doc.as_ref()).as_bytes(), Algorithm::ES256, None).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let jwks = json!({ "keys": [serde_json::to_value(&key.public_jwks().keys[0]).unwrap()] });
     std::fs::write(dir.path().join("jwks.json"), jwks.to_string()).unwrap();

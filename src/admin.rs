@@ -259,7 +259,7 @@ impl Admin for AdminService {
             policy_digest: self
                 .state
                 .engine()
-                .map(|e| e.policies().digest.clone())
+                .map(|e| e.policies().digest.to_string())
                 .unwrap_or_default(),
             reloads: reloads.reloads.load(Ordering::Relaxed),
             reload_failures: reloads.failures.load(Ordering::Relaxed),
@@ -289,7 +289,7 @@ impl Admin for AdminService {
             reloaded,
             generation: engine.as_ref().map_or(0, |e| e.generation()),
             digest: engine
-                .map(|e| e.policies().digest.clone())
+                .map(|e| e.policies().digest.to_string())
                 .unwrap_or_default(),
             error,
         }))

@@ -113,7 +113,7 @@ pub struct Decision {
     /// Generation of the policy set that decided (0: none loaded).
     pub policy_generation: u64,
     /// Content digest of that policy set.
-    pub policy_digest: Option<String>,
+    pub policy_digest: Option<std::sync::Arc<str>>,
 }
 
 impl Decision {

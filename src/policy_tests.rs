@@ -311,22 +311,8 @@ fn build_request(engine: &Engine, key: &SigningKey, case: &Case) -> Result<HttpR
 
 /// A fresh ES256 key (kid `portcullis-test`) for signing test tokens.
 pub fn test_signing_key() -> Result<SigningKey, PolicyTestError> {
-    use aws_lc_rs::rand::SystemRandom;
-    use aws_lc_rs::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair};
-    use base64::Engine as _;
-    let pkcs8 =
-        EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &SystemRandom::new())
-            .map_err(|e| PolicyTestError::Key(e.to_string()))?;
-    let pem = format!(
-        "-----BEGIN PRIVATE KEY-----\n{}\n-----END PRIVATE KEY-----\n",
-        base64::engine::general_purpose::STANDARD.encode(pkcs8.as_ref())
-    );
-    SigningKey::from_pem(
-        pem.as_bytes(),
-        jsonwebtoken::Algorithm::ES256,
-        Some(TEST_KID.into()),
-    )
-    .map_err(|e| PolicyTestError::Key(e.to_string()))
+    SigningKey::generate_es256(Some(TEST_KID.into()))
+        .map_err(|e| PolicyTestError::Key(e.to_string()))
 }
 
 /// The `kid` of the throw-away test key.

@@ -50,7 +50,7 @@ pub async fn reload_once(state: &Arc<ServerState>, config: &Config) -> Result<u6
         .await
         .map_err(|e| ReloadError::Task(e.to_string()))?;
     match loaded {
-        Ok(engine) if engine.policies().digest == state_digest(state) => {
+        Ok(engine) if Some(&engine.policies().digest) == state_digest(state).as_ref() => {
             // Same content (a `touch`, an editor's temporary file): keep the
             // serving set and its warm caches.
             if let Ok(mut last) = stats.last_error.lock() {
@@ -86,11 +86,8 @@ pub async fn reload_once(state: &Arc<ServerState>, config: &Config) -> Result<u6
     }
 }
 
-fn state_digest(state: &ServerState) -> String {
-    state
-        .engine()
-        .map(|e| e.policies().digest.clone())
-        .unwrap_or_default()
+fn state_digest(state: &ServerState) -> Option<Arc<str>> {
+    state.engine().map(|e| e.policies().digest.clone())
 }
 
 /// Watches the policy folder (polling every `interval`, unless `[policies]

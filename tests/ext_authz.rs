@@ -377,16 +377,7 @@ async fn raw_header_map_from_envoy_is_understood() {
     assert_eq!(out.http_status, 200);
     // Lower-case scheme word, tab separator: still a bearer token.
     let mut req = envoy_request("GET", "/orders/7", None);
-    let http = req
-        .attributes
-        .as_mut()
-        .unwrap()
-        .request
-        .as_mut()
-        .unwrap()
-        .http
-        .as_mut()
-        .unwrap();
+    let http = http_mut(&mut req);
     http.headers
         .insert("authorization".into(), format!("bearer\t{token}"));
     assert_eq!(outcome(&server.check(req).await).http_status, 200);
@@ -420,16 +411,7 @@ async fn other_schemes_get_a_challenge_without_an_error_code() {
     let fx = Fixture::new();
     let server = fx.serve().await;
     let mut req = envoy_request("GET", "/orders", None);
-    let http = req
-        .attributes
-        .as_mut()
-        .unwrap()
-        .request
-        .as_mut()
-        .unwrap()
-        .http
-        .as_mut()
-        .unwrap();
+    let http = http_mut(&mut req);
     http.headers
         .insert("authorization".into(), "Basic YWxpY2U6c2VjcmV0".into());
     let out = outcome(&server.check(req).await);

@@ -33,7 +33,7 @@ async fn a_hundred_swaps_under_load_never_mix_sets_or_fail_a_call() {
 
     // Expected outcome per digest of each set that ever served.
     let mut expected: HashMap<String, u16> = HashMap::new();
-    expected.insert(state.engine().unwrap().policies().digest.clone(), 200);
+    expected.insert(state.engine().unwrap().policies().digest.to_string(), 200);
 
     let stop = Arc::new(AtomicBool::new(false));
     let mut streams = Vec::new();
@@ -69,7 +69,7 @@ async fn a_hundred_swaps_under_load_never_mix_sets_or_fail_a_call() {
         if valid {
             assert_eq!(result.unwrap(), generation + 1, "swap {i}");
             generation += 1;
-            expected.insert(engine.policies().digest.clone(), status);
+            expected.insert(engine.policies().digest.to_string(), status);
         } else {
             assert!(result.is_err(), "swap {i}: an invalid set was accepted");
             assert_eq!(

@@ -283,16 +283,7 @@ async fn api_keys_are_allowed_expired_disabled_wrong_and_reloaded() {
     assert_eq!(line["principal"], "Client::\"ci-bot\"");
     assert_eq!(line["credential"], "api_key");
     let mut in_header = envoy_request("GET", "/orders", None);
-    let http = in_header
-        .attributes
-        .as_mut()
-        .unwrap()
-        .request
-        .as_mut()
-        .unwrap()
-        .http
-        .as_mut()
-        .unwrap();
+    let http = http_mut(&mut in_header);
     http.headers.insert("x-api-key".into(), good.clone());
     assert_eq!(outcome(&server.check(in_header).await).http_status, 200);
     // Scopes still govern: no orders:write.

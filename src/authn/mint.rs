@@ -44,6 +44,21 @@ pub struct MintRequest {
     pub extra_claims: Map<String, Value>,
 }
 
+/// A PKCS#8 DER private key as PEM (`-----BEGIN PRIVATE KEY-----`).
+pub fn pkcs8_pem(der: &[u8]) -> String {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let lines: Vec<&str> = b64
+        .as_bytes()
+        .chunks(64)
+        .filter_map(|c| std::str::from_utf8(c).ok())
+        .collect();
+    format!(
+        "-----BEGIN PRIVATE KEY-----\n{}\n-----END PRIVATE KEY-----\n",
+        lines.join("\n")
+    )
+}
+
 /// A private signing key with its public JWK and `kid` (the RFC 7638 thumbprint
 /// unless given).
 pub struct SigningKey {
@@ -88,6 +103,21 @@ impl SigningKey {
             kid,
             public,
         })
+    }
+
+    /// A freshly generated ES256 (P-256) key, e.g. for `portcullis test`'s
+    /// throw-away tokens.
+    pub fn generate_es256(kid: Option<String>) -> Result<Self, MintError> {
+        use aws_lc_rs::rand::SystemRandom;
+        use aws_lc_rs::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair};
+        let algorithm = Algorithm::ES256;
+        let pkcs8 =
+            EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &SystemRandom::new())
+                .map_err(|e| MintError::Key {
+                    algorithm,
+                    reason: e.to_string(),
+                })?;
+        Self::from_pem(pkcs8_pem(pkcs8.as_ref()).as_bytes(), algorithm, kid)
     }
 
     /// The key id put in minted tokens' headers.

@@ -71,7 +71,8 @@ pub struct PolicyStore {
     pub policy_files: HashMap<PolicyId, PathBuf>,
     /// SHA-256 (hex) of every file of the set (names and contents), so a
     /// decision names the exact set that made it.
-    pub digest: String,
+    /// Shared, so that each decision names it without copying it.
+    pub digest: std::sync::Arc<str>,
 }
 
 struct SourceFile {
@@ -209,7 +210,7 @@ impl PolicyStore {
                     .into_iter()
                     .map(|(id, i)| (id, policy_files[i].path.clone()))
                     .collect(),
-                digest: content_digest(dir, schema_files.iter().chain(&policy_files)),
+                digest: content_digest(dir, schema_files.iter().chain(&policy_files)).into(),
             }),
             _ => Err(PolicyLoadError { diagnostics }),
         }

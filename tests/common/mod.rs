@@ -10,7 +10,6 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use aws_lc_rs::encoding::AsDer;
 use aws_lc_rs::rand::SystemRandom;
 use aws_lc_rs::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, Ed25519KeyPair};
-use base64::Engine as _;
 use envoy_types::pb::envoy::config::core::v3::address::Address;
 use envoy_types::pb::envoy::config::core::v3::socket_address::PortSpecifier;
 use envoy_types::pb::envoy::config::core::v3::{
@@ -24,7 +23,7 @@ use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
 use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest, CheckResponse};
 use jsonwebtoken::Algorithm;
 use portcullis::audit::AuditLog;
-use portcullis::authn::mint::SigningKey;
+use portcullis::authn::mint::{SigningKey, pkcs8_pem};
 use portcullis::config::Config;
 use portcullis::engine::Engine;
 use portcullis::server::{self, RunningServer};
@@ -40,19 +39,6 @@ pub fn now() -> i64 {
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_secs() as i64
-}
-
-fn pem(der: &[u8]) -> String {
-    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
-    let lines: Vec<&str> = b64
-        .as_bytes()
-        .chunks(64)
-        .map(|c| std::str::from_utf8(c).unwrap())
-        .collect();
-    format!(
-        "-----BEGIN PRIVATE KEY-----\n{}\n-----END PRIVATE KEY-----\n",
-        lines.join("\n")
-    )
 }
 
 /// A freshly generated key pair, its PEM and its signer.
@@ -92,7 +78,7 @@ impl TestKey {
     }
 
     fn from_pkcs8(der: &[u8], algorithm: Algorithm, kid: Option<String>) -> TestKey {
-        Self::from_pkcs8_pem(&pem(der), algorithm, kid)
+        Self::from_pkcs8_pem(&pkcs8_pem(der), algorithm, kid)
     }
 
     fn from_pkcs8_pem(pem: &str, algorithm: Algorithm, kid: Option<String>) -> TestKey {
@@ -302,16 +288,21 @@ pub fn peer(ip: &str) -> Peer {
     }
 }
 
-/// The same request with Envoy's `encode_raw_headers: true`: headers only in
-/// `header_map`, values as raw bytes.
-pub fn raw_header_request(method: &str, path: &str, token: &str) -> CheckRequest {
-    let mut request = envoy_request(method, path, None);
-    let http = request
+/// The HTTP attributes of a request built by [`envoy_request`], to edit.
+pub fn http_mut(request: &mut CheckRequest) -> &mut HttpRequest {
+    request
         .attributes
         .as_mut()
         .and_then(|a| a.request.as_mut())
         .and_then(|r| r.http.as_mut())
-        .unwrap();
+        .expect("a request with HTTP attributes")
+}
+
+/// The same request with Envoy's `encode_raw_headers: true`: headers only in
+/// `header_map`, values as raw bytes.
+pub fn raw_header_request(method: &str, path: &str, token: &str) -> CheckRequest {
+    let mut request = envoy_request(method, path, None);
+    let http = http_mut(&mut request);
     http.headers.clear();
     http.header_map = Some(HeaderMap {
         headers: vec![
