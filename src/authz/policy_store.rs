@@ -1,5 +1,6 @@
-//! The policy folder: Cedar schema, policies and static entities, loaded and
-//! strictly validated as one unit. Every problem is reported with file and line.
+//! The policy folder: Cedar schema, policies, template links and static
+//! entities, loaded and strictly validated as one unit, then indexed for
+//! slicing. Every problem is reported with file and line.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -7,12 +8,41 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use cedar_policy::{
-    Entities, PolicyId, PolicySet, Schema, SchemaFragment, ValidationMode, Validator,
+    Entities, EntityId, EntityTypeName, EntityUid, PolicyId, PolicySet, Schema, SchemaFragment,
+    SlotId, ValidationMode, Validator,
 };
 use miette::Diagnostic;
+use serde::Deserialize;
+
+use super::index::PolicyIndex;
 
 /// Name of the optional static entities file in the policy folder.
 pub const ENTITIES_FILE: &str = "entities.json";
+
+/// Name of the optional template-links file in the policy folder: a JSON array
+/// of `{"id", "template", "values": {"?principal": {"type", "id"}, ...}}`.
+pub const LINKS_FILE: &str = "links.json";
+
+/// One template link of `links.json`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LinkSpec {
+    /// Id of the linked policy.
+    id: String,
+    /// Id of the template (its `@id` or `<file>#<index>`).
+    template: String,
+    /// Slot values: `?principal` and/or `?resource`.
+    values: HashMap<String, EntityRef>,
+}
+
+/// An entity in Cedar's JSON form.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EntityRef {
+    #[serde(rename = "type")]
+    entity_type: String,
+    id: String,
+}
 
 /// One problem found in a policy folder file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -61,8 +91,12 @@ fn render(diagnostics: &[PolicyDiagnostic]) -> String {
 pub struct PolicyStore {
     /// The merged schema of all `*.cedarschema` files.
     pub schema: Schema,
-    /// All policies and templates, ids from `@id` or `<file>#<index>`.
+    /// All policies, templates and template-linked policies; ids from `@id`,
+    /// `<file>#<index>`, or the link's `id`.
     pub policies: PolicySet,
+    /// The policies indexed by principal and resource scope (see
+    /// [`super::index`]); shared by the copies of the store.
+    pub index: std::sync::Arc<PolicyIndex>,
     /// Static entities from `entities.json` plus the schema's action entities.
     pub entities: Entities,
     /// Validator warnings (they do not stop loading).
@@ -177,6 +211,10 @@ impl PolicyStore {
             }
         }
 
+        if diagnostics.is_empty() {
+            diagnostics.extend(link_templates(dir, &mut policies));
+        }
+
         let mut warnings = Vec::new();
         if let Some(schema) = &schema {
             let result = Validator::new(schema.clone()).validate(&policies, ValidationMode::Strict);
@@ -200,23 +238,37 @@ impl PolicyStore {
                 }
             });
 
-        match (schema, entities) {
-            (Some(schema), Some(entities)) if diagnostics.is_empty() => Ok(PolicyStore {
-                schema,
-                policies,
-                entities,
-                warnings,
-                policy_files: sources
-                    .into_iter()
-                    .map(|(id, i)| (id, policy_files[i].path.clone()))
-                    .collect(),
-                digest: content_digest(dir, schema_files.iter().chain(&policy_files)).into(),
-            }),
+        let index = PolicyIndex::new(&policies)
+            .map_err(|e| {
+                diagnostics.push(PolicyDiagnostic {
+                    file: dir.join(LINKS_FILE),
+                    line: None,
+                    column: None,
+                    message: e.to_string(),
+                })
+            })
+            .ok();
+
+        match (schema, entities, index) {
+            (Some(schema), Some(entities), Some(index)) if diagnostics.is_empty() => {
+                Ok(PolicyStore {
+                    schema,
+                    policies,
+                    index: std::sync::Arc::new(index),
+                    entities,
+                    warnings,
+                    policy_files: sources
+                        .into_iter()
+                        .map(|(id, i)| (id, policy_files[i].path.clone()))
+                        .collect(),
+                    digest: content_digest(dir, schema_files.iter().chain(&policy_files)).into(),
+                })
+            }
             _ => Err(PolicyLoadError { diagnostics }),
         }
     }
 
-    /// Number of static policies plus templates.
+    /// Number of static and linked policies plus templates.
     pub fn len(&self) -> usize {
         self.policies.policies().count() + self.policies.templates().count()
     }
@@ -245,6 +297,9 @@ fn content_digest<'a>(dir: &Path, files: impl Iterator<Item = &'a SourceFile>) -
         add(&file.path, file.text.as_bytes());
     }
     add(&entities, &entities_text);
+    let links = dir.join(LINKS_FILE);
+    let links_text = std::fs::read(&links).unwrap_or_default();
+    add(&links, &links_text);
     digest
         .finish()
         .as_ref()
@@ -302,6 +357,76 @@ fn list_sources(dir: &Path) -> Result<(Vec<SourceFile>, Vec<SourceFile>), Policy
         target.push(SourceFile { path, text });
     }
     Ok((schemas, policies))
+}
+
+/// Links the templates as `links.json` asks; every bad link is reported.
+fn link_templates(dir: &Path, policies: &mut PolicySet) -> Vec<PolicyDiagnostic> {
+    let path = dir.join(LINKS_FILE);
+    let problem = |message: String| PolicyDiagnostic {
+        file: path.clone(),
+        line: None,
+        column: None,
+        message,
+    };
+    if !path.exists() {
+        return Vec::new();
+    }
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) => return vec![problem(format!("cannot read: {e}"))],
+    };
+    let links: Vec<LinkSpec> = match serde_json::from_str(&text) {
+        Ok(links) => links,
+        Err(e) => {
+            return vec![PolicyDiagnostic {
+                line: Some(e.line()),
+                column: Some(e.column()),
+                ..problem(format!(
+                    "expected an array of {{\"id\", \"template\", \"values\"}}: {e}"
+                ))
+            }];
+        }
+    };
+    let mut diagnostics = Vec::new();
+    for (n, link) in links.into_iter().enumerate() {
+        let mut values = HashMap::new();
+        for (slot, entity) in &link.values {
+            let slot_id = match slot.as_str() {
+                "?principal" => SlotId::principal(),
+                "?resource" => SlotId::resource(),
+                other => {
+                    diagnostics.push(problem(format!(
+                        "link {n} ({}): unknown slot {other:?}, expected \"?principal\" or \"?resource\"",
+                        link.id
+                    )));
+                    continue;
+                }
+            };
+            match EntityTypeName::from_str(&entity.entity_type) {
+                Ok(ty) => {
+                    values.insert(
+                        slot_id,
+                        EntityUid::from_type_name_and_id(ty, EntityId::new(&entity.id)),
+                    );
+                }
+                Err(e) => diagnostics.push(problem(format!(
+                    "link {n} ({}): slot {slot}: bad entity type {:?}: {e}",
+                    link.id, entity.entity_type
+                ))),
+            }
+        }
+        if let Err(e) = policies.link(
+            PolicyId::new(&link.template),
+            PolicyId::new(&link.id),
+            values,
+        ) {
+            diagnostics.push(problem(format!(
+                "link {n} ({}) of template {:?}: {e}",
+                link.id, link.template
+            )));
+        }
+    }
+    diagnostics
 }
 
 fn load_entities(dir: &Path, schema: &Schema) -> Result<Entities, PolicyDiagnostic> {
@@ -479,5 +604,40 @@ action "get /x" appliesTo { principal: [User], resource: [Application], context:
         );
         let err = PolicyStore::load(dir.path()).unwrap_err();
         assert!(err.to_string().contains("cedarschema"), "{err}");
+    }
+
+    #[test]
+    fn template_links_are_loaded_validated_and_indexed() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "s.cedarschema", SCHEMA);
+        write(
+            dir.path(),
+            "t.cedar",
+            "@id(\"per-user\")\npermit(principal == ?principal, action, resource);\n",
+        );
+        write(
+            dir.path(),
+            LINKS_FILE,
+            r#"[{"id": "alice", "template": "per-user", "values": {"?principal": {"type": "User", "id": "alice"}}}]"#,
+        );
+        let store = PolicyStore::load(dir.path()).unwrap();
+        assert!(store.policies.policy(&PolicyId::new("alice")).is_some());
+        assert_eq!(store.index.len(), 1);
+
+        // A link naming no template, a bad slot, or an entity type the schema
+        // does not know is refused, naming the file.
+        for bad in [
+            r#"[{"id": "x", "template": "nope", "values": {"?principal": {"type": "User", "id": "a"}}}]"#,
+            r#"[{"id": "x", "template": "per-user", "values": {"?owner": {"type": "User", "id": "a"}}}]"#,
+            r#"[{"id": "x", "template": "per-user", "values": {"?principal": {"type": "Nope", "id": "a"}}}]"#,
+            r#"{"id": "x"}"#,
+        ] {
+            write(dir.path(), LINKS_FILE, bad);
+            let err = PolicyStore::load(dir.path()).unwrap_err();
+            assert!(
+                err.to_string().contains(LINKS_FILE) || err.to_string().contains("Nope"),
+                "{bad}: {err}"
+            );
+        }
     }
 }
