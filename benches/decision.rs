@@ -5,6 +5,12 @@
 //! run (raw ES256 verification with aws-lc, no JWT parsing), because absolute
 //! times drift on shared machines.
 //!
+//! The second part measures policy evaluation alone over generated policy sets
+//! of 10, 1,000, 10,000 and 100,000 policies (half of them template-linked
+//! per-user policies), sliced (what the engine does) and full (every policy
+//! given to Cedar), and prints each size's sliced median as a multiple of the
+//! 10-policy one. Under `cargo test --benches` only the small sizes run.
+//!
 //! Run: `cargo bench --bench decision`
 
 use std::hint::black_box;
@@ -17,13 +23,29 @@ use aws_lc_rs::signature::{
     ECDSA_P256_SHA256_FIXED, ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, Ed25519KeyPair,
     KeyPair, UnparsedPublicKey,
 };
+use cedar_policy::Authorizer;
 use criterion::{Criterion, criterion_group};
 use jsonwebtoken::Algorithm;
 use portcullis::attributes::HttpRequest;
 use portcullis::authn::mint::{SigningKey, pkcs8_pem};
+use portcullis::authz::policy_store::PolicyStore;
+use portcullis::authz::{evaluate, evaluate_full};
 use portcullis::config::Config;
 use portcullis::engine::Engine;
 use serde_json::json;
+
+#[path = "../tests/common/policy_gen.rs"]
+mod policy_gen;
+
+/// Policy-set sizes measured; `cargo test --benches` (no `--bench` argument)
+/// runs only the small ones, to keep the test suite quick.
+fn policy_sizes() -> Vec<u64> {
+    if std::env::args().any(|a| a == "--bench") {
+        vec![10, 1_000, 10_000, 100_000]
+    } else {
+        vec![10, 1_000]
+    }
+}
 
 fn now() -> i64 {
     SystemTime::now()
@@ -165,7 +187,45 @@ fn benches(c: &mut Criterion) {
     });
 }
 
-criterion_group!(group, benches);
+/// Policy evaluation alone, sliced and full, as the policy set grows.
+fn policy_benches(c: &mut Criterion) {
+    let authorizer = Authorizer::new();
+    for n in policy_sizes() {
+        let dir = tempfile::tempdir().unwrap();
+        let shape = policy_gen::write_folder(dir.path(), n, 0xbe0c);
+        let started = std::time::Instant::now();
+        let store = PolicyStore::load(dir.path()).unwrap();
+        println!(
+            "{n} policies: folder loaded, validated and indexed in {:.2} s",
+            started.elapsed().as_secs_f64()
+        );
+        let mut rng = policy_gen::Rng(0x5eed);
+        let inputs: Vec<_> = (0..256)
+            .map(|_| policy_gen::random_input(&mut rng, &store, shape))
+            .collect();
+        let mut group = c.benchmark_group(format!("policies_{n}"));
+        if n >= 10_000 {
+            // Full evaluation takes milliseconds here: fewer, longer samples.
+            group.sample_size(10);
+        }
+        let mut i = 0;
+        group.bench_function("sliced", |b| {
+            b.iter(|| {
+                i = (i + 1) % inputs.len();
+                black_box(evaluate(&authorizer, &store, black_box(&inputs[i])))
+            })
+        });
+        group.bench_function("full", |b| {
+            b.iter(|| {
+                i = (i + 1) % inputs.len();
+                black_box(evaluate_full(&authorizer, &store, black_box(&inputs[i])))
+            })
+        });
+        group.finish();
+    }
+}
+
+criterion_group!(group, benches, policy_benches);
 
 fn median_ns(id: &str) -> Option<f64> {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -202,6 +262,24 @@ fn main() {
                 ns / 1000.0,
                 ns / baseline
             );
+        }
+    }
+    let Some(small) = median_ns("policies_10/sliced") else {
+        return;
+    };
+    println!(
+        "\npolicy evaluation alone (median), as a multiple of sliced evaluation at 10 policies ({:.1} µs):",
+        small / 1000.0
+    );
+    for n in policy_sizes() {
+        for how in ["sliced", "full"] {
+            if let Some(ns) = median_ns(&format!("policies_{n}/{how}")) {
+                println!(
+                    "  {n:>7} policies {how:<7} {:>10.1} µs   {:>8.2}x",
+                    ns / 1000.0,
+                    ns / small
+                );
+            }
         }
     }
 }
