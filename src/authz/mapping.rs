@@ -500,8 +500,15 @@ impl CedarMapping {
             Some(schema),
         )
         .map_err(|e| match e {
+            // Cedar's message prints the whole context, `token` included: say
+            // what is wrong without echoing it.
             RequestValidationError::InvalidContext(_)
-            | RequestValidationError::TypeOfContext(_) => invalid("context", e.to_string()),
+            | RequestValidationError::TypeOfContext(_) => invalid(
+                "context",
+                format!(
+                    "does not match the context type of {action} in the schema (check the attribute names and types)"
+                ),
+            ),
             RequestValidationError::UndeclaredResourceType(_)
             | RequestValidationError::InvalidResourceType(_)
             | RequestValidationError::InvalidEnumEntity(_) => invalid("resource", e.to_string()),
@@ -765,4 +772,22 @@ fn context_pairs(
         pairs.push(("workload".to_owned(), string(workload)));
     }
     Ok(pairs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn canonical_json_sorts_keys_at_every_level() {
+        let a: Value =
+            serde_json::from_str(r#"{"b":1,"a":{"y":[2,{"d":1,"c":2}],"x":"s"}}"#).unwrap();
+        let b: Value =
+            serde_json::from_str(r#"{"a":{"x":"s","y":[2,{"c":2,"d":1}]},"b":1}"#).unwrap();
+        assert_eq!(canonical_json(&a), canonical_json(&b));
+        assert_eq!(
+            canonical_json(&a),
+            r#"{"a":{"x":"s","y":[2,{"c":2,"d":1}]},"b":1}"#
+        );
+    }
 }
