@@ -41,7 +41,13 @@ struct Instance {
 
 impl Instance {
     async fn start() -> Instance {
+        Self::start_with(|_| {}).await
+    }
+
+    /// An instance whose fixture `edit` adjusts first (config, policies).
+    async fn start_with(edit: impl FnOnce(&Fixture)) -> Instance {
         let fx = Fixture::with_keys(vec![TestKey::es256()]);
+        edit(&fx);
         fx.append_config(&format!(
             "\n[revocation]\ndata_dir = \"data\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"{ADMIN_TOKEN}\"\n"
         ));
@@ -640,5 +646,125 @@ async fn decisions_agree_with_check_for_equivalent_requests() {
         }
     }
     assert_eq!(compared, 64);
+    it.stop().await;
+}
+
+const CHECKOUT: &str = "spiffe://cluster.local/ns/shop/sa/checkout";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workload_identities_and_reflection() {
+    let it = Instance::start_with(|fx| {
+        fx.append_config("\n[workload]\ntrust_domains = [\"cluster.local\"]\n");
+        std::fs::write(
+            fx.path("policies/workloads.cedar"),
+            format!(
+                "@id(\"checkout-lists-orders\")\npermit (principal == Workload::\"{CHECKOUT}\", action == Action::\"get /orders\", resource)\n\
+                 when {{ context has workload && context.workload == \"{CHECKOUT}\" }};\n"
+            ),
+        )
+        .unwrap();
+    })
+    .await;
+    let workload = |id: &str| {
+        let mut r = request("", "GET", "/orders");
+        r.credential = Some(Credential {
+            kind: Some(credential::Kind::WorkloadIdentity(id.into())),
+        });
+        r
+    };
+    // A trusted workload is the principal, and `context.workload` is its ID.
+    let out = it.is_authorized(workload(CHECKOUT)).await;
+    assert_eq!(decision(&out), pb::Decision::Allow, "{out:?}");
+    assert_eq!(out.determining_policies, ["checkout-lists-orders"]);
+    assert_eq!(out.principal, format!("Workload::\"{CHECKOUT}\""));
+    assert_eq!(it.audit_line(&out.decision_id)["credential"], "workload");
+    // Another of the trust domain is authenticated but not permitted; a foreign
+    // trust domain is no identity at all.
+    let out = it
+        .is_authorized(workload("spiffe://cluster.local/ns/shop/sa/cart"))
+        .await;
+    assert_eq!(out.reason, "policy_denied");
+    let out = it
+        .is_authorized(workload("spiffe://evil.example/ns/shop/sa/checkout"))
+        .await;
+    assert_eq!(out.reason, "missing_token");
+
+    // Reflection lists the service and describes it (its file and imports).
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    let requests = vec![
+        ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        },
+        ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::FileContainingSymbol(
+                "portcullis.v1.Authorizer".into(),
+            )),
+        },
+    ];
+    let mut stream = ServerReflectionClient::new(it.server.channel.clone())
+        .server_reflection_info(tokio_stream::iter(requests))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(MessageResponse::ListServicesResponse(list)) =
+        stream.message().await.unwrap().unwrap().message_response
+    else {
+        panic!("unexpected reflection response");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    assert!(
+        names.contains(&"portcullis.v1.Authorizer".to_owned()),
+        "{names:?}"
+    );
+    assert!(names.contains(&"envoy.service.auth.v3.Authorization".to_owned()));
+    let Some(MessageResponse::FileDescriptorResponse(files)) =
+        stream.message().await.unwrap().unwrap().message_response
+    else {
+        panic!("unexpected reflection response");
+    };
+    assert!(!files.file_descriptor_proto.is_empty());
+    it.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_keys_as_access_token_or_api_key() {
+    let mut key = String::new();
+    let it = Instance::start_with(|fx| {
+        fx.append_config("\n[api_keys]\nfile = \"api-keys.toml\"\nheader = \"x-api-key\"\n");
+        key = portcullis::authn::api_key::create_key(
+            &fx.path("api-keys.toml"),
+            portcullis::authn::api_key::NewKey {
+                id: "ci-bot".into(),
+                scopes: vec!["orders:read".into()],
+                lifetime: Some(Duration::from_secs(86400)),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    })
+    .await;
+    for kind in [
+        credential::Kind::AccessToken(key.clone()),
+        credential::Kind::ApiKey(key.clone()),
+    ] {
+        let mut r = request("", "GET", "/orders/1");
+        r.credential = Some(Credential { kind: Some(kind) });
+        let out = it.is_authorized(r).await;
+        assert_eq!(decision(&out), pb::Decision::Allow, "{out:?}");
+        assert_eq!(out.principal, "Client::\"ci-bot\"");
+        assert_eq!(it.audit_line(&out.decision_id)["credential"], "api_key");
+    }
+    let mut r = request("", "GET", "/orders/1");
+    let wrong = format!("{}0000", &key[..key.len() - 4]);
+    r.credential = Some(Credential {
+        kind: Some(credential::Kind::ApiKey(wrong)),
+    });
+    assert_eq!(it.is_authorized(r).await.reason, "unknown_api_key");
+    assert!(!std::fs::read_to_string(&it.audit).unwrap().contains(&key));
     it.stop().await;
 }
