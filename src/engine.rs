@@ -75,7 +75,7 @@ pub struct Engine {
 #[derive(Debug, Default)]
 pub struct CredentialCounters {
     /// Runs of the credential stage (one per `Check`, one per `IsAuthorized`,
-    /// one per `BatchIsAuthorized` whatever its size).
+    /// one per `BatchIsAuthorized` whatever its size, one per `explain`).
     pub credentials: std::sync::atomic::AtomicU64,
     /// JWT signatures actually verified (verified-token cache misses).
     pub signatures: std::sync::atomic::AtomicU64,

@@ -17,9 +17,11 @@ folder (see `load_stubs`). In your own service, generate them once instead:
         proto/portcullis/v1/authorizer.proto
 """
 
+import atexit
 import importlib
 import json
 import os
+import shutil
 import sys
 import tempfile
 
@@ -36,6 +38,7 @@ def load_stubs():
     from grpc_tools import protoc
 
     out = tempfile.mkdtemp(prefix="portcullis-stubs-")
+    atexit.register(shutil.rmtree, out, ignore_errors=True)
     # grpcio-tools ships the well-known types (google/protobuf/struct.proto).
     well_known = str(importlib.resources.files("grpc_tools") / "_proto")
     status = protoc.main(
