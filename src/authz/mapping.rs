@@ -633,16 +633,16 @@ fn canonical_json(value: &Value) -> String {
     fn write(value: &Value, out: &mut String) {
         match value {
             Value::Object(map) => {
-                let mut keys: Vec<&String> = map.keys().collect();
-                keys.sort();
+                let mut entries: Vec<(&String, &Value)> = map.iter().collect();
+                entries.sort_by(|a, b| a.0.cmp(b.0));
                 out.push('{');
-                for (i, key) in keys.into_iter().enumerate() {
+                for (i, (key, item)) in entries.into_iter().enumerate() {
                     if i > 0 {
                         out.push(',');
                     }
                     out.push_str(&Value::String(key.clone()).to_string());
                     out.push(':');
-                    write(&map[key], out);
+                    write(item, out);
                 }
                 out.push('}');
             }
