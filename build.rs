@@ -1,8 +1,10 @@
 //! Build script:
 //!
-//! 1. compiles our admin API (`proto/portcullis/admin/v1/admin.proto`) into Rust
-//!    (messages, tonic client and server) and an encoded descriptor set for
-//!    reflection on the admin listener;
+//! 1. compiles our own APIs into Rust (messages, tonic client and server) and
+//!    encoded descriptor sets for reflection: the admin API
+//!    (`proto/portcullis/admin/v1/admin.proto`, admin listener) and the
+//!    service-facing `Authorizer` (`proto/portcullis/v1/authorizer.proto`, main
+//!    listener);
 //! 2. produces the encoded `FileDescriptorSet` that gRPC reflection serves for
 //!    Envoy's `envoy.service.auth.v3.Authorization` service.
 //!
@@ -18,12 +20,14 @@ use std::path::{Path, PathBuf};
 const ENVOY_TYPES_DIR: &str = "envoy-types-0.7.7";
 
 const ADMIN_PROTO: &str = "portcullis/admin/v1/admin.proto";
+const AUTHORIZER_PROTO: &str = "portcullis/v1/authorizer.proto";
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=proto");
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
-    compile_admin(&out);
+    compile_own(&out, ADMIN_PROTO, "admin_descriptor.bin");
+    compile_own(&out, AUTHORIZER_PROTO, "authorizer_descriptor.bin");
     let target = out.join("envoy_auth_descriptor.bin");
     let bytes = match find_envoy_proto_root() {
         Some(root) => compile(&root),
@@ -37,19 +41,17 @@ fn main() {
     std::fs::write(&target, bytes).expect("write descriptor set");
 }
 
-/// Our own API must compile: any problem fails the build.
-fn compile_admin(out: &Path) {
-    let fds = protox::compile([ADMIN_PROTO], ["proto"]).expect("compile proto/ with protox");
-    std::fs::write(
-        out.join("admin_descriptor.bin"),
-        prost::Message::encode_to_vec(&fds),
-    )
-    .expect("write admin descriptor set");
+/// Our own APIs must compile: any problem fails the build. Well-known types
+/// (`google.protobuf.Struct`) map to `prost-types`.
+fn compile_own(out: &Path, proto: &str, descriptor: &str) {
+    let fds = protox::compile([proto], ["proto"]).expect("compile proto/ with protox");
+    std::fs::write(out.join(descriptor), prost::Message::encode_to_vec(&fds))
+        .expect("write descriptor set");
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
         .compile_fds(fds)
-        .expect("generate the admin API code");
+        .expect("generate the API code");
 }
 
 fn compile(root: &Path) -> Vec<u8> {

@@ -269,6 +269,12 @@ impl Admin for AdminService {
                 .ok()
                 .and_then(|e| e.clone())
                 .unwrap_or_default(),
+            credential_verifications: self.state.engine().map_or(0, |e| {
+                e.credential_counters().credentials.load(Ordering::Relaxed)
+            }),
+            signature_verifications: self.state.engine().map_or(0, |e| {
+                e.credential_counters().signatures.load(Ordering::Relaxed)
+            }),
         }))
     }
 

@@ -149,6 +149,10 @@ pub struct RevocationConfig {
     /// `redis://` or `rediss://` URL: shared mode. Unset: embedded mode.
     #[serde(default)]
     pub redis_url: Option<Secret>,
+    /// The name of an environment variable holding `redis_url` (e.g. from a
+    /// Kubernetes Secret), read when the configuration is loaded.
+    #[serde(default)]
+    pub redis_url_env: Option<String>,
     /// Without Redis at start: wait for it, or serve on the local journal.
     #[serde(default)]
     pub startup: StartupMode,
@@ -162,6 +166,7 @@ impl Default for RevocationConfig {
         Self {
             data_dir: default_data_dir(),
             redis_url: None,
+            redis_url_env: None,
             startup: StartupMode::default(),
             redis_prefix: default_redis_prefix(),
         }
@@ -669,11 +674,32 @@ impl Config {
             message: e.to_string(),
         })?;
         config.resolve_paths(base_dir);
+        config
+            .resolve_env()
+            .map_err(|message| ConfigError::Invalid {
+                path: origin.to_owned(),
+                message,
+            })?;
         config.check().map_err(|message| ConfigError::Invalid {
             path: origin.to_owned(),
             message,
         })?;
         Ok(config)
+    }
+
+    /// Values named by `*_env` keys that are needed before serving.
+    fn resolve_env(&mut self) -> Result<(), String> {
+        let revocation = &mut self.revocation;
+        if let Some(var) = &revocation.redis_url_env {
+            if revocation.redis_url.is_some() {
+                return Err("[revocation] needs at most one of redis_url, redis_url_env".into());
+            }
+            let url = std::env::var(var).map_err(|_| {
+                format!("revocation.redis_url_env: environment variable {var} is not set")
+            })?;
+            revocation.redis_url = Some(Secret::new(url.trim()));
+        }
+        Ok(())
     }
 
     fn resolve_paths(&mut self, base: &Path) {

@@ -8,20 +8,23 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use cedar_policy::Authorizer;
 
 use crate::attributes::HttpRequest;
 use crate::authn::api_key::{ReloadingApiKeyStore, is_api_key};
-use crate::authn::credential::bearer_token;
+use crate::authn::credential::{PresentedCredential, bearer_token};
 use crate::authn::introspection::token_digest;
 use crate::authn::jwks::VerificationKey;
 use crate::authn::jwt::{Issuer, IssuerSet};
 use crate::authn::mint::SigningKey;
 use crate::authn::workload::WorkloadIdentities;
 use crate::authn::{CredentialKind, MAX_TOKEN_BYTES, TokenError, VerifiedToken};
-use crate::authz::mapping::{CedarMapping, MappingError, RequestFacts, SchemaCheck};
+use crate::authz::mapping::{
+    CedarMapping, DirectError, DirectRequest, MappingError, RequestFacts, SchemaCheck,
+};
 use crate::authz::policy_store::PolicyStore;
 use crate::authz::routes::{RouteMatch, RouteTable, is_canonical_path};
 use crate::authz::{PolicyOutcome, evaluate};
@@ -64,7 +67,50 @@ pub struct Engine {
     token_mode: Mode,
     revocations: Option<Arc<RevocationStore>>,
     generation: u64,
+    counters: Arc<CredentialCounters>,
 }
+
+/// How often credentials were verified: shared by an engine and the engines
+/// reloaded from it, so the numbers cover the process's life.
+#[derive(Debug, Default)]
+pub struct CredentialCounters {
+    /// Runs of the credential stage (one per `Check`, one per `IsAuthorized`,
+    /// one per `BatchIsAuthorized` whatever its size, one per `explain`).
+    pub credentials: std::sync::atomic::AtomicU64,
+    /// JWT signatures actually verified (verified-token cache misses).
+    pub signatures: std::sync::atomic::AtomicU64,
+}
+
+/// What the credential stage established; computed once per call and shared
+/// by every decision of a batch.
+#[derive(Debug, Clone)]
+pub struct Authentication {
+    /// The verified identity; also kept when it is revoked, for the audit line.
+    pub token: Option<VerifiedToken>,
+    /// Why the credential is refused, if it is.
+    pub refusal: Option<TokenError>,
+}
+
+impl Authentication {
+    /// Copies the identity into `decision` and returns it, or the deny reason.
+    fn record(&self, decision: &mut Decision) -> Result<&VerifiedToken, DenyReason> {
+        if let Some(token) = &self.token {
+            decision.credential = Some(token.credential.as_str());
+            decision.subject = Some(token.subject.clone());
+            decision.issuer = Some(token.issuer.clone());
+            decision.jti = token.jti.clone();
+            decision.api_key_id = token.api_key_id.clone();
+        }
+        match (&self.token, self.refusal) {
+            (_, Some(refusal)) => Err(DenyReason::Unauthenticated(refusal)),
+            (Some(token), None) => Ok(token),
+            (None, None) => Err(DenyReason::Unauthenticated(TokenError::Missing)),
+        }
+    }
+}
+
+/// The method recorded in the decision (and audit line) of a direct request.
+pub const DIRECT_METHOD: &str = "IsAuthorized";
 
 impl Engine {
     /// Loads keys and policies named by `config` and checks that every route's
@@ -159,6 +205,7 @@ impl Engine {
             token_mode: config.application.token_mode,
             revocations: previous.and_then(|p| p.revocations.clone()),
             generation: previous.map_or(1, |p| p.generation + 1),
+            counters: previous.map(|p| p.counters.clone()).unwrap_or_default(),
         };
         let problems = engine.check_actions_against_schema(&principal_types);
         if problems.is_empty() {
@@ -417,7 +464,81 @@ impl Engine {
             Ok(()) => Verdict::Allow,
             Err(reason) => Verdict::Deny(reason),
         };
-        decision.dry_run = match decision.verdict {
+        decision.dry_run = self.is_dry_run(decision.verdict, || self.policy_mode(http));
+        decision.elapsed = started.elapsed();
+        decision
+    }
+
+    /// Decides an explicit question from a service (`IsAuthorized`) for the
+    /// identity the credential stage established, through the same
+    /// evaluation stage as `Check` (decision cache, then
+    /// [`crate::authz::evaluate`]). A batch authenticates once and calls this
+    /// per request. An error is a request that does not fit the schema
+    /// (unknown action, resource type, malformed context...): it names the
+    /// field, and nothing is decided.
+    pub fn decide_direct(
+        &self,
+        authentication: &Authentication,
+        request: &DirectRequest,
+    ) -> Result<Decision, DirectError> {
+        let started = Instant::now();
+        let mut decision = Decision::new(DIRECT_METHOD, "");
+        decision.policy_generation = self.generation;
+        decision.policy_digest = Some(self.store.digest.clone());
+        decision.verdict = match self.run_direct(authentication, request, &mut decision) {
+            Ok(()) => Verdict::Allow,
+            Err(DirectStop::Deny(reason)) => Verdict::Deny(reason),
+            Err(DirectStop::Invalid(e)) => return Err(e),
+        };
+        decision.dry_run = self.is_dry_run(decision.verdict, || self.mode);
+        decision.elapsed = started.elapsed();
+        Ok(decision)
+    }
+
+    fn run_direct(
+        &self,
+        authentication: &Authentication,
+        request: &DirectRequest,
+        decision: &mut Decision,
+    ) -> Result<(), DirectStop> {
+        let token = authentication.record(decision)?;
+        let principal = self.mapping.principal(token).map_err(|e| {
+            decision.errors.push(e.to_string());
+            DenyReason::SchemaMismatch
+        })?;
+        decision.principal = Some(principal.to_string());
+        decision.action = Some(self.mapping.action(&request.action).to_string());
+        decision.resource = std::str::FromStr::from_str(&request.resource.entity_type)
+            .ok()
+            .map(|ty| {
+                cedar_policy::EntityUid::from_type_name_and_id(
+                    ty,
+                    cedar_policy::EntityId::new(&request.resource.id),
+                )
+                .to_string()
+            });
+        let outcome = self
+            .evaluate_direct_cached(token, request)
+            .map_err(|e| match e {
+                DirectError::Principal(mismatch) => {
+                    decision.errors.push(mismatch.to_string());
+                    DirectStop::Deny(DenyReason::SchemaMismatch)
+                }
+                invalid @ DirectError::Invalid { .. } => DirectStop::Invalid(invalid),
+            })?;
+        decision.policies = outcome.policies.clone();
+        decision.errors = outcome.errors.clone();
+        match (outcome.allowed, !outcome.errors.is_empty()) {
+            (true, _) => Ok(()),
+            (false, true) => Err(DenyReason::PolicyError.into()),
+            (false, false) => Err(DenyReason::PolicyDenied.into()),
+        }
+    }
+
+    /// Whether dry-run turns this deny into an allow: `token_mode` for
+    /// credential failures, the policy mode for policy denies.
+    fn is_dry_run(&self, verdict: Verdict, policy_mode: impl FnOnce() -> Mode) -> bool {
+        match verdict {
             // A revocation is an operator's explicit order: enforced in every mode.
             Verdict::Deny(DenyReason::Unauthenticated(TokenError::Revoked)) => false,
             Verdict::Deny(DenyReason::Unauthenticated(_)) => self.token_mode == Mode::DryRun,
@@ -426,11 +547,9 @@ impl Engine {
                 | DenyReason::PolicyError
                 | DenyReason::NoRoute
                 | DenyReason::SchemaMismatch,
-            ) => self.policy_mode(http) == Mode::DryRun,
+            ) => policy_mode() == Mode::DryRun,
             _ => false,
-        };
-        decision.elapsed = started.elapsed();
-        decision
+        }
     }
 
     async fn run(
@@ -449,23 +568,12 @@ impl Engine {
         let route = self.routes.find(&http.method, path);
 
         let allow_workload = route.as_ref().is_some_and(|r| r.allow_workload);
-        let token = self
-            .authenticate(http, allow_workload, now)
-            .await
+        let credential = self
+            .presented_credential(http, allow_workload)
             .map_err(DenyReason::Unauthenticated)?;
-        decision.credential = Some(token.credential.as_str());
-        decision.subject = Some(token.subject.clone());
-        decision.issuer = Some(token.issuer.clone());
-        decision.jti = token.jti.clone();
-        decision.api_key_id = token.api_key_id.clone();
-        // Revocation comes right after authentication, before anything else uses
-        // the identity (and before any cached decision).
-        if let Some(revocations) = &self.revocations
-            && revocations.check(&token, now).is_err()
-        {
-            return Err(DenyReason::Unauthenticated(TokenError::Revoked));
-        }
-        let principal = self.mapping.principal(&token).map_err(|e| {
+        let authentication = self.authenticate_credential(credential, now).await;
+        let token = authentication.record(decision)?;
+        let principal = self.mapping.principal(token).map_err(|e| {
             decision.errors.push(e.to_string());
             DenyReason::SchemaMismatch
         })?;
@@ -477,7 +585,7 @@ impl Engine {
             .ok_or(DenyReason::NoRoute)?;
         decision.action = Some(self.mapping.action(facts.action).to_string());
         decision.resource = Some(self.mapping.application().to_string());
-        let outcome = self.evaluate_cached(&token, facts).map_err(|e| {
+        let outcome = self.evaluate_cached(token, facts).map_err(|e| {
             decision.errors.push(e.to_string());
             DenyReason::SchemaMismatch
         })?;
@@ -491,34 +599,95 @@ impl Engine {
         }
     }
 
-    /// The credential, in order: `Authorization: Bearer` (a JWT, an API key, or
-    /// an opaque token to introspect), the API-key header, then (on routes that
-    /// allow it, with no credential at all) the mTLS peer's workload identity.
+    /// The credential stage, shared by `Check` and `IsAuthorized`: verifies the
+    /// credential (through the verified-token cache), then checks revocation,
+    /// right after authentication and before anything else uses the identity
+    /// (and before any cached decision).
+    pub async fn authenticate_credential(
+        &self,
+        credential: PresentedCredential<'_>,
+        now: i64,
+    ) -> Authentication {
+        let token = match self.verify_credential(credential, now).await {
+            Ok(token) => token,
+            Err(refusal) => {
+                return Authentication {
+                    token: None,
+                    refusal: Some(refusal),
+                };
+            }
+        };
+        let revoked = self
+            .revocations
+            .as_ref()
+            .is_some_and(|revocations| revocations.check(&token, now).is_err());
+        Authentication {
+            token: Some(token),
+            refusal: revoked.then_some(TokenError::Revoked),
+        }
+    }
+
+    /// The credential of an HTTP request, in order: `Authorization: Bearer` (a
+    /// JWT, an API key, or an opaque token to introspect), the API-key header,
+    /// then (on routes that allow it, with no credential at all) the mTLS
+    /// peer's workload identity.
+    fn presented_credential<'a>(
+        &self,
+        http: &'a HttpRequest,
+        allow_workload: bool,
+    ) -> Result<PresentedCredential<'a>, TokenError> {
+        let api_key_header = self
+            .api_keys
+            .as_ref()
+            .and_then(|k| k.settings.header.as_deref())
+            .and_then(|name| http.header(name));
+        match (bearer_token(http.header("authorization")), api_key_header) {
+            (Ok(token), _) => Ok(PresentedCredential::Bearer(token)),
+            (Err(TokenError::Missing), Some(key)) => Ok(PresentedCredential::ApiKey(key.trim())),
+            (Err(TokenError::Missing), None) => Ok(match &http.peer_principal {
+                Some(peer) if allow_workload => PresentedCredential::Workload(peer),
+                _ => PresentedCredential::None,
+            }),
+            (Err(e), _) => Err(e),
+        }
+    }
+
+    /// Verifies an HTTP request's credential (no revocation check: for `explain`).
     async fn authenticate(
         &self,
         http: &HttpRequest,
         allow_workload: bool,
         now: i64,
     ) -> Result<VerifiedToken, TokenError> {
-        let api_key_header = self
-            .api_keys
-            .as_ref()
-            .and_then(|k| k.settings.header.as_deref())
-            .and_then(|name| http.header(name));
-        let token = match (bearer_token(http.header("authorization")), api_key_header) {
-            (Ok(token), _) => token,
-            (Err(TokenError::Missing), Some(key)) => return self.verify_api_key(key.trim(), now),
-            (Err(TokenError::Missing), None) => {
-                if allow_workload
-                    && let (Some(workload), Some(peer)) = (&self.workload, &http.peer_principal)
-                    && let Some(identity) = workload.identity(peer)
-                {
-                    return Ok(identity);
-                }
-                return Err(TokenError::Missing);
+        let credential = self.presented_credential(http, allow_workload)?;
+        self.verify_credential(credential, now).await
+    }
+
+    /// Verifies a credential, whichever way it arrived.
+    async fn verify_credential(
+        &self,
+        credential: PresentedCredential<'_>,
+        now: i64,
+    ) -> Result<VerifiedToken, TokenError> {
+        self.counters.credentials.fetch_add(1, Ordering::Relaxed);
+        let token = match credential {
+            PresentedCredential::None => return Err(TokenError::Missing),
+            PresentedCredential::Workload(peer) => {
+                // Only a trust domain the configuration names is an identity.
+                return self
+                    .workload
+                    .as_ref()
+                    .and_then(|workload| workload.identity(peer))
+                    .ok_or(TokenError::Missing);
             }
-            (Err(e), _) => return Err(e),
+            PresentedCredential::ApiKey(key) => return self.verify_api_key(key, now),
+            PresentedCredential::Bearer(token) => token,
         };
+        // Checked before any parsing (bearer_token did for Check; IsAuthorized
+        // hands the value over directly).
+        if token.len() > MAX_TOKEN_BYTES {
+            return Err(TokenError::TooLarge);
+        }
         if is_api_key(token) {
             return self.verify_api_key(token, now);
         }
@@ -596,6 +765,29 @@ impl Engine {
         Ok(outcome)
     }
 
+    /// A direct request's evaluation through the decision cache (its keys
+    /// have their own domain, see [`CedarMapping::direct_decision_key`]). A
+    /// request that fails validation is never cached, so a hit was valid.
+    fn evaluate_direct_cached(
+        &self,
+        token: &VerifiedToken,
+        request: &DirectRequest,
+    ) -> Result<Arc<PolicyOutcome>, DirectError> {
+        let key = self
+            .caches
+            .caches_decisions()
+            .then(|| self.mapping.direct_decision_key(token, request));
+        if let Some(hit) = key.as_ref().and_then(|k| self.caches.decision(k)) {
+            return Ok(hit);
+        }
+        let input = self.mapping.build_direct(&self.store, token, request)?;
+        let outcome = Arc::new(evaluate(&self.authorizer, &self.store, &input));
+        if let Some(key) = key {
+            self.caches.remember_decision(key, outcome.clone());
+        }
+        Ok(outcome)
+    }
+
     /// JWT verification through the verified-token cache.
     async fn verify_jwt(&self, token: &str, now: i64) -> Result<VerifiedToken, TokenError> {
         let digest = token_digest(token);
@@ -605,6 +797,7 @@ impl Engine {
         {
             return Ok(hit);
         }
+        self.counters.signatures.fetch_add(1, Ordering::Relaxed);
         let (verified, window) = self.issuers.verify_with_window(token, now).await?;
         self.caches.remember_token(
             digest,
@@ -623,6 +816,12 @@ impl Engine {
         &self.caches
     }
 
+    /// Credential and signature verification counts, over this engine and
+    /// the engines it was reloaded from.
+    pub fn credential_counters(&self) -> &CredentialCounters {
+        &self.counters
+    }
+
     fn verify_api_key(&self, key: &str, now: i64) -> Result<VerifiedToken, TokenError> {
         let Some(api_keys) = &self.api_keys else {
             return Err(TokenError::UnknownApiKey);
@@ -638,6 +837,18 @@ impl Engine {
             _ => return Err(TokenError::LifetimeTooLong),
         }
         Ok(identity.into_verified(&api_keys.settings.principal_type))
+    }
+}
+
+/// How a direct request stops short of an allow.
+enum DirectStop {
+    Deny(DenyReason),
+    Invalid(DirectError),
+}
+
+impl From<DenyReason> for DirectStop {
+    fn from(reason: DenyReason) -> Self {
+        DirectStop::Deny(reason)
     }
 }
 

@@ -3,7 +3,8 @@
 //!
 //! The decision pipeline, one module per stage:
 //! [`attributes`] → [`authn`] → [`authz`] → [`decision`], orchestrated by
-//! [`engine`]; [`ext_authz`] adapts it to Envoy, [`server`] serves it, [`audit`]
+//! [`engine`]; [`ext_authz`] adapts it to Envoy and [`authorizer`] to services
+//! asking directly (`IsAuthorized`), [`server`] serves both, [`audit`]
 //! records every decision, [`config`] and [`cli`] are the operator's surface.
 //! [`revocation`] holds the revoked credentials the engine checks right after
 //! authentication; [`admin`] is the admin gRPC API that manages them.
@@ -15,6 +16,7 @@ pub mod admin;
 pub mod attributes;
 pub mod audit;
 pub mod authn;
+pub mod authorizer;
 pub mod authz;
 pub mod cache;
 pub mod cli;

@@ -1,5 +1,5 @@
-//! The gRPC listener: ext_authz, health and reflection on one port, with graceful
-//! shutdown.
+//! The gRPC listener: ext_authz, the service-facing Authorizer, health and
+//! reflection on one port, with graceful shutdown.
 //!
 //! The listener is bound and answering health checks (NOT_SERVING) before the
 //! engine is loaded; [`ServerState::install`] publishes an engine and flips health
@@ -19,6 +19,7 @@ use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
 use crate::audit::AuditLog;
+use crate::authorizer::{AUTHORIZER_SERVICE, AuthorizerService};
 use crate::engine::Engine;
 use crate::ext_authz::CheckService;
 
@@ -89,7 +90,7 @@ impl ServerState {
     }
 
     async fn set_health(&self, status: ServingStatus) {
-        for service in ["", AUTHORIZATION_SERVICE] {
+        for service in ["", AUTHORIZATION_SERVICE, AUTHORIZER_SERVICE] {
             self.health.set_service_status(service, status).await;
         }
     }
@@ -146,8 +147,9 @@ impl RunningServer {
     }
 }
 
-/// Binds `addr` and starts serving ext_authz (answering UNAVAILABLE until an engine
-/// is installed), health (NOT_SERVING until then) and reflection.
+/// Binds `addr` and starts serving ext_authz and the Authorizer (answering
+/// UNAVAILABLE until an engine is installed), health (NOT_SERVING until then)
+/// and reflection.
 pub async fn start(addr: SocketAddr, audit: AuditLog) -> Result<RunningServer, ServerError> {
     let listener = TcpListener::bind(addr)
         .await
@@ -168,7 +170,8 @@ pub async fn start(addr: SocketAddr, audit: AuditLog) -> Result<RunningServer, S
     // Both reflection versions: older grpcurl releases only speak v1alpha.
     let reflection_builder = || {
         let builder = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET);
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(crate::authorizer::pb::FILE_DESCRIPTOR_SET);
         if ENVOY_AUTH_DESCRIPTORS.is_empty() {
             builder
         } else {
@@ -187,7 +190,12 @@ pub async fn start(addr: SocketAddr, audit: AuditLog) -> Result<RunningServer, S
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(AuthorizationServer::new(CheckService::new(state.clone())));
+        .add_service(AuthorizationServer::new(CheckService::new(state.clone())))
+        .add_service(
+            crate::authorizer::pb::authorizer_server::AuthorizerServer::new(
+                AuthorizerService::new(state.clone()),
+            ),
+        );
     // TCP_NODELAY, as `Server::serve` would set: without it a response written in
     // more than one piece (a deny with headers and body) can wait ~40 ms on Nagle.
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));

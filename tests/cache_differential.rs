@@ -166,3 +166,80 @@ async fn caches_never_change_a_decision() {
     assert!(stats.decision_hits.load(Relaxed) > 200, "{:?}", stats);
     assert_eq!(a_plain.caches().stats.token_hits.load(Relaxed), 0);
 }
+
+/// The same for direct (`IsAuthorized`) requests: random identities, actions,
+/// contexts and extra attributes through engines with caches on and off.
+#[tokio::test]
+async fn caches_never_change_a_direct_decision() {
+    use portcullis::authz::mapping::{DirectEntity, DirectRequest};
+    let fx = Fixture::new();
+    std::fs::write(fx.path("policies/extra.cedar"), EXTRA).unwrap();
+    let (cached, uncached) = engines(&fx);
+    let key = fx.es256();
+    let tokens = [
+        key.token("alice", &["orders:read"], &[]),
+        key.token("bob", &["orders:write"], &["admin"]),
+        key.token("carol", &[], &[]),
+        key.sign(&{
+            let mut c = claims("dave", &["orders:read"], &[]);
+            c["jti"] = json!("x");
+            c
+        }),
+    ];
+    let mut rng = Rng(0x5eed_1234);
+    let now = now();
+    let mut allowed = 0;
+    for _ in 0..2000 {
+        let token = rng.pick(&tokens);
+        let (method, template) = *rng.pick(&[
+            ("GET", "/orders"),
+            ("GET", "/orders/{id}"),
+            ("POST", "/orders"),
+            ("DELETE", "/orders/{id}"),
+        ]);
+        let id = rng.pick(&["7", "13"]).to_string();
+        let host = *rng.pick(&["orders.example.test", "blocked.example.test"]);
+        let params = if template.contains("{id}") {
+            json!({ "id": id })
+        } else {
+            json!({})
+        };
+        let context = json!({
+            "http": { "method": method, "path": template.replace("{id}", &id), "host": host, "scheme": "https" },
+            "path_params": params,
+        });
+        let request = DirectRequest {
+            action: format!("{} {template}", method.to_ascii_lowercase()),
+            resource: DirectEntity {
+                entity_type: "Application".into(),
+                id: "orders".into(),
+                ..Default::default()
+            },
+            context: context.as_object().unwrap().clone(),
+            entities: Vec::new(),
+        };
+        let credential = portcullis::authn::credential::PresentedCredential::Bearer(token);
+        let a = cached.authenticate_credential(credential, now).await;
+        let b = uncached.authenticate_credential(credential, now).await;
+        let a = cached.decide_direct(&a, &request).unwrap();
+        let b = uncached.decide_direct(&b, &request).unwrap();
+        assert_eq!(
+            (a.verdict, &a.policies, &a.errors, &a.principal),
+            (b.verdict, &b.policies, &b.errors, &b.principal),
+            "{request:?}"
+        );
+        allowed += usize::from(a.verdict.is_allow());
+    }
+    assert!(
+        allowed > 100 && allowed < 1900,
+        "{allowed} allowed: a varied stream"
+    );
+    assert!(
+        cached
+            .caches()
+            .stats
+            .decision_hits
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 0
+    );
+}

@@ -1,6 +1,37 @@
-//! Credential extraction: the bearer token of an `authorization` header.
+//! Credential extraction: the bearer token of an `authorization` header, and
+//! the credential a request presents, whichever way it arrived (Envoy's HTTP
+//! attributes or a service's `IsAuthorized` call).
 
 use super::{MAX_TOKEN_BYTES, TokenError};
+
+/// The credential a request presents, before anything is verified. Both
+/// `Check` (from HTTP headers) and `IsAuthorized` (from its `credential` field)
+/// turn their input into one of these, so one function verifies them all.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum PresentedCredential<'a> {
+    /// A bearer value: a JWT, an API key (`pck_...`) or an opaque token.
+    Bearer(&'a str),
+    /// An API key from the API-key header (or `IsAuthorized`'s `api_key`).
+    ApiKey(&'a str),
+    /// No credential, but a peer identity (e.g. a SPIFFE ID) that the proxy or
+    /// the calling service verified over mTLS; used only where workloads are
+    /// allowed and only when its trust domain is configured.
+    Workload(&'a str),
+    /// No credential at all.
+    None,
+}
+
+// Never print a secret: only the kind of credential.
+impl std::fmt::Debug for PresentedCredential<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PresentedCredential::Bearer(_) => f.write_str("Bearer(<redacted>)"),
+            PresentedCredential::ApiKey(_) => f.write_str("ApiKey(<redacted>)"),
+            PresentedCredential::Workload(id) => write!(f, "Workload({id:?})"),
+            PresentedCredential::None => f.write_str("None"),
+        }
+    }
+}
 
 /// Extracts the token of `Authorization: Bearer <token>` (scheme case-insensitive,
 /// RFC 6750 section 2.1). The size limit is checked here, before any parsing.

@@ -6,14 +6,20 @@
 //! - action `Action::"<lower-case method> <route template>"` (or the route's `action`);
 //! - resource `Application::"<application.name>"`;
 //! - context `{ http, path_params, token, workload? }` (see the README for the types).
+//!
+//! Services asking directly (`IsAuthorized`) name the action, resource, context
+//! and extra entities themselves: [`CedarMapping::build_direct`]. Their principal
+//! and `context.token` come from the credential exactly as for Check.
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::str::FromStr;
 
 use cedar_policy::{
-    Context, Entities, Entity, EntityId, EntityTypeName, EntityUid, Request, RestrictedExpression,
+    Context, Entities, Entity, EntityId, EntityTypeName, EntityUid, Request,
+    RequestValidationError, RestrictedExpression,
 };
+use serde_json::Value;
 
 use super::policy_store::PolicyStore;
 use crate::attributes::HttpRequest;
@@ -240,26 +246,7 @@ impl CedarMapping {
         let action = self.action(facts.action);
         let resource = self.application.clone();
 
-        let roles: HashSet<EntityUid> = token
-            .roles
-            .iter()
-            .map(|r| EntityUid::from_type_name_and_id(self.role_type.clone(), EntityId::new(r)))
-            .collect();
-        let mut added: Vec<Entity> = roles
-            .iter()
-            .filter(|uid| store.entities.get(uid).is_none())
-            .map(|uid| Entity::new_no_attrs(uid.clone(), HashSet::new()))
-            .collect();
-        // A user described in entities.json keeps its attributes and parents and
-        // also gains the token's roles.
-        added.push(match store.entities.get(&principal) {
-            Some(known) => {
-                let (uid, attrs, mut parents) = known.clone().into_inner();
-                parents.extend(roles);
-                Entity::new(uid, attrs, parents).map_err(|e| MappingError::Entity(e.to_string()))?
-            }
-            None => Entity::new_no_attrs(principal.clone(), roles),
-        });
+        let mut added = self.principal_entities(store, token, &principal)?;
         if store.entities.get(&resource).is_none() {
             added.push(Entity::new_no_attrs(resource.clone(), HashSet::new()));
         }
@@ -290,6 +277,391 @@ impl CedarMapping {
             resource,
         })
     }
+}
+
+impl CedarMapping {
+    /// The `Role` entities of the token's roles (unless `entities.json` defines
+    /// them) and the principal entity with those roles as parents. A principal
+    /// described in `entities.json` keeps its attributes and parents and also
+    /// gains the token's roles. Shared by [`CedarMapping::build`] and
+    /// [`CedarMapping::build_direct`], so both see the same principal.
+    fn principal_entities(
+        &self,
+        store: &PolicyStore,
+        token: &VerifiedToken,
+        principal: &EntityUid,
+    ) -> Result<Vec<Entity>, MappingError> {
+        let roles = self.role_uids(token);
+        let mut added: Vec<Entity> = roles
+            .iter()
+            .filter(|uid| store.entities.get(uid).is_none())
+            .map(|uid| Entity::new_no_attrs(uid.clone(), HashSet::new()))
+            .collect();
+        added.push(match store.entities.get(principal) {
+            Some(known) => {
+                let (uid, attrs, mut parents) = known.clone().into_inner();
+                parents.extend(roles);
+                Entity::new(uid, attrs, parents).map_err(|e| MappingError::Entity(e.to_string()))?
+            }
+            None => Entity::new_no_attrs(principal.clone(), roles),
+        });
+        Ok(added)
+    }
+
+    fn role_uids(&self, token: &VerifiedToken) -> HashSet<EntityUid> {
+        token
+            .roles
+            .iter()
+            .map(|r| EntityUid::from_type_name_and_id(self.role_type.clone(), EntityId::new(r)))
+            .collect()
+    }
+
+    /// The decision-cache key of a direct request: a digest of the identity
+    /// (as in [`CedarMapping::decision_key`]), the action, and the canonical
+    /// JSON of the resource, the context and the extra entities. It starts with
+    /// its own domain tag, so it can never equal the key of a `Check` request.
+    /// Keep in step with [`CedarMapping::build_direct`].
+    pub fn direct_decision_key(&self, token: &VerifiedToken, request: &DirectRequest) -> [u8; 32] {
+        let mut digest = DecisionKey::default();
+        // NUL cannot start a Cedar type name, the first field of Check keys.
+        digest.field(b"\0portcullis.direct.v1");
+        digest.field(token.principal_type.as_bytes());
+        digest.field(token.principal_id.as_bytes());
+        let mut roles: Vec<&str> = token.roles.iter().map(String::as_str).collect();
+        roles.sort_unstable();
+        roles.dedup();
+        digest.list(roles.iter().map(|r| r.as_bytes()));
+        digest.field(canonical_json(&token_json(token)).as_bytes());
+        digest.option(
+            self.direct_workload(token, &request.action)
+                .map(str::as_bytes),
+        );
+        digest.field(request.action.as_bytes());
+        digest.field(canonical_json(&request.resource.to_json()).as_bytes());
+        digest.field(canonical_json(&Value::Object(request.context.clone())).as_bytes());
+        digest.list(
+            request
+                .entities
+                .iter()
+                .map(|e| canonical_json(&e.to_json()).into_bytes())
+                .collect::<Vec<_>>()
+                .iter()
+                .map(Vec::as_slice),
+        );
+        digest.finish()
+    }
+
+    /// The workload identity a direct request's context carries: the
+    /// credential's own SPIFFE ID, for actions whose context declares it.
+    fn direct_workload<'a>(&self, token: &'a VerifiedToken, action: &str) -> Option<&'a str> {
+        (token.credential == crate::authn::CredentialKind::Workload
+            && self.workload_actions.contains(action))
+        .then_some(token.principal_id.as_str())
+    }
+
+    /// Builds the schema-validated Cedar request of an explicit question from
+    /// a service (`IsAuthorized`): the principal and its parents come from the
+    /// verified token exactly as in [`CedarMapping::build`]; the action, the
+    /// resource (with its attributes and parents), the context and any extra
+    /// entities come from the request and are all validated against the
+    /// schema. `context.token` (and `context.workload` where the action
+    /// declares it) is set from the credential, never by the caller.
+    ///
+    /// Errors name the offending field of the request ([`DirectError::Invalid`]),
+    /// except a principal the schema does not accept for the action, which is
+    /// the credential's doing and denied as for `Check`
+    /// ([`DirectError::Principal`]).
+    pub fn build_direct(
+        &self,
+        store: &PolicyStore,
+        token: &VerifiedToken,
+        request: &DirectRequest,
+    ) -> Result<CedarInput, DirectError> {
+        let schema = &store.schema;
+        let action = self.action(&request.action);
+        if !schema.actions().any(|a| a == &action) {
+            return Err(invalid(
+                "action",
+                format!("action {:?} is not declared in the schema", request.action),
+            ));
+        }
+        let resource_type = schema_type(schema, &request.resource.entity_type)
+            .map_err(|m| invalid("resource.type", m))?;
+        let applies: Vec<String> = schema
+            .resources_for_action(&action)
+            .map(|types| types.map(ToString::to_string).collect())
+            .unwrap_or_default();
+        if !applies.contains(&resource_type.to_string()) {
+            return Err(invalid(
+                "resource.type",
+                format!(
+                    "action {:?} does not apply to resources of type {:?} (it applies to: {})",
+                    request.action,
+                    request.resource.entity_type,
+                    applies.join(", ")
+                ),
+            ));
+        }
+        let resource =
+            EntityUid::from_type_name_and_id(resource_type, EntityId::new(&request.resource.id));
+
+        // The principal: as for Check, a type the action does not accept, or
+        // roles on a type without Role parents, is a deny, not a bad request.
+        let principal = self.principal(token).map_err(DirectError::Principal)?;
+        let principal_ok = schema
+            .principals_for_action(&action)
+            .is_some_and(|mut types| types.any(|t| t == principal.type_name()));
+        if !principal_ok {
+            return Err(DirectError::Principal(MappingError::Request(format!(
+                "action {:?} does not apply to {} principals",
+                request.action, token.principal_type
+            ))));
+        }
+        if !token.roles.is_empty()
+            && !schema
+                .ancestors(principal.type_name())
+                .is_some_and(|mut types| types.any(|t| t == &self.role_type))
+        {
+            return Err(DirectError::Principal(MappingError::Request(format!(
+                "{} principals have no Role parents in the schema",
+                token.principal_type
+            ))));
+        }
+        let mut added = self
+            .principal_entities(store, token, &principal)
+            .map_err(DirectError::Principal)?;
+        // Entities the caller may not define: the principal and its roles (they
+        // come from the credential), and whatever the policy folder defines.
+        let mut reserved: HashSet<EntityUid> = self.role_uids(token);
+        reserved.insert(principal.clone());
+
+        let resource_has_data =
+            !request.resource.attributes.is_empty() || !request.resource.parents.is_empty();
+        if reserved.contains(&resource) || store.entities.get(&resource).is_some() {
+            if resource_has_data {
+                return Err(invalid(
+                    "resource",
+                    format!(
+                        "{resource} is defined by the credential or the policy folder; send only its type and id"
+                    ),
+                ));
+            }
+        } else {
+            let entity = Entity::from_json_value(request.resource.to_json(), Some(schema))
+                .map_err(|e| invalid("resource", e.to_string()))?;
+            added.push(entity);
+        }
+        reserved.insert(resource.clone());
+
+        for (i, extra) in request.entities.iter().enumerate() {
+            let field = format!("entities[{i}]");
+            let ty = schema_type(schema, &extra.entity_type)
+                .map_err(|m| invalid(&format!("{field}.type"), m))?;
+            let uid = EntityUid::from_type_name_and_id(ty, EntityId::new(&extra.id));
+            if reserved.contains(&uid) || store.entities.get(&uid).is_some() {
+                return Err(invalid(
+                    &field,
+                    format!(
+                        "{uid} may not be sent: it is the principal, one of its roles, the resource, or defined by the policy folder"
+                    ),
+                ));
+            }
+            let entity = Entity::from_json_value(extra.to_json(), Some(schema))
+                .map_err(|e| invalid(&field, e.to_string()))?;
+            reserved.insert(uid);
+            added.push(entity);
+        }
+        let entities = store
+            .entities
+            .clone()
+            .upsert_entities(added, Some(schema))
+            .map_err(|e| invalid("entities", e.to_string()))?;
+
+        let mut context = request.context.clone();
+        for reserved_key in ["token", "workload"] {
+            if context.contains_key(reserved_key) {
+                return Err(invalid(
+                    &format!("context.{reserved_key}"),
+                    "is set by Portcullis from the verified credential".into(),
+                ));
+            }
+        }
+        context.insert("token".into(), token_json(token));
+        if let Some(workload) = self.direct_workload(token, &request.action) {
+            context.insert("workload".into(), Value::String(workload.to_owned()));
+        }
+        let context = Context::from_json_value(Value::Object(context), Some((schema, &action)))
+            .map_err(|e| invalid("context", e.to_string()))?;
+        let request = Request::new(
+            principal.clone(),
+            action.clone(),
+            resource.clone(),
+            context,
+            Some(schema),
+        )
+        .map_err(|e| match e {
+            // Cedar's message prints the whole context, `token` included: say
+            // what is wrong without echoing it.
+            RequestValidationError::InvalidContext(_)
+            | RequestValidationError::TypeOfContext(_) => invalid(
+                "context",
+                format!(
+                    "does not match the context type of {action} in the schema (check the attribute names and types)"
+                ),
+            ),
+            RequestValidationError::UndeclaredResourceType(_)
+            | RequestValidationError::InvalidResourceType(_)
+            | RequestValidationError::InvalidEnumEntity(_) => invalid("resource", e.to_string()),
+            RequestValidationError::UndeclaredAction(_)
+            | RequestValidationError::ExternalAction(_) => invalid("action", e.to_string()),
+            _ => DirectError::Principal(MappingError::Request(e.to_string())),
+        })?;
+        Ok(CedarInput {
+            request,
+            entities,
+            principal,
+            action,
+            resource,
+        })
+    }
+}
+
+/// An explicit authorization question from a service: "may the credential's
+/// principal do `action` on `resource`?" (the `IsAuthorized` call).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DirectRequest {
+    /// The action id, e.g. `get /orders/{id}` (of type `Action`).
+    pub action: String,
+    /// The resource, with its attributes and parents.
+    pub resource: DirectEntity,
+    /// The context, except `token` and `workload`, which Portcullis sets.
+    pub context: serde_json::Map<String, Value>,
+    /// Further entities the policies may read (e.g. the resource's parents).
+    pub entities: Vec<DirectEntity>,
+}
+
+/// An entity as a service describes it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DirectEntity {
+    /// Entity type, e.g. `Application` or `Orders::Order`.
+    pub entity_type: String,
+    /// Entity id.
+    pub id: String,
+    /// Attributes, in Cedar's JSON entity format (extension values and entity
+    /// references may be written implicitly: the schema tells their type).
+    pub attributes: serde_json::Map<String, Value>,
+    /// Parents, as (type, id).
+    pub parents: Vec<(String, String)>,
+}
+
+impl DirectEntity {
+    /// Cedar's JSON entity format: `{"uid":..., "attrs":..., "parents":[...]}`.
+    pub fn to_json(&self) -> Value {
+        serde_json::json!({
+            "uid": { "type": self.entity_type, "id": self.id },
+            "attrs": Value::Object(self.attributes.clone()),
+            "parents": self
+                .parents
+                .iter()
+                .map(|(ty, id)| serde_json::json!({ "type": ty, "id": id }))
+                .collect::<Vec<_>>(),
+        })
+    }
+}
+
+/// Why a direct request cannot be evaluated.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum DirectError {
+    /// A field of the request is wrong: the caller's mistake. `field` is the
+    /// path of the field in the request, e.g. `resource.type`.
+    #[error("{field}: {message}")]
+    Invalid {
+        /// The offending field, e.g. `context` or `entities[2].type`.
+        field: String,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// The credential's principal does not fit the action in the schema: a
+    /// deny (`schema_mismatch`), as for `Check`.
+    #[error(transparent)]
+    Principal(MappingError),
+}
+
+fn invalid(field: &str, message: String) -> DirectError {
+    DirectError::Invalid {
+        field: field.to_owned(),
+        message,
+    }
+}
+
+/// An entity type named by a request: well-formed and declared in the schema.
+fn schema_type(schema: &cedar_policy::Schema, name: &str) -> Result<EntityTypeName, String> {
+    if name.is_empty() {
+        return Err("is required".into());
+    }
+    let ty = EntityTypeName::from_str(name)
+        .map_err(|_| format!("{name:?} is not a valid entity type name"))?;
+    if schema.entity_types().any(|t| t == &ty) {
+        Ok(ty)
+    } else {
+        Err(format!("entity type {name:?} is not in the schema"))
+    }
+}
+
+/// `context.token` of a direct request, as [`context_pairs`] builds it for Check.
+fn token_json(token: &VerifiedToken) -> Value {
+    let mut record = serde_json::json!({
+        "iss": token.issuer,
+        "iat": token.issued_at,
+        "exp": token.expires_at,
+        "scopes": token.scopes,
+    });
+    if let Some(map) = record.as_object_mut() {
+        if let Some(jti) = &token.jti {
+            map.insert("jti".into(), Value::String(jti.clone()));
+        }
+        if let Some(client_id) = &token.client_id {
+            map.insert("client_id".into(), Value::String(client_id.clone()));
+        }
+    }
+    record
+}
+
+/// JSON with object keys sorted at every level, so equal values hash equally
+/// whatever order the caller (or serde_json's map type) put the keys in.
+fn canonical_json(value: &Value) -> String {
+    fn write(value: &Value, out: &mut String) {
+        match value {
+            Value::Object(map) => {
+                let mut entries: Vec<(&String, &Value)> = map.iter().collect();
+                entries.sort_by(|a, b| a.0.cmp(b.0));
+                out.push('{');
+                for (i, (key, item)) in entries.into_iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    out.push_str(&Value::String(key.clone()).to_string());
+                    out.push(':');
+                    write(item, out);
+                }
+                out.push('}');
+            }
+            Value::Array(items) => {
+                out.push('[');
+                for (i, item) in items.iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    write(item, out);
+                }
+                out.push(']');
+            }
+            scalar => out.push_str(&scalar.to_string()),
+        }
+    }
+    let mut out = String::new();
+    write(value, &mut out);
+    out
 }
 
 /// Unambiguous hashing: every field is length-prefixed.
@@ -400,4 +772,22 @@ fn context_pairs(
         pairs.push(("workload".to_owned(), string(workload)));
     }
     Ok(pairs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn canonical_json_sorts_keys_at_every_level() {
+        let a: Value =
+            serde_json::from_str(r#"{"b":1,"a":{"y":[2,{"d":1,"c":2}],"x":"s"}}"#).unwrap();
+        let b: Value =
+            serde_json::from_str(r#"{"a":{"x":"s","y":[2,{"c":2,"d":1}]},"b":1}"#).unwrap();
+        assert_eq!(canonical_json(&a), canonical_json(&b));
+        assert_eq!(
+            canonical_json(&a),
+            r#"{"a":{"x":"s","y":[2,{"c":2,"d":1}]},"b":1}"#
+        );
+    }
 }

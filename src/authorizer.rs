@@ -1,0 +1,430 @@
+//! The service-facing adapter (`portcullis.v1.Authorizer`): `IsAuthorized` and
+//! `BatchIsAuthorized` to the engine's direct requests, [`Decision`] to their
+//! responses. With [`crate::ext_authz`], the only module that knows
+//! `tonic::Status`.
+//!
+//! Both calls run the same pipeline as `Check`: the credential stage
+//! ([`Engine::authenticate_credential`]: token rules, verified-token cache,
+//! revocation) once per call, then the evaluation stage
+//! ([`Engine::decide_direct`]: decision cache, Cedar) per request, and one
+//! audit line per decision.
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use prost_types::value::Kind;
+use serde_json::Value;
+use tonic::{Request, Response, Status};
+
+use crate::authn::credential::PresentedCredential;
+use crate::authz::mapping::{DirectEntity, DirectError, DirectRequest};
+use crate::decision::Decision;
+use crate::engine::Engine;
+use crate::server::ServerState;
+
+/// The generated `portcullis.v1` types, client and server.
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
+pub mod pb {
+    tonic::include_proto!("portcullis.v1");
+
+    /// Encoded descriptors of the Authorizer API, for reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/authorizer_descriptor.bin"));
+}
+
+use pb::authorizer_server::Authorizer;
+
+/// The fully qualified service name, as health and reflection report it.
+pub const AUTHORIZER_SERVICE: &str = "portcullis.v1.Authorizer";
+
+/// Most requests one `BatchIsAuthorized` call may carry.
+pub const MAX_BATCH: usize = 100;
+
+/// The audit line's `method` for decisions of a batch.
+pub const BATCH_METHOD: &str = "BatchIsAuthorized";
+
+/// A request field the adapter could not turn into a direct request.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct FieldError {
+    /// Path of the field, e.g. `requests[3].context_json`.
+    pub field: String,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+impl FieldError {
+    fn new(field: impl Into<String>, message: impl Into<String>) -> FieldError {
+        FieldError {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+
+    fn within(self, prefix: &str) -> FieldError {
+        FieldError {
+            field: format!("{prefix}{}", self.field),
+            message: self.message,
+        }
+    }
+}
+
+impl From<FieldError> for Status {
+    fn from(e: FieldError) -> Status {
+        Status::invalid_argument(e.to_string())
+    }
+}
+
+fn direct_error(e: DirectError, prefix: &str) -> Status {
+    match e {
+        DirectError::Invalid { field, message } => {
+            Status::invalid_argument(format!("{prefix}{field}: {message}"))
+        }
+        // decide_direct turns these into denies; here only for completeness.
+        DirectError::Principal(e) => Status::invalid_argument(format!("{prefix}credential: {e}")),
+    }
+}
+
+/// The `portcullis.v1.Authorizer` service.
+#[derive(Debug, Clone)]
+pub struct AuthorizerService {
+    state: Arc<ServerState>,
+}
+
+impl AuthorizerService {
+    /// A service deciding with the engine installed in `state`.
+    pub fn new(state: Arc<ServerState>) -> AuthorizerService {
+        AuthorizerService { state }
+    }
+
+    fn engine(&self) -> Result<Arc<Engine>, Status> {
+        // Fail closed before policies and keys load, as Check does (503).
+        self.state
+            .engine()
+            .ok_or_else(|| Status::unavailable("policies and keys are not loaded yet"))
+    }
+
+    /// Accounts for one decision exactly as `Check` does: the audit line (and,
+    /// once it exists, metrics and span through the same call).
+    fn account(&self, decision: &Decision) {
+        self.state.audit().record(
+            decision,
+            crate::ext_authz::http_status(decision.effective_verdict()),
+        );
+        tracing::debug!(
+            decision_id = %decision.id,
+            outcome = decision.verdict.class(),
+            principal = decision.principal.as_deref().unwrap_or(""),
+            action = decision.action.as_deref().unwrap_or(""),
+            method = %decision.method,
+            "is_authorized"
+        );
+    }
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or_default()
+}
+
+#[tonic::async_trait]
+impl Authorizer for AuthorizerService {
+    async fn is_authorized(
+        &self,
+        request: Request<pb::IsAuthorizedRequest>,
+    ) -> Result<Response<pb::IsAuthorizedResponse>, Status> {
+        let request = request.into_inner();
+        let direct = direct_request(
+            request.action,
+            request.resource,
+            request.context_kind.map(|c| match c {
+                pb::is_authorized_request::ContextKind::Context(s) => ContextInput::Struct(s),
+                pb::is_authorized_request::ContextKind::ContextJson(j) => ContextInput::Json(j),
+            }),
+            request.entities,
+        )?;
+        let engine = self.engine()?;
+        let authentication = engine
+            .authenticate_credential(presented(request.credential.as_ref()), unix_now())
+            .await;
+        let decision = engine
+            .decide_direct(&authentication, &direct)
+            .map_err(|e| direct_error(e, ""))?;
+        self.account(&decision);
+        Ok(Response::new(response(&decision)))
+    }
+
+    async fn batch_is_authorized(
+        &self,
+        request: Request<pb::BatchIsAuthorizedRequest>,
+    ) -> Result<Response<pb::BatchIsAuthorizedResponse>, Status> {
+        let request = request.into_inner();
+        if request.requests.is_empty() || request.requests.len() > MAX_BATCH {
+            return Err(FieldError::new(
+                "requests",
+                format!(
+                    "between 1 and {MAX_BATCH} requests are allowed, got {}",
+                    request.requests.len()
+                ),
+            )
+            .into());
+        }
+        let mut directs = Vec::with_capacity(request.requests.len());
+        for (i, item) in request.requests.into_iter().enumerate() {
+            let direct = direct_request(
+                item.action,
+                item.resource,
+                item.context_kind.map(|c| match c {
+                    pb::authorization_request::ContextKind::Context(s) => ContextInput::Struct(s),
+                    pb::authorization_request::ContextKind::ContextJson(j) => ContextInput::Json(j),
+                }),
+                item.entities,
+            )
+            .map_err(|e| e.within(&format!("requests[{i}].")))?;
+            directs.push(direct);
+        }
+        let engine = self.engine()?;
+        // The credential stage runs once for the whole batch.
+        let authentication = engine
+            .authenticate_credential(presented(request.credential.as_ref()), unix_now())
+            .await;
+        // Decide every request before accounting for any: an invalid one fails
+        // the call whole, and no audit line claims a decision nobody received.
+        let mut decisions = Vec::with_capacity(directs.len());
+        for (i, direct) in directs.iter().enumerate() {
+            let mut decision = engine
+                .decide_direct(&authentication, direct)
+                .map_err(|e| direct_error(e, &format!("requests[{i}].")))?;
+            decision.method = BATCH_METHOD.to_owned();
+            decisions.push(decision);
+        }
+        for decision in &decisions {
+            self.account(decision);
+        }
+        Ok(Response::new(pb::BatchIsAuthorizedResponse {
+            results: decisions.iter().map(response).collect(),
+        }))
+    }
+}
+
+/// The credential as the engine takes it; an empty value is no credential.
+fn presented(credential: Option<&pb::Credential>) -> PresentedCredential<'_> {
+    use pb::credential::Kind as C;
+    match credential.and_then(|c| c.kind.as_ref()) {
+        Some(C::AccessToken(t)) if !t.trim().is_empty() => PresentedCredential::Bearer(t.trim()),
+        Some(C::ApiKey(k)) if !k.trim().is_empty() => PresentedCredential::ApiKey(k.trim()),
+        Some(C::WorkloadIdentity(w)) if !w.trim().is_empty() => {
+            PresentedCredential::Workload(w.trim())
+        }
+        _ => PresentedCredential::None,
+    }
+}
+
+/// The decision as the service receives it.
+pub fn response(decision: &Decision) -> pb::IsAuthorizedResponse {
+    let verdict = decision.effective_verdict();
+    pb::IsAuthorizedResponse {
+        decision: if verdict.is_allow() {
+            pb::Decision::Allow
+        } else {
+            pb::Decision::Deny
+        } as i32,
+        determining_policies: decision.policies.clone(),
+        errors: decision.errors.clone(),
+        decision_id: decision.id.clone(),
+        reason: decision.verdict.class().to_owned(),
+        principal: decision.principal.clone().unwrap_or_default(),
+        dry_run: decision.dry_run,
+    }
+}
+
+/// A context as sent: a `Struct` or JSON text.
+#[derive(Debug)]
+pub enum ContextInput {
+    /// `google.protobuf.Struct`.
+    Struct(prost_types::Struct),
+    /// JSON text.
+    Json(String),
+}
+
+/// Turns the fields of one request into the engine's [`DirectRequest`];
+/// anything structurally wrong is a [`FieldError`] naming the field. (Whether
+/// it fits the schema is the engine's check.)
+pub fn direct_request(
+    action: String,
+    resource: Option<pb::Entity>,
+    context: Option<ContextInput>,
+    entities: Vec<pb::Entity>,
+) -> Result<DirectRequest, FieldError> {
+    if action.is_empty() {
+        return Err(FieldError::new("action", "is required"));
+    }
+    let resource = resource.ok_or_else(|| FieldError::new("resource", "is required"))?;
+    let resource = entity(resource).map_err(|e| e.within("resource."))?;
+    let context = match context {
+        None => serde_json::Map::new(),
+        Some(ContextInput::Struct(s)) => {
+            struct_to_json(&s).map_err(|e| FieldError::new(format!("context{}", e.0), e.1))?
+        }
+        Some(ContextInput::Json(text)) => match serde_json::from_str::<Value>(&text) {
+            Ok(Value::Object(map)) => map,
+            Ok(_) => return Err(FieldError::new("context_json", "is not a JSON object")),
+            Err(e) => {
+                return Err(FieldError::new(
+                    "context_json",
+                    format!("is not valid JSON: {e}"),
+                ));
+            }
+        },
+    };
+    let entities = entities
+        .into_iter()
+        .enumerate()
+        .map(|(i, e)| entity(e).map_err(|e| e.within(&format!("entities[{i}]."))))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(DirectRequest {
+        action,
+        resource,
+        context,
+        entities,
+    })
+}
+
+fn entity(e: pb::Entity) -> Result<DirectEntity, FieldError> {
+    if e.r#type.is_empty() {
+        return Err(FieldError::new("type", "is required"));
+    }
+    if e.id.is_empty() {
+        return Err(FieldError::new("id", "is required"));
+    }
+    let attributes = match &e.attributes {
+        Some(s) => struct_to_json(s)
+            .map_err(|err| FieldError::new(format!("attributes{}", err.0), err.1))?,
+        None => serde_json::Map::new(),
+    };
+    let mut parents = Vec::with_capacity(e.parents.len());
+    for (i, p) in e.parents.into_iter().enumerate() {
+        if p.r#type.is_empty() || p.id.is_empty() {
+            return Err(FieldError::new(
+                format!("parents[{i}]"),
+                "type and id are required",
+            ));
+        }
+        parents.push((p.r#type, p.id));
+    }
+    Ok(DirectEntity {
+        entity_type: e.r#type,
+        id: e.id,
+        attributes,
+        parents,
+    })
+}
+
+/// A `Struct` as a JSON object. Whole numbers become integers (Cedar has
+/// Longs, not floats); an error carries the path below the struct.
+fn struct_to_json(
+    s: &prost_types::Struct,
+) -> Result<serde_json::Map<String, Value>, (String, String)> {
+    s.fields
+        .iter()
+        .map(|(k, v)| {
+            value_to_json(v)
+                .map(|json| (k.clone(), json))
+                .map_err(|(path, m)| (format!(".{k}{path}"), m))
+        })
+        .collect()
+}
+
+fn value_to_json(v: &prost_types::Value) -> Result<Value, (String, String)> {
+    Ok(match &v.kind {
+        None | Some(Kind::NullValue(_)) => Value::Null,
+        Some(Kind::BoolValue(b)) => Value::Bool(*b),
+        Some(Kind::StringValue(s)) => Value::String(s.clone()),
+        Some(Kind::NumberValue(n)) => {
+            // 2^53: beyond it a double no longer holds every integer exactly.
+            const EXACT: f64 = 9_007_199_254_740_992.0;
+            if n.is_finite() && n.fract() == 0.0 && n.abs() <= EXACT {
+                Value::from(*n as i64)
+            } else if let Some(number) = serde_json::Number::from_f64(*n) {
+                Value::Number(number)
+            } else {
+                return Err((String::new(), "is not a finite number".into()));
+            }
+        }
+        Some(Kind::StructValue(s)) => Value::Object(struct_to_json(s)?),
+        Some(Kind::ListValue(l)) => Value::Array(
+            l.values
+                .iter()
+                .enumerate()
+                .map(|(i, v)| value_to_json(v).map_err(|(p, m)| (format!("[{i}]{p}"), m)))
+                .collect::<Result<_, _>>()?,
+        ),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn number(n: f64) -> prost_types::Value {
+        prost_types::Value {
+            kind: Some(Kind::NumberValue(n)),
+        }
+    }
+
+    #[test]
+    fn whole_numbers_become_integers_and_errors_name_the_field() {
+        let mut s = prost_types::Struct::default();
+        s.fields.insert("n".into(), number(42.0));
+        s.fields.insert("f".into(), number(1.5));
+        let json = struct_to_json(&s).unwrap();
+        assert_eq!(json["n"], Value::from(42i64));
+        assert!(json["f"].is_f64());
+        s.fields.insert("bad".into(), number(f64::NAN));
+        assert_eq!(
+            struct_to_json(&s).unwrap_err(),
+            (".bad".to_owned(), "is not a finite number".to_owned())
+        );
+    }
+
+    #[test]
+    fn structural_errors_name_the_field() {
+        let err = direct_request("".into(), None, None, vec![]).unwrap_err();
+        assert_eq!(err.field, "action");
+        let err = direct_request("a".into(), None, None, vec![]).unwrap_err();
+        assert_eq!(err.field, "resource");
+        let resource = pb::Entity {
+            r#type: "Application".into(),
+            id: "orders".into(),
+            ..Default::default()
+        };
+        let err = direct_request(
+            "a".into(),
+            Some(resource.clone()),
+            Some(ContextInput::Json("[1]".into())),
+            vec![],
+        )
+        .unwrap_err();
+        assert_eq!(err.field, "context_json");
+        let err = direct_request(
+            "a".into(),
+            Some(resource),
+            None,
+            vec![pb::Entity::default()],
+        )
+        .unwrap_err();
+        assert_eq!(err.to_string(), "entities[0].type: is required");
+    }
+
+    #[test]
+    fn credentials_are_never_printed() {
+        let c = pb::Credential {
+            kind: Some(pb::credential::Kind::AccessToken(
+                "secret.token.value".into(),
+            )),
+        };
+        assert!(!format!("{:?}", presented(Some(&c))).contains("secret"));
+    }
+}
