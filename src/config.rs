@@ -76,6 +76,55 @@ pub struct Config {
     /// Verified-token and decision caches.
     #[serde(default)]
     pub cache: CacheConfig,
+    /// Traces (OTLP) and metrics (Prometheus); both off by default.
+    #[serde(default)]
+    pub telemetry: TelemetryConfig,
+}
+
+/// `[telemetry]`: OpenTelemetry trace export and the Prometheus endpoint.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// OTLP/gRPC collector URL (e.g. `http://127.0.0.1:4317`); unset exports no span.
+    #[serde(default)]
+    pub otlp_endpoint: Option<String>,
+    /// The `service.name` resource attribute of exported spans.
+    #[serde(default = "default_service_name")]
+    pub service_name: String,
+    /// Further resource attributes (`deployment.environment`, `service.namespace`, ...).
+    #[serde(default)]
+    pub resource_attributes: std::collections::BTreeMap<String, String>,
+    /// Fraction of new traces sampled (0.0 to 1.0); a caller's sampling decision,
+    /// carried in `traceparent`, is followed (parent-based).
+    #[serde(default = "default_sampling_ratio")]
+    pub sampling_ratio: f64,
+    /// Address of the plain-HTTP Prometheus endpoint (`GET /metrics`); unset is off.
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Application log format when `--log-format` is not given: `plain` or `json`.
+    #[serde(default)]
+    pub log_format: Option<String>,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self {
+            otlp_endpoint: None,
+            service_name: default_service_name(),
+            resource_attributes: Default::default(),
+            sampling_ratio: default_sampling_ratio(),
+            metrics_listen: None,
+            log_format: None,
+        }
+    }
+}
+
+fn default_service_name() -> String {
+    "portcullis".to_owned()
+}
+
+fn default_sampling_ratio() -> f64 {
+    1.0
 }
 
 /// `[cache]`: the verified-token and decision caches.
@@ -908,7 +957,42 @@ impl Config {
                 ));
             }
         }
-        Ok(())
+        self.telemetry.check(&self.server.listen)
+    }
+}
+
+impl TelemetryConfig {
+    fn check(&self, grpc_listen: &SocketAddr) -> Result<(), String> {
+        if !(0.0..=1.0).contains(&self.sampling_ratio) {
+            return Err(format!(
+                "telemetry.sampling_ratio must be between 0.0 and 1.0, found {}",
+                self.sampling_ratio
+            ));
+        }
+        if self.service_name.is_empty() {
+            return Err("telemetry.service_name must not be empty".into());
+        }
+        if let Some(endpoint) = &self.otlp_endpoint
+            && !(endpoint.starts_with("http://") || endpoint.starts_with("https://"))
+        {
+            return Err(format!(
+                "telemetry.otlp_endpoint must be an http:// or https:// URL, found {endpoint:?}"
+            ));
+        }
+        if let Some(metrics) = &self.metrics_listen
+            && metrics == grpc_listen
+            && metrics.port() != 0
+        {
+            return Err(format!(
+                "telemetry.metrics_listen must differ from server.listen, both are {metrics}"
+            ));
+        }
+        match self.log_format.as_deref() {
+            None | Some("plain") | Some("json") => Ok(()),
+            Some(other) => Err(format!(
+                "telemetry.log_format must be \"plain\" or \"json\", found {other:?}"
+            )),
+        }
     }
 }
 
