@@ -1079,6 +1079,35 @@ path = "/orders/{id}"
     }
 
     #[test]
+    fn telemetry_section() {
+        let off = parse(MINIMAL).unwrap().telemetry;
+        assert!(off.otlp_endpoint.is_none() && off.metrics_listen.is_none());
+        assert_eq!(off.service_name, "portcullis");
+        assert_eq!(off.sampling_ratio, 1.0);
+        let on = parse(&format!(
+            "{MINIMAL}\n[telemetry]\notlp_endpoint = \"http://127.0.0.1:4317\"\nservice_name = \"authz\"\nresource_attributes = {{ \"deployment.environment\" = \"prod\" }}\nsampling_ratio = 0.25\nmetrics_listen = \"127.0.0.1:9464\"\nlog_format = \"json\"\n"
+        ))
+        .unwrap()
+        .telemetry;
+        assert_eq!(on.otlp_endpoint.as_deref(), Some("http://127.0.0.1:4317"));
+        assert_eq!(on.resource_attributes["deployment.environment"], "prod");
+        assert_eq!(on.sampling_ratio, 0.25);
+        assert_eq!(on.metrics_listen.unwrap().port(), 9464);
+        for (bad, expected) in [
+            ("sampling_ratio = 1.5", "sampling_ratio"),
+            ("otlp_endpoint = \"127.0.0.1:4317\"", "otlp_endpoint"),
+            ("log_format = \"xml\"", "log_format"),
+            ("metrics_listen = \"127.0.0.1:9191\"", "metrics_listen"),
+            ("otlp_endpiont = \"http://x\"", "otlp_endpiont"),
+        ] {
+            let err = parse(&format!("{MINIMAL}\n[telemetry]\n{bad}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(expected), "{bad}: {err}");
+        }
+    }
+
+    #[test]
     fn unknown_keys_are_rejected() {
         let text = MINIMAL.replace("name = \"orders\"", "name = \"orders\"\ncolour = \"red\"");
         let err = parse(&text).unwrap_err().to_string();

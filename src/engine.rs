@@ -591,7 +591,7 @@ impl Engine {
             .caches_decisions()
             .then(|| self.mapping.decision_key(token, facts));
         if let Some(key) = &key {
-            let lookup = tracing::info_span!("cache_lookup", cache = "decision", hit = Empty);
+            let lookup = tracing::debug_span!("cache_lookup", cache = "decision", hit = Empty);
             let hit = lookup.in_scope(|| self.caches.decision(key));
             lookup.record("hit", hit.is_some());
             // On the request's span (the caller of `run`), for its attributes.
@@ -600,7 +600,7 @@ impl Engine {
                 return Ok(hit);
             }
         }
-        let evaluation = tracing::info_span!("evaluate_policies", allowed = Empty);
+        let evaluation = tracing::debug_span!("evaluate_policies", allowed = Empty);
         let outcome = evaluation.in_scope(|| {
             let input = self
                 .mapping
@@ -617,7 +617,7 @@ impl Engine {
     /// JWT verification through the verified-token cache.
     async fn verify_jwt(&self, token: &str, now: i64) -> Result<VerifiedToken, TokenError> {
         let digest = token_digest(token);
-        let lookup = tracing::info_span!("cache_lookup", cache = "token", hit = Empty);
+        let lookup = tracing::debug_span!("cache_lookup", cache = "token", hit = Empty);
         let hit = lookup.in_scope(|| {
             self.caches
                 .token(&digest, now, |iss| self.issuers.key_generation(iss))
@@ -631,7 +631,7 @@ impl Engine {
         let (verified, window) = self
             .issuers
             .verify_with_window(token, now)
-            .instrument(tracing::info_span!("verify_token", credential = "jwt"))
+            .instrument(tracing::debug_span!("verify_token", credential = "jwt"))
             .await?;
         self.caches.remember_token(
             digest,
@@ -651,7 +651,7 @@ impl Engine {
     }
 
     fn verify_api_key(&self, key: &str, now: i64) -> Result<VerifiedToken, TokenError> {
-        let _span = tracing::info_span!("verify_token", credential = "api_key").entered();
+        let _span = tracing::debug_span!("verify_token", credential = "api_key").entered();
         let Some(api_keys) = &self.api_keys else {
             return Err(TokenError::UnknownApiKey);
         };

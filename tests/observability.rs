@@ -7,6 +7,8 @@
 //! in-process.
 
 mod common;
+#[path = "common/redis.rs"]
+mod redis_harness;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -117,6 +119,7 @@ fn attribute(span: &Span, key: &str) -> Option<String> {
 struct Served {
     child: Option<Child>,
     metrics: Option<SocketAddr>,
+    admin: Option<SocketAddr>,
     client: Option<AuthorizationClient<Channel>>,
     logs: Arc<Mutex<Vec<Value>>>,
 }
@@ -124,9 +127,14 @@ struct Served {
 impl Served {
     /// Starts `portcullis serve` on `fx` with JSON logs, waits until SERVING.
     async fn start(fx: &Fixture, env: &[(&str, &str)]) -> Served {
+        Self::start_config(&fx.config_path(), env).await
+    }
+
+    /// The same with the configuration file `config`.
+    async fn start_config(config: &std::path::Path, env: &[(&str, &str)]) -> Served {
         let mut command = Command::new(env!("CARGO_BIN_EXE_portcullis"));
         command
-            .args(["serve", "--config", &path_arg(&fx.config_path())])
+            .args(["serve", "--config", &path_arg(config)])
             .args(["--log-format", "json"])
             .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
             .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
@@ -181,9 +189,11 @@ impl Served {
         }
         // Logged before the engine loads, so before SERVING.
         let metrics = addr_logged("metrics endpoint listening");
+        let admin = addr_logged("admin API listening");
         Served {
             child: Some(child),
             metrics,
+            admin,
             client: Some(AuthorizationClient::new(channel)),
             logs,
         }
@@ -837,4 +847,115 @@ async fn audit_line_of_an_allow_and_of_each_deny_class() {
         !text.contains(&"A".repeat(86)),
         "forged signature in the audit log"
     );
+}
+
+/// Shared revocations: the revoking instance counts a local revocation, the
+/// other one a revocation received from Redis with its propagation lag, and
+/// both report the Redis link, which drops to 0 when Redis goes away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocation_and_redis_metrics() {
+    const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
+    let mut redis = redis_harness::RedisServer::start();
+    let fx = Fixture::new();
+    let base = std::fs::read_to_string(fx.config_path()).unwrap();
+    let mut instances = Vec::new();
+    for name in ["a", "b"] {
+        let path = fx.path(&format!("{name}.toml"));
+        std::fs::write(
+            &path,
+            format!(
+                "{base}\n[audit]\nfile = \"{name}.audit.log\"\n\n[revocation]\ndata_dir = \"data-{name}\"\nredis_url = \"{}\"\nstartup = \"wait\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"{ADMIN_TOKEN}\"\n\n[telemetry]\nmetrics_listen = \"127.0.0.1:0\"\n",
+                redis.url()
+            ),
+        )
+        .unwrap();
+        instances.push(Served::start_config(&path, &[]).await);
+    }
+    let (a, b) = (&instances[0], &instances[1]);
+    let (a_metrics, b_metrics) = (a.metrics.unwrap(), b.metrics.unwrap());
+    let before = scrape(b_metrics).await;
+    assert_eq!(before.get("portcullis_redis_connected", &[]), Some(1.0));
+    assert_eq!(
+        before.get("portcullis_revocations_in_force", &[]),
+        Some(0.0)
+    );
+    assert_eq!(
+        before.get(
+            "portcullis_revocations_applied_total",
+            &[("source", "redis")]
+        ),
+        Some(0.0)
+    );
+
+    let revoked = portcullis(&[
+        "revoke",
+        "--admin",
+        &a.admin.unwrap().to_string(),
+        "--admin-token",
+        ADMIN_TOKEN,
+        "--jti",
+        "jti-stolen",
+    ]);
+    assert!(revoked.status.success(), "{revoked:?}");
+
+    let mut arrived = None;
+    for _ in 0..200 {
+        let now = scrape(b_metrics).await;
+        if now.value("portcullis_revocations_in_force", &[]) == 1.0 {
+            arrived = Some(now);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let at_b = arrived.expect("the revocation reaches the other instance");
+    assert_eq!(
+        at_b.value(
+            "portcullis_revocations_applied_total",
+            &[("source", "redis")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        at_b.value(
+            "portcullis_revocations_applied_total",
+            &[("source", "local")]
+        ),
+        0.0
+    );
+    assert_eq!(
+        at_b.value("portcullis_revocation_propagation_lag_seconds_count", &[]),
+        1.0
+    );
+    // `created_at` has whole seconds: the lag is under 2 s on one machine.
+    assert!(at_b.value("portcullis_revocation_propagation_lag_seconds_sum", &[]) < 2.0);
+    let at_a = scrape(a_metrics).await;
+    assert_eq!(
+        at_a.value(
+            "portcullis_revocations_applied_total",
+            &[("source", "local")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        at_a.value("portcullis_revocation_propagation_lag_seconds_count", &[]),
+        0.0
+    );
+
+    redis.stop();
+    let mut disconnected = false;
+    for _ in 0..200 {
+        if scrape(b_metrics)
+            .await
+            .get("portcullis_redis_connected", &[])
+            == Some(0.0)
+        {
+            disconnected = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(disconnected, "redis_connected never dropped to 0");
+    for instance in instances {
+        instance.stop().await;
+    }
 }

@@ -112,7 +112,7 @@ impl Introspector {
     }
 
     /// Introspects `token` (served from the cache when fresh).
-    #[tracing::instrument(name = "introspection", skip_all, fields(issuer = %self.issuer, cache_hit = tracing::field::Empty))]
+    #[tracing::instrument(level = "debug", name = "introspection", skip_all, fields(issuer = %self.issuer, cache_hit = tracing::field::Empty))]
     pub async fn introspect(&self, token: &str, now: i64) -> Result<VerifiedToken, TokenError> {
         let digest = token_digest(token);
         if let Some(hit) = self.cache.get(&digest)

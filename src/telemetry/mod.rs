@@ -30,7 +30,7 @@ pub fn init_logging(format: LogFormat) {
 /// inside the Tokio runtime when an endpoint is set.
 ///
 /// `RUST_LOG` sets the log level (default `info`); it does not change which
-/// spans are exported (Portcullis' own, at `info`).
+/// spans are exported (Portcullis' own, down to `debug`).
 pub fn init(
     format: LogFormat,
     telemetry: Option<&TelemetryConfig>,
@@ -41,7 +41,8 @@ pub fn init(
     };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     // Only Portcullis' own spans are exported: not those of h2, hyper or tonic.
-    let otel = otel.with_filter(traces::exported_spans());
+    // Without export there is no layer, so the engine's `debug` spans stay off.
+    let otel = otel.map(|layer| layer.with_filter(traces::exported_spans()));
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         // Colours only on a terminal, not in files or log collectors.

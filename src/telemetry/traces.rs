@@ -19,10 +19,11 @@ use opentelemetry_otlp::WithExportConfig as _;
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{Sampler, SdkTracer, SdkTracerProvider};
+use tracing::Level;
 use tracing::field::Empty;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 use tracing_subscriber::Registry;
-use tracing_subscriber::filter::{LevelFilter, Targets};
+use tracing_subscriber::filter::FilterFn;
 
 use crate::config::TelemetryConfig;
 use crate::decision::{Decision, DenyReason, Verdict};
@@ -30,9 +31,18 @@ use crate::decision::{Decision, DenyReason, Verdict};
 /// The layer that turns `tracing` spans into OpenTelemetry spans.
 pub type OtelLayer = tracing_opentelemetry::OpenTelemetryLayer<Registry, SdkTracer>;
 
-/// Which spans are exported: Portcullis' own, at `info` and above.
-pub fn exported_spans() -> Targets {
-    Targets::new().with_target("portcullis", LevelFilter::INFO)
+/// What the OpenTelemetry layer sees: Portcullis' own spans, down to `debug`
+/// (the engine's stages are `debug` spans, so without export they cost
+/// nothing), and its events at `info` and above (they become span events).
+pub fn exported_spans() -> FilterFn {
+    tracing_subscriber::filter::filter_fn(|meta| {
+        meta.target().starts_with("portcullis")
+            && if meta.is_span() {
+                *meta.level() <= Level::DEBUG
+            } else {
+                *meta.level() <= Level::INFO
+            }
+    })
 }
 
 /// Errors starting trace export.
@@ -281,7 +291,9 @@ impl RequestSpan {
         if let Some(action) = &decision.action {
             span.record("action", action.as_str());
         }
-        span.record("policies", decision.policies.join(",").as_str());
+        if !decision.policies.is_empty() {
+            span.record("policies", decision.policies.join(",").as_str());
+        }
         if let Some(issuer) = &decision.issuer {
             span.record("issuer", issuer.as_str());
         }
@@ -290,7 +302,11 @@ impl RequestSpan {
         }
         span.record("decision_id", decision.id.as_str());
         span.record("http.response.status_code", i64::from(http_status));
-        span.record("policy_generation", decision.policy_generation);
+        // An integer attribute (a u64 would be exported as a string).
+        span.record(
+            "policy_generation",
+            i64::try_from(decision.policy_generation).unwrap_or(i64::MAX),
+        );
         span.record("dry_run", decision.dry_run);
     }
 }
