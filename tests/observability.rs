@@ -10,6 +10,8 @@ mod common;
 #[path = "common/redis.rs"]
 mod redis_harness;
 
+use common::idp::TestIdp;
+
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -958,4 +960,110 @@ async fn revocation_and_redis_metrics() {
     for instance in instances {
         instance.stop().await;
     }
+}
+
+/// A token signed by a key the issuer just published: the key fetch it
+/// triggers is a `jwks_fetch` span under `verify_token` under the Check span,
+/// and the per-issuer key counters move.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_kid_key_fetch_is_traced_and_counted_per_issuer() {
+    let idp = TestIdp::start().await;
+    let (old, new) = (TestKey::es256(), TestKey::es256());
+    let jwks = |keys: &[&TestKey]| serde_json::json!({ "keys": keys.iter().map(|k| k.public_jwk()).collect::<Vec<_>>() });
+    idp.set_jwks(jwks(&[&old]));
+    let (collector, addr) = Collector::start().await;
+    let fx = Fixture::new();
+    fx.append_config(&format!(
+        r#"
+[[issuers]]
+issuer = "{}"
+audiences = ["orders-api"]
+discovery = true
+[issuers.remote]
+ca_file = "{}"
+refresh = "1h"
+refresh_min = "30s"
+
+[audit]
+file = "audit.log"
+
+[telemetry]
+otlp_endpoint = "http://{addr}"
+metrics_listen = "127.0.0.1:0"
+"#,
+        idp.issuer(),
+        idp.ca_file().display()
+    ));
+    let served = Served::start(&fx, &[("OTEL_BSP_SCHEDULE_DELAY", "100")]).await;
+    let metrics = served.metrics.unwrap();
+    let issuer = idp.issuer();
+    let before = scrape(metrics).await;
+    let labels = [("issuer", issuer.as_str())];
+    assert!(before.value("portcullis_jwks_refreshes_total", &labels) >= 1.0);
+    assert_eq!(
+        before.get("portcullis_jwks_unknown_kid_refreshes_total", &labels),
+        Some(0.0)
+    );
+
+    idp.set_jwks(jwks(&[&old, &new]));
+    let mut claims = claims("alice", &["orders:read"], &[]);
+    claims["iss"] = Value::from(issuer.clone());
+    let token = new.sign(&claims);
+    let trace_id = "5ce0e9a56015fec5aadfa328ae398115";
+    let out = served
+        .check(with_metadata(
+            envoy_request("GET", "/orders/7", Some(&token)),
+            "traceparent",
+            &traceparent(trace_id, "ab3a2a3b4c5d6e7f"),
+        ))
+        .await;
+    assert_eq!(out.http_status, 200);
+
+    wait_for("the key fetch span", || {
+        collector
+            .spans()
+            .iter()
+            .any(|s| s.name == "jwks_fetch" && hex::encode(&s.trace_id) == trace_id)
+    })
+    .await;
+    wait_for("the Check span", || {
+        collector
+            .spans()
+            .iter()
+            .any(|s| s.name == "portcullis.check" && hex::encode(&s.trace_id) == trace_id)
+    })
+    .await;
+    let spans = collector.spans();
+    let in_trace = |name: &str| {
+        spans
+            .iter()
+            .find(|s| s.name == name && hex::encode(&s.trace_id) == trace_id)
+            .unwrap_or_else(|| panic!("no {name} span in the trace"))
+    };
+    let (check, verify, fetch) = (
+        in_trace("portcullis.check"),
+        in_trace("verify_token"),
+        in_trace("jwks_fetch"),
+    );
+    assert_eq!(verify.parent_span_id, check.span_id);
+    assert_eq!(fetch.parent_span_id, verify.span_id);
+    assert_eq!(attribute(fetch, "issuer").as_deref(), Some(issuer.as_str()));
+    assert_eq!(attribute(fetch, "ok").as_deref(), Some("true"));
+    assert!(!collector.dump().contains(&token));
+
+    let after = scrape(metrics).await;
+    assert_eq!(
+        after.value("portcullis_jwks_unknown_kid_refreshes_total", &labels),
+        1.0
+    );
+    assert_eq!(
+        after.value("portcullis_jwks_refreshes_total", &labels)
+            - before.value("portcullis_jwks_refreshes_total", &labels),
+        1.0
+    );
+    assert_eq!(
+        after.value("portcullis_jwks_refresh_failures_total", &labels),
+        0.0
+    );
+    served.stop().await;
 }
