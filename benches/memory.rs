@@ -38,12 +38,19 @@ fn main() {
     } else {
         (1_000, 1_000)
     };
+    // PORTCULLIS_BENCH_POLICIES overrides the policy count (to find limits).
+    let policies = std::env::var("PORTCULLIS_BENCH_POLICIES")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(policies);
     let dir = tempfile::tempdir().unwrap();
     let shape = policy_gen::write_folder(dir.path(), policies, 0x3e3);
     let baseline = status_mib("VmRSS:");
     println!("baseline RSS before loading: {baseline:.0} MiB");
 
+    let started = std::time::Instant::now();
     let store = PolicyStore::load(dir.path()).unwrap();
+    println!("load took {:.1} s", started.elapsed().as_secs_f64());
     let loaded = status_mib("VmHWM:");
     println!(
         "{policies} policies ({} entities) loaded, validated and indexed: peak RSS {loaded:.0} MiB ({:+.0} MiB)",

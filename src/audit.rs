@@ -12,6 +12,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde_json::json;
 
 use crate::decision::Decision;
+use crate::telemetry::traces::{TraceIds, failed_check};
 
 /// Where decision lines go.
 pub struct AuditLog {
@@ -40,10 +41,15 @@ impl AuditLog {
         })
     }
 
-    /// Writes the line for `decision`. A failing sink is reported on the
-    /// application log; it never changes the decision.
+    /// Writes the line for `decision`, without trace ids. A failing sink is
+    /// reported on the application log; it never changes the decision.
     pub fn record(&self, decision: &Decision, http_status: u16) {
-        let mut line = audit_line(decision, http_status).to_string();
+        self.record_traced(decision, http_status, &TraceIds::default());
+    }
+
+    /// Writes the line for `decision`, tied to its trace by `trace`.
+    pub fn record_traced(&self, decision: &Decision, http_status: u16, trace: &TraceIds) {
+        let mut line = audit_line(decision, http_status, trace).to_string();
         line.push('\n');
         let result = match self.sink.lock() {
             Ok(mut sink) => sink.write_all(line.as_bytes()),
@@ -55,8 +61,9 @@ impl AuditLog {
     }
 }
 
-/// The audit record of a decision.
-pub fn audit_line(decision: &Decision, http_status: u16) -> serde_json::Value {
+/// The audit record of a decision (every field is listed in the README,
+/// "Observability").
+pub fn audit_line(decision: &Decision, http_status: u16, trace: &TraceIds) -> serde_json::Value {
     let ts = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
@@ -70,6 +77,7 @@ pub fn audit_line(decision: &Decision, http_status: u16) -> serde_json::Value {
         "would": if decision.dry_run { Some("deny") } else { None },
         "status": http_status,
         "reason": decision.verdict.class(),
+        "failed_check": failed_check(decision),
         "principal": decision.principal,
         "action": decision.action,
         "resource": decision.resource,
@@ -84,5 +92,7 @@ pub fn audit_line(decision: &Decision, http_status: u16) -> serde_json::Value {
         "policy_generation": decision.policy_generation,
         "policy_digest": decision.policy_digest,
         "latency_us": decision.elapsed.as_micros() as u64,
+        "trace_id": trace.trace_id,
+        "span_id": trace.span_id,
     })
 }

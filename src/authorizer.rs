@@ -6,8 +6,11 @@
 //! Both calls run the same pipeline as `Check`: the credential stage
 //! ([`Engine::authenticate_credential`]: token rules, verified-token cache,
 //! revocation) once per call, then the evaluation stage
-//! ([`Engine::decide_direct`]: decision cache, Cedar) per request, and one
-//! audit line per decision.
+//! ([`Engine::decide_direct`]: decision cache, Cedar) per request, and each
+//! decision is accounted for by [`ServerState::account`] (audit line, metrics,
+//! span attributes) as `Check`'s are. Spans join the caller's trace from the
+//! gRPC metadata's `traceparent`; a batch has one span, with a child per
+//! decision.
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -15,12 +18,14 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use prost_types::value::Kind;
 use serde_json::Value;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use crate::authn::credential::PresentedCredential;
 use crate::authz::mapping::{DirectEntity, DirectError, DirectRequest};
 use crate::decision::Decision;
 use crate::engine::Engine;
 use crate::server::ServerState;
+use crate::telemetry::traces::{RequestSpan, remote_parent};
 
 /// The generated `portcullis.v1` types, client and server.
 #[allow(missing_docs, clippy::all, clippy::pedantic)]
@@ -104,22 +109,32 @@ impl AuthorizerService {
             .ok_or_else(|| Status::unavailable("policies and keys are not loaded yet"))
     }
 
-    /// Accounts for one decision exactly as `Check` does: the audit line (and,
-    /// once it exists, metrics and span through the same call).
-    fn account(&self, decision: &Decision) {
-        self.state.audit().record(
-            decision,
-            crate::ext_authz::http_status(decision.effective_verdict()),
-        );
-        tracing::debug!(
-            decision_id = %decision.id,
-            outcome = decision.verdict.class(),
-            principal = decision.principal.as_deref().unwrap_or(""),
-            action = decision.action.as_deref().unwrap_or(""),
-            method = %decision.method,
-            "is_authorized"
-        );
+    /// Accounts for one decision exactly as `Check` does: audit line,
+    /// metrics and span attributes, from the same [`Decision`].
+    fn account(&self, decision: &Decision, span: &RequestSpan) {
+        span.span().in_scope(|| {
+            self.state.account(
+                decision,
+                crate::ext_authz::http_status(decision.effective_verdict()),
+                span,
+            );
+            tracing::debug!(
+                decision_id = %decision.id,
+                outcome = decision.verdict.class(),
+                principal = decision.principal.as_deref().unwrap_or(""),
+                action = decision.action.as_deref().unwrap_or(""),
+                method = %decision.method,
+                "is_authorized"
+            );
+        });
     }
+}
+
+/// The caller's trace context from the gRPC metadata.
+fn caller_span<T>(operation: &str, request: &Request<T>) -> RequestSpan {
+    let metadata = request.metadata();
+    let parent = remote_parent(|name| metadata.get(name).and_then(|v| v.to_str().ok()));
+    RequestSpan::start(operation, parent)
 }
 
 fn unix_now() -> i64 {
@@ -135,6 +150,7 @@ impl Authorizer for AuthorizerService {
         &self,
         request: Request<pb::IsAuthorizedRequest>,
     ) -> Result<Response<pb::IsAuthorizedResponse>, Status> {
+        let span = caller_span("portcullis.is_authorized", &request);
         let request = request.into_inner();
         let direct = direct_request(
             request.action,
@@ -148,11 +164,13 @@ impl Authorizer for AuthorizerService {
         let engine = self.engine()?;
         let authentication = engine
             .authenticate_credential(presented(request.credential.as_ref()), unix_now())
+            .instrument(span.span().clone())
             .await;
-        let decision = engine
-            .decide_direct(&authentication, &direct)
+        let decision = span
+            .span()
+            .in_scope(|| engine.decide_direct(&authentication, &direct))
             .map_err(|e| direct_error(e, ""))?;
-        self.account(&decision);
+        self.account(&decision, &span);
         Ok(Response::new(response(&decision)))
     }
 
@@ -160,6 +178,7 @@ impl Authorizer for AuthorizerService {
         &self,
         request: Request<pb::BatchIsAuthorizedRequest>,
     ) -> Result<Response<pb::BatchIsAuthorizedResponse>, Status> {
+        let batch_span = caller_span("portcullis.batch_is_authorized", &request);
         let request = request.into_inner();
         if request.requests.is_empty() || request.requests.len() > MAX_BATCH {
             return Err(FieldError::new(
@@ -189,22 +208,28 @@ impl Authorizer for AuthorizerService {
         // The credential stage runs once for the whole batch.
         let authentication = engine
             .authenticate_credential(presented(request.credential.as_ref()), unix_now())
+            .instrument(batch_span.span().clone())
             .await;
         // Decide every request before accounting for any: an invalid one fails
         // the call whole, and no audit line claims a decision nobody received.
         let mut decisions = Vec::with_capacity(directs.len());
         for (i, direct) in directs.iter().enumerate() {
-            let mut decision = engine
-                .decide_direct(&authentication, direct)
+            // Each decision has its own span, a child of the batch's.
+            let span = batch_span
+                .span()
+                .in_scope(|| RequestSpan::start("portcullis.is_authorized", None));
+            let mut decision = span
+                .span()
+                .in_scope(|| engine.decide_direct(&authentication, direct))
                 .map_err(|e| direct_error(e, &format!("requests[{i}].")))?;
             decision.method = BATCH_METHOD.to_owned();
-            decisions.push(decision);
+            decisions.push((decision, span));
         }
-        for decision in &decisions {
-            self.account(decision);
+        for (decision, span) in &decisions {
+            self.account(decision, span);
         }
         Ok(Response::new(pb::BatchIsAuthorizedResponse {
-            results: decisions.iter().map(response).collect(),
+            results: decisions.iter().map(|(d, _)| response(d)).collect(),
         }))
     }
 }

@@ -21,17 +21,43 @@ use crate::engine::Engine;
 use crate::ext_authz::http_status;
 use crate::revocation::RevocationStore;
 use crate::server;
+use crate::telemetry::metrics;
 
 /// Portcullis: an Envoy ext_authz server enforcing JWT bearer tokens with Cedar policies.
 #[derive(Debug, Parser)]
 #[command(name = "portcullis", version, about)]
 pub struct Cli {
-    /// Application log format (logs go to standard error; decisions to the audit sink).
-    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Plain, env = "PORTCULLIS_LOG_FORMAT")]
-    pub log_format: LogFormat,
+    /// Application log format (logs go to standard error; decisions to the audit
+    /// sink). Default: `[telemetry] log_format` of the served configuration, else plain.
+    #[arg(long, global = true, value_enum, env = "PORTCULLIS_LOG_FORMAT")]
+    pub log_format: Option<LogFormat>,
     /// The command to run.
     #[command(subcommand)]
     pub command: Command,
+}
+
+impl Cli {
+    /// The configuration `serve` is given, read early for its `[telemetry]`
+    /// table (log format, trace export). `None` for other commands, and when
+    /// it cannot be read: `serve` then reports the problem itself.
+    pub fn served_config(&self) -> Option<Config> {
+        match &self.command {
+            Command::Serve(args) => Config::load(&args.config.config).ok(),
+            _ => None,
+        }
+    }
+
+    /// The application log format: `--log-format`, else `[telemetry]
+    /// log_format` of `config`, else plain.
+    pub fn log_format(&self, config: Option<&Config>) -> LogFormat {
+        if let Some(format) = self.log_format {
+            return format;
+        }
+        match config.and_then(|c| c.telemetry.log_format.as_deref()) {
+            Some("json") => LogFormat::Json,
+            _ => LogFormat::Plain,
+        }
+    }
 }
 
 /// Application log format.
@@ -363,6 +389,19 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     };
     let running = server::start(listen, audit).await?;
     tracing::info!(addr = %running.local_addr(), "listening (NOT_SERVING until policies and keys load)");
+    let metrics = match config.telemetry.metrics_listen {
+        Some(addr) => match metrics::serve(addr, running.state().clone()).await {
+            Ok(metrics) => {
+                tracing::info!(addr = %metrics.local_addr(), "metrics endpoint listening (GET /metrics)");
+                Some(metrics)
+            }
+            Err(e) => {
+                running.shutdown(config.server.shutdown_grace).await?;
+                return Err(e.into());
+            }
+        },
+        None => None,
+    };
 
     let engine = {
         let config = config.clone();
@@ -468,6 +507,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         tracing::warn!(error = %e, "admin listener did not stop cleanly");
     }
     running.shutdown(config.server.shutdown_grace).await?;
+    if let Some(metrics) = metrics {
+        metrics.shutdown().await;
+    }
     background.iter().for_each(|t| t.abort());
     store.shutdown().await;
     tracing::info!("stopped");

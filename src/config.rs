@@ -76,6 +76,56 @@ pub struct Config {
     /// Verified-token and decision caches.
     #[serde(default)]
     pub cache: CacheConfig,
+    /// Traces (OTLP) and metrics (Prometheus); both off by default.
+    #[serde(default)]
+    pub telemetry: TelemetryConfig,
+}
+
+/// `[telemetry]`: OpenTelemetry trace export and the Prometheus endpoint.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// OTLP/gRPC collector URL, `http://` only (e.g. `http://127.0.0.1:4317`);
+    /// unset exports no span.
+    #[serde(default)]
+    pub otlp_endpoint: Option<String>,
+    /// The `service.name` resource attribute of exported spans.
+    #[serde(default = "default_service_name")]
+    pub service_name: String,
+    /// Further resource attributes (`deployment.environment`, `service.namespace`, ...).
+    #[serde(default)]
+    pub resource_attributes: std::collections::BTreeMap<String, String>,
+    /// Fraction of new traces sampled (0.0 to 1.0); a caller's sampling decision,
+    /// carried in `traceparent`, is followed (parent-based).
+    #[serde(default = "default_sampling_ratio")]
+    pub sampling_ratio: f64,
+    /// Address of the plain-HTTP Prometheus endpoint (`GET /metrics`); unset is off.
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Application log format when `--log-format` is not given: `plain` or `json`.
+    #[serde(default)]
+    pub log_format: Option<String>,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self {
+            otlp_endpoint: None,
+            service_name: default_service_name(),
+            resource_attributes: Default::default(),
+            sampling_ratio: default_sampling_ratio(),
+            metrics_listen: None,
+            log_format: None,
+        }
+    }
+}
+
+fn default_service_name() -> String {
+    "portcullis".to_owned()
+}
+
+fn default_sampling_ratio() -> f64 {
+    1.0
 }
 
 /// `[cache]`: the verified-token and decision caches.
@@ -934,7 +984,44 @@ impl Config {
                 ));
             }
         }
-        Ok(())
+        self.telemetry.check(&self.server.listen)
+    }
+}
+
+impl TelemetryConfig {
+    fn check(&self, grpc_listen: &SocketAddr) -> Result<(), String> {
+        if !(0.0..=1.0).contains(&self.sampling_ratio) {
+            return Err(format!(
+                "telemetry.sampling_ratio must be between 0.0 and 1.0, found {}",
+                self.sampling_ratio
+            ));
+        }
+        if self.service_name.is_empty() {
+            return Err("telemetry.service_name must not be empty".into());
+        }
+        if let Some(endpoint) = &self.otlp_endpoint
+            && !endpoint.starts_with("http://")
+        {
+            // No TLS client for the exporter is built in: a collector agent on
+            // the host or in the pod forwards over TLS.
+            return Err(format!(
+                "telemetry.otlp_endpoint must be an http:// URL (a collector agent on the host or in the pod; TLS to the collector is not supported), found {endpoint:?}"
+            ));
+        }
+        if let Some(metrics) = &self.metrics_listen
+            && metrics == grpc_listen
+            && metrics.port() != 0
+        {
+            return Err(format!(
+                "telemetry.metrics_listen must differ from server.listen, both are {metrics}"
+            ));
+        }
+        match self.log_format.as_deref() {
+            None | Some("plain") | Some("json") => Ok(()),
+            Some(other) => Err(format!(
+                "telemetry.log_format must be \"plain\" or \"json\", found {other:?}"
+            )),
+        }
     }
 }
 
@@ -1018,6 +1105,36 @@ path = "/orders/{id}"
         );
         let two = text.replace("[admin]\n", "[admin]\ntoken_env = \"X\"\n");
         assert!(parse(&two).unwrap_err().to_string().contains("exactly one"));
+    }
+
+    #[test]
+    fn telemetry_section() {
+        let off = parse(MINIMAL).unwrap().telemetry;
+        assert!(off.otlp_endpoint.is_none() && off.metrics_listen.is_none());
+        assert_eq!(off.service_name, "portcullis");
+        assert_eq!(off.sampling_ratio, 1.0);
+        let on = parse(&format!(
+            "{MINIMAL}\n[telemetry]\notlp_endpoint = \"http://127.0.0.1:4317\"\nservice_name = \"authz\"\nresource_attributes = {{ \"deployment.environment\" = \"prod\" }}\nsampling_ratio = 0.25\nmetrics_listen = \"127.0.0.1:9464\"\nlog_format = \"json\"\n"
+        ))
+        .unwrap()
+        .telemetry;
+        assert_eq!(on.otlp_endpoint.as_deref(), Some("http://127.0.0.1:4317"));
+        assert_eq!(on.resource_attributes["deployment.environment"], "prod");
+        assert_eq!(on.sampling_ratio, 0.25);
+        assert_eq!(on.metrics_listen.unwrap().port(), 9464);
+        for (bad, expected) in [
+            ("sampling_ratio = 1.5", "sampling_ratio"),
+            ("otlp_endpoint = \"127.0.0.1:4317\"", "otlp_endpoint"),
+            ("otlp_endpoint = \"https://collector:4317\"", "TLS"),
+            ("log_format = \"xml\"", "log_format"),
+            ("metrics_listen = \"127.0.0.1:9191\"", "metrics_listen"),
+            ("otlp_endpiont = \"http://x\"", "otlp_endpiont"),
+        ] {
+            let err = parse(&format!("{MINIMAL}\n[telemetry]\n{bad}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(expected), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -12,6 +12,8 @@ use std::sync::atomic::Ordering;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use cedar_policy::Authorizer;
+use tracing::Instrument as _;
+use tracing::field::Empty;
 
 use crate::attributes::HttpRequest;
 use crate::authn::api_key::{ReloadingApiKeyStore, is_api_key};
@@ -220,6 +222,11 @@ impl Engine {
     pub fn with_revocations(mut self, store: Arc<RevocationStore>) -> Engine {
         self.revocations = Some(store);
         self
+    }
+
+    /// The revocation store checked after authentication, if any.
+    pub fn revocations(&self) -> Option<&Arc<RevocationStore>> {
+        self.revocations.as_ref()
     }
 
     /// The policy-set generation: 1 at start, one more per successful reload.
@@ -752,13 +759,24 @@ impl Engine {
             .caches
             .caches_decisions()
             .then(|| self.mapping.decision_key(token, facts));
-        if let Some(hit) = key.as_ref().and_then(|k| self.caches.decision(k)) {
-            return Ok(hit);
+        if let Some(key) = &key {
+            let lookup = tracing::debug_span!("cache_lookup", cache = "decision", hit = Empty);
+            let hit = lookup.in_scope(|| self.caches.decision(key));
+            lookup.record("hit", hit.is_some());
+            // On the request's span (the caller of `run`), for its attributes.
+            tracing::Span::current().record("decision_cache_hit", hit.is_some());
+            if let Some(hit) = hit {
+                return Ok(hit);
+            }
         }
-        let input = self
-            .mapping
-            .build(&self.store, token, facts, SchemaCheck::TrustShape)?;
-        let outcome = Arc::new(evaluate(&self.authorizer, &self.store, &input));
+        let evaluation = tracing::debug_span!("evaluate_policies", allowed = Empty);
+        let outcome = evaluation.in_scope(|| {
+            let input = self
+                .mapping
+                .build(&self.store, token, facts, SchemaCheck::TrustShape)?;
+            Ok::<_, MappingError>(Arc::new(evaluate(&self.authorizer, &self.store, &input)))
+        })?;
+        evaluation.record("allowed", outcome.allowed);
         if let Some(key) = key {
             self.caches.remember_decision(key, outcome.clone());
         }
@@ -791,14 +809,23 @@ impl Engine {
     /// JWT verification through the verified-token cache.
     async fn verify_jwt(&self, token: &str, now: i64) -> Result<VerifiedToken, TokenError> {
         let digest = token_digest(token);
-        if let Some(hit) = self
-            .caches
-            .token(&digest, now, |iss| self.issuers.key_generation(iss))
-        {
+        let lookup = tracing::debug_span!("cache_lookup", cache = "token", hit = Empty);
+        let hit = lookup.in_scope(|| {
+            self.caches
+                .token(&digest, now, |iss| self.issuers.key_generation(iss))
+        });
+        lookup.record("hit", hit.is_some());
+        // On the request's span (the caller of `run`), for its attributes.
+        tracing::Span::current().record("token_cache_hit", hit.is_some());
+        if let Some(hit) = hit {
             return Ok(hit);
         }
         self.counters.signatures.fetch_add(1, Ordering::Relaxed);
-        let (verified, window) = self.issuers.verify_with_window(token, now).await?;
+        let (verified, window) = self
+            .issuers
+            .verify_with_window(token, now)
+            .instrument(tracing::debug_span!("verify_token", credential = "jwt"))
+            .await?;
         self.caches.remember_token(
             digest,
             CachedToken {
@@ -823,6 +850,7 @@ impl Engine {
     }
 
     fn verify_api_key(&self, key: &str, now: i64) -> Result<VerifiedToken, TokenError> {
+        let _span = tracing::debug_span!("verify_token", credential = "api_key").entered();
         let Some(api_keys) = &self.api_keys else {
             return Err(TokenError::UnknownApiKey);
         };

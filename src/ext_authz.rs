@@ -24,6 +24,8 @@ use crate::authn::workload::spiffe_id_from_certificate;
 use crate::config::ResponseConfig;
 use crate::decision::{BadRequest, Decision, DenyReason, Verdict};
 use crate::server::ServerState;
+use crate::telemetry::traces::{RequestSpan, remote_parent};
+use tracing::Instrument as _;
 
 /// gRPC status codes used in `CheckResponse.status` (google.rpc.Code).
 mod grpc_code {
@@ -306,9 +308,18 @@ impl Authorization for CheckService {
         &self,
         request: tonic::Request<CheckRequest>,
     ) -> Result<tonic::Response<CheckResponse>, tonic::Status> {
-        let check = request.into_inner();
+        let (metadata, _, check) = request.into_parts();
+        let http = http_request(&check);
+        // The caller's trace: Envoy's ext_authz client span in the gRPC
+        // metadata, else the downstream request's own headers.
+        let parent = remote_parent(|name| metadata.get(name).and_then(|v| v.to_str().ok()))
+            .or_else(|| {
+                http.as_ref()
+                    .and_then(|h| remote_parent(|name| h.headers.get(name).map(String::as_str)))
+            });
+        let span = RequestSpan::start("portcullis.check", parent);
         let engine = self.state.engine();
-        let decision = match (http_request(&check), &engine) {
+        let decision = match (http, &engine) {
             (None, _) => {
                 let mut d = Decision::new("", "");
                 d.verdict =
@@ -316,18 +327,21 @@ impl Authorization for CheckService {
                 d
             }
             (Some(http), None) => Decision::new(&http.method, http.path_without_query()),
-            (Some(http), Some(engine)) => engine.decide(&http).await,
+            (Some(http), Some(engine)) => {
+                engine.decide(&http).instrument(span.span().clone()).await
+            }
         };
-        self.state
-            .audit()
-            .record(&decision, http_status(decision.effective_verdict()));
-        tracing::debug!(
-            decision_id = %decision.id,
-            outcome = decision.verdict.class(),
-            principal = decision.principal.as_deref().unwrap_or(""),
-            action = decision.action.as_deref().unwrap_or(""),
-            "check"
-        );
+        let status = http_status(decision.effective_verdict());
+        span.span().in_scope(|| {
+            self.state.account(&decision, status, &span);
+            tracing::debug!(
+                decision_id = %decision.id,
+                outcome = decision.verdict.class(),
+                principal = decision.principal.as_deref().unwrap_or(""),
+                action = decision.action.as_deref().unwrap_or(""),
+                "check"
+            );
+        });
         let response = match &engine {
             Some(engine) => check_response(
                 &decision,

@@ -8,12 +8,24 @@ use portcullis::cli::{Cli, run};
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    portcullis::telemetry::init_logging(cli.log_format);
-    match run(cli).await {
+    // `serve`'s configuration says how to log and where spans go.
+    let config = cli.served_config();
+    let telemetry = config.as_ref().map(|c| &c.telemetry);
+    let traces = match portcullis::telemetry::init(cli.log_format(config.as_ref()), telemetry) {
+        Ok(traces) => traces,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let code = match run(cli).await {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::from(2)
         }
-    }
+    };
+    // The spans still queued are sent before exiting, whatever happened.
+    let _ = tokio::task::spawn_blocking(move || traces.shutdown()).await;
+    code
 }

@@ -20,8 +20,11 @@ use tonic_health::server::HealthReporter;
 
 use crate::audit::AuditLog;
 use crate::authorizer::{AUTHORIZER_SERVICE, AuthorizerService};
+use crate::decision::Decision;
 use crate::engine::Engine;
 use crate::ext_authz::CheckService;
+use crate::telemetry::metrics::Metrics;
+use crate::telemetry::traces::RequestSpan;
 
 /// The fully qualified name of Envoy's authorization service, as health reports it.
 pub const AUTHORIZATION_SERVICE: &str = "envoy.service.auth.v3.Authorization";
@@ -52,13 +55,15 @@ pub enum ServerError {
     Task(String),
 }
 
-/// State shared by the services: the current engine, the audit log and health.
+/// State shared by the services: the current engine, the audit log, metrics
+/// and health.
 #[derive(Debug)]
 pub struct ServerState {
     engine: ArcSwapOption<Engine>,
     audit: AuditLog,
     health: HealthReporter,
     reloads: crate::reload::ReloadStats,
+    metrics: Metrics,
 }
 
 impl ServerState {
@@ -77,6 +82,21 @@ impl ServerState {
         &self.audit
     }
 
+    /// The metrics counted on the request path.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Accounts for a final decision, in one place for every front end (ext_authz
+    /// `Check` and any other service deciding with the engine): the audit line
+    /// (with the trace ids), the metrics, and the request span's attributes are
+    /// all derived from the same `decision`, so they cannot disagree.
+    pub fn account(&self, decision: &Decision, http_status: u16, span: &RequestSpan) {
+        self.audit.record_traced(decision, http_status, &span.ids());
+        self.metrics.record_decision(decision);
+        span.record_decision(decision, http_status);
+    }
+
     /// Publishes `engine` to new checks and reports SERVING.
     pub async fn install(&self, engine: Engine) {
         self.engine.store(Some(Arc::new(engine)));
@@ -86,7 +106,10 @@ impl ServerState {
     /// Publishes a reloaded engine atomically: new checks use it, checks in
     /// flight finish on the engine they started with. Health is unchanged.
     pub fn replace_engine(&self, engine: Engine) {
-        self.engine.store(Some(Arc::new(engine)));
+        if let Some(previous) = self.engine.swap(Some(Arc::new(engine))) {
+            // Its caches go with it; their counters stay in the totals.
+            self.metrics.retire_engine(&previous);
+        }
     }
 
     async fn set_health(&self, status: ServingStatus) {
@@ -164,6 +187,7 @@ pub async fn start(addr: SocketAddr, audit: AuditLog) -> Result<RunningServer, S
         audit,
         health,
         reloads: Default::default(),
+        metrics: Metrics::default(),
     });
     state.set_health(ServingStatus::NotServing).await;
 

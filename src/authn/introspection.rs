@@ -112,13 +112,16 @@ impl Introspector {
     }
 
     /// Introspects `token` (served from the cache when fresh).
+    #[tracing::instrument(level = "debug", name = "introspection", skip_all, fields(issuer = %self.issuer, cache_hit = tracing::field::Empty))]
     pub async fn introspect(&self, token: &str, now: i64) -> Result<VerifiedToken, TokenError> {
         let digest = token_digest(token);
         if let Some(hit) = self.cache.get(&digest)
             && hit.valid_until > now
         {
+            tracing::Span::current().record("cache_hit", true);
             return Ok(hit.token.clone());
         }
+        tracing::Span::current().record("cache_hit", false);
         let response = self.call(token).await?;
         let verified = self.verify_response(&response, now)?;
         let bound = now + self.cache_max.as_secs() as i64;

@@ -216,11 +216,13 @@ impl IssuerKeys {
     /// Fetches the remote JWKS now (after discovery if configured) and installs
     /// it. Returns how long to wait before the next refresh: the response's
     /// `Cache-Control: max-age` bounded by `refresh_min`/`refresh_max`.
+    #[tracing::instrument(level = "debug", name = "jwks_fetch", skip_all, fields(issuer = %self.issuer, ok = tracing::field::Empty))]
     pub async fn refresh(&self) -> Result<Duration, FetchError> {
         let Some(remote) = &self.remote else {
             return Ok(Duration::MAX);
         };
         let result = self.fetch(remote).await;
+        tracing::Span::current().record("ok", result.is_ok());
         match &result {
             Ok(_) => {
                 self.stats.refreshes.fetch_add(1, Ordering::Relaxed);

@@ -343,6 +343,30 @@ pub struct StoreStatus {
     pub pending_writes: usize,
 }
 
+/// What the store has applied, for the metrics endpoint.
+#[derive(Debug)]
+pub struct RevocationStats {
+    /// Revocations made on this instance (admin API).
+    pub applied_local: std::sync::atomic::AtomicU64,
+    /// Revocations received from Redis (pub/sub or a full sync) and new here.
+    pub applied_remote: std::sync::atomic::AtomicU64,
+    /// Seconds from a revocation's `created_at` (whole seconds, set by the
+    /// revoking instance) to its arrival here through pub/sub.
+    pub propagation_lag: prometheus_client::metrics::histogram::Histogram,
+}
+
+impl Default for RevocationStats {
+    fn default() -> Self {
+        RevocationStats {
+            applied_local: Default::default(),
+            applied_remote: Default::default(),
+            propagation_lag: prometheus_client::metrics::histogram::Histogram::new([
+                0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0,
+            ]),
+        }
+    }
+}
+
 /// The mutable side: every entry by its line, behind a lock writers take.
 #[derive(Debug, Default)]
 struct Entries {
@@ -363,6 +387,8 @@ pub struct RevocationStore {
     sync: Option<redis::SyncHandle>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
     stop: watch::Sender<bool>,
+    /// Counters for the metrics endpoint.
+    pub stats: RevocationStats,
 }
 
 /// Seconds since the epoch.
@@ -423,6 +449,7 @@ impl RevocationStore {
             sync,
             tasks: Mutex::new(Vec::new()),
             stop,
+            stats: RevocationStats::default(),
         });
         let sweeper = tokio::spawn(sweep_loop(Arc::downgrade(&store), store.stop.subscribe()));
         store.push_task(sweeper);
@@ -482,7 +509,10 @@ impl RevocationStore {
         }
         let line = revocation.to_line();
         // Enforce first, then persist, then share.
-        self.insert(vec![(line.clone(), revocation.clone())]);
+        let fresh = self.insert(vec![(line.clone(), revocation.clone())]);
+        self.stats
+            .applied_local
+            .fetch_add(fresh.len() as u64, std::sync::atomic::Ordering::Relaxed);
         // The journal (local durability) and Redis (every instance) in parallel:
         // propagation does not wait on the local fsync.
         let journal = self.append_journal(vec![line.clone()]);
@@ -520,6 +550,16 @@ impl RevocationStore {
     /// unexpired ones are enforced at once, and handed to the background
     /// journal writer.
     fn apply_remote(&self, lines: Vec<String>) -> usize {
+        self.apply_remote_lines(lines, false)
+    }
+
+    /// [`Self::apply_remote`] for entries just published by another instance:
+    /// their propagation lag is measured.
+    fn apply_published(&self, lines: Vec<String>) -> usize {
+        self.apply_remote_lines(lines, true)
+    }
+
+    fn apply_remote_lines(&self, lines: Vec<String>, published: bool) -> usize {
         let now = unix_now();
         let mut batch = Vec::with_capacity(lines.len());
         let mut unreadable = 0usize;
@@ -536,8 +576,32 @@ impl RevocationStore {
                 "ignored unreadable revocation entries from Redis"
             );
         }
+        let created: HashMap<String, i64> = if published {
+            batch
+                .iter()
+                .map(|(line, entry)| (line.clone(), entry.created_at))
+                .collect()
+        } else {
+            HashMap::new()
+        };
         let fresh = self.insert(batch);
         let count = fresh.len();
+        self.stats
+            .applied_remote
+            .fetch_add(count as u64, std::sync::atomic::Ordering::Relaxed);
+        if published {
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs_f64())
+                .unwrap_or_default();
+            for line in &fresh {
+                if let Some(created_at) = created.get(line) {
+                    self.stats
+                        .propagation_lag
+                        .observe((now - *created_at as f64).max(0.0));
+                }
+            }
+        }
         if count > 0 && self.remote_journal.send(fresh).is_err() {
             tracing::error!(
                 "revocation journal writer stopped; entries from Redis are enforced but not journaled"

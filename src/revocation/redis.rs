@@ -284,7 +284,7 @@ async fn session(store: &Weak<RevocationStore>, stop: &mut watch::Receiver<bool>
                 while let Some(Some(msg)) = messages.next().now_or_never() {
                     lines.extend(msg.get_payload::<String>().ok());
                 }
-                live.apply_remote(lines);
+                live.apply_published(lines);
             }
             _ = sync.wake.notified() => {
                 if let Err(e) = flush(sync, &mut conn).await {

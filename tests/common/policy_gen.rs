@@ -91,6 +91,14 @@ fn principal_scope(rng: &mut Rng, shape: Shape) -> String {
     }
 }
 
+fn user_scope(rng: &mut Rng, shape: Shape) -> String {
+    format!("principal == {}", user(rng.below(shape.users)))
+}
+
+fn doc_scope(rng: &mut Rng, shape: Shape) -> String {
+    format!(r#"resource == Doc::"d{}""#, rng.below(shape.docs))
+}
+
 fn action_scope(rng: &mut Rng) -> String {
     match rng.below(5) {
         0 => "action".into(),
@@ -151,9 +159,20 @@ pub fn write_folder(dir: &Path, policies: u64, seed: u64) -> Shape {
     text.push_str("@id(\"user-folder\")\npermit(principal == ?principal, action in [Action::\"read\", Action::\"list\"], resource in ?resource);\n");
     text.push_str("@id(\"user-lockout\")\nforbid(principal == ?principal, action, resource) when { context.n > 7 };\n");
     let statics = policies - policies / 2;
+    // Real sets grow by per-user and per-document policies; the broad ones
+    // (roles, teams, `is User`, wildcards) stay a few hundred at most.
+    let broad = (statics / 3).min(300);
     for i in 0..statics {
-        let principal = principal_scope(&mut rng, shape);
-        let resource = resource_scope(&mut rng, shape);
+        let (principal, resource) = if i < broad {
+            (
+                principal_scope(&mut rng, shape),
+                resource_scope(&mut rng, shape),
+            )
+        } else if rng.chance(75) {
+            (user_scope(&mut rng, shape), resource_scope(&mut rng, shape))
+        } else {
+            ("principal".to_owned(), doc_scope(&mut rng, shape))
+        };
         let names_one_user = principal.starts_with("principal ==");
         // Forbids are narrow (one user or one document), as in real sets; a
         // broad one would deny nearly everything in a large set.
@@ -267,17 +286,49 @@ pub fn random_input(rng: &mut Rng, store: &PolicyStore, shape: Shape) -> CedarIn
         _ => r#"Application::"app""#.into(),
     };
     let resource = EntityUid::from_str(&resource).unwrap();
-    let mut entities: Entities = store.entities.clone();
-    if store.entities.get(&principal).is_none() {
-        let roles: HashSet<EntityUid> = (0..rng.below(3))
-            .map(|_| {
-                EntityUid::from_str(&format!(r#"Role::"r{}""#, rng.below(shape.roles))).unwrap()
-            })
-            .collect();
-        entities = entities
-            .add_entities([Entity::new_no_attrs(principal.clone(), roles)], None)
-            .unwrap();
+    // The request's entities: the principal, the resource, their ancestors
+    // and the actions (all that the generated policies can read), taken from
+    // the store rather than a copy of the whole store per request, so that
+    // 100,000-policy benchmarks measure evaluation, not copying.
+    let mut uids: Vec<EntityUid> = vec![resource.clone()];
+    for uid in [&resource, &principal] {
+        if let Some(ancestors) = store.entities.ancestors(uid) {
+            uids.extend(ancestors.cloned());
+        }
     }
+    let mut subset: Vec<Entity> = Vec::new();
+    match store.entities.get(&principal) {
+        Some(known) => subset.push(known.clone()),
+        None => {
+            let roles: HashSet<EntityUid> = (0..rng.below(3))
+                .map(|_| {
+                    EntityUid::from_str(&format!(r#"Role::"r{}""#, rng.below(shape.roles))).unwrap()
+                })
+                .collect();
+            for role in &roles {
+                uids.push(role.clone());
+                uids.extend(
+                    store
+                        .entities
+                        .ancestors(role)
+                        .into_iter()
+                        .flatten()
+                        .cloned(),
+                );
+            }
+            subset.push(Entity::new_no_attrs(principal.clone(), roles));
+        }
+    }
+    for name in ACTIONS.iter().chain(["all"].iter()) {
+        uids.push(EntityUid::from_str(&format!(r#"Action::"{name}""#)).unwrap());
+    }
+    uids.sort_by_key(|u| u.to_string());
+    uids.dedup();
+    subset.extend(
+        uids.iter()
+            .filter_map(|uid| store.entities.get(uid).cloned()),
+    );
+    let entities = Entities::from_entities(subset, None).unwrap();
     let context = Context::from_pairs([(
         "n".to_owned(),
         RestrictedExpression::new_long(rng.below(10) as i64),

@@ -1,0 +1,369 @@
+//! Prometheus metrics: decisions and their latency, counted as they are made,
+//! and the engine's health (caches, keys, policies, revocations, Redis), read
+//! from the counters the engine keeps when `/metrics` is scraped.
+//!
+//! Served as OpenMetrics text on a plain HTTP listener (`[telemetry]
+//! metrics_listen`): `GET /metrics`. Labels never hold a token, a key or a
+//! principal: only outcome and reason classes, cache names, issuer URLs and
+//! revocation sources.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::{Registry, Unit};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use crate::decision::Decision;
+use crate::engine::Engine;
+use crate::revocation::RedisState;
+use crate::server::ServerState;
+
+/// The content type of the OpenMetrics text exposition.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+type DecisionLabels = [(&'static str, &'static str); 2];
+
+/// The metrics counted on the request path; the rest is read at scrape time.
+#[derive(Debug)]
+pub struct Metrics {
+    decisions: Family<DecisionLabels, Counter>,
+    check_duration: Histogram,
+    /// Cache counters of engines replaced by a reload (token hits, token
+    /// misses, decision hits, decision misses), so the totals never go back.
+    retired_caches: [AtomicU64; 4],
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            decisions: Family::default(),
+            // 50 µs to ~1.6 s.
+            check_duration: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
+            retired_caches: Default::default(),
+        }
+    }
+}
+
+impl Metrics {
+    /// Counts one decision (called once per decision, with the audit line).
+    pub fn record_decision(&self, decision: &Decision) {
+        let outcome = super::traces::outcome(decision);
+        self.decisions
+            .get_or_create(&[("outcome", outcome), ("reason", decision.verdict.class())])
+            .inc();
+        self.check_duration.observe(decision.elapsed.as_secs_f64());
+    }
+
+    /// Keeps the cache counters of an engine a reload replaced.
+    pub fn retire_engine(&self, engine: &Engine) {
+        let stats = &engine.caches().stats;
+        let counters = [
+            &stats.token_hits,
+            &stats.token_misses,
+            &stats.decision_hits,
+            &stats.decision_misses,
+        ];
+        for (total, counter) in self.retired_caches.iter().zip(counters) {
+            total.fetch_add(counter.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+    }
+
+    /// The OpenMetrics text of every metric, now.
+    pub fn render(&self, state: &ServerState) -> String {
+        let mut registry = Registry::with_prefix("portcullis");
+        registry.register(
+            "decisions",
+            "Decisions by outcome (allow, deny, would_deny: a dry-run deny answered as allow) and reason class",
+            self.decisions.clone(),
+        );
+        registry.register_with_unit(
+            "check_duration",
+            "Time from the request's attributes to its decision",
+            Unit::Seconds,
+            self.check_duration.clone(),
+        );
+        let engine = state.engine();
+        register_state(&mut registry, self, state, engine.as_deref());
+        let mut text = String::new();
+        if let Err(e) = encode(&mut text, &registry) {
+            tracing::error!(error = %e, "cannot encode metrics");
+        }
+        text
+    }
+}
+
+fn counter(value: u64) -> Counter {
+    let counter = Counter::default();
+    counter.inc_by(value);
+    counter
+}
+
+fn gauge(value: i64) -> Gauge {
+    let gauge = Gauge::default();
+    gauge.set(value);
+    gauge
+}
+
+/// The engine's own counters and states, as metrics.
+fn register_state(
+    registry: &mut Registry,
+    metrics: &Metrics,
+    state: &ServerState,
+    engine: Option<&Engine>,
+) {
+    registry.register(
+        "ready",
+        "1 when policies and keys are loaded and checks are decided",
+        gauge(i64::from(engine.is_some())),
+    );
+    let reloads = state.reload_stats();
+    registry.register(
+        "policy_reloads",
+        "Policy sets swapped in by a reload",
+        counter(reloads.reloads.load(Ordering::Relaxed)),
+    );
+    registry.register(
+        "policy_reload_failures",
+        "Policy changes rejected (the previous set kept serving)",
+        counter(reloads.failures.load(Ordering::Relaxed)),
+    );
+    let Some(engine) = engine else {
+        return;
+    };
+    registry.register(
+        "policy_generation",
+        "Generation of the policy set in force (1 at start, one more per reload)",
+        gauge(i64::try_from(engine.generation()).unwrap_or(i64::MAX)),
+    );
+
+    // Shared by an engine and the engines reloaded from it: process totals.
+    let verifications = engine.credential_counters();
+    registry.register(
+        "credential_verifications",
+        "Runs of the credential stage (one per Check or IsAuthorized call, one per BatchIsAuthorized call whatever its size)",
+        counter(verifications.credentials.load(Ordering::Relaxed)),
+    );
+    registry.register(
+        "signature_verifications",
+        "JWT signatures verified (verified-token cache misses)",
+        counter(verifications.signatures.load(Ordering::Relaxed)),
+    );
+
+    let stats = &engine.caches().stats;
+    let live = [
+        stats.token_hits.load(Ordering::Relaxed),
+        stats.token_misses.load(Ordering::Relaxed),
+        stats.decision_hits.load(Ordering::Relaxed),
+        stats.decision_misses.load(Ordering::Relaxed),
+    ];
+    let total = |i: usize| live[i] + metrics.retired_caches[i].load(Ordering::Relaxed);
+    let hits = Family::<[(&'static str, &'static str); 1], Counter>::default();
+    let misses = Family::<[(&'static str, &'static str); 1], Counter>::default();
+    hits.get_or_create(&[("cache", "token")]).inc_by(total(0));
+    misses.get_or_create(&[("cache", "token")]).inc_by(total(1));
+    hits.get_or_create(&[("cache", "decision")])
+        .inc_by(total(2));
+    misses
+        .get_or_create(&[("cache", "decision")])
+        .inc_by(total(3));
+    registry.register("cache_hits", "Cache hits, per cache", hits);
+    registry.register("cache_misses", "Cache misses, per cache", misses);
+
+    let refreshes = Family::<[(&'static str, String); 1], Counter>::default();
+    let failures = Family::<[(&'static str, String); 1], Counter>::default();
+    let unknown_kid = Family::<[(&'static str, String); 1], Counter>::default();
+    for issuer in engine.issuers().iter().filter(|i| i.keys.is_remote()) {
+        let labels = [("issuer", issuer.issuer.clone())];
+        let keys = &issuer.keys.stats;
+        refreshes
+            .get_or_create(&labels)
+            .inc_by(keys.refreshes.load(Ordering::Relaxed));
+        failures
+            .get_or_create(&labels)
+            .inc_by(keys.failures.load(Ordering::Relaxed));
+        unknown_kid
+            .get_or_create(&labels)
+            .inc_by(keys.unknown_kid_refreshes.load(Ordering::Relaxed));
+    }
+    registry.register(
+        "jwks_refreshes",
+        "Successful fetches of a remote issuer's keys, per issuer",
+        refreshes,
+    );
+    registry.register(
+        "jwks_refresh_failures",
+        "Failed fetches of a remote issuer's keys, per issuer",
+        failures,
+    );
+    registry.register(
+        "jwks_unknown_kid_refreshes",
+        "Key fetches triggered by a token with an unknown kid, per issuer",
+        unknown_kid,
+    );
+
+    let Some(store) = engine.revocations() else {
+        return;
+    };
+    let status = store.status();
+    let applied = Family::<[(&'static str, &'static str); 1], Counter>::default();
+    applied
+        .get_or_create(&[("source", "local")])
+        .inc_by(store.stats.applied_local.load(Ordering::Relaxed));
+    applied
+        .get_or_create(&[("source", "redis")])
+        .inc_by(store.stats.applied_remote.load(Ordering::Relaxed));
+    registry.register(
+        "revocations_applied",
+        "Revocations put in force on this instance: by its admin API (local) or received from Redis",
+        applied,
+    );
+    registry.register_with_unit(
+        "revocation_propagation_lag",
+        "From a revocation's creation (whole seconds, on the revoking instance) to its arrival here through Redis pub/sub",
+        Unit::Seconds,
+        store.stats.propagation_lag.clone(),
+    );
+    registry.register(
+        "revocations_in_force",
+        "Revocation entries in force",
+        gauge(i64::try_from(status.revocations).unwrap_or(i64::MAX)),
+    );
+    registry.register(
+        "revocation_pending_writes",
+        "Local revocations not yet written to Redis",
+        gauge(i64::try_from(status.pending_writes).unwrap_or(i64::MAX)),
+    );
+    if status.redis != RedisState::Disabled {
+        registry.register(
+            "redis_connected",
+            "1 while subscribed to Redis and in sync, else 0",
+            gauge(i64::from(status.redis == RedisState::Connected)),
+        );
+    }
+}
+
+/// Errors starting the metrics endpoint.
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    /// The listen address could not be bound.
+    #[error("cannot listen on telemetry.metrics_listen {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+}
+
+/// The running `/metrics` listener.
+#[derive(Debug)]
+pub struct MetricsServer {
+    local_addr: SocketAddr,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: JoinHandle<()>,
+}
+
+impl MetricsServer {
+    /// The bound address (useful when listening on port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Stops accepting scrapes.
+    pub async fn shutdown(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        let _ = self.task.await;
+    }
+}
+
+/// Serves `GET /metrics` for `state` on `addr` (HTTP/1.1, no TLS: bind it to
+/// an address only the scraper reaches).
+pub async fn serve(
+    addr: SocketAddr,
+    state: Arc<ServerState>,
+) -> Result<MetricsServer, MetricsError> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| MetricsError::Bind { addr, source })?;
+    let local_addr = listener
+        .local_addr()
+        .map_err(|source| MetricsError::Bind { addr, source })?;
+    let (tx, mut rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        let mut connections = tokio::task::JoinSet::new();
+        loop {
+            let stream = tokio::select! {
+                _ = &mut rx => break,
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "metrics endpoint: accept failed");
+                        continue;
+                    }
+                },
+            };
+            let state = state.clone();
+            connections.spawn(async move {
+                let service = hyper::service::service_fn(move |request| {
+                    let state = state.clone();
+                    async move { Ok::<_, Infallible>(respond(&request, &state)) }
+                });
+                // A scraper that hangs up mid-response is not our problem.
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+            // Reap finished connections so the set does not grow.
+            while connections.try_join_next().is_some() {}
+        }
+        connections.abort_all();
+    });
+    Ok(MetricsServer {
+        local_addr,
+        shutdown: Some(tx),
+        task,
+    })
+}
+
+fn respond<B>(request: &Request<B>, state: &ServerState) -> Response<Full<Bytes>> {
+    let reply = |status: StatusCode, content_type: &str, body: String| {
+        let mut response = Response::new(Full::new(Bytes::from(body)));
+        *response.status_mut() = status;
+        if let Ok(value) = hyper::header::HeaderValue::from_str(content_type) {
+            response
+                .headers_mut()
+                .insert(hyper::header::CONTENT_TYPE, value);
+        }
+        response
+    };
+    match (request.method(), request.uri().path()) {
+        (&Method::GET, "/metrics") => {
+            reply(StatusCode::OK, CONTENT_TYPE, state.metrics().render(state))
+        }
+        (_, "/metrics") => reply(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "use GET\n".into(),
+        ),
+        _ => reply(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "metrics are at /metrics\n".into(),
+        ),
+    }
+}
