@@ -703,6 +703,9 @@ fn verdict(ok: bool) -> &'static str {
 // ---------------------------------------------------------------------------
 
 fn main() {
+    // The logging `portcullis serve` installs (default filter, plain format),
+    // so spans and log filtering cost here what they cost in production.
+    portcullis::telemetry::init_logging(portcullis::cli::LogFormat::Plain);
     let settings = Settings::from_env();
     let cores = cores();
     let load_before = load_average();

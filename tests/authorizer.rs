@@ -40,6 +40,19 @@ struct Instance {
 }
 
 impl Instance {
+    /// A sample of the Prometheus text the metrics endpoint serves (the
+    /// rendering it uses), e.g. `portcullis_signature_verifications_total`.
+    fn metric(&self, sample: &str) -> f64 {
+        let state = self.server.running.state();
+        let text = state.metrics().render(state);
+        text.lines()
+            .find_map(|line| {
+                let (name, value) = line.rsplit_once(' ')?;
+                (name == sample).then(|| value.parse::<f64>().ok())?
+            })
+            .unwrap_or(0.0)
+    }
+
     async fn start() -> Instance {
         Self::start_with(|_| {}).await
     }
@@ -518,6 +531,9 @@ async fn a_batch_of_100_verifies_its_token_once() {
         .key()
         .token("bob", &["orders:read", "orders:write"], &["admin"]);
     let before = it.status().await;
+    let signatures_before = it.metric("portcullis_signature_verifications_total");
+    let allows_before =
+        it.metric(r#"portcullis_decisions_total{outcome="allow",reason="allowed"}"#);
 
     let methods = ["GET", "POST", "DELETE"];
     let items: Vec<(String, String)> = (0..100)
@@ -557,6 +573,16 @@ async fn a_batch_of_100_verifies_its_token_once() {
     assert_eq!(
         after.signature_verifications - before.signature_verifications,
         1
+    );
+    // ...as the metrics say too, with 100 decisions counted...
+    assert_eq!(
+        it.metric("portcullis_signature_verifications_total") - signatures_before,
+        1.0
+    );
+    assert_eq!(
+        it.metric(r#"portcullis_decisions_total{outcome="allow",reason="allowed"}"#)
+            - allows_before,
+        100.0
     );
     // ...and 100 audit lines, one per decision, in order.
     let lines: Vec<Value> = it

@@ -39,7 +39,11 @@ pub fn init(
         Some(config) => TraceExport::build(config)?,
         None => (TraceExport::none(), None),
     };
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // By default the per-request span is not kept for the log layer: it only
+    // serves trace export (which has its own filter), and formatting its
+    // fields for logs would cost every request a few allocations.
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,portcullis::request=off"));
     // Only Portcullis' own spans are exported: not those of h2, hyper or tonic.
     // Without export there is no layer, so the engine's `debug` spans stay off.
     let otel = otel.map(|layer| layer.with_filter(traces::exported_spans()));
