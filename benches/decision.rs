@@ -60,6 +60,12 @@ struct Setup {
     engine: Engine,
     /// Caches on (the default): repeated requests hit the token and decision caches.
     cached: Engine,
+    /// Caches off, the quickstart policies plus one template-linked grant per
+    /// user for the largest size of [`policy_sizes`] users: the whole decision
+    /// against a large policy set.
+    large: Engine,
+    /// The policy count of `large`.
+    large_policies: usize,
     tokens: Vec<(&'static str, String)>,
 }
 
@@ -106,6 +112,33 @@ fn setup() -> Setup {
     config.cache.tokens = false;
     config.cache.decisions = false;
     let engine = Engine::from_config(&config).unwrap();
+
+    // The quickstart policies plus per-user links: alice's among them.
+    let users = policy_sizes().into_iter().max().unwrap_or(10);
+    let large_dir = dir.path().join("large-policies");
+    std::fs::create_dir(&large_dir).unwrap();
+    for entry in std::fs::read_dir(root.join("policies")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() {
+            std::fs::copy(&path, large_dir.join(path.file_name().unwrap())).unwrap();
+        }
+    }
+    std::fs::write(
+        large_dir.join("per-user.cedar"),
+        "@id(\"per-user-read\")\npermit(principal == ?principal, action in [Action::\"get /orders\", Action::\"get /orders/{id}\"], resource == Application::\"orders\")\nwhen { context.token.scopes.contains(\"orders:read\") };\n",
+    )
+    .unwrap();
+    let links: Vec<serde_json::Value> = (0..users)
+        .map(|i| {
+            let user = if i == 0 { "alice".to_owned() } else { format!("user{i}") };
+            json!({"id": format!("read-{user}"), "template": "per-user-read",
+                   "values": {"?principal": {"type": "User", "id": user}}})
+        })
+        .collect();
+    std::fs::write(large_dir.join("links.json"), serde_json::to_string(&links).unwrap()).unwrap();
+    config.policies.dir = large_dir;
+    let large = Engine::from_config(&config).unwrap();
+    let large_policies = large.policies().index.len();
     let now = now();
     let tokens = keys
         .iter()
@@ -121,6 +154,8 @@ fn setup() -> Setup {
         _dir: dir,
         engine,
         cached,
+        large,
+        large_policies,
         tokens,
     }
 }
@@ -174,6 +209,15 @@ fn benches(c: &mut Criterion) {
             })
         });
     }
+    // The same ES256 decision against the quickstart plus a link per user.
+    let http = request(Some(&setup.tokens[0].1));
+    println!("large policy set: {} policies", setup.large_policies);
+    c.bench_function("decide_allow_ES256_large_policy_set", |b| {
+        b.iter(|| {
+            let decision = rt.block_on(setup.large.decide(black_box(&http)));
+            assert!(decision.verdict.is_allow());
+        })
+    });
     let hot = request(Some(&setup.tokens[0].1));
     c.bench_function("decide_allow_cached_hit", |b| {
         b.iter(|| {
@@ -251,6 +295,7 @@ fn main() {
     );
     for id in [
         "decide_allow_ES256",
+        "decide_allow_ES256_large_policy_set",
         "decide_allow_RS256",
         "decide_allow_EdDSA",
         "decide_allow_cached_hit",
@@ -263,6 +308,16 @@ fn main() {
                 ns / baseline
             );
         }
+    }
+    if let (Some(small), Some(large)) = (
+        median_ns("decide_allow_ES256"),
+        median_ns("decide_allow_ES256_large_policy_set"),
+    ) {
+        println!(
+            "\nwhole ES256 decision, caches off: with one template link per user ({} links) / quickstart policies alone = {:.2}x",
+            policy_sizes().into_iter().max().unwrap_or(10),
+            large / small
+        );
     }
     let Some(small) = median_ns("policies_10/sliced") else {
         return;
