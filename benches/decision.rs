@@ -130,12 +130,20 @@ fn setup() -> Setup {
     .unwrap();
     let links: Vec<serde_json::Value> = (0..users)
         .map(|i| {
-            let user = if i == 0 { "alice".to_owned() } else { format!("user{i}") };
+            let user = if i == 0 {
+                "alice".to_owned()
+            } else {
+                format!("user{i}")
+            };
             json!({"id": format!("read-{user}"), "template": "per-user-read",
                    "values": {"?principal": {"type": "User", "id": user}}})
         })
         .collect();
-    std::fs::write(large_dir.join("links.json"), serde_json::to_string(&links).unwrap()).unwrap();
+    std::fs::write(
+        large_dir.join("links.json"),
+        serde_json::to_string(&links).unwrap(),
+    )
+    .unwrap();
     config.policies.dir = large_dir;
     let large = Engine::from_config(&config).unwrap();
     let large_policies = large.policies().index.len();
