@@ -1,13 +1,16 @@
 //! "A cache never changes a decision": long random streams of requests, token
-//! expiries (the clock moves, also backwards) and policy swaps, decided by engines
-//! with caches on and off; every decision must be identical.
+//! expiries (the clock moves, also backwards), revocations (by jti, subject and
+//! key) and policy swaps, decided by engines with caches on and off; every
+//! decision must be identical.
 
 mod common;
 
 use common::*;
 use portcullis::attributes::HttpRequest;
 use portcullis::engine::Engine;
+use portcullis::revocation::{RevocationStore, Target};
 use serde_json::json;
+use std::sync::Arc;
 
 /// A small deterministic PRNG (xorshift64*), so a failure can be replayed.
 struct Rng(u64);
@@ -67,8 +70,21 @@ async fn caches_never_change_a_decision() {
         "@id(\"admins-only\")\npermit (principal in Role::\"admin\", action, resource);\n",
     )
     .unwrap();
-    let (a_cached, a_plain) = engines(&set_a);
-    let (b_cached, b_plain) = engines(&set_b);
+    // One revocation store (embedded, journaled) checked by all four engines:
+    // a revocation is a fact every engine must enforce, caches or not.
+    set_a.append_config("\n[revocation]\ndata_dir = \"data\"\n");
+    let config = set_a.config();
+    let revocations = RevocationStore::open(&config.revocation, config.token_lifetimes())
+        .await
+        .unwrap();
+    let with = |(cached, plain): (Engine, Engine)| {
+        (
+            cached.with_revocations(Arc::clone(&revocations)),
+            plain.with_revocations(Arc::clone(&revocations)),
+        )
+    };
+    let (a_cached, a_plain) = with(engines(&set_a));
+    let (b_cached, b_plain) = with(engines(&set_b));
 
     let start = now();
     let key = set_a.es256();
@@ -84,8 +100,12 @@ async fn caches_never_change_a_decision() {
         if i % 6 == 0 {
             c["nbf"] = json!(start + 100);
         }
+        // Half the tokens carry a jti (revocable one by one); the others share
+        // decision-cache entries between tokens of the same user.
         if i % 9 == 0 {
             c["jti"] = json!("x");
+        } else if i % 2 == 0 {
+            c["jti"] = json!(format!("t{i}"));
         }
         tokens.push(Some(set_a.keys[i % 3].sign(&c)));
     }
@@ -111,12 +131,43 @@ async fn caches_never_change_a_decision() {
     let mut clock = start;
     let mut use_b = false;
     let mut compared = 0;
+    let mut revoked = 0;
     for step in 0..6000 {
-        match rng.below(100) {
-            0..=2 => use_b = !use_b,                 // policy swap
-            3..=6 => clock += rng.below(120) as i64, // time passes
-            7 => clock -= rng.below(100) as i64,     // and a clock skews back
-            8 => clock = start,                      // replay the window
+        match rng.below(1000) {
+            0..=29 => use_b = !use_b,                  // policy swap
+            30..=69 => clock += rng.below(120) as i64, // time passes
+            70..=79 => clock -= rng.below(100) as i64, // and a clock skews back
+            80..=84 => clock = start,                  // replay the window
+            // Revocations: one token, every token of a subject issued so far,
+            // and (once, late) every token of one signing key.
+            85..=89 => {
+                let jti = format!("t{}", 2 * rng.below(20));
+                revocations
+                    .revoke(Target::Token { jti, issuer: None }, None, "test".into())
+                    .await
+                    .unwrap();
+            }
+            90 => {
+                let sub = format!("user{}", rng.below(3));
+                revocations
+                    .revoke(
+                        Target::Subject {
+                            sub,
+                            issued_before: clock - 30,
+                        },
+                        None,
+                        "test".into(),
+                    )
+                    .await
+                    .unwrap();
+            }
+            91 if step > 4500 => {
+                let kid = set_a.keys[2].kid().to_owned();
+                revocations
+                    .revoke(Target::Key { kid }, None, "test".into())
+                    .await
+                    .unwrap();
+            }
             _ => {}
         }
         let (method, path) = *rng.pick(&routes);
@@ -157,8 +208,13 @@ async fn caches_never_change_a_decision() {
             "step {step}: {method} {path} at {clock}"
         );
         compared += 1;
+        if got.verdict.class() == "revoked" {
+            revoked += 1;
+        }
     }
     assert_eq!(compared, 6000);
+    // Revocations landed on tokens the caches had seen.
+    assert!(revoked > 100, "only {revoked} revoked decisions");
     // The caches were really used, or the comparison proves nothing.
     use std::sync::atomic::Ordering::Relaxed;
     let stats = &a_cached.caches().stats;
