@@ -28,6 +28,8 @@ use criterion::{Criterion, criterion_group};
 use jsonwebtoken::Algorithm;
 use portcullis::attributes::HttpRequest;
 use portcullis::authn::mint::{SigningKey, pkcs8_pem};
+use portcullis::authn::{CredentialKind, VerifiedToken};
+use portcullis::authz::mapping::{CedarMapping, RequestFacts, SchemaCheck};
 use portcullis::authz::policy_store::PolicyStore;
 use portcullis::authz::{evaluate, evaluate_full};
 use portcullis::config::Config;
@@ -208,6 +210,61 @@ fn benches(c: &mut Criterion) {
         })
     });
 
+    // Token verification alone (parse, key lookup, signature, claim rules).
+    let now_s = now();
+    for (name, token) in &setup.tokens {
+        c.bench_function(&format!("verify_token_{name}"), |b| {
+            b.iter(|| {
+                rt.block_on(
+                    setup
+                        .engine
+                        .issuers()
+                        .verify_with_window(black_box(token), now_s),
+                )
+                .unwrap()
+            })
+        });
+    }
+
+    // Request mapping alone: the Cedar request, entities and context built
+    // for a verified token and a matched route (as on a decision-cache miss).
+    let store = PolicyStore::load(
+        &PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/quickstart/policies"),
+    )
+    .unwrap();
+    let mut mapping = CedarMapping::new("orders", ["User"]).unwrap();
+    mapping.allow_shape("get /orders/{id}", "User", true);
+    let identity = VerifiedToken {
+        issuer: "https://auth.example.test".into(),
+        subject: "alice".into(),
+        principal_type: "User".into(),
+        principal_id: "alice".into(),
+        jti: Some("bench".into()),
+        issued_at: now_s,
+        expires_at: now_s + 300,
+        scopes: vec!["orders:read".into()],
+        roles: vec!["support".into()],
+        client_id: None,
+        key_id: "k1".into(),
+        api_key_id: None,
+        credential: CredentialKind::Jwt,
+    };
+    let mapped = request(None);
+    let params = vec![("id".to_owned(), "7".to_owned())];
+    c.bench_function("map_request", |b| {
+        b.iter(|| {
+            let facts = RequestFacts {
+                http: &mapped,
+                action: "get /orders/{id}",
+                path_params: &params,
+                workload: None,
+            };
+            mapping
+                .build(&store, black_box(&identity), facts, SchemaCheck::TrustShape)
+                .unwrap()
+        })
+    });
+
     for (name, token) in &setup.tokens {
         let http = request(Some(token));
         c.bench_function(&format!("decide_allow_{name}"), |b| {
@@ -302,6 +359,10 @@ fn main() {
          decide_allow_<alg> run with caches off, decide_allow_cached_hit with the default caches:"
     );
     for id in [
+        "verify_token_ES256",
+        "verify_token_RS256",
+        "verify_token_EdDSA",
+        "map_request",
         "decide_allow_ES256",
         "decide_allow_ES256_large_policy_set",
         "decide_allow_RS256",
