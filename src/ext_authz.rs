@@ -65,23 +65,30 @@ fn grpc_status(verdict: Verdict) -> i32 {
 /// Extracts the HTTP attributes Envoy sent; `None` when there are none.
 /// Headers come from `headers`, or from `header_map` when Envoy is configured with
 /// `encode_raw_headers`; repeated headers are joined with `,` as HTTP allows.
-pub fn http_request(check: &CheckRequest) -> Option<HttpRequest> {
-    let attributes = check.attributes.as_ref()?;
-    let http: &EnvoyHttpRequest = attributes.request.as_ref()?.http.as_ref()?;
+/// Takes the request by value: its strings move into the result rather than
+/// being copied (this runs for every `Check`).
+pub fn http_request(check: CheckRequest) -> Option<HttpRequest> {
+    let mut attributes = check.attributes?;
+    let http: EnvoyHttpRequest = attributes.request.take()?.http?;
+    let lower = |mut name: String| {
+        // Envoy sends lower-case names already; only copy when it did not.
+        name.make_ascii_lowercase();
+        name
+    };
     let mut headers: HashMap<String, String> = http
         .headers
-        .iter()
-        .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
+        .into_iter()
+        .map(|(k, v)| (lower(k), v))
         .collect();
-    if let Some(map) = &http.header_map {
-        for header in &map.headers {
+    if let Some(map) = http.header_map {
+        for header in map.headers {
             let value = if header.raw_value.is_empty() {
-                header.value.clone()
+                header.value
             } else {
                 String::from_utf8_lossy(&header.raw_value).into_owned()
             };
             headers
-                .entry(header.key.to_ascii_lowercase())
+                .entry(lower(header.key))
                 .and_modify(|existing| {
                     existing.push(',');
                     existing.push_str(&value);
@@ -89,19 +96,20 @@ pub fn http_request(check: &CheckRequest) -> Option<HttpRequest> {
                 .or_insert(value);
         }
     }
-    let header_or = |field: &str, pseudo: &str| {
+    let header_or = |field: String, pseudo: &str| {
         if field.is_empty() {
             headers.get(pseudo).cloned().unwrap_or_default()
         } else {
-            field.to_owned()
+            field
         }
     };
-    let method = header_or(&http.method, ":method").to_ascii_uppercase();
-    let path = header_or(&http.path, ":path");
-    let host = header_or(&http.host, ":authority");
-    let scheme = header_or(&http.scheme, ":scheme");
-    let source_ip = attributes
-        .source
+    let mut method = header_or(http.method, ":method");
+    method.make_ascii_uppercase();
+    let path = header_or(http.path, ":path");
+    let host = header_or(http.host, ":authority");
+    let scheme = header_or(http.scheme, ":scheme");
+    let source = attributes.source.take();
+    let source_ip = source
         .as_ref()
         .and_then(|peer| peer.address.as_ref())
         .and_then(|address| match &address.address {
@@ -110,13 +118,13 @@ pub fn http_request(check: &CheckRequest) -> Option<HttpRequest> {
         });
     // Envoy's `source.principal` (the URI SAN of a verified mTLS peer), else the
     // SPIFFE ID of the peer certificate sent with `include_peer_certificate`.
-    let peer_principal = attributes.source.as_ref().and_then(|peer| {
+    let peer_principal = source.and_then(|peer| {
         if peer.principal.is_empty() {
             (!peer.certificate.is_empty())
                 .then(|| spiffe_id_from_certificate(&peer.certificate))
                 .flatten()
         } else {
-            Some(peer.principal.clone())
+            Some(peer.principal)
         }
     });
     Some(HttpRequest {
@@ -127,7 +135,7 @@ pub fn http_request(check: &CheckRequest) -> Option<HttpRequest> {
         headers,
         source_ip,
         peer_principal,
-        context_extensions: attributes.context_extensions.clone(),
+        context_extensions: attributes.context_extensions,
     })
 }
 
@@ -309,7 +317,7 @@ impl Authorization for CheckService {
         request: tonic::Request<CheckRequest>,
     ) -> Result<tonic::Response<CheckResponse>, tonic::Status> {
         let (metadata, _, check) = request.into_parts();
-        let http = http_request(&check);
+        let http = http_request(check);
         // The caller's trace: Envoy's ext_authz client span in the gRPC
         // metadata, else the downstream request's own headers.
         let parent = remote_parent(|name| metadata.get(name).and_then(|v| v.to_str().ok()))
