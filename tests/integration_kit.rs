@@ -375,7 +375,11 @@ fn the_kubernetes_manifests_carry_the_required_fields() {
         .iter()
         .map(|p| p["containerPort"].as_i64().unwrap())
         .collect();
-    assert_eq!(ports, [9191], "the admin port is not declared");
+    assert_eq!(
+        ports,
+        [9191, 9464],
+        "gRPC and metrics are declared; the admin port (loopback only) is not"
+    );
 
     // The Service exposes gRPC only, never the admin API.
     let service = find(&docs, "Service");
@@ -450,6 +454,18 @@ fn the_kubernetes_manifests_carry_the_required_fields() {
     if let Err(e) = portcullis::engine::Engine::from_config(&loaded) {
         panic!("the ConfigMap's configuration and policies: {e}");
     }
+    // The metrics listener is where the pod annotations tell Prometheus to look.
+    let deployment = yaml("deploy/kubernetes/deployment.yaml");
+    let annotations = &deployment["spec"]["template"]["metadata"]["annotations"];
+    assert_eq!(annotations["prometheus.io/scrape"], "true");
+    let metrics = loaded
+        .telemetry
+        .metrics_listen
+        .expect("metrics_listen is set");
+    assert_eq!(
+        annotations["prometheus.io/port"],
+        metrics.port().to_string().as_str()
+    );
     let store = portcullis::authz::policy_store::PolicyStore::load(&policy_dir)
         .unwrap_or_else(|e| panic!("the ConfigMap's policies: {e:?}"));
     assert_eq!(store.len(), 3);
