@@ -123,6 +123,7 @@ struct Served {
     metrics: Option<SocketAddr>,
     admin: Option<SocketAddr>,
     client: Option<AuthorizationClient<Channel>>,
+    channel: Channel,
     logs: Arc<Mutex<Vec<Value>>>,
 }
 
@@ -196,7 +197,8 @@ impl Served {
             child: Some(child),
             metrics,
             admin,
-            client: Some(AuthorizationClient::new(channel)),
+            client: Some(AuthorizationClient::new(channel.clone())),
+            channel,
             logs,
         }
     }
@@ -1065,5 +1067,141 @@ metrics_listen = "127.0.0.1:0"
         after.value("portcullis_jwks_refresh_failures_total", &labels),
         0.0
     );
+    served.stop().await;
+}
+
+/// Waits for the exported span named `name` and returns it.
+async fn exported_span(collector: &Collector, name: &str) -> Span {
+    wait_for(name, || collector.spans().iter().any(|s| s.name == name)).await;
+    collector
+        .spans()
+        .into_iter()
+        .find(|s| s.name == name)
+        .unwrap()
+}
+
+/// `IsAuthorized` and `BatchIsAuthorized` are traced like `Check`: their spans
+/// join the caller's trace from the gRPC metadata, carry the decision, and a
+/// batch has one span with a child per decision; the audit lines name the trace.
+#[tokio::test]
+async fn is_authorized_spans_join_the_callers_trace() {
+    use portcullis::authorizer::pb::{
+        self, AuthorizationRequest, BatchIsAuthorizedRequest, Credential, Entity,
+        IsAuthorizedRequest, authorization_request, authorizer_client::AuthorizerClient,
+        credential, is_authorized_request,
+    };
+    use serde_json::json;
+    let (collector, addr) = Collector::start().await;
+    let fx = Fixture::new();
+    fx.append_config(&format!(
+        "\n[audit]\nfile = \"audit.log\"\n\n[telemetry]\notlp_endpoint = \"http://{addr}\"\n"
+    ));
+    let served = Served::start(&fx, &[("OTEL_BSP_SCHEDULE_DELAY", "50")]).await;
+    let token = fx.es256().token("alice", &["orders:read"], &[]);
+    let credential = Some(Credential {
+        kind: Some(credential::Kind::AccessToken(token.clone())),
+    });
+    let resource = Some(Entity {
+        r#type: "Application".into(),
+        id: "orders".into(),
+        ..Default::default()
+    });
+    let context = |method: &str, path: &str, id: Option<&str>| {
+        json!({
+            "http": {"method": method, "path": path, "host": "orders.example.test", "scheme": "https"},
+            "path_params": id.map_or(json!({}), |id| json!({"id": id})),
+        })
+        .to_string()
+    };
+    let mut client = AuthorizerClient::new(served.channel.clone());
+
+    let trace_id = "0af7651916cd43dd8448eb211c80319c";
+    let parent = "b7ad6b7169203331";
+    let mut single = tonic::Request::new(IsAuthorizedRequest {
+        credential: credential.clone(),
+        action: "get /orders/{id}".into(),
+        resource: resource.clone(),
+        context_kind: Some(is_authorized_request::ContextKind::ContextJson(context(
+            "GET",
+            "/orders/42",
+            Some("42"),
+        ))),
+        entities: vec![],
+    });
+    single.metadata_mut().insert(
+        "traceparent",
+        traceparent(trace_id, parent).parse().unwrap(),
+    );
+    let answer = client.is_authorized(single).await.unwrap().into_inner();
+    assert_eq!(answer.decision, pb::Decision::Allow as i32);
+
+    let span = exported_span(&collector, "portcullis.is_authorized").await;
+    assert_eq!(hex::encode(&span.trace_id), trace_id);
+    assert_eq!(hex::encode(&span.parent_span_id), parent);
+    assert_eq!(attribute(&span, "decision").as_deref(), Some("allow"));
+    assert_eq!(
+        attribute(&span, "principal").as_deref(),
+        Some("User::\"alice\"")
+    );
+    assert_eq!(
+        attribute(&span, "decision_id").as_deref(),
+        Some(answer.decision_id.as_str())
+    );
+    let line = fx.audit_line(&answer.decision_id);
+    assert_eq!(line["trace_id"], trace_id);
+
+    // A batch: one span for the call, one child per decision.
+    let batch_trace = "1bf92f3577b34da6a3ce929d0e0e4736";
+    let mut batch = tonic::Request::new(BatchIsAuthorizedRequest {
+        credential,
+        requests: [
+            ("get /orders", "GET", "/orders", None),
+            ("post /orders", "POST", "/orders", None),
+        ]
+        .into_iter()
+        .map(|(action, method, path, id)| AuthorizationRequest {
+            action: action.into(),
+            resource: resource.clone(),
+            context_kind: Some(authorization_request::ContextKind::ContextJson(context(
+                method, path, id,
+            ))),
+            entities: vec![],
+        })
+        .collect(),
+    });
+    batch.metadata_mut().insert(
+        "traceparent",
+        traceparent(batch_trace, parent).parse().unwrap(),
+    );
+    let answers = client
+        .batch_is_authorized(batch)
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(answers.results.len(), 2);
+    let call = exported_span(&collector, "portcullis.batch_is_authorized").await;
+    assert_eq!(hex::encode(&call.trace_id), batch_trace);
+    assert_eq!(hex::encode(&call.parent_span_id), parent);
+    wait_for("a span per decision of the batch", || {
+        collector
+            .spans()
+            .iter()
+            .filter(|s| s.name == "portcullis.is_authorized" && s.parent_span_id == call.span_id)
+            .count()
+            == 2
+    })
+    .await;
+    let children: Vec<Span> = collector
+        .spans()
+        .into_iter()
+        .filter(|s| s.parent_span_id == call.span_id && s.name == "portcullis.is_authorized")
+        .collect();
+    let mut decisions: Vec<String> = children
+        .iter()
+        .filter_map(|s| attribute(s, "decision"))
+        .collect();
+    decisions.sort();
+    assert_eq!(decisions, ["allow", "deny"]);
+    assert!(!collector.dump().contains(&token));
     served.stop().await;
 }
