@@ -97,7 +97,15 @@ pub struct CedarMapping {
     /// Per action, the principal types the schema accepts, and whether they may
     /// have `Role` parents; established by load-time probes.
     shapes: HashMap<String, HashMap<String, bool>>,
+    /// `ip("…")` expressions of recent source addresses. Cedar's
+    /// `RestrictedExpression::new_ip` parses the name `ip` with its policy
+    /// parser on every call (microseconds); a clone is cheap, and source
+    /// addresses repeat.
+    source_ips: moka::sync::Cache<IpAddr, RestrictedExpression>,
 }
+
+/// How many source-address expressions [`CedarMapping`] keeps.
+const SOURCE_IP_CACHE_ENTRIES: u64 = 8192;
 
 impl CedarMapping {
     /// A mapping whose resource is `Application::"<application>"` and whose
@@ -124,6 +132,7 @@ impl CedarMapping {
             ),
             workload_actions: HashSet::new(),
             shapes: HashMap::new(),
+            source_ips: moka::sync::Cache::new(SOURCE_IP_CACHE_ENTRIES),
         })
     }
 
@@ -210,6 +219,12 @@ impl CedarMapping {
         digest.finish()
     }
 
+    /// The Cedar `ip("…")` expression of a source address, from the cache.
+    fn source_ip(&self, ip: IpAddr) -> RestrictedExpression {
+        self.source_ips
+            .get_with(ip, || RestrictedExpression::new_ip(ip.to_string()))
+    }
+
     /// Builds the schema-checked request and its entities.
     pub fn build(
         &self,
@@ -259,8 +274,10 @@ impl CedarMapping {
         let workload = facts
             .workload
             .filter(|_| self.workload_actions.contains(facts.action));
-        let context = Context::from_pairs(context_pairs(token, facts, workload)?)
-            .map_err(|e| MappingError::Request(e.to_string()))?;
+        let context = Context::from_pairs(context_pairs(token, facts, workload, |ip| {
+            self.source_ip(ip)
+        })?)
+        .map_err(|e| MappingError::Request(e.to_string()))?;
         let request = Request::new(
             principal.clone(),
             action.clone(),
@@ -719,6 +736,7 @@ fn context_pairs(
     token: &VerifiedToken,
     facts: RequestFacts<'_>,
     workload: Option<&str>,
+    source_ip: impl FnOnce(IpAddr) -> RestrictedExpression,
 ) -> Result<Vec<(String, RestrictedExpression)>, MappingError> {
     let http = facts.http;
     let mut http_attrs = vec![
@@ -728,11 +746,7 @@ fn context_pairs(
         ("scheme".to_owned(), string(&http.scheme)),
     ];
     if let Some(ip) = http.source_ip {
-        let text = match ip {
-            IpAddr::V4(v4) => v4.to_string(),
-            IpAddr::V6(v6) => v6.to_string(),
-        };
-        http_attrs.push(("source_ip".to_owned(), RestrictedExpression::new_ip(text)));
+        http_attrs.push(("source_ip".to_owned(), source_ip(ip)));
     }
 
     let params = facts
