@@ -295,16 +295,8 @@ async fn check_span_joins_the_trace_in_grpc_metadata_and_is_flushed_on_shutdown(
     );
     served.stop().await;
     // ... and everything is sent at shutdown.
-    wait_for("the Check span at the collector", || {
-        collector
-            .spans()
-            .iter()
-            .any(|s| s.name == "portcullis.check")
-    })
-    .await;
-
+    let check = &exported_span(&collector, "portcullis.check").await;
     let spans = collector.spans();
-    let check = spans.iter().find(|s| s.name == "portcullis.check").unwrap();
     assert_eq!(hex::encode(&check.trace_id), trace_id);
     assert_eq!(hex::encode(&check.parent_span_id), parent);
     assert_eq!(attribute(check, "decision").as_deref(), Some("allow"));
@@ -386,15 +378,7 @@ async fn check_span_falls_back_to_the_request_headers_traceparent() {
     let out = served.check(tonic::Request::new(request)).await;
     assert_eq!(out.http_status, 403);
 
-    wait_for("the Check span at the collector", || {
-        collector
-            .spans()
-            .iter()
-            .any(|s| s.name == "portcullis.check")
-    })
-    .await;
-    let spans = collector.spans();
-    let check = spans.iter().find(|s| s.name == "portcullis.check").unwrap();
+    let check = &exported_span(&collector, "portcullis.check").await;
     assert_eq!(hex::encode(&check.trace_id), trace_id);
     assert_eq!(hex::encode(&check.parent_span_id), parent);
     assert_eq!(attribute(check, "decision").as_deref(), Some("deny"));
