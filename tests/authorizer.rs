@@ -6,24 +6,16 @@
 
 mod common;
 
-use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
 use portcullis::admin::pb::admin_client::AdminClient;
 use portcullis::admin::pb::{self as admin_pb, target::Kind};
-use portcullis::admin::{self as admin_api, RunningAdmin};
-use portcullis::audit::AuditLog;
 use portcullis::authorizer::pb::authorizer_client::AuthorizerClient;
 use portcullis::authorizer::pb::{
     self, AuthorizationRequest, BatchIsAuthorizedRequest, Credential, Entity, IsAuthorizedRequest,
     IsAuthorizedResponse, authorization_request, credential, is_authorized_request,
 };
-use portcullis::config::Config;
-use portcullis::engine::Engine;
-use portcullis::revocation::RevocationStore;
-use portcullis::server;
 use serde_json::{Value, json};
 use tonic::transport::Channel;
 
@@ -33,17 +25,14 @@ const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
 /// admin listener, embedded revocation store.
 struct Instance {
     fx: Fixture,
-    server: TestServer,
-    admin: RunningAdmin,
-    store: Arc<RevocationStore>,
-    audit: PathBuf,
+    served: common::instance::AdminInstance,
 }
 
 impl Instance {
     /// A sample of the Prometheus text the metrics endpoint serves (the
     /// rendering it uses), e.g. `portcullis_signature_verifications_total`.
     fn metric(&self, sample: &str) -> f64 {
-        let state = self.server.running.state();
+        let state = self.served.server.running.state();
         let text = state.metrics().render(state);
         text.lines()
             .find_map(|line| {
@@ -64,50 +53,13 @@ impl Instance {
         fx.append_config(&format!(
             "\n[revocation]\ndata_dir = \"data\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"{ADMIN_TOKEN}\"\n"
         ));
-        let config = Config::load(&fx.config_path()).unwrap();
-        let store = RevocationStore::open(&config.revocation, config.token_lifetimes())
-            .await
-            .unwrap();
-        let audit = fx.audit_path();
-        let running = server::start(
-            "127.0.0.1:0".parse().unwrap(),
-            AuditLog::file(&audit).unwrap(),
-        )
-        .await
-        .unwrap();
-        let engine = Engine::from_config(&config)
-            .unwrap()
-            .with_revocations(store.clone());
-        running.state().install(engine).await;
-        let admin_config = config.admin.as_ref().unwrap();
-        let admin = admin_api::start(
-            admin_config.listen,
-            &admin_config.resolve_token().unwrap(),
-            store.clone(),
-            running.state().clone(),
-            config.clone(),
-        )
-        .await
-        .unwrap();
-        Instance {
-            fx,
-            server: TestServer::connect(running).await,
-            admin,
-            store,
-            audit,
-        }
+        let served =
+            common::instance::AdminInstance::start(&fx.config_path(), fx.audit_path()).await;
+        Instance { fx, served }
     }
 
     async fn stop(self) {
-        self.admin.shutdown(Duration::from_secs(5)).await.unwrap();
-        drop(self.server.client);
-        drop(self.server.channel);
-        self.server
-            .running
-            .shutdown(Duration::from_secs(5))
-            .await
-            .unwrap();
-        self.store.shutdown().await;
+        self.served.stop().await;
     }
 
     fn key(&self) -> &TestKey {
@@ -115,16 +67,11 @@ impl Instance {
     }
 
     fn client(&self) -> AuthorizerClient<Channel> {
-        AuthorizerClient::new(self.server.channel.clone())
+        AuthorizerClient::new(self.served.server.channel.clone())
     }
 
     async fn admin(&self) -> AdminClient<Channel> {
-        let channel = Channel::from_shared(format!("http://{}", self.admin.local_addr()))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
-        AdminClient::new(channel)
+        self.served.admin().await
     }
 
     async fn status(&self) -> admin_pb::StatusResponse {
@@ -162,7 +109,7 @@ impl Instance {
     }
 
     fn audit_lines(&self) -> Vec<Value> {
-        std::fs::read_to_string(&self.audit)
+        std::fs::read_to_string(&self.served.audit)
             .unwrap_or_default()
             .lines()
             .map(|l| serde_json::from_str(l).unwrap())
@@ -291,17 +238,18 @@ async fn allow_and_deny_with_policies_and_audit_lines() {
     assert_eq!(blocked.determining_policies, ["block-test-net-3"]);
 
     // The token never reaches the audit log.
-    let audit = std::fs::read_to_string(&it.audit).unwrap();
+    let audit = std::fs::read_to_string(&it.served.audit).unwrap();
     assert!(!audit.contains(&token));
 
     // Health reports the service; reflection lists it.
-    let health = tonic_health::pb::health_client::HealthClient::new(it.server.channel.clone())
-        .check(tonic_health::pb::HealthCheckRequest {
-            service: "portcullis.v1.Authorizer".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let health =
+        tonic_health::pb::health_client::HealthClient::new(it.served.server.channel.clone())
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: "portcullis.v1.Authorizer".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
     assert_eq!(health.status, 1, "SERVING");
     it.stop().await;
 }
@@ -636,7 +584,7 @@ async fn decisions_agree_with_check_for_equivalent_requests() {
                 for _ in 0..2 {
                     let mut check = envoy_request(method, path, Some(token));
                     check.attributes.as_mut().unwrap().source = Some(peer(ip));
-                    let check = outcome(&it.server.check(check).await);
+                    let check = outcome(&it.served.server.check(check).await);
                     let (action, context) = question(method, path, ip);
                     let direct = it
                         .is_authorized(IsAuthorizedRequest {
@@ -732,7 +680,7 @@ async fn workload_identities_and_reflection() {
             )),
         },
     ];
-    let mut stream = ServerReflectionClient::new(it.server.channel.clone())
+    let mut stream = ServerReflectionClient::new(it.served.server.channel.clone())
         .server_reflection_info(tokio_stream::iter(requests))
         .await
         .unwrap()
@@ -791,6 +739,10 @@ async fn api_keys_as_access_token_or_api_key() {
         kind: Some(credential::Kind::ApiKey(wrong)),
     });
     assert_eq!(it.is_authorized(r).await.reason, "unknown_api_key");
-    assert!(!std::fs::read_to_string(&it.audit).unwrap().contains(&key));
+    assert!(
+        !std::fs::read_to_string(&it.served.audit)
+            .unwrap()
+            .contains(&key)
+    );
     it.stop().await;
 }

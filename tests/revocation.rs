@@ -10,19 +10,12 @@ mod redis_harness;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use common::*;
 use portcullis::admin::pb::admin_client::AdminClient;
 use portcullis::admin::pb::{self, target::Kind};
-use portcullis::admin::{self as admin_api, RunningAdmin};
-use portcullis::audit::AuditLog;
-use portcullis::config::Config;
-use portcullis::engine::Engine;
-use portcullis::revocation::RevocationStore;
-use portcullis::server;
 use redis_harness::{RedisServer, TcpProxy};
 use serde_json::Value;
 use tonic::transport::Channel;
@@ -30,69 +23,15 @@ use tonic::transport::Channel;
 const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
 const KEY: &str = "portcullis:revocations";
 
-/// One Portcullis instance in-process: ext_authz listener, admin listener and
-/// revocation store, wired as `serve` wires them.
-struct Instance {
-    server: TestServer,
-    admin: RunningAdmin,
-    store: Arc<RevocationStore>,
+/// One Portcullis instance in-process, with its admin API and revocation store.
+type Instance = common::instance::AdminInstance;
+
+/// Starts the instance `config_path` describes, auditing next to it.
+async fn start_instance(config_path: &Path) -> Instance {
+    Instance::start(config_path, config_path.with_extension("audit.log")).await
 }
 
 impl Instance {
-    async fn start(config_path: &Path) -> Instance {
-        let config = Config::load(config_path).unwrap();
-        let store = RevocationStore::open(&config.revocation, config.token_lifetimes())
-            .await
-            .unwrap();
-        let audit_file = config_path.with_extension("audit.log");
-        let running = server::start(
-            "127.0.0.1:0".parse().unwrap(),
-            AuditLog::file(&audit_file).unwrap(),
-        )
-        .await
-        .unwrap();
-        let engine = Engine::from_config(&config)
-            .unwrap()
-            .with_revocations(store.clone());
-        running.state().install(engine).await;
-        let admin_config = config.admin.as_ref().unwrap();
-        let admin = admin_api::start(
-            admin_config.listen,
-            &admin_config.resolve_token().unwrap(),
-            store.clone(),
-            running.state().clone(),
-            config.clone(),
-        )
-        .await
-        .unwrap();
-        Instance {
-            server: TestServer::connect(running).await,
-            admin,
-            store,
-        }
-    }
-
-    async fn stop(self) {
-        self.admin.shutdown(Duration::from_secs(5)).await.unwrap();
-        drop(self.server.client);
-        drop(self.server.channel);
-        self.server
-            .running
-            .shutdown(Duration::from_secs(5))
-            .await
-            .unwrap();
-        self.store.shutdown().await;
-    }
-
-    async fn admin(&self) -> AdminClient<Channel> {
-        let channel = Channel::from_shared(format!("http://{}", self.admin.local_addr()))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
-        AdminClient::new(channel)
-    }
-
     async fn revoke(&self, kind: Kind) -> pb::RevokeResponse {
         let mut request = tonic::Request::new(pb::RevokeRequest {
             target: Some(pb::Target { kind: Some(kind) }),
@@ -245,13 +184,13 @@ fn two_keys() -> Fixture {
 async fn a_revocation_on_one_instance_is_enforced_by_the_other() {
     let redis = RedisServer::start();
     let fx = two_keys();
-    let a = Instance::start(&instance_config(
+    let a = start_instance(&instance_config(
         &fx,
         "a",
         &shared("data-a", &redis.url(), "wait"),
     ))
     .await;
-    let b = Instance::start(&instance_config(
+    let b = start_instance(&instance_config(
         &fx,
         "b",
         &shared("data-b", &redis.url(), "wait"),
@@ -329,13 +268,13 @@ async fn revocations_made_while_an_instance_is_cut_off_reach_it_on_reconnect() {
     let redis = RedisServer::start();
     let proxy = TcpProxy::start(redis.port).await;
     let fx = two_keys();
-    let a = Instance::start(&instance_config(
+    let a = start_instance(&instance_config(
         &fx,
         "a",
         &shared("data-a", &redis.url(), "wait"),
     ))
     .await;
-    let b = Instance::start(&instance_config(
+    let b = start_instance(&instance_config(
         &fx,
         "b",
         &shared("data-b", &proxy.url(), "wait"),
@@ -373,8 +312,8 @@ async fn nothing_is_lost_across_redis_and_instance_restarts() {
     let fx = two_keys();
     let a_config = instance_config(&fx, "a", &shared("data-a", &redis.url(), "wait"));
     let b_config = instance_config(&fx, "b", &shared("data-b", &redis.url(), "wait"));
-    let a = Instance::start(&a_config).await;
-    let b = Instance::start(&b_config).await;
+    let a = start_instance(&a_config).await;
+    let b = start_instance(&b_config).await;
     let (t1, id1) = token(&fx.keys[0], "alice", |_| {});
     let (t2, id2) = token(&fx.keys[0], "alice", |_| {});
     let by_jti = |jti: String| {
@@ -415,7 +354,7 @@ async fn nothing_is_lost_across_redis_and_instance_restarts() {
     redis.restart();
     assert_eq!(redis.zcard(KEY), 2, "Redis persisted the revocations");
     let c_config = instance_config(&fx, "c", &shared("data-c", &redis.url(), "wait"));
-    let c = Instance::start(&c_config).await;
+    let c = start_instance(&c_config).await;
     c.assert_revoked(&t1).await;
     c.assert_revoked(&t2).await;
     c.stop().await;
@@ -424,7 +363,7 @@ async fn nothing_is_lost_across_redis_and_instance_restarts() {
     // (startup = "local" serves on local state).
     redis.stop();
     let b_local = instance_config(&fx, "b-local", &shared("data-b", &redis.url(), "local"));
-    let b = Instance::start(&b_local).await;
+    let b = start_instance(&b_local).await;
     assert_eq!(b.status().await.redis, "connecting");
     b.assert_revoked(&t1).await;
     b.assert_revoked(&t2).await;
@@ -441,7 +380,7 @@ async fn entries_expire_once_no_token_they_match_can_be_valid() {
         .replace("max_token_lifetime = \"1h\"", "max_token_lifetime = \"2s\"")
         .replace("leeway = \"30s\"", "leeway = \"0s\"");
     std::fs::write(fx.config_path(), short).unwrap();
-    let a = Instance::start(&instance_config(
+    let a = start_instance(&instance_config(
         &fx,
         "a",
         &shared("data-a", &redis.url(), "wait"),
@@ -471,7 +410,7 @@ async fn entries_expire_once_no_token_they_match_can_be_valid() {
 
     // The journal dropped it too.
     let journal = std::fs::read_to_string(fx.path("data-a/revocations.log")).unwrap_or_default();
-    let a = Instance::start(&fx.path("a.toml")).await;
+    let a = start_instance(&fx.path("a.toml")).await;
     assert!(a.list().await.is_empty(), "{journal}");
     a.stop().await;
 }
@@ -479,7 +418,7 @@ async fn entries_expire_once_no_token_they_match_can_be_valid() {
 #[tokio::test]
 async fn the_admin_api_refuses_calls_without_the_admin_token() {
     let fx = Fixture::new();
-    let inst = Instance::start(&instance_config(
+    let inst = start_instance(&instance_config(
         &fx,
         "a",
         "[revocation]\ndata_dir = \"data\"",
@@ -560,7 +499,7 @@ async fn revocations_are_enforced_even_in_dry_run() {
         "name = \"orders\"\nmode = \"dry-run\"\ntoken_mode = \"dry-run\"",
     );
     std::fs::write(fx.config_path(), text).unwrap();
-    let inst = Instance::start(&instance_config(
+    let inst = start_instance(&instance_config(
         &fx,
         "a",
         "[revocation]\ndata_dir = \"data\"",

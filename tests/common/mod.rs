@@ -417,6 +417,7 @@ pub fn path_arg(p: &Path) -> String {
     p.display().to_string()
 }
 pub mod idp;
+pub mod instance;
 
 impl Fixture {
     /// Appends TOML to the configuration.
