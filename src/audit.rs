@@ -39,13 +39,8 @@ impl AuditLog {
         })
     }
 
-    /// Writes the line for `decision`, without trace ids. A failing sink is
-    /// reported on the application log; it never changes the decision.
-    pub fn record(&self, decision: &Decision, http_status: u16) {
-        self.record_traced(decision, http_status, &TraceIds::default());
-    }
-
-    /// Writes the line for `decision`, tied to its trace by `trace`.
+    /// Writes the line for `decision`, tied to its trace by `trace`. A failing
+    /// sink is reported on the application log; it never changes the decision.
     pub fn record_traced(&self, decision: &Decision, http_status: u16, trace: &TraceIds) {
         let mut line = Vec::with_capacity(640);
         let result =
@@ -135,9 +130,4 @@ impl<'a> AuditRecord<'a> {
             span_id: trace.span_id.as_deref(),
         }
     }
-}
-
-/// The audit record of a decision, as JSON.
-pub fn audit_line(decision: &Decision, http_status: u16, trace: &TraceIds) -> serde_json::Value {
-    serde_json::to_value(AuditRecord::new(decision, http_status, trace)).unwrap_or_default()
 }

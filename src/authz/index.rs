@@ -120,14 +120,41 @@ impl IndexedPolicy {
     }
 }
 
-/// The bucket a policy lives in.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-enum Bucket {
-    PrincipalEntity(EntityUid),
-    ResourceEntity(EntityUid),
-    PrincipalType(EntityTypeName),
-    ResourceType(EntityTypeName),
-    Wildcard,
+/// The buckets policies live in, one map per kind of key, so that a request
+/// looks its keys up by reference (no id is copied per request).
+#[derive(Debug, Default)]
+struct Buckets {
+    principal_entity: HashMap<EntityUid, Vec<u32>>,
+    resource_entity: HashMap<EntityUid, Vec<u32>>,
+    principal_type: HashMap<EntityTypeName, Vec<u32>>,
+    resource_type: HashMap<EntityTypeName, Vec<u32>>,
+    wildcard: Vec<u32>,
+}
+
+impl Buckets {
+    /// Files policy `i` under the most selective part of its scope.
+    fn insert(&mut self, entry: &IndexedPolicy, i: u32) {
+        let bucket = if let Some(uid) = entry.principal.entity() {
+            self.principal_entity.entry(uid.clone()).or_default()
+        } else if let Some(uid) = entry.resource.entity() {
+            self.resource_entity.entry(uid.clone()).or_default()
+        } else if let Scope::Is(ty) = &entry.principal {
+            self.principal_type.entry(ty.clone()).or_default()
+        } else if let Scope::Is(ty) = &entry.resource {
+            self.resource_type.entry(ty.clone()).or_default()
+        } else {
+            &mut self.wildcard
+        };
+        bucket.push(i);
+    }
+
+    fn len(&self) -> usize {
+        self.principal_entity.len()
+            + self.resource_entity.len()
+            + self.principal_type.len()
+            + self.resource_type.len()
+            + 1
+    }
 }
 
 /// The scope facts of one request.
@@ -152,7 +179,7 @@ pub enum Slice {
 /// An index of a policy set by principal and resource scope.
 pub struct PolicyIndex {
     policies: Vec<IndexedPolicy>,
-    buckets: HashMap<Bucket, Vec<u32>>,
+    buckets: Buckets,
     slices: moka::sync::Cache<Box<[u32]>, Arc<PolicySet>>,
 }
 
@@ -179,7 +206,7 @@ impl PolicyIndex {
     /// Indexes every static and template-linked policy of `policies`.
     pub fn new(policies: &PolicySet) -> Result<PolicyIndex, IndexError> {
         let mut indexed = Vec::new();
-        let mut buckets: HashMap<Bucket, Vec<u32>> = HashMap::new();
+        let mut buckets = Buckets::default();
         for policy in policies.policies() {
             let policy = if policy.is_static() {
                 policy.clone()
@@ -192,21 +219,7 @@ impl PolicyIndex {
                 resource: Scope::of_resource(policy.resource_constraint()),
                 policy,
             };
-            let bucket = if let Some(uid) = entry.principal.entity() {
-                Bucket::PrincipalEntity(uid.clone())
-            } else if let Some(uid) = entry.resource.entity() {
-                Bucket::ResourceEntity(uid.clone())
-            } else if let Scope::Is(ty) = &entry.principal {
-                Bucket::PrincipalType(ty.clone())
-            } else if let Scope::Is(ty) = &entry.resource {
-                Bucket::ResourceType(ty.clone())
-            } else {
-                Bucket::Wildcard
-            };
-            buckets
-                .entry(bucket)
-                .or_default()
-                .push(indexed.len() as u32);
+            buckets.insert(&entry, indexed.len() as u32);
             indexed.push(entry);
         }
         Ok(PolicyIndex {
@@ -252,8 +265,8 @@ impl PolicyIndex {
             resource_ancestors: ancestors(resource),
         };
         let mut candidates: Vec<u32> = Vec::new();
-        let mut gather = |bucket: Bucket| {
-            if let Some(members) = self.buckets.get(&bucket) {
+        let mut gather = |members: Option<&Vec<u32>>| {
+            if let Some(members) = members {
                 candidates.extend(
                     members
                         .iter()
@@ -261,17 +274,16 @@ impl PolicyIndex {
                 );
             }
         };
-        gather(Bucket::PrincipalEntity(principal.clone()));
-        for ancestor in &request.principal_ancestors {
-            gather(Bucket::PrincipalEntity((*ancestor).clone()));
+        let buckets = &self.buckets;
+        for uid in std::iter::once(principal).chain(request.principal_ancestors.iter().copied()) {
+            gather(buckets.principal_entity.get(uid));
         }
-        gather(Bucket::ResourceEntity(resource.clone()));
-        for ancestor in &request.resource_ancestors {
-            gather(Bucket::ResourceEntity((*ancestor).clone()));
+        for uid in std::iter::once(resource).chain(request.resource_ancestors.iter().copied()) {
+            gather(buckets.resource_entity.get(uid));
         }
-        gather(Bucket::PrincipalType(principal.type_name().clone()));
-        gather(Bucket::ResourceType(resource.type_name().clone()));
-        gather(Bucket::Wildcard);
+        gather(buckets.principal_type.get(principal.type_name()));
+        gather(buckets.resource_type.get(resource.type_name()));
+        gather(Some(&buckets.wildcard));
 
         if candidates.len() == self.policies.len() {
             return Slice::All;
