@@ -5,13 +5,14 @@
 //! everything without looking at the request; Portcullis is the real server
 //! (`portcullis::server::start`) with an engine loaded from the quickstart
 //! configuration, generated ES256 keys and an audit log written to a temporary
-//! file. A load generator on its own Tokio runtime (its own worker threads)
+//! file (batched, as `serve` does by default). A load generator on its own Tokio runtime (its own worker threads)
 //! drives each server with the same concurrent gRPC load: several HTTP/2
 //! connections with many requests in flight on each. Requests are Envoy-like
 //! `CheckRequest`s, encoded once before the timed phase so the client spends as
 //! little of the shared CPU as possible.
 //!
-//! Scenarios (each reports req/s, p50/p99/p99.9 and Portcullis / no-op):
+//! Scenarios (each reports req/s, p50/p99/p99.9, Portcullis / no-op, and the CPU
+//! time the server threads spent per response):
 //! - *hot*: 4 tokens, `GET /orders/7` over and over;
 //! - *warm*: 1,000 tokens, `GET /orders` and `GET /orders/{id}` with ids 1..100;
 //! - *cold*: a different token on every request; also reported as a fraction of
@@ -28,7 +29,9 @@
 //! (connections, default 8), `PORTCULLIS_BENCH_CONCURRENCY` (requests in
 //! flight in total, default 64), `PORTCULLIS_BENCH_CLIENT_THREADS` and
 //! `PORTCULLIS_BENCH_SERVER_THREADS` (default: the number of cores each),
-//! `PORTCULLIS_BENCH_COLD_MAX_TOKENS` (default 200,000) and
+//! `PORTCULLIS_BENCH_COLD_MAX_TOKENS` (default 200,000),
+//! `PORTCULLIS_BENCH_PROFILE=hot|warm|cold` (drive Portcullis alone with that
+//! scenario and print its line only, for running under a profiler) and
 //! `PORTCULLIS_BENCH_NOOP_NODELAY=0` (leave Nagle's algorithm on for the no-op
 //! server's accepted sockets; by default it sets `TCP_NODELAY`, as
 //! `portcullis::server::start` does).
@@ -76,6 +79,12 @@ use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::codegen::http::uri::PathAndQuery;
 use tonic::transport::Channel;
 use tonic::transport::server::TcpIncoming;
+
+/// The allocator of the `portcullis` binary (`src/main.rs`), so Portcullis here
+/// allocates as the real one does. A global allocator is one per process: the
+/// no-op server and the load generator use it too.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const CHECK_PATH: &str = "/envoy.service.auth.v3.Authorization/Check";
 const ISSUER: &str = "https://auth.example.test";
@@ -241,7 +250,11 @@ fn deployment() -> Deployment {
 }
 
 async fn start_portcullis(deployment: &Deployment) -> RunningServer {
-    let audit = AuditLog::file(&deployment.dir.path().join("audit.log")).unwrap();
+    // As `portcullis serve` opens it: batched as the configuration says.
+    let audit = AuditLog::file(&deployment.dir.path().join("audit.log"))
+        .unwrap()
+        .batched(deployment.config.audit.flush_interval())
+        .unwrap();
     let running = server::start("127.0.0.1:0".parse().unwrap(), audit)
         .await
         .unwrap();
@@ -448,6 +461,8 @@ struct Plan {
 
 struct Stats {
     latency_ns: Histogram<u64>,
+    /// Responses received, warm-up included.
+    completed: u64,
     measured: u64,
     allowed: u64,
     denied: u64,
@@ -461,6 +476,7 @@ impl Stats {
     fn new() -> Stats {
         Stats {
             latency_ns: Histogram::new_with_bounds(1, 60_000_000_000, 3).unwrap(),
+            completed: 0,
             measured: 0,
             allowed: 0,
             denied: 0,
@@ -473,6 +489,7 @@ impl Stats {
 
     fn merge(&mut self, other: Stats) {
         self.latency_ns.add(&other.latency_ns).unwrap();
+        self.completed += other.completed;
         self.measured += other.measured;
         self.allowed += other.allowed;
         self.denied += other.denied;
@@ -506,11 +523,37 @@ struct Measured {
     throughput: f64,
     stats: Stats,
     window: Duration,
+    /// CPU time the server runtime's threads used per response, warm-up included.
+    server_cpu_per_request: Duration,
+}
+
+/// CPU time used so far by the server runtime's threads (named `bench-server`)
+/// and Portcullis' audit writer thread, from the scheduler's per-thread
+/// nanosecond counters.
+fn server_cpu() -> Duration {
+    let mut total = 0u64;
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return Duration::ZERO;
+    };
+    for task in tasks.flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if !comm.starts_with("bench-server") && !comm.starts_with("audit-writer") {
+            continue;
+        }
+        let schedstat = std::fs::read_to_string(task.path().join("schedstat")).unwrap_or_default();
+        total += schedstat
+            .split_whitespace()
+            .next()
+            .and_then(|ns| ns.parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    Duration::from_nanos(total)
 }
 
 /// Drives the server behind `channels` with `concurrency` workers spread over
 /// the connections.
 async fn drive(channels: &[Channel], concurrency: usize, source: Source, plan: Plan) -> Measured {
+    let cpu_before = server_cpu();
     let start = Instant::now();
     let measure_start = start + plan.warmup;
     let end = measure_start + plan.measure;
@@ -567,6 +610,7 @@ async fn drive(channels: &[Channel], concurrency: usize, source: Source, plan: P
                     Err(e) => Err(tonic::Status::unavailable(e.to_string())),
                 };
                 let done = Instant::now();
+                stats.completed += 1;
                 match result {
                     Ok(response) if is_allow(response.get_ref()) => stats.allowed += 1,
                     Ok(response) => {
@@ -596,6 +640,7 @@ async fn drive(channels: &[Channel], concurrency: usize, source: Source, plan: P
     while let Some(worker) = tasks.join_next().await {
         stats.merge(worker.unwrap());
     }
+    let server_cpu_per_request = (server_cpu() - cpu_before) / stats.completed.max(1) as u32;
     // When the requests ran out early, the window is what was actually used.
     let window = if stats.exhausted {
         stats
@@ -614,6 +659,7 @@ async fn drive(channels: &[Channel], concurrency: usize, source: Source, plan: P
         throughput,
         stats,
         window,
+        server_cpu_per_request,
     }
 }
 
@@ -631,10 +677,10 @@ fn us(h: &Histogram<u64>, q: f64) -> f64 {
     h.value_at_quantile(q) as f64 / 1000.0
 }
 
-fn print_line(cells: [&str; 8]) {
+fn print_line(cells: [&str; 9]) {
     println!(
-        "| {:<18} | {:<10} | {:>9} | {:>8} | {:>8} | {:>8} | {:>9} | {:>15} |",
-        cells[0], cells[1], cells[2], cells[3], cells[4], cells[5], cells[6], cells[7]
+        "| {:<18} | {:<10} | {:>9} | {:>8} | {:>8} | {:>8} | {:>9} | {:>12} | {:>15} |",
+        cells[0], cells[1], cells[2], cells[3], cells[4], cells[5], cells[6], cells[7], cells[8]
     );
 }
 
@@ -649,6 +695,10 @@ fn print_row(row: &Row) {
         &format!("{:.0}", us(h, 0.99)),
         &format!("{:.0}", us(h, 0.999)),
         &row.ratio.map(|r| format!("{r:.2}")).unwrap_or_default(),
+        &format!(
+            "{:.1}",
+            row.result.server_cpu_per_request.as_secs_f64() * 1e6
+        ),
         &format!("{} / {}", s.denied, s.errors),
     ]);
 }
@@ -662,6 +712,7 @@ fn print_header() {
         "p99 µs",
         "p99.9 µs",
         "/ no-op",
+        "server CPU µs",
         "denies / errors",
     ]);
     print_line([
@@ -672,6 +723,7 @@ fn print_header() {
         "-------:",
         "-------:",
         "--------:",
+        "-----------:",
         "--------------:",
     ]);
 }
@@ -679,13 +731,14 @@ fn print_header() {
 fn progress(row: &Row) {
     let h = &row.result.stats.latency_ns;
     eprintln!(
-        "  {:<18} {:<10} {:>9.0} req/s  p50 {:>6.0} µs  p99 {:>6.0} µs  p99.9 {:>6.0} µs  ({} measured in {:.2} s{})",
+        "  {:<18} {:<10} {:>9.0} req/s  p50 {:>6.0} µs  p99 {:>6.0} µs  p99.9 {:>6.0} µs  server CPU {:>5.1} µs/req  ({} measured in {:.2} s{})",
         row.scenario,
         row.server,
         row.result.throughput,
         us(h, 0.50),
         us(h, 0.99),
         us(h, 0.999),
+        row.result.server_cpu_per_request.as_secs_f64() * 1e6,
         row.result.stats.measured,
         row.result.window.as_secs_f64(),
         if row.result.stats.exhausted {
@@ -806,6 +859,23 @@ fn main() {
     let run = |channels: &[Channel], source: Source, plan: Plan| {
         client_rt.block_on(drive(channels, settings.concurrency, source, plan))
     };
+    // For profiling: drive Portcullis alone with one scenario, print it, stop.
+    if let Ok(only) = std::env::var("PORTCULLIS_BENCH_PROFILE") {
+        let source = match only.as_str() {
+            "hot" => Source::Cycle(hot.clone()),
+            "warm" => Source::Cycle(warm.clone()),
+            "cold" => Source::once(cold.clone()),
+            other => panic!("PORTCULLIS_BENCH_PROFILE={other:?}: expected hot, warm or cold"),
+        };
+        let row = Row {
+            scenario: only,
+            server: "portcullis",
+            result: run(&real, source, plan),
+            ratio: None,
+        };
+        progress(&row);
+        return;
+    }
     let mut rows: Vec<Row> = Vec::new();
     let pair =
         |rows: &mut Vec<Row>, name: &str, noop_source: Source, real_source: Source, plan: Plan| {

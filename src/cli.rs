@@ -372,7 +372,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         Some(path) => AuditLog::file(path)
             .with_context(|| format!("cannot open audit file {}", path.display()))?,
         None => AuditLog::stdout(),
-    };
+    }
+    .batched(config.audit.flush_interval())
+    .context("cannot start the audit writer")?;
     if let Some(admin) = &config.admin
         && admin.listen == listen
         && listen.port() != 0

@@ -676,6 +676,27 @@ pub struct AuditConfig {
     /// File to append decision lines to; unset writes them to standard output.
     #[serde(default)]
     pub file: Option<PathBuf>,
+    /// How long decision lines gather before one write (milliseconds; default
+    /// 2). `0` writes each line before its response is sent.
+    #[serde(default)]
+    pub flush_interval_ms: Option<u64>,
+}
+
+/// The default `[audit] flush_interval_ms`.
+pub const DEFAULT_AUDIT_FLUSH_INTERVAL_MS: u64 = 2;
+
+/// The longest `[audit] flush_interval_ms` accepted: lines must reach the
+/// file while they are news.
+pub const MAX_AUDIT_FLUSH_INTERVAL_MS: u64 = 1000;
+
+impl AuditConfig {
+    /// The batching interval of the decision log (zero: write-through).
+    pub fn flush_interval(&self) -> Duration {
+        Duration::from_millis(
+            self.flush_interval_ms
+                .unwrap_or(DEFAULT_AUDIT_FLUSH_INTERVAL_MS),
+        )
+    }
 }
 
 /// A Cedar entity type name: an identifier, optionally namespaced (`A::B`).
@@ -816,6 +837,13 @@ impl Config {
         }
         if self.issuers.is_empty() {
             return Err("at least one [[issuers]] entry is required".into());
+        }
+        if let Some(ms) = self.audit.flush_interval_ms
+            && ms > MAX_AUDIT_FLUSH_INTERVAL_MS
+        {
+            return Err(format!(
+                "audit.flush_interval_ms = {ms} is above the maximum of {MAX_AUDIT_FLUSH_INTERVAL_MS}"
+            ));
         }
         let mut seen = std::collections::HashSet::new();
         for (i, issuer) in self.issuers.iter().enumerate() {

@@ -148,7 +148,8 @@ impl RunningServer {
             let _ = tx.send(());
         }
         let abort = self.task.abort_handle();
-        match tokio::time::timeout(grace, self.wait()).await {
+        let state = self.state.clone();
+        let result = match tokio::time::timeout(grace, self.wait()).await {
             Ok(result) => result,
             Err(_) => {
                 tracing::warn!(
@@ -158,7 +159,13 @@ impl RunningServer {
                 abort.abort();
                 Ok(())
             }
+        };
+        // Every decision made is in the audit log before shutdown returns.
+        let flushed = tokio::task::spawn_blocking(move || state.audit().flush()).await;
+        if let Err(e) = flushed {
+            tracing::error!(error = %e, "cannot flush the audit log");
         }
+        result
     }
 
     /// Waits until the server stops on its own (a transport error).

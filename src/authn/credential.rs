@@ -51,10 +51,17 @@ pub fn bearer_token(authorization: Option<&str>) -> Result<&str, TokenError> {
     if token.len() > MAX_TOKEN_BYTES {
         return Err(TokenError::TooLarge);
     }
-    if token.contains(|c: char| c.is_whitespace() || c == ',') {
+    // RFC 6750's b64token alphabet, byte by byte: whitespace, commas, quotes
+    // and non-ASCII are malformed (and a byte scan is cheap on every request).
+    if !token.bytes().all(is_b64token_byte) {
         return Err(TokenError::Malformed);
     }
     Ok(token)
+}
+
+/// `ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" / "="` (RFC 6750 §2.1).
+fn is_b64token_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b'+' | b'/' | b'=')
 }
 
 #[cfg(test)]
@@ -79,6 +86,19 @@ mod tests {
         assert_eq!(bearer_token(Some("Bearer")), Err(TokenError::NotBearer));
         assert_eq!(bearer_token(Some("Bearer a b")), Err(TokenError::Malformed));
         assert_eq!(bearer_token(Some("Bearer a,b")), Err(TokenError::Malformed));
+    }
+
+    #[test]
+    fn only_the_b64token_alphabet_is_accepted() {
+        let all = "Bearer AZaz09-._~+/==";
+        assert_eq!(bearer_token(Some(all)), Ok("AZaz09-._~+/=="));
+        for bad in ["a\"b", "a;b", "a\u{a0}b", "é", "a%20b", "a\u{0}b", "a:b"] {
+            assert_eq!(
+                bearer_token(Some(&format!("Bearer {bad}"))),
+                Err(TokenError::Malformed),
+                "{bad:?}"
+            );
+        }
     }
 
     #[test]
