@@ -14,6 +14,7 @@
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use cedar_policy::{
     Context, Entities, Entity, EntityId, EntityTypeName, EntityUid, Request,
@@ -50,8 +51,9 @@ pub enum MappingError {
 pub struct CedarInput {
     /// The schema-checked request.
     pub request: Request,
-    /// Static entities plus the principal, its roles and the application.
-    pub entities: Entities,
+    /// Static entities plus the principal, its roles and the application
+    /// (shared: the same principal with the same roles gets the same set).
+    pub entities: Arc<Entities>,
     /// The principal, for the audit line.
     pub principal: EntityUid,
     /// The action, for the audit line.
@@ -102,10 +104,44 @@ pub struct CedarMapping {
     /// parser on every call (microseconds); a clone is cheap, and source
     /// addresses repeat.
     source_ips: moka::sync::Cache<IpAddr, RestrictedExpression>,
+    /// The entities of recent principals: `entities.json`'s with the principal
+    /// (and its token's roles) and the application added. Cedar's
+    /// `upsert_entities` copies the whole set and recomputes its transitive
+    /// closure, so this is built once per principal and role set, not per
+    /// request. A mapping belongs to one policy-store load, so a reload starts
+    /// afresh. Weighed by entity count, so a large `entities.json` keeps fewer.
+    principal_entities: moka::sync::Cache<PrincipalKey, Arc<Entities>>,
 }
 
 /// How many source-address expressions [`CedarMapping`] keeps.
 const SOURCE_IP_CACHE_ENTRIES: u64 = 8192;
+
+/// How many entities (summed over every cached principal's set) the
+/// per-principal entity cache holds: 100,000 principals of the quickstart, or
+/// 23 principals of a 43,000-entity `entities.json`.
+const PRINCIPAL_ENTITY_BUDGET: u64 = 1_000_000;
+
+/// What a principal's entity set depends on besides the store.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct PrincipalKey {
+    principal_type: String,
+    principal_id: String,
+    /// Sorted, without duplicates.
+    roles: Vec<String>,
+}
+
+impl PrincipalKey {
+    fn of(token: &VerifiedToken) -> PrincipalKey {
+        let mut roles = token.roles.clone();
+        roles.sort_unstable();
+        roles.dedup();
+        PrincipalKey {
+            principal_type: token.principal_type.clone(),
+            principal_id: token.principal_id.clone(),
+            roles,
+        }
+    }
+}
 
 impl CedarMapping {
     /// A mapping whose resource is `Application::"<application>"` and whose
@@ -133,6 +169,12 @@ impl CedarMapping {
             workload_actions: HashSet::new(),
             shapes: HashMap::new(),
             source_ips: moka::sync::Cache::new(SOURCE_IP_CACHE_ENTRIES),
+            principal_entities: moka::sync::Cache::builder()
+                .max_capacity(PRINCIPAL_ENTITY_BUDGET)
+                .weigher(|_, entities: &Arc<Entities>| {
+                    u32::try_from(entities.len()).unwrap_or(u32::MAX).max(1)
+                })
+                .build(),
         })
     }
 
@@ -261,15 +303,24 @@ impl CedarMapping {
         let action = self.action(facts.action);
         let resource = self.application.clone();
 
-        let mut added = self.principal_entities(store, token, &principal)?;
-        if store.entities.get(&resource).is_none() {
-            added.push(Entity::new_no_attrs(resource.clone(), HashSet::new()));
-        }
-        let entities = store
-            .entities
-            .clone()
-            .upsert_entities(added, schema)
-            .map_err(|e| MappingError::Request(e.to_string()))?;
+        let entities = match schema {
+            // Load-time probes validate what they build; nothing is shared.
+            Some(schema) => {
+                Arc::new(self.entities_with_principal(store, token, &principal, Some(schema))?)
+            }
+            None => {
+                let key = PrincipalKey::of(token);
+                match self.principal_entities.get(&key) {
+                    Some(entities) => entities,
+                    None => {
+                        let entities =
+                            Arc::new(self.entities_with_principal(store, token, &principal, None)?);
+                        self.principal_entities.insert(key, entities.clone());
+                        entities
+                    }
+                }
+            }
+        };
 
         let workload = facts
             .workload
@@ -297,6 +348,29 @@ impl CedarMapping {
 }
 
 impl CedarMapping {
+    /// `entities.json`'s entities with the principal, its roles and the
+    /// application added (validated against `schema` when given).
+    fn entities_with_principal(
+        &self,
+        store: &PolicyStore,
+        token: &VerifiedToken,
+        principal: &EntityUid,
+        schema: Option<&cedar_policy::Schema>,
+    ) -> Result<Entities, MappingError> {
+        let mut added = self.principal_entities(store, token, principal)?;
+        if store.entities.get(&self.application).is_none() {
+            added.push(Entity::new_no_attrs(
+                self.application.clone(),
+                HashSet::new(),
+            ));
+        }
+        store
+            .entities
+            .clone()
+            .upsert_entities(added, schema)
+            .map_err(|e| MappingError::Request(e.to_string()))
+    }
+
     /// The `Role` entities of the token's roles (unless `entities.json` defines
     /// them) and the principal entity with those roles as parents. A principal
     /// described in `entities.json` keeps its attributes and parents and also
@@ -535,7 +609,7 @@ impl CedarMapping {
         })?;
         Ok(CedarInput {
             request,
-            entities,
+            entities: Arc::new(entities),
             principal,
             action,
             resource,
@@ -791,6 +865,92 @@ fn context_pairs(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn quickstart() -> (PolicyStore, CedarMapping) {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/quickstart/policies");
+        let store = PolicyStore::load(&dir).unwrap();
+        let mut mapping = CedarMapping::new("orders", ["User"]).unwrap();
+        mapping.allow_shape("get /orders", "User", true);
+        (store, mapping)
+    }
+
+    fn token(sub: &str, roles: &[&str]) -> VerifiedToken {
+        VerifiedToken {
+            issuer: "https://issuer.test".into(),
+            subject: sub.into(),
+            principal_type: "User".into(),
+            principal_id: sub.into(),
+            jti: None,
+            issued_at: 1_900_000_000,
+            expires_at: 2_000_000_000,
+            scopes: vec!["orders:read".into()],
+            roles: roles.iter().map(|r| r.to_string()).collect(),
+            client_id: None,
+            key_id: "k1".into(),
+            api_key_id: None,
+            credential: crate::authn::CredentialKind::Jwt,
+        }
+    }
+
+    fn entities(
+        store: &PolicyStore,
+        mapping: &CedarMapping,
+        token: &VerifiedToken,
+        check: SchemaCheck,
+    ) -> Arc<Entities> {
+        let http = HttpRequest {
+            method: "GET".into(),
+            path: "/orders".into(),
+            ..Default::default()
+        };
+        let facts = RequestFacts {
+            http: &http,
+            action: "get /orders",
+            path_params: &[],
+            workload: None,
+        };
+        mapping.build(store, token, facts, check).unwrap().entities
+    }
+
+    #[test]
+    fn principal_entities_are_shared_per_principal_and_role_set_and_equal_a_fresh_build() {
+        let (store, mapping) = quickstart();
+        let alice = token("alice", &["clerk", "auditor"]);
+        let first = entities(&store, &mapping, &alice, SchemaCheck::TrustShape);
+        // Same principal, same roles in another order: the same shared set.
+        let again = entities(
+            &store,
+            &mapping,
+            &token("alice", &["auditor", "clerk", "clerk"]),
+            SchemaCheck::TrustShape,
+        );
+        assert!(Arc::ptr_eq(&first, &again));
+        // ...equal to what a validated, uncached build makes.
+        let fresh = entities(&store, &mapping, &alice, SchemaCheck::Validate);
+        assert!(!Arc::ptr_eq(&first, &fresh));
+        assert!(first.deep_eq(&fresh));
+
+        // Another role set, or another principal: another set.
+        let clerk_only = entities(
+            &store,
+            &mapping,
+            &token("alice", &["clerk"]),
+            SchemaCheck::TrustShape,
+        );
+        assert!(!first.deep_eq(&clerk_only));
+        let alice_uid = EntityUid::from_str(r#"User::"alice""#).unwrap();
+        let auditor = EntityUid::from_str(r#"Role::"auditor""#).unwrap();
+        assert!(first.is_ancestor_of(&auditor, &alice_uid));
+        assert!(!clerk_only.is_ancestor_of(&auditor, &alice_uid));
+        let bob = entities(
+            &store,
+            &mapping,
+            &token("bob", &["clerk", "auditor"]),
+            SchemaCheck::TrustShape,
+        );
+        assert!(bob.get(&alice_uid).is_none());
+    }
 
     #[test]
     fn canonical_json_sorts_keys_at_every_level() {

@@ -344,7 +344,7 @@ pub fn random_input(rng: &mut Rng, store: &PolicyStore, shape: Shape) -> CedarIn
     .unwrap();
     CedarInput {
         request,
-        entities,
+        entities: entities.into(),
         principal,
         action,
         resource,
