@@ -514,7 +514,7 @@ impl Engine {
             DenyReason::SchemaMismatch
         })?;
         decision.principal = Some(principal.to_string());
-        decision.action = Some(self.mapping.action(&request.action).to_string());
+        decision.action = Some(self.mapping.action_name(&request.action));
         decision.resource = std::str::FromStr::from_str(&request.resource.entity_type)
             .ok()
             .map(|ty| {
@@ -590,8 +590,8 @@ impl Engine {
         let facts = self
             .request_facts(http, &route)
             .ok_or(DenyReason::NoRoute)?;
-        decision.action = Some(self.mapping.action(facts.action).to_string());
-        decision.resource = Some(self.mapping.application().to_string());
+        decision.action = Some(self.mapping.action_name(facts.action));
+        decision.resource = Some(self.mapping.application_name().to_owned());
         let outcome = self.evaluate_cached(token, facts).map_err(|e| {
             decision.errors.push(e.to_string());
             DenyReason::SchemaMismatch

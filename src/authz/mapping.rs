@@ -111,6 +111,11 @@ pub struct CedarMapping {
     /// request. A mapping belongs to one policy-store load, so a reload starts
     /// afresh. Weighed by entity count, so a large `entities.json` keeps fewer.
     principal_entities: moka::sync::Cache<PrincipalKey, Arc<Entities>>,
+    /// `Application::"<name>"`, formatted once (Cedar's `Display` escapes).
+    application_name: String,
+    /// `Action::"<id>"` of every action a route or the default can name,
+    /// formatted once at load (see [`CedarMapping::allow_shape`]).
+    action_names: HashMap<String, String>,
 }
 
 /// How many source-address expressions [`CedarMapping`] keeps.
@@ -158,14 +163,15 @@ impl CedarMapping {
         for ty in principal_types {
             types.insert(ty.to_owned(), name(ty)?);
         }
+        let application =
+            EntityUid::from_type_name_and_id(application_type, EntityId::new(application));
         Ok(CedarMapping {
+            application_name: application.to_string(),
+            action_names: HashMap::new(),
             principal_types: types,
             role_type: name(ROLE_TYPE)?,
             action_type: name(ACTION_TYPE)?,
-            application: EntityUid::from_type_name_and_id(
-                application_type,
-                EntityId::new(application),
-            ),
+            application,
             workload_actions: HashSet::new(),
             shapes: HashMap::new(),
             source_ips: moka::sync::Cache::new(SOURCE_IP_CACHE_ENTRIES),
@@ -181,6 +187,10 @@ impl CedarMapping {
     /// Records that requests for `action` by `principal_type` conform to the schema
     /// (with `Role` parents too when `with_roles`).
     pub fn allow_shape(&mut self, action: &str, principal_type: &str, with_roles: bool) {
+        if !self.action_names.contains_key(action) {
+            let name = self.action(action).to_string();
+            self.action_names.insert(action.to_owned(), name);
+        }
         let roles_ok = self
             .shapes
             .entry(action.to_owned())
@@ -211,6 +221,20 @@ impl CedarMapping {
             ty,
             EntityId::new(&token.principal_id),
         ))
+    }
+
+    /// `Application::"<name>"`, as the audit line names the resource.
+    pub fn application_name(&self) -> &str {
+        &self.application_name
+    }
+
+    /// `Action::"<id>"`, as the audit line names the action (preformatted for
+    /// the actions known at load).
+    pub fn action_name(&self, action: &str) -> String {
+        match self.action_names.get(action) {
+            Some(name) => name.clone(),
+            None => self.action(action).to_string(),
+        }
     }
 
     /// The action uid of an action id.
