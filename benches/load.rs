@@ -18,7 +18,11 @@
 //! - *cold*: a different token on every request; also reported as a fraction of
 //!   the machine's raw ES256 verification ceiling, measured in this run on all
 //!   cores with aws-lc;
-//! - *hot at half load*: hot again, paced at half of Portcullis' hot peak.
+//! - *hot at half load*: hot again, paced at half of Portcullis' hot peak;
+//! - *warm with a large policy set*: warm again, against a second Portcullis
+//!   whose policies are the quickstart's plus a per-user template linked for
+//!   100,000 users (`PORTCULLIS_BENCH_LARGE_POLICY_USERS`), the warm subjects
+//!   among them.
 //!
 //! Every Portcullis response must be an allow; any deny or gRPC error makes the
 //! run invalid (exit code 1).
@@ -103,6 +107,7 @@ struct Settings {
     server_threads: usize,
     warm_tokens: usize,
     warm_requests: usize,
+    large_policy_users: usize,
     cold_max_tokens: usize,
     ceiling_time: Duration,
     noop_nodelay: bool,
@@ -124,10 +129,10 @@ impl Settings {
         // `cargo bench` passes `--bench`; `cargo test --benches` does not.
         let smoke = !std::env::args().any(|a| a == "--bench");
         let cores = cores();
-        let (warmup, measure, warm_tokens, warm_requests, cold_max, ceiling) = if smoke {
-            (0.05, 0.2, 20, 2_000, 5_000, 0.1)
+        let (warmup, measure, warm_tokens, warm_requests, cold_max, ceiling, large) = if smoke {
+            (0.05, 0.2, 20, 2_000, 5_000, 0.1, 1_000)
         } else {
-            (1.0, 5.0, 1_000, 100_000, 200_000, 2.0)
+            (1.0, 5.0, 1_000, 100_000, 200_000, 2.0, 100_000)
         };
         Settings {
             smoke,
@@ -147,6 +152,7 @@ impl Settings {
                 .max(1),
             warm_tokens,
             warm_requests,
+            large_policy_users: env_usize("PORTCULLIS_BENCH_LARGE_POLICY_USERS").unwrap_or(large),
             cold_max_tokens: env_usize("PORTCULLIS_BENCH_COLD_MAX_TOKENS").unwrap_or(cold_max),
             ceiling_time: Duration::from_secs_f64(ceiling),
             noop_nodelay: env_usize("PORTCULLIS_BENCH_NOOP_NODELAY").unwrap_or(1) != 0,
@@ -249,18 +255,51 @@ fn deployment() -> Deployment {
     Deployment { dir, key, config }
 }
 
-async fn start_portcullis(deployment: &Deployment) -> RunningServer {
+async fn start_portcullis(deployment: &Deployment, config: &Config, audit: &str) -> RunningServer {
     // As `portcullis serve` opens it: batched as the configuration says.
-    let audit = AuditLog::file(&deployment.dir.path().join("audit.log"))
+    let audit = AuditLog::file(&deployment.dir.path().join(audit))
         .unwrap()
-        .batched(deployment.config.audit.flush_interval())
+        .batched(config.audit.flush_interval())
         .unwrap();
     let running = server::start("127.0.0.1:0".parse().unwrap(), audit)
         .await
         .unwrap();
-    let engine = Engine::from_config(&deployment.config).unwrap();
+    let engine = Engine::from_config(config).unwrap();
     running.state().install(engine).await;
     running
+}
+
+/// The quickstart policies plus a per-user template linked for `users` users
+/// (the warm scenario's subjects first), `users + 4` policies in all.
+fn large_policy_config(deployment: &Deployment, users: usize) -> Config {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/quickstart/policies");
+    let dir = deployment.dir.path().join("large-policies");
+    std::fs::create_dir_all(&dir).unwrap();
+    for entry in std::fs::read_dir(&root).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() {
+            std::fs::copy(&path, dir.join(path.file_name().unwrap())).unwrap();
+        }
+    }
+    std::fs::write(
+        dir.join("per-user.cedar"),
+        "@id(\"per-user-read\")\npermit(principal == ?principal, action in [Action::\"get /orders\", Action::\"get /orders/{id}\"], resource == Application::\"orders\")\nwhen { context.token.scopes.contains(\"orders:read\") };\n",
+    )
+    .unwrap();
+    let links: Vec<serde_json::Value> = (0..users)
+        .map(|i| {
+            json!({"id": format!("read-{i}"), "template": "per-user-read",
+                   "values": {"?principal": {"type": "User", "id": format!("warm-{i}")}}})
+        })
+        .collect();
+    std::fs::write(
+        dir.join("links.json"),
+        serde_json::to_string(&links).unwrap(),
+    )
+    .unwrap();
+    let mut config = deployment.config.clone();
+    config.policies.dir = dir;
+    config
 }
 
 /// Signs one `orders:read` token per subject, on all cores.
@@ -794,11 +833,29 @@ fn main() {
         .build()
         .unwrap();
     let noop_addr = server_rt.block_on(start_noop(settings.noop_nodelay));
-    let portcullis = server_rt.block_on(start_portcullis(&deployment));
-    let (noop, real) = client_rt.block_on(async {
+    let portcullis = server_rt.block_on(start_portcullis(
+        &deployment,
+        &deployment.config,
+        "audit.log",
+    ));
+    // The same, with a large policy set (loading takes seconds).
+    let loading = Instant::now();
+    let large_config = large_policy_config(&deployment, settings.large_policy_users);
+    let portcullis_large = server_rt.block_on(start_portcullis(
+        &deployment,
+        &large_config,
+        "large.audit.log",
+    ));
+    let large_policies = settings.large_policy_users + 4;
+    eprintln!(
+        "  loaded, validated and indexed {large_policies} policies in {:.1} s",
+        loading.elapsed().as_secs_f64()
+    );
+    let (noop, real, real_large) = client_rt.block_on(async {
         (
             connect(noop_addr, settings.channels).await,
             connect(portcullis.local_addr(), settings.channels).await,
+            connect(portcullis_large.local_addr(), settings.channels).await,
         )
     });
 
@@ -877,30 +934,38 @@ fn main() {
         return;
     }
     let mut rows: Vec<Row> = Vec::new();
+    let pair_with = |rows: &mut Vec<Row>,
+                     real: &[Channel],
+                     name: &str,
+                     noop_source: Source,
+                     real_source: Source,
+                     plan: Plan| {
+        let base = run(&noop, noop_source, plan);
+        let measured = run(real, real_source, plan);
+        let ratio = measured.throughput / base.throughput;
+        for row in [
+            Row {
+                scenario: name.to_owned(),
+                server: "no-op",
+                result: base,
+                ratio: None,
+            },
+            Row {
+                scenario: name.to_owned(),
+                server: "portcullis",
+                result: measured,
+                // At a fixed offered rate, a throughput ratio says nothing.
+                ratio: plan.rate.is_none().then_some(ratio),
+            },
+        ] {
+            progress(&row);
+            rows.push(row);
+        }
+        ratio
+    };
     let pair =
         |rows: &mut Vec<Row>, name: &str, noop_source: Source, real_source: Source, plan: Plan| {
-            let base = run(&noop, noop_source, plan);
-            let measured = run(&real, real_source, plan);
-            let ratio = measured.throughput / base.throughput;
-            for row in [
-                Row {
-                    scenario: name.to_owned(),
-                    server: "no-op",
-                    result: base,
-                    ratio: None,
-                },
-                Row {
-                    scenario: name.to_owned(),
-                    server: "portcullis",
-                    result: measured,
-                    // At a fixed offered rate, a throughput ratio says nothing.
-                    ratio: plan.rate.is_none().then_some(ratio),
-                },
-            ] {
-                progress(&row);
-                rows.push(row);
-            }
-            ratio
+            pair_with(rows, &real, name, noop_source, real_source, plan)
         };
 
     let hot_ratio = pair(
@@ -939,13 +1004,28 @@ fn main() {
         half,
     );
     let half_p99_us = us(&rows[7].result.stats.latency_ns, 0.99);
+    // Warm again, against the large policy set.
+    let warm_large_ratio = pair_with(
+        &mut rows,
+        &real_large,
+        &format!("warm, {large_policies} pol."),
+        Source::Cycle(warm.clone()),
+        Source::Cycle(warm.clone()),
+        plan,
+    );
+    let warm_large_vs_small = rows[9].result.throughput / rows[3].result.throughput;
 
     let load_after = load_average();
     drop(noop);
     drop(real);
+    drop(real_large);
     drop(client_rt);
     server_rt.block_on(async {
         portcullis.shutdown(Duration::from_secs(2)).await.unwrap();
+        portcullis_large
+            .shutdown(Duration::from_secs(2))
+            .await
+            .unwrap();
     });
 
     // The report.
@@ -979,6 +1059,11 @@ fn main() {
     println!(
         "  (with the load generator and the gRPC stack on the same cores, the ceiling is 1 / (1/{noop_cold:.0} + 1/{ceiling:.0}) = {stack_ceiling:.0} req/s; cold reaches {:.2} of that)",
         cold_throughput / stack_ceiling
+    );
+    println!(
+        "- warm with {large_policies} policies: Portcullis / no-op = {warm_large_ratio:.2}; throughput {warm_large_vs_small:.2}× that with the quickstart's 4 policies (p50 {:.0} µs vs {:.0} µs)",
+        us(&rows[9].result.stats.latency_ns, 0.50),
+        us(&rows[3].result.stats.latency_ns, 0.50),
     );
     println!(
         "- hot at half of Portcullis' peak ({:.0} req/s offered): p99 = {half_p99_us:.0} µs (target < 1000 µs: {})",
