@@ -259,12 +259,13 @@ impl CedarMapping {
         digest.field(http.path_without_query().as_bytes());
         digest.field(http.host.as_bytes());
         digest.field(http.scheme.as_bytes());
-        digest.field(
-            http.source_ip
-                .map(|ip| ip.to_string())
-                .unwrap_or_default()
-                .as_bytes(),
-        );
+        // The address's octets (4 or 16 bytes; none when absent), without
+        // formatting it.
+        match http.source_ip {
+            Some(IpAddr::V4(ip)) => digest.field(&ip.octets()),
+            Some(IpAddr::V6(ip)) => digest.field(&ip.octets()),
+            None => digest.field(&[]),
+        }
         let workload = http
             .peer_principal
             .as_deref()

@@ -280,6 +280,11 @@ impl RequestSpan {
     /// Records the decision's attributes on the span (never a token).
     pub fn record_decision(&self, decision: &Decision, http_status: u16) {
         let span = &self.span;
+        // Nothing records a disabled span (no exporter, logs filtered): skip
+        // building the attribute strings.
+        if span.is_disabled() {
+            return;
+        }
         span.record("decision", outcome(decision));
         span.record("reason", decision.verdict.class());
         if let Some(failed) = failed_check(decision) {
