@@ -68,6 +68,8 @@ struct Pending {
     flush_to: u64,
     writer_idle: bool,
     stop: bool,
+    /// Times a deciding thread waited for the writer (back-pressure).
+    waits: u64,
 }
 
 impl Shared {
@@ -156,6 +158,7 @@ impl AuditLog {
             Mode::Batched(BatchWriter { shared, .. }) => {
                 let mut pending = shared.lock();
                 while pending.bytes.len() >= MAX_PENDING_BYTES && !pending.stop {
+                    pending.waits += 1;
                     shared.wake_writer.notify_one();
                     pending = shared
                         .progress
@@ -435,6 +438,59 @@ mod tests {
         assert!(matches!(log.mode, Mode::WriteThrough(_)));
     }
 
+    /// A sink that takes 200 ms per write, so lines pile up behind it.
+    struct Slow(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Slow {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            std::thread::sleep(Duration::from_millis(200));
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_slow_sink_holds_deciding_threads_back_instead_of_losing_lines() {
+        let out = Arc::new(Mutex::new(Vec::new()));
+        let log = AuditLog::write_through(Box::new(Slow(out.clone())))
+            .batched(Duration::from_millis(1))
+            .unwrap();
+        // About 16 MiB of lines from 4 threads: more than MAX_PENDING_BYTES can
+        // wait behind one 200 ms write, so deciding threads must wait.
+        let long_path = format!("/{}", "p".repeat(400));
+        let per_thread = 6_000;
+        std::thread::scope(|s| {
+            for _ in 0..4 {
+                s.spawn(|| {
+                    for _ in 0..per_thread {
+                        record(&log, &long_path);
+                    }
+                });
+            }
+        });
+        log.flush();
+        let text = String::from_utf8(out.lock().unwrap().clone()).unwrap();
+        assert!(
+            text.len() > MAX_PENDING_BYTES,
+            "the test must exceed the cap"
+        );
+        assert_eq!(text.lines().count(), 4 * per_thread);
+        assert!(
+            text.lines()
+                .all(|l| serde_json::from_str::<serde_json::Value>(l).is_ok())
+        );
+        let Mode::Batched(writer) = &log.mode else {
+            panic!("batched")
+        };
+        assert!(
+            writer.shared.lock().waits > 0,
+            "back-pressure was exercised"
+        );
+    }
+
     /// A sink that fails its first write, then works.
     struct FailOnce {
         failed: bool,
@@ -456,7 +512,7 @@ mod tests {
     }
 
     #[test]
-    fn a_failing_write_is_reported_and_the_writer_goes_on() {
+    fn a_failing_write_loses_only_its_batch_and_the_writer_goes_on() {
         let out = Arc::new(Mutex::new(Vec::new()));
         let sink = FailOnce {
             failed: false,

@@ -1106,6 +1106,18 @@ path = "/orders/{id}"
     }
 
     #[test]
+    fn audit_flush_interval_defaults_to_2_ms_and_is_bounded() {
+        let config = parse(MINIMAL).unwrap();
+        assert_eq!(config.audit.flush_interval(), Duration::from_millis(2));
+        let through = parse(&format!("{MINIMAL}[audit]\nflush_interval_ms = 0\n")).unwrap();
+        assert_eq!(through.audit.flush_interval(), Duration::ZERO);
+        let err = parse(&format!("{MINIMAL}[audit]\nflush_interval_ms = 1001\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("audit.flush_interval_ms = 1001"), "{err}");
+    }
+
+    #[test]
     fn admin_and_revocation_sections() {
         let text = format!(
             "{MINIMAL}\n[revocation]\nredis_url = \"redis://:hunter2@127.0.0.1:6379\"\nstartup = \"local\"\n[admin]\nlisten = \"127.0.0.1:9192\"\ntoken = \"0123456789abcdef0123\"\n"
