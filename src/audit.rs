@@ -438,13 +438,19 @@ mod tests {
         assert!(matches!(log.mode, Mode::WriteThrough(_)));
     }
 
-    /// A sink that takes 200 ms per write, so lines pile up behind it.
-    struct Slow(Arc<Mutex<Vec<u8>>>);
+    /// A sink whose first write blocks until the test opens the gate, so lines
+    /// pile up behind it.
+    struct Gated {
+        gate: Mutex<Option<std::sync::mpsc::Receiver<()>>>,
+        out: Arc<Mutex<Vec<u8>>>,
+    }
 
-    impl Write for Slow {
+    impl Write for Gated {
         fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            std::thread::sleep(Duration::from_millis(200));
-            self.0.lock().unwrap().extend_from_slice(buf);
+            if let Some(gate) = self.gate.lock().unwrap().take() {
+                let _ = gate.recv();
+            }
+            self.out.lock().unwrap().extend_from_slice(buf);
             Ok(buf.len())
         }
         fn flush(&mut self) -> std::io::Result<()> {
@@ -453,13 +459,21 @@ mod tests {
     }
 
     #[test]
-    fn a_slow_sink_holds_deciding_threads_back_instead_of_losing_lines() {
+    fn a_stuck_sink_holds_deciding_threads_back_instead_of_losing_lines() {
         let out = Arc::new(Mutex::new(Vec::new()));
-        let log = AuditLog::write_through(Box::new(Slow(out.clone())))
+        let (open, gate) = std::sync::mpsc::channel();
+        let sink = Gated {
+            gate: Mutex::new(Some(gate)),
+            out: out.clone(),
+        };
+        let log = AuditLog::write_through(Box::new(sink))
             .batched(Duration::from_millis(1))
             .unwrap();
-        // About 16 MiB of lines from 4 threads: more than MAX_PENDING_BYTES can
-        // wait behind one 200 ms write, so deciding threads must wait.
+        let Mode::Batched(writer) = &log.mode else {
+            panic!("batched")
+        };
+        // About 16 MiB of lines from 4 threads, while the first write is stuck:
+        // more than MAX_PENDING_BYTES, so deciding threads must wait.
         let long_path = format!("/{}", "p".repeat(400));
         let per_thread = 6_000;
         std::thread::scope(|s| {
@@ -470,24 +484,22 @@ mod tests {
                     }
                 });
             }
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
+            while writer.shared.lock().waits == 0 {
+                assert!(std::time::Instant::now() < deadline, "nobody waited");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            let pending = writer.shared.lock().bytes.len();
+            // Opened before asserting, so a failure cannot leave threads stuck.
+            open.send(()).unwrap();
+            assert!(pending >= MAX_PENDING_BYTES);
         });
         log.flush();
         let text = String::from_utf8(out.lock().unwrap().clone()).unwrap();
-        assert!(
-            text.len() > MAX_PENDING_BYTES,
-            "the test must exceed the cap"
-        );
-        assert_eq!(text.lines().count(), 4 * per_thread);
+        assert_eq!(text.lines().count(), 4 * per_thread, "no line lost");
         assert!(
             text.lines()
                 .all(|l| serde_json::from_str::<serde_json::Value>(l).is_ok())
-        );
-        let Mode::Batched(writer) = &log.mode else {
-            panic!("batched")
-        };
-        assert!(
-            writer.shared.lock().waits > 0,
-            "back-pressure was exercised"
         );
     }
 
