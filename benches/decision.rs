@@ -118,34 +118,16 @@ fn setup() -> Setup {
     // The quickstart policies plus per-user links: alice's among them.
     let users = policy_sizes().into_iter().max().unwrap_or(10);
     let large_dir = dir.path().join("large-policies");
-    std::fs::create_dir(&large_dir).unwrap();
-    for entry in std::fs::read_dir(root.join("policies")).unwrap() {
-        let path = entry.unwrap().path();
-        if path.is_file() {
-            std::fs::copy(&path, large_dir.join(path.file_name().unwrap())).unwrap();
-        }
-    }
-    std::fs::write(
-        large_dir.join("per-user.cedar"),
-        "@id(\"per-user-read\")\npermit(principal == ?principal, action in [Action::\"get /orders\", Action::\"get /orders/{id}\"], resource == Application::\"orders\")\nwhen { context.token.scopes.contains(\"orders:read\") };\n",
-    )
-    .unwrap();
-    let links: Vec<serde_json::Value> = (0..users)
-        .map(|i| {
-            let user = if i == 0 {
+    policy_gen::quickstart_with_user_links(
+        &large_dir,
+        (0..users).map(|i| {
+            if i == 0 {
                 "alice".to_owned()
             } else {
                 format!("user{i}")
-            };
-            json!({"id": format!("read-{user}"), "template": "per-user-read",
-                   "values": {"?principal": {"type": "User", "id": user}}})
-        })
-        .collect();
-    std::fs::write(
-        large_dir.join("links.json"),
-        serde_json::to_string(&links).unwrap(),
-    )
-    .unwrap();
+            }
+        }),
+    );
     config.policies.dir = large_dir;
     let large = Engine::from_config(&config).unwrap();
     let large_policies = large.policies().index.len();

@@ -90,6 +90,9 @@ use tonic::transport::server::TcpIncoming;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+#[path = "../tests/common/policy_gen.rs"]
+mod policy_gen;
+
 const CHECK_PATH: &str = "/envoy.service.auth.v3.Authorization/Check";
 const ISSUER: &str = "https://auth.example.test";
 const AUDIENCE: &str = "orders-api";
@@ -272,31 +275,8 @@ async fn start_portcullis(deployment: &Deployment, config: &Config, audit: &str)
 /// The quickstart policies plus a per-user template linked for `users` users
 /// (the warm scenario's subjects first), `users + 4` policies in all.
 fn large_policy_config(deployment: &Deployment, users: usize) -> Config {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/quickstart/policies");
     let dir = deployment.dir.path().join("large-policies");
-    std::fs::create_dir_all(&dir).unwrap();
-    for entry in std::fs::read_dir(&root).unwrap() {
-        let path = entry.unwrap().path();
-        if path.is_file() {
-            std::fs::copy(&path, dir.join(path.file_name().unwrap())).unwrap();
-        }
-    }
-    std::fs::write(
-        dir.join("per-user.cedar"),
-        "@id(\"per-user-read\")\npermit(principal == ?principal, action in [Action::\"get /orders\", Action::\"get /orders/{id}\"], resource == Application::\"orders\")\nwhen { context.token.scopes.contains(\"orders:read\") };\n",
-    )
-    .unwrap();
-    let links: Vec<serde_json::Value> = (0..users)
-        .map(|i| {
-            json!({"id": format!("read-{i}"), "template": "per-user-read",
-                   "values": {"?principal": {"type": "User", "id": format!("warm-{i}")}}})
-        })
-        .collect();
-    std::fs::write(
-        dir.join("links.json"),
-        serde_json::to_string(&links).unwrap(),
-    )
-    .unwrap();
+    policy_gen::quickstart_with_user_links(&dir, (0..users).map(|i| format!("warm-{i}")));
     let mut config = deployment.config.clone();
     config.policies.dir = dir;
     config

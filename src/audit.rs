@@ -348,6 +348,15 @@ mod tests {
             .collect()
     }
 
+    /// A log to a file in a fresh folder (kept alive by the returned guard),
+    /// batched over `interval`.
+    fn file_log(interval: Duration) -> (tempfile::TempDir, std::path::PathBuf, AuditLog) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let log = AuditLog::file(&path).unwrap().batched(interval).unwrap();
+        (dir, path, log)
+    }
+
     fn record(log: &AuditLog, path: &str) -> String {
         let decision = Decision::new("GET", path);
         log.record_traced(&decision, 403, &TraceIds::default());
@@ -356,12 +365,7 @@ mod tests {
 
     #[test]
     fn batched_lines_from_many_threads_are_all_written_whole_by_flush() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("audit.log");
-        let log = AuditLog::file(&path)
-            .unwrap()
-            .batched(Duration::from_millis(2))
-            .unwrap();
+        let (_dir, path, log) = file_log(Duration::from_millis(2));
         let ids: HashSet<String> = std::thread::scope(|s| {
             let workers: Vec<_> = (0..8)
                 .map(|t| {
@@ -390,13 +394,8 @@ mod tests {
 
     #[test]
     fn batched_lines_are_written_when_the_log_is_dropped() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("audit.log");
         // A long interval: only the drop can have written the lines in time.
-        let log = AuditLog::file(&path)
-            .unwrap()
-            .batched(Duration::from_millis(1000))
-            .unwrap();
+        let (_dir, path, log) = file_log(Duration::from_millis(1000));
         let ids: Vec<String> = (0..100).map(|i| record(&log, &format!("/{i}"))).collect();
         drop(log);
         let written: Vec<String> = lines(&path)
@@ -408,12 +407,7 @@ mod tests {
 
     #[test]
     fn batched_lines_arrive_without_a_flush_after_the_interval() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("audit.log");
-        let log = AuditLog::file(&path)
-            .unwrap()
-            .batched(Duration::from_millis(2))
-            .unwrap();
+        let (_dir, path, log) = file_log(Duration::from_millis(2));
         let id = record(&log, "/one");
         // The writer thread writes on its own; wait for it (bounded), no flush.
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -426,12 +420,7 @@ mod tests {
 
     #[test]
     fn a_zero_interval_keeps_the_log_write_through() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("audit.log");
-        let log = AuditLog::file(&path)
-            .unwrap()
-            .batched(Duration::ZERO)
-            .unwrap();
+        let (_dir, path, log) = file_log(Duration::ZERO);
         let id = record(&log, "/now");
         // Written before record_traced returned: no flush, no wait.
         assert_eq!(lines(&path)[0]["decision_id"], id.as_str());

@@ -9,6 +9,7 @@
 #![allow(dead_code)]
 
 use std::collections::HashSet;
+use std::fs;
 use std::path::Path;
 use std::str::FromStr;
 
@@ -349,4 +350,36 @@ pub fn random_input(rng: &mut Rng, store: &PolicyStore, shape: Shape) -> CedarIn
         action,
         resource,
     }
+}
+
+/// Writes into `dir` the quickstart's policy files plus a template granting
+/// its user read access to orders, linked once per id of `users` (the large
+/// policy set of `benches/decision.rs` and `benches/load.rs`). Returns how many
+/// links were written.
+pub fn quickstart_with_user_links(dir: &Path, users: impl Iterator<Item = String>) -> usize {
+    let quickstart = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/quickstart/policies");
+    fs::create_dir_all(dir).unwrap();
+    for entry in fs::read_dir(&quickstart).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() {
+            fs::copy(&path, dir.join(path.file_name().unwrap())).unwrap();
+        }
+    }
+    fs::write(
+        dir.join("per-user.cedar"),
+        "@id(\"per-user-read\")\npermit(principal == ?principal, action in [Action::\"get /orders\", Action::\"get /orders/{id}\"], resource == Application::\"orders\")\nwhen { context.token.scopes.contains(\"orders:read\") };\n",
+    )
+    .unwrap();
+    let links: Vec<serde_json::Value> = users
+        .map(|user| {
+            serde_json::json!({"id": format!("read-{user}"), "template": "per-user-read",
+                   "values": {"?principal": {"type": "User", "id": user}}})
+        })
+        .collect();
+    fs::write(
+        dir.join("links.json"),
+        serde_json::to_string(&links).unwrap(),
+    )
+    .unwrap();
+    links.len()
 }
