@@ -755,10 +755,10 @@ impl Engine {
         token: &VerifiedToken,
         facts: RequestFacts<'_>,
     ) -> Result<Arc<PolicyOutcome>, MappingError> {
-        let key = self
-            .caches
-            .caches_decisions()
-            .then(|| self.mapping.decision_key(token, facts));
+        let key = self.caches.caches_decisions().then(|| {
+            self.mapping
+                .decision_key(&self.store.context_reads, token, facts)
+        });
         if let Some(key) = &key {
             let lookup = tracing::debug_span!("cache_lookup", cache = "decision", hit = Empty);
             let hit = lookup.in_scope(|| self.caches.decision(key));

@@ -299,3 +299,64 @@ async fn caches_never_change_a_direct_decision() {
             > 0
     );
 }
+
+/// The decision key covers only the context the policies can read: with the
+/// quickstart's policies (they read `token.scopes` and `http.source_ip`), two
+/// order ids or two hosts share one cached decision; once a policy reads
+/// `path_params.id`, each id has its own.
+#[tokio::test]
+async fn decisions_are_shared_across_context_fields_no_policy_reads() {
+    let hits = |engine: &Engine| {
+        engine
+            .caches()
+            .stats
+            .decision_hits
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    let request = |token: &str, path: &str, host: &str, ip: &str| {
+        let mut http = HttpRequest {
+            method: "GET".into(),
+            path: path.into(),
+            host: host.into(),
+            scheme: "https".into(),
+            source_ip: Some(ip.parse().unwrap()),
+            ..Default::default()
+        };
+        http.headers
+            .insert("authorization".into(), format!("Bearer {token}"));
+        http
+    };
+
+    let quickstart = Fixture::new();
+    let (engine, _) = engines(&quickstart);
+    let token = quickstart.es256().token("alice", &["orders:read"], &[]);
+    let first = engine
+        .decide(&request(&token, "/orders/1", "a.example.test", "10.0.0.1"))
+        .await;
+    assert!(first.verdict.is_allow());
+    assert_eq!(hits(&engine), 0);
+    let other_id = engine
+        .decide(&request(&token, "/orders/2", "b.example.test", "10.0.0.1"))
+        .await;
+    assert!(other_id.verdict.is_allow());
+    assert_eq!(hits(&engine), 1, "id and host are read by no policy");
+    // The source address is read (the blocked-network forbid): a new key.
+    engine
+        .decide(&request(&token, "/orders/2", "b.example.test", "10.0.0.2"))
+        .await;
+    assert_eq!(hits(&engine), 1, "source_ip is read");
+
+    let reads_ids = Fixture::new();
+    std::fs::write(reads_ids.path("policies/extra.cedar"), EXTRA).unwrap();
+    let (engine, _) = engines(&reads_ids);
+    let token = reads_ids.es256().token("alice", &["orders:read"], &[]);
+    let seven = engine
+        .decide(&request(&token, "/orders/7", "a.example.test", "10.0.0.1"))
+        .await;
+    let thirteen = engine
+        .decide(&request(&token, "/orders/13", "a.example.test", "10.0.0.1"))
+        .await;
+    assert!(seven.verdict.is_allow());
+    assert!(!thirteen.verdict.is_allow(), "the id-13 forbid applies");
+    assert_eq!(hits(&engine), 0, "path_params.id is read");
+}

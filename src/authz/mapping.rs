@@ -22,6 +22,7 @@ use cedar_policy::{
 };
 use serde_json::Value;
 
+use super::context_reads::ContextReads;
 use super::policy_store::PolicyStore;
 use crate::attributes::HttpRequest;
 use crate::authn::VerifiedToken;
@@ -242,10 +243,19 @@ impl CedarMapping {
         EntityUid::from_type_name_and_id(self.action_type.clone(), EntityId::new(action))
     }
 
-    /// A digest of every input [`CedarMapping::build`] reads, so two requests
-    /// with the same key get the same Cedar request and entities (the decision
-    /// cache's key). Keep in step with `build` and `context_pairs`.
-    pub fn decision_key(&self, token: &VerifiedToken, facts: RequestFacts<'_>) -> [u8; 32] {
+    /// A digest of every input [`CedarMapping::build`] reads that the policies
+    /// can see, so two requests with the same key get the same decision (the
+    /// decision cache's key). The identity (principal, roles) and the action
+    /// always count; a context field counts when `reads` covers it (see
+    /// [`super::context_reads`]). Which fields count is fixed for a policy set,
+    /// and a decision cache belongs to one. Keep in step with `build` and
+    /// `context_pairs`.
+    pub fn decision_key(
+        &self,
+        reads: &ContextReads,
+        token: &VerifiedToken,
+        facts: RequestFacts<'_>,
+    ) -> [u8; 32] {
         let mut digest = DecisionKey::default();
         digest.field(token.principal_type.as_bytes());
         digest.field(token.principal_id.as_bytes());
@@ -255,34 +265,49 @@ impl CedarMapping {
         digest.list(roles.iter().map(|r| r.as_bytes()));
         digest.field(facts.action.as_bytes());
         let http = facts.http;
-        digest.field(http.method.as_bytes());
-        digest.field(http.path_without_query().as_bytes());
-        digest.field(http.host.as_bytes());
-        digest.field(http.scheme.as_bytes());
+        let mut field = |path: &[&str], value: &[u8]| {
+            if reads.covers(path) {
+                digest.field(value);
+            }
+        };
+        field(&["http", "method"], http.method.as_bytes());
+        field(&["http", "path"], http.path_without_query().as_bytes());
+        field(&["http", "host"], http.host.as_bytes());
+        field(&["http", "scheme"], http.scheme.as_bytes());
         // The address's octets (4 or 16 bytes; none when absent), without
         // formatting it.
         match http.source_ip {
-            Some(IpAddr::V4(ip)) => digest.field(&ip.octets()),
-            Some(IpAddr::V6(ip)) => digest.field(&ip.octets()),
-            None => digest.field(&[]),
+            Some(IpAddr::V4(ip)) => field(&["http", "source_ip"], &ip.octets()),
+            Some(IpAddr::V6(ip)) => field(&["http", "source_ip"], &ip.octets()),
+            None => field(&["http", "source_ip"], &[]),
         }
-        let workload = http
-            .peer_principal
-            .as_deref()
-            .filter(|_| self.workload_actions.contains(facts.action));
-        digest.option(workload.map(str::as_bytes));
-        digest.list(
-            facts
-                .path_params
-                .iter()
-                .flat_map(|(k, v)| [k.as_bytes(), v.as_bytes()]),
-        );
-        digest.field(token.issuer.as_bytes());
-        digest.field(&token.issued_at.to_be_bytes());
-        digest.field(&token.expires_at.to_be_bytes());
-        digest.list(token.scopes.iter().map(|s| s.as_bytes()));
-        digest.option(token.jti.as_deref().map(str::as_bytes));
-        digest.option(token.client_id.as_deref().map(str::as_bytes));
+        field(&["token", "iss"], token.issuer.as_bytes());
+        field(&["token", "iat"], &token.issued_at.to_be_bytes());
+        field(&["token", "exp"], &token.expires_at.to_be_bytes());
+        if reads.covers(&["workload"]) {
+            let workload = http
+                .peer_principal
+                .as_deref()
+                .filter(|_| self.workload_actions.contains(facts.action));
+            digest.option(workload.map(str::as_bytes));
+        }
+        if reads.covers(&["path_params"]) {
+            digest.list(
+                facts
+                    .path_params
+                    .iter()
+                    .flat_map(|(k, v)| [k.as_bytes(), v.as_bytes()]),
+            );
+        }
+        if reads.covers(&["token", "scopes"]) {
+            digest.list(token.scopes.iter().map(|s| s.as_bytes()));
+        }
+        if reads.covers(&["token", "jti"]) {
+            digest.option(token.jti.as_deref().map(str::as_bytes));
+        }
+        if reads.covers(&["token", "client_id"]) {
+            digest.option(token.client_id.as_deref().map(str::as_bytes));
+        }
         digest.finish()
     }
 

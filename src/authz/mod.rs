@@ -1,6 +1,7 @@
 //! Authorization: routes, the Cedar mapping, the policy folder, its index and
 //! evaluation.
 
+pub mod context_reads;
 pub mod index;
 pub mod mapping;
 pub mod policy_store;

@@ -99,6 +99,8 @@ pub struct PolicyStore {
     pub index: std::sync::Arc<PolicyIndex>,
     /// Static entities from `entities.json` plus the schema's action entities.
     pub entities: Entities,
+    /// The context paths the policies can read (what the decision cache keys on).
+    pub context_reads: super::context_reads::ContextReads,
     /// Validator warnings (they do not stop loading).
     pub warnings: Vec<PolicyDiagnostic>,
     /// Which file each policy came from.
@@ -253,6 +255,7 @@ impl PolicyStore {
             (Some(schema), Some(entities), Some(index)) if diagnostics.is_empty() => {
                 Ok(PolicyStore {
                     schema,
+                    context_reads: super::context_reads::ContextReads::of(&policies),
                     policies,
                     index: std::sync::Arc::new(index),
                     entities,
