@@ -22,7 +22,10 @@
 //! - *warm with a large policy set*: warm again, against a second Portcullis
 //!   whose policies are the quickstart's plus a per-user template linked for
 //!   100,000 users (`PORTCULLIS_BENCH_LARGE_POLICY_USERS`), the warm subjects
-//!   among them.
+//!   among them;
+//! - *warm, id read*: warm again, against a third Portcullis whose policies
+//!   also read `context.path_params.id`, so the decision cache cannot share a
+//!   decision across ids (the decision-cache-miss path).
 //!
 //! Every Portcullis response must be an allow; any deny or gRPC error makes the
 //! run invalid (exit code 1).
@@ -277,6 +280,22 @@ async fn start_portcullis(deployment: &Deployment, config: &Config, audit: &str)
 fn large_policy_config(deployment: &Deployment, users: usize) -> Config {
     let dir = deployment.dir.path().join("large-policies");
     policy_gen::quickstart_with_user_links(&dir, (0..users).map(|i| format!("warm-{i}")));
+    let mut config = deployment.config.clone();
+    config.policies.dir = dir;
+    config
+}
+
+/// The quickstart policies plus one that reads the order id (a forbid for id
+/// `0`, which no request here uses): each (token, id) then has a decision of
+/// its own, as with policies that look at path parameters.
+fn id_reading_config(deployment: &Deployment) -> Config {
+    let dir = deployment.dir.path().join("id-reading-policies");
+    policy_gen::quickstart_with_user_links(&dir, std::iter::empty());
+    std::fs::write(
+        dir.join("order-zero.cedar"),
+        "@id(\"no-order-zero\")\nforbid(principal, action == Action::\"get /orders/{id}\", resource)\nwhen { context.path_params.id == \"0\" };\n",
+    )
+    .unwrap();
     let mut config = deployment.config.clone();
     config.policies.dir = dir;
     config
@@ -831,11 +850,18 @@ fn main() {
         "  loaded, validated and indexed {large_policies} policies in {:.1} s",
         loading.elapsed().as_secs_f64()
     );
-    let (noop, real, real_large) = client_rt.block_on(async {
+    // And with a policy that reads the order id.
+    let portcullis_ids = server_rt.block_on(start_portcullis(
+        &deployment,
+        &id_reading_config(&deployment),
+        "ids.audit.log",
+    ));
+    let (noop, real, real_large, real_ids) = client_rt.block_on(async {
         (
             connect(noop_addr, settings.channels).await,
             connect(portcullis.local_addr(), settings.channels).await,
             connect(portcullis_large.local_addr(), settings.channels).await,
+            connect(portcullis_ids.local_addr(), settings.channels).await,
         )
     });
 
@@ -994,15 +1020,29 @@ fn main() {
         plan,
     );
     let warm_large_vs_small = rows[9].result.throughput / rows[3].result.throughput;
+    // Warm again, where a policy reads the order id.
+    let warm_ids_ratio = pair_with(
+        &mut rows,
+        &real_ids,
+        "warm, id read",
+        Source::Cycle(warm.clone()),
+        Source::Cycle(warm.clone()),
+        plan,
+    );
 
     let load_after = load_average();
     drop(noop);
     drop(real);
     drop(real_large);
+    drop(real_ids);
     drop(client_rt);
     server_rt.block_on(async {
         portcullis.shutdown(Duration::from_secs(2)).await.unwrap();
         portcullis_large
+            .shutdown(Duration::from_secs(2))
+            .await
+            .unwrap();
+        portcullis_ids
             .shutdown(Duration::from_secs(2))
             .await
             .unwrap();
@@ -1044,6 +1084,9 @@ fn main() {
         "- warm with {large_policies} policies: Portcullis / no-op = {warm_large_ratio:.2}; throughput {warm_large_vs_small:.2}× that with the quickstart's 4 policies (p50 {:.0} µs vs {:.0} µs)",
         us(&rows[9].result.stats.latency_ns, 0.50),
         us(&rows[3].result.stats.latency_ns, 0.50),
+    );
+    println!(
+        "- warm where a policy reads the order id (a decision per token and id, mostly decision-cache misses): Portcullis / no-op = {warm_ids_ratio:.2}"
     );
     println!(
         "- hot at half of Portcullis' peak ({:.0} req/s offered): p99 = {half_p99_us:.0} µs (target < 1000 µs: {})",
