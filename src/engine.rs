@@ -25,7 +25,7 @@ use crate::authn::mint::SigningKey;
 use crate::authn::workload::WorkloadIdentities;
 use crate::authn::{CredentialKind, MAX_TOKEN_BYTES, TokenError, VerifiedToken};
 use crate::authz::mapping::{
-    CedarMapping, DirectError, DirectRequest, MappingError, RequestFacts, SchemaCheck,
+    CedarMapping, DirectError, DirectRequest, KeyFields, MappingError, RequestFacts, SchemaCheck,
 };
 use crate::authz::policy_store::PolicyStore;
 use crate::authz::routes::{RouteMatch, RouteTable, is_canonical_path};
@@ -59,6 +59,9 @@ pub struct Engine {
     routes: RouteTable,
     store: PolicyStore,
     mapping: CedarMapping,
+    /// The context fields the decision key covers: those the store's policies
+    /// can read.
+    decision_fields: KeyFields,
     authorizer: Authorizer,
     default_action: Option<String>,
     response: ResponseConfig,
@@ -195,6 +198,7 @@ impl Engine {
                 .as_ref()
                 .map(WorkloadIdentities::from_config),
             routes,
+            decision_fields: KeyFields::of(&store.context_reads),
             store,
             mapping,
             authorizer: Authorizer::new(),
@@ -757,7 +761,7 @@ impl Engine {
     ) -> Result<Arc<PolicyOutcome>, MappingError> {
         let key = self.caches.caches_decisions().then(|| {
             self.mapping
-                .decision_key(&self.store.context_reads, token, facts)
+                .decision_key(&self.decision_fields, token, facts)
         });
         if let Some(key) = &key {
             let lookup = tracing::debug_span!("cache_lookup", cache = "decision", hit = Empty);

@@ -76,6 +76,60 @@ pub struct RequestFacts<'a> {
     pub workload: Option<&'a str>,
 }
 
+/// The context fields [`CedarMapping::build`] fills in that the decision key
+/// covers: those some policy can read (see [`super::context_reads`]). Worked
+/// out once per policy set, so the request path only tests booleans.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyFields {
+    /// `http.method`.
+    pub method: bool,
+    /// `http.path`.
+    pub path: bool,
+    /// `http.host`.
+    pub host: bool,
+    /// `http.scheme`.
+    pub scheme: bool,
+    /// `http.source_ip` (and whether it is there).
+    pub source_ip: bool,
+    /// `workload` (and whether it is there).
+    pub workload: bool,
+    /// `path_params`, all of them.
+    pub path_params: bool,
+    /// `token.iss`.
+    pub iss: bool,
+    /// `token.iat`.
+    pub iat: bool,
+    /// `token.exp`.
+    pub exp: bool,
+    /// `token.scopes`.
+    pub scopes: bool,
+    /// `token.jti` (and whether it is there).
+    pub jti: bool,
+    /// `token.client_id` (and whether it is there).
+    pub client_id: bool,
+}
+
+impl KeyFields {
+    /// The fields `reads` covers.
+    pub fn of(reads: &ContextReads) -> KeyFields {
+        KeyFields {
+            method: reads.covers(&["http", "method"]),
+            path: reads.covers(&["http", "path"]),
+            host: reads.covers(&["http", "host"]),
+            scheme: reads.covers(&["http", "scheme"]),
+            source_ip: reads.covers(&["http", "source_ip"]),
+            workload: reads.covers(&["workload"]),
+            path_params: reads.covers(&["path_params"]),
+            iss: reads.covers(&["token", "iss"]),
+            iat: reads.covers(&["token", "iat"]),
+            exp: reads.covers(&["token", "exp"]),
+            scopes: reads.covers(&["token", "scopes"]),
+            jti: reads.covers(&["token", "jti"]),
+            client_id: reads.covers(&["token", "client_id"]),
+        }
+    }
+}
+
 /// Whether [`CedarMapping::build`] validates what it builds against the schema.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SchemaCheck {
@@ -246,13 +300,12 @@ impl CedarMapping {
     /// A digest of every input [`CedarMapping::build`] reads that the policies
     /// can see, so two requests with the same key get the same decision (the
     /// decision cache's key). The identity (principal, roles) and the action
-    /// always count; a context field counts when `reads` covers it (see
-    /// [`super::context_reads`]). Which fields count is fixed for a policy set,
-    /// and a decision cache belongs to one. Keep in step with `build` and
-    /// `context_pairs`.
+    /// always count; a context field counts when `fields` says a policy can
+    /// read it. Which fields count is fixed for a policy set, and a decision
+    /// cache belongs to one. Keep in step with `build` and `context_pairs`.
     pub fn decision_key(
         &self,
-        reads: &ContextReads,
+        fields: &KeyFields,
         token: &VerifiedToken,
         facts: RequestFacts<'_>,
     ) -> [u8; 32] {
@@ -265,33 +318,34 @@ impl CedarMapping {
         digest.list(roles.iter().map(|r| r.as_bytes()));
         digest.field(facts.action.as_bytes());
         let http = facts.http;
-        let mut field = |path: &[&str], value: &[u8]| {
-            if reads.covers(path) {
-                digest.field(value);
-            }
-        };
-        field(&["http", "method"], http.method.as_bytes());
-        field(&["http", "path"], http.path_without_query().as_bytes());
-        field(&["http", "host"], http.host.as_bytes());
-        field(&["http", "scheme"], http.scheme.as_bytes());
-        // The address's octets (4 or 16 bytes; none when absent), without
-        // formatting it.
-        match http.source_ip {
-            Some(IpAddr::V4(ip)) => field(&["http", "source_ip"], &ip.octets()),
-            Some(IpAddr::V6(ip)) => field(&["http", "source_ip"], &ip.octets()),
-            None => field(&["http", "source_ip"], &[]),
+        if fields.method {
+            digest.field(http.method.as_bytes());
         }
-        field(&["token", "iss"], token.issuer.as_bytes());
-        field(&["token", "iat"], &token.issued_at.to_be_bytes());
-        field(&["token", "exp"], &token.expires_at.to_be_bytes());
-        if reads.covers(&["workload"]) {
+        if fields.path {
+            digest.field(http.path_without_query().as_bytes());
+        }
+        if fields.host {
+            digest.field(http.host.as_bytes());
+        }
+        if fields.scheme {
+            digest.field(http.scheme.as_bytes());
+        }
+        if fields.source_ip {
+            // The address's octets (4 or 16 bytes; none when absent).
+            match http.source_ip {
+                Some(IpAddr::V4(ip)) => digest.field(&ip.octets()),
+                Some(IpAddr::V6(ip)) => digest.field(&ip.octets()),
+                None => digest.field(&[]),
+            }
+        }
+        if fields.workload {
             let workload = http
                 .peer_principal
                 .as_deref()
                 .filter(|_| self.workload_actions.contains(facts.action));
             digest.option(workload.map(str::as_bytes));
         }
-        if reads.covers(&["path_params"]) {
+        if fields.path_params {
             digest.list(
                 facts
                     .path_params
@@ -299,13 +353,22 @@ impl CedarMapping {
                     .flat_map(|(k, v)| [k.as_bytes(), v.as_bytes()]),
             );
         }
-        if reads.covers(&["token", "scopes"]) {
+        if fields.iss {
+            digest.field(token.issuer.as_bytes());
+        }
+        if fields.iat {
+            digest.field(&token.issued_at.to_be_bytes());
+        }
+        if fields.exp {
+            digest.field(&token.expires_at.to_be_bytes());
+        }
+        if fields.scopes {
             digest.list(token.scopes.iter().map(|s| s.as_bytes()));
         }
-        if reads.covers(&["token", "jti"]) {
+        if fields.jti {
             digest.option(token.jti.as_deref().map(str::as_bytes));
         }
-        if reads.covers(&["token", "client_id"]) {
+        if fields.client_id {
             digest.option(token.client_id.as_deref().map(str::as_bytes));
         }
         digest.finish()
