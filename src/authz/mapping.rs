@@ -260,11 +260,6 @@ impl CedarMapping {
         self.workload_actions.insert(action.to_owned());
     }
 
-    /// The resource every request is about.
-    pub fn application(&self) -> &EntityUid {
-        &self.application
-    }
-
     /// The principal uid of an identity, e.g. `User::"alice"`.
     pub fn principal(&self, token: &VerifiedToken) -> Result<EntityUid, MappingError> {
         let ty = match self.principal_types.get(&token.principal_type) {
