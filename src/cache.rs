@@ -20,8 +20,8 @@ use crate::config::CacheConfig;
 /// A verified token as cached.
 #[derive(Debug)]
 pub struct CachedToken {
-    /// The identity.
-    pub token: VerifiedToken,
+    /// The identity, shared with every request that presents the token.
+    pub token: Arc<VerifiedToken>,
     /// The issuer key-set generation that verified it.
     pub key_generation: u64,
     /// First second (inclusive) at which verification succeeds (`nbf`/`iat` − leeway).
@@ -111,7 +111,7 @@ impl Caches {
         digest: &[u8; 32],
         now: i64,
         key_generation: impl Fn(&str) -> Option<u64>,
-    ) -> Option<VerifiedToken> {
+    ) -> Option<Arc<VerifiedToken>> {
         let cache = self.tokens.as_ref()?;
         let hit = cache.get(digest).filter(|hit| {
             now >= hit.valid_from

@@ -91,7 +91,8 @@ pub struct CredentialCounters {
 #[derive(Debug, Clone)]
 pub struct Authentication {
     /// The verified identity; also kept when it is revoked, for the audit line.
-    pub token: Option<VerifiedToken>,
+    /// Shared with the verified-token cache, not copied out of it.
+    pub token: Option<Arc<VerifiedToken>>,
     /// Why the credential is refused, if it is.
     pub refusal: Option<TokenError>,
 }
@@ -669,7 +670,7 @@ impl Engine {
         http: &HttpRequest,
         allow_workload: bool,
         now: i64,
-    ) -> Result<VerifiedToken, TokenError> {
+    ) -> Result<Arc<VerifiedToken>, TokenError> {
         let credential = self.presented_credential(http, allow_workload)?;
         self.verify_credential(credential, now).await
     }
@@ -679,7 +680,7 @@ impl Engine {
         &self,
         credential: PresentedCredential<'_>,
         now: i64,
-    ) -> Result<VerifiedToken, TokenError> {
+    ) -> Result<Arc<VerifiedToken>, TokenError> {
         self.counters.credentials.fetch_add(1, Ordering::Relaxed);
         let token = match credential {
             PresentedCredential::None => return Err(TokenError::Missing),
@@ -689,9 +690,10 @@ impl Engine {
                     .workload
                     .as_ref()
                     .and_then(|workload| workload.identity(peer))
+                    .map(Arc::new)
                     .ok_or(TokenError::Missing);
             }
-            PresentedCredential::ApiKey(key) => return self.verify_api_key(key, now),
+            PresentedCredential::ApiKey(key) => return self.verify_api_key(key, now).map(Arc::new),
             PresentedCredential::Bearer(token) => token,
         };
         // Checked before any parsing (bearer_token did for Check; IsAuthorized
@@ -700,7 +702,7 @@ impl Engine {
             return Err(TokenError::TooLarge);
         }
         if is_api_key(token) {
-            return self.verify_api_key(token, now);
+            return self.verify_api_key(token, now).map(Arc::new);
         }
         if is_jwt_shaped(token) {
             return self.verify_jwt(token, now).await;
@@ -715,7 +717,7 @@ impl Engine {
         let mut verdict = TokenError::InactiveToken;
         for introspector in introspectors {
             match introspector.introspect(token, now).await {
-                Ok(identity) => return Ok(identity),
+                Ok(identity) => return Ok(Arc::new(identity)),
                 Err(TokenError::IntrospectionFailed) => verdict = TokenError::IntrospectionFailed,
                 Err(TokenError::InactiveToken) => {}
                 Err(other) if verdict == TokenError::InactiveToken => verdict = other,
@@ -811,7 +813,7 @@ impl Engine {
     }
 
     /// JWT verification through the verified-token cache.
-    async fn verify_jwt(&self, token: &str, now: i64) -> Result<VerifiedToken, TokenError> {
+    async fn verify_jwt(&self, token: &str, now: i64) -> Result<Arc<VerifiedToken>, TokenError> {
         let digest = token_digest(token);
         let lookup = tracing::debug_span!("cache_lookup", cache = "token", hit = Empty);
         let hit = lookup.in_scope(|| {
@@ -830,6 +832,7 @@ impl Engine {
             .verify_with_window(token, now)
             .instrument(tracing::debug_span!("verify_token", credential = "jwt"))
             .await?;
+        let verified = Arc::new(verified);
         self.caches.remember_token(
             digest,
             CachedToken {

@@ -71,15 +71,17 @@ pub fn http_request(check: CheckRequest) -> Option<HttpRequest> {
     let mut attributes = check.attributes?;
     let http: EnvoyHttpRequest = attributes.request.take()?.http?;
     let lower = |mut name: String| {
-        // Envoy sends lower-case names already; only copy when it did not.
         name.make_ascii_lowercase();
         name
     };
-    let mut headers: HashMap<String, String> = http
-        .headers
-        .into_iter()
-        .map(|(k, v)| (lower(k), v))
-        .collect();
+    // Envoy sends lower-case names: the map is then used as it was decoded.
+    let mut headers: HashMap<String, String> = http.headers;
+    if headers
+        .keys()
+        .any(|k| k.bytes().any(|b| b.is_ascii_uppercase()))
+    {
+        headers = headers.into_iter().map(|(k, v)| (lower(k), v)).collect();
+    }
     if let Some(map) = http.header_map {
         for header in map.headers {
             let value = if header.raw_value.is_empty() {
@@ -361,5 +363,77 @@ impl Authorization for CheckService {
             None => check_response(&decision, &ResponseConfig::default(), "", None),
         };
         Ok(tonic::Response::new(response))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use envoy_types::pb::envoy::config::core::v3::HeaderMap;
+    use envoy_types::pb::envoy::service::auth::v3::AttributeContext;
+    use envoy_types::pb::envoy::service::auth::v3::attribute_context::Request as EnvoyRequest;
+
+    fn check(http: EnvoyHttpRequest) -> CheckRequest {
+        CheckRequest {
+            attributes: Some(AttributeContext {
+                request: Some(EnvoyRequest {
+                    http: Some(http),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+        }
+    }
+
+    #[test]
+    fn lower_case_headers_are_used_as_decoded_and_others_lower_cased() {
+        let lower = http_request(check(EnvoyHttpRequest {
+            method: "get".into(),
+            path: "/orders".into(),
+            headers: [("authorization".to_owned(), "Bearer a".to_owned())].into(),
+            ..Default::default()
+        }))
+        .unwrap();
+        assert_eq!(lower.method, "GET");
+        assert_eq!(lower.header("authorization"), Some("Bearer a"));
+
+        let mixed = http_request(check(EnvoyHttpRequest {
+            path: "/orders".into(),
+            headers: [
+                ("Authorization".to_owned(), "Bearer b".to_owned()),
+                (":method".to_owned(), "POST".to_owned()),
+                ("X-Request-Id".to_owned(), "1".to_owned()),
+            ]
+            .into(),
+            ..Default::default()
+        }))
+        .unwrap();
+        assert_eq!(mixed.header("authorization"), Some("Bearer b"));
+        assert_eq!(mixed.header("x-request-id"), Some("1"));
+        assert_eq!(mixed.method, "POST", "taken from the :method pseudo-header");
+    }
+
+    #[test]
+    fn raw_header_map_values_are_joined() {
+        let header = |key: &str, raw: &str| HeaderValue {
+            key: key.into(),
+            raw_value: raw.as_bytes().to_vec(),
+            ..Default::default()
+        };
+        let http = http_request(check(EnvoyHttpRequest {
+            method: "GET".into(),
+            path: "/".into(),
+            header_map: Some(HeaderMap {
+                headers: vec![header("Accept", "a"), header("accept", "b")],
+            }),
+            ..Default::default()
+        }))
+        .unwrap();
+        assert_eq!(http.header("accept"), Some("a,b"));
+    }
+
+    #[test]
+    fn no_http_attributes_is_none() {
+        assert!(http_request(CheckRequest::default()).is_none());
     }
 }

@@ -39,23 +39,7 @@ pub fn init(
         Some(config) => TraceExport::build(config)?,
         None => (TraceExport::none(), None),
     };
-    // By default the per-request span is not kept for the log layer: it only
-    // serves trace export (which has its own filter), and formatting its
-    // fields for logs would cost every request a few allocations.
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,portcullis::request=off"));
-    // Only Portcullis' own spans are exported: not those of h2, hyper or tonic.
-    // Without export there is no layer, so the engine's `debug` spans stay off.
-    let otel = otel.map(|layer| layer.with_filter(traces::exported_spans()));
-    let fmt = tracing_subscriber::fmt::layer()
-        .with_writer(std::io::stderr)
-        // Colours only on a terminal, not in files or log collectors.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    let fmt = match format {
-        LogFormat::Plain => fmt.with_filter(filter).boxed(),
-        LogFormat::Json => fmt.json().with_filter(filter).boxed(),
-    };
-    if Registry::default().with(otel).with(fmt).try_init().is_err() {
+    if subscriber(format, otel).try_init().is_err() {
         // A subscriber is already installed (tests, a library user): it is
         // kept, and there is nothing to export to.
         export.shutdown();
@@ -63,4 +47,66 @@ pub fn init(
     }
     export.log_started();
     Ok(export)
+}
+
+/// The global subscriber: the log layer in `format`, plus `otel` when spans
+/// are exported.
+fn subscriber(
+    format: LogFormat,
+    otel: Option<traces::OtelLayer>,
+) -> impl tracing::Subscriber + Send + Sync {
+    // By default the per-request span is not kept for the log layer: it only
+    // serves trace export (which has its own filter), and formatting its
+    // fields for logs would cost every request a few allocations.
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,portcullis::request=off"));
+    // Only Portcullis' own spans are exported: not those of h2, hyper or tonic.
+    // Without export there is no layer, so the engine's `debug` spans stay off.
+    // A list rather than an `Option` layer: a `None` layer would keep every
+    // span alive (the request span included), for nothing.
+    let mut layers = Vec::new();
+    if let Some(otel) = otel {
+        layers.push(otel.with_filter(traces::exported_spans()).boxed());
+    }
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        // Colours only on a terminal, not in files or log collectors.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    layers.push(match format {
+        LogFormat::Plain => fmt.with_filter(filter).boxed(),
+        LogFormat::Json => fmt.json().with_filter(filter).boxed(),
+    });
+    Registry::default().with(layers)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use traces::RequestSpan;
+
+    // One test, so the two subscribers are never live at once (callsite
+    // interest is global).
+    #[test]
+    fn the_request_span_is_recorded_only_for_export() {
+        tracing::subscriber::with_default(subscriber(LogFormat::Plain, None), || {
+            let span = RequestSpan::start("portcullis.check", None);
+            assert!(span.span().is_disabled(), "no layer wants the request span");
+            assert!(tracing::debug_span!("evaluate_policies").is_disabled());
+            // Logs still work.
+            assert!(tracing::enabled!(tracing::Level::INFO));
+        });
+
+        use opentelemetry::trace::TracerProvider as _;
+        let tracer = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+            .build()
+            .tracer("test");
+        let otel = tracing_opentelemetry::layer().with_tracer(tracer);
+        tracing::subscriber::with_default(subscriber(LogFormat::Plain, Some(otel)), || {
+            let span = RequestSpan::start("portcullis.check", None);
+            assert!(!span.span().is_disabled());
+            assert!(!tracing::debug_span!("evaluate_policies").is_disabled());
+            // Other crates' debug spans are neither exported nor logged.
+            assert!(tracing::debug_span!(target: "h2", "frame").is_disabled());
+        });
+    }
 }
