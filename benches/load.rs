@@ -15,9 +15,9 @@
 //! time the server threads spent per response):
 //! - *hot*: 4 tokens, `GET /orders/7` over and over;
 //! - *warm*: 1,000 tokens, `GET /orders` and `GET /orders/{id}` with ids 1..100;
-//! - *cold*: a different token on every request; also reported as a fraction of
-//!   the machine's raw ES256 verification ceiling, measured in this run on all
-//!   cores with aws-lc;
+//! - *cold*: a different token, of a different principal, on every request;
+//!   also reported as a fraction of the machine's raw ES256 verification
+//!   ceiling, measured in this run on all cores with aws-lc;
 //! - *hot at half load*: hot again, paced at half of Portcullis' hot peak;
 //! - *warm with a large policy set*: warm again, against a second Portcullis
 //!   whose policies are the quickstart's plus a per-user template linked for
@@ -25,7 +25,10 @@
 //!   among them;
 //! - *warm, id read*: warm again, against a third Portcullis whose policies
 //!   also read `context.path_params.id`, so the decision cache cannot share a
-//!   decision across ids (the decision-cache-miss path).
+//!   decision across ids (the decision-cache-miss path);
+//! - *cold, known users*: a different token on every request, each of one of
+//!   the warm run's 1,000 users (a fresh login or refresh: a new signature to
+//!   verify, a principal already seen).
 //!
 //! Every Portcullis response must be an allow; any deny or gRPC error makes the
 //! run invalid (exit code 1).
@@ -37,7 +40,7 @@
 //! flight in total, default 64), `PORTCULLIS_BENCH_CLIENT_THREADS` and
 //! `PORTCULLIS_BENCH_SERVER_THREADS` (default: the number of cores each),
 //! `PORTCULLIS_BENCH_COLD_MAX_TOKENS` (default 200,000),
-//! `PORTCULLIS_BENCH_PROFILE=hot|warm|cold` (drive Portcullis alone with that
+//! `PORTCULLIS_BENCH_PROFILE=hot|warm|cold|cold-known` (drive Portcullis alone with that
 //! scenario and print its line only, for running under a profiler) and
 //! `PORTCULLIS_BENCH_NOOP_NODELAY=0` (leave Nagle's algorithm on for the no-op
 //! server's accepted sockets; by default it sets `TCP_NODELAY`, as
@@ -302,8 +305,9 @@ fn id_reading_config(deployment: &Deployment) -> Config {
 }
 
 /// Signs one `orders:read` token per subject, on all cores.
-fn mint(key: &SigningKey, subjects: impl Iterator<Item = String>) -> Vec<String> {
-    let subjects: Vec<String> = subjects.collect();
+/// One token per `(subject, jti)`.
+fn mint(key: &SigningKey, subjects: impl Iterator<Item = (String, String)>) -> Vec<String> {
+    let subjects: Vec<(String, String)> = subjects.collect();
     let iat = now();
     let chunk = subjects.len().div_ceil(cores()).max(1);
     std::thread::scope(|s| {
@@ -313,10 +317,10 @@ fn mint(key: &SigningKey, subjects: impl Iterator<Item = String>) -> Vec<String>
                 s.spawn(move || {
                     chunk
                         .iter()
-                        .map(|sub| {
+                        .map(|(sub, jti)| {
                             let claims = json!({
                                 "iss": ISSUER, "aud": AUDIENCE, "sub": sub,
-                                "iat": iat, "exp": iat + 3000, "jti": format!("jti-{sub}"),
+                                "iat": iat, "exp": iat + 3000, "jti": jti,
                                 "scope": "orders:read",
                             });
                             key.sign_claims(&claims).unwrap()
@@ -866,7 +870,10 @@ fn main() {
     });
 
     // Requests, all encoded before anything is timed.
-    let hot_tokens = mint(&deployment.key, (0..4).map(|i| format!("hot-{i}")));
+    let one_each = |prefix: &'static str| {
+        move |i: usize| (format!("{prefix}-{i}"), format!("jti-{prefix}-{i}"))
+    };
+    let hot_tokens = mint(&deployment.key, (0..4).map(one_each("hot")));
     let hot: Arc<Vec<Bytes>> = Arc::new(
         hot_tokens
             .iter()
@@ -876,7 +883,7 @@ fn main() {
     );
     let warm_tokens = mint(
         &deployment.key,
-        (0..settings.warm_tokens).map(|i| format!("warm-{i}")),
+        (0..settings.warm_tokens).map(one_each("warm")),
     );
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
     let warm: Arc<Vec<Bytes>> = Arc::new(
@@ -896,20 +903,30 @@ fn main() {
     let cold_needed = (ceiling * (settings.warmup + settings.measure).as_secs_f64() * 1.2) as usize;
     let cold_count = cold_needed.min(settings.cold_max_tokens);
     let minting = Instant::now();
-    let cold_tokens = mint(
+    let encode_cold = |tokens: Vec<String>| -> Arc<Vec<Bytes>> {
+        Arc::new(
+            tokens
+                .iter()
+                .enumerate()
+                .map(|(n, t)| envoy_request("GET", "/orders/7", t, n))
+                .collect(),
+        )
+    };
+    // A new principal with every token: nothing about the caller is known.
+    let cold = encode_cold(mint(&deployment.key, (0..cold_count).map(one_each("cold"))));
+    // A new token of one of the warm run's users each time (a fresh login or
+    // refresh): the signature is new, the principal is not.
+    let cold_known = encode_cold(mint(
         &deployment.key,
-        (0..cold_count).map(|i| format!("cold-{i}")),
-    );
-    let cold: Arc<Vec<Bytes>> = Arc::new(
-        cold_tokens
-            .iter()
-            .enumerate()
-            .map(|(n, t)| envoy_request("GET", "/orders/7", t, n))
-            .collect(),
-    );
-    drop(cold_tokens);
+        (0..cold_count).map(|i| {
+            (
+                format!("warm-{}", i % settings.warm_tokens),
+                format!("jti-refresh-{i}"),
+            )
+        }),
+    ));
     eprintln!(
-        "  minted and encoded {cold_count} cold tokens in {:.1} s (enough for {:.1} s at the ceiling)",
+        "  minted and encoded 2 × {cold_count} cold tokens in {:.1} s (enough for {:.1} s at the ceiling)",
         minting.elapsed().as_secs_f64(),
         cold_count as f64 / ceiling
     );
@@ -928,7 +945,10 @@ fn main() {
             "hot" => Source::Cycle(hot.clone()),
             "warm" => Source::Cycle(warm.clone()),
             "cold" => Source::once(cold.clone()),
-            other => panic!("PORTCULLIS_BENCH_PROFILE={other:?}: expected hot, warm or cold"),
+            "cold-known" => Source::once(cold_known.clone()),
+            other => {
+                panic!("PORTCULLIS_BENCH_PROFILE={other:?}: expected hot, warm, cold or cold-known")
+            }
         };
         let row = Row {
             scenario: only,
@@ -1029,6 +1049,15 @@ fn main() {
         Source::Cycle(warm.clone()),
         plan,
     );
+    // Cold again, but each token belongs to one of the warm run's users.
+    let cold_known_ratio = pair(
+        &mut rows,
+        "cold, known users",
+        Source::Cycle(cold_known.clone()),
+        Source::once(cold_known.clone()),
+        plan,
+    );
+    let cold_known_throughput = rows[13].result.throughput;
 
     let load_after = load_average();
     drop(noop);
@@ -1079,6 +1108,13 @@ fn main() {
     println!(
         "  (with the load generator and the gRPC stack on the same cores, the ceiling is 1 / (1/{noop_cold:.0} + 1/{ceiling:.0}) = {stack_ceiling:.0} req/s; cold reaches {:.2} of that)",
         cold_throughput / stack_ceiling
+    );
+    let noop_cold_known = rows[12].result.throughput;
+    let stack_ceiling_known = 1.0 / (1.0 / noop_cold_known + 1.0 / ceiling);
+    println!(
+        "- cold, each token a new one of a known user: {cold_known_throughput:.0} req/s = {:.2} of the raw ceiling, {:.2} of the ceiling with the stack; Portcullis / no-op = {cold_known_ratio:.2}",
+        cold_known_throughput / ceiling,
+        cold_known_throughput / stack_ceiling_known
     );
     println!(
         "- warm with {large_policies} policies: Portcullis / no-op = {warm_large_ratio:.2}; throughput {warm_large_vs_small:.2}× that with the quickstart's 4 policies (p50 {:.0} µs vs {:.0} µs)",

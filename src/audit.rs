@@ -137,9 +137,30 @@ impl AuditLog {
     /// Writes the line for `decision`, tied to its trace by `trace`. A failing
     /// sink is reported on the application log; it never changes the decision.
     pub fn record_traced(&self, decision: &Decision, http_status: u16, trace: &TraceIds) {
-        let mut line = Vec::with_capacity(640);
+        // Each thread serializes into its own buffer, kept between lines: no
+        // allocation (or growth) per decision.
+        thread_local! {
+            static LINE: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(Vec::with_capacity(1024));
+        }
+        LINE.with(|line| match line.try_borrow_mut() {
+            Ok(mut line) => {
+                line.clear();
+                self.encode_and_append(&mut line, decision, http_status, trace);
+            }
+            // Only reentrancy (a sink that audits) could get here.
+            Err(_) => self.encode_and_append(&mut Vec::new(), decision, http_status, trace),
+        });
+    }
+
+    fn encode_and_append(
+        &self,
+        line: &mut Vec<u8>,
+        decision: &Decision,
+        http_status: u16,
+        trace: &TraceIds,
+    ) {
         let result =
-            serde_json::to_writer(&mut line, &AuditRecord::new(decision, http_status, trace));
+            serde_json::to_writer(&mut *line, &AuditRecord::new(decision, http_status, trace));
         if let Err(e) = result {
             tracing::error!(error = %e, decision_id = %decision.id, "cannot encode audit line");
             return;
@@ -148,8 +169,8 @@ impl AuditLog {
         match &self.mode {
             Mode::WriteThrough(sink) => {
                 let written = match sink.lock() {
-                    Ok(mut sink) => sink.write_all(&line),
-                    Err(poisoned) => poisoned.into_inner().write_all(&line),
+                    Ok(mut sink) => sink.write_all(line),
+                    Err(poisoned) => poisoned.into_inner().write_all(line),
                 };
                 if let Err(e) = written {
                     tracing::error!(error = %e, decision_id = %decision.id, "cannot write audit line");
@@ -165,7 +186,7 @@ impl AuditLog {
                         .wait(pending)
                         .unwrap_or_else(|p| p.into_inner());
                 }
-                pending.bytes.extend_from_slice(&line);
+                pending.bytes.extend_from_slice(line);
                 pending.appended += 1;
                 // Only an idle writer or a full batch costs a wake-up; otherwise
                 // the writer finds the line when its interval ends.
