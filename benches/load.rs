@@ -40,7 +40,7 @@
 //! flight in total, default 64), `PORTCULLIS_BENCH_CLIENT_THREADS` and
 //! `PORTCULLIS_BENCH_SERVER_THREADS` (default: the number of cores each),
 //! `PORTCULLIS_BENCH_COLD_MAX_TOKENS` (default 200,000),
-//! `PORTCULLIS_BENCH_PROFILE=hot|warm|cold|cold-known` (drive Portcullis alone with that
+//! `PORTCULLIS_BENCH_PROFILE=hot|warm|warm-ids|cold|cold-known` (drive Portcullis alone with that
 //! scenario and print its line only, for running under a profiler) and
 //! `PORTCULLIS_BENCH_NOOP_NODELAY=0` (leave Nagle's algorithm on for the no-op
 //! server's accepted sockets; by default it sets `TCP_NODELAY`, as
@@ -941,19 +941,20 @@ fn main() {
     };
     // For profiling: drive Portcullis alone with one scenario, print it, stop.
     if let Ok(only) = std::env::var("PORTCULLIS_BENCH_PROFILE") {
-        let source = match only.as_str() {
-            "hot" => Source::Cycle(hot.clone()),
-            "warm" => Source::Cycle(warm.clone()),
-            "cold" => Source::once(cold.clone()),
-            "cold-known" => Source::once(cold_known.clone()),
-            other => {
-                panic!("PORTCULLIS_BENCH_PROFILE={other:?}: expected hot, warm, cold or cold-known")
-            }
+        let (server, source) = match only.as_str() {
+            "hot" => (&real, Source::Cycle(hot.clone())),
+            "warm" => (&real, Source::Cycle(warm.clone())),
+            "warm-ids" => (&real_ids, Source::Cycle(warm.clone())),
+            "cold" => (&real, Source::once(cold.clone())),
+            "cold-known" => (&real, Source::once(cold_known.clone())),
+            other => panic!(
+                "PORTCULLIS_BENCH_PROFILE={other:?}: expected hot, warm, warm-ids, cold or cold-known"
+            ),
         };
         let row = Row {
             scenario: only,
             server: "portcullis",
-            result: run(&real, source, plan),
+            result: run(server, source, plan),
             ratio: None,
         };
         progress(&row);

@@ -350,7 +350,7 @@ impl Admin for AdminService {
             principal: decision.principal.unwrap_or_default(),
             action: decision.action.unwrap_or_default(),
             resource: decision.resource.unwrap_or_default(),
-            policies: decision.policies,
+            policies: decision.policies.to_vec(),
             errors: decision.errors,
             cedar_request_json: cedar.map(|c| c.to_string()).unwrap_or_default(),
             policy_generation: decision.policy_generation,

@@ -256,7 +256,7 @@ pub fn response(decision: &Decision) -> pb::IsAuthorizedResponse {
         } else {
             pb::Decision::Deny
         } as i32,
-        determining_policies: decision.policies.clone(),
+        determining_policies: decision.policies.to_vec(),
         errors: decision.errors.clone(),
         decision_id: decision.id.clone(),
         reason: decision.verdict.class().to_owned(),

@@ -91,7 +91,7 @@ pub struct Decision {
     /// Cedar resource, e.g. `Application::"orders"`.
     pub resource: Option<String>,
     /// Determining policy ids.
-    pub policies: Vec<String>,
+    pub policies: std::sync::Arc<[String]>,
     /// Evaluation errors.
     pub errors: Vec<String>,
     /// Token issuer, once verified.
@@ -126,7 +126,7 @@ impl Decision {
             subject: None,
             action: None,
             resource: None,
-            policies: Vec::new(),
+            policies: std::sync::Arc::from([]),
             errors: Vec::new(),
             issuer: None,
             jti: None,

@@ -218,7 +218,7 @@ fn compare(
     if let Some(want) = policies {
         let mut want = want.to_vec();
         want.sort();
-        if want != decision.policies {
+        if *want != *decision.policies {
             problems.push(format!(
                 "  expected policies: {want:?}\n  actual policies:   {:?}",
                 decision.policies

@@ -18,8 +18,9 @@ use policy_store::PolicyStore;
 pub struct PolicyOutcome {
     /// True only when Cedar allows and no policy raised an error.
     pub allowed: bool,
-    /// Ids of the determining policies (the permits of an allow, the forbids of a deny).
-    pub policies: Vec<String>,
+    /// Ids of the determining policies (the permits of an allow, the forbids of
+    /// a deny); shared, so a cached outcome hands them to a decision without a copy.
+    pub policies: std::sync::Arc<[String]>,
     /// Evaluation errors, each naming its policy.
     pub errors: Vec<String>,
 }
@@ -70,7 +71,7 @@ fn outcome(response: &Response) -> PolicyOutcome {
     errors.sort();
     PolicyOutcome {
         allowed: response.decision() == CedarDecision::Allow && errors.is_empty(),
-        policies,
+        policies: policies.into(),
         errors,
     }
 }

@@ -376,7 +376,7 @@ mod tests {
         assert_eq!(failed_check(&d).as_deref(), Some("token:expired"));
         d.verdict = Verdict::Deny(DenyReason::PolicyDenied);
         assert_eq!(failed_check(&d).as_deref(), Some("policy:no_permit"));
-        d.policies = vec!["forbid-deletes".into()];
+        d.policies = vec!["forbid-deletes".into()].into();
         assert_eq!(failed_check(&d).as_deref(), Some("policy:forbid"));
     }
 }
