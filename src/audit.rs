@@ -146,6 +146,11 @@ impl AuditLog {
             Ok(mut line) => {
                 line.clear();
                 self.encode_and_append(&mut line, decision, http_status, trace);
+                // One huge line (thousands of policy errors) must not pin its
+                // buffer for the thread's life.
+                if line.capacity() > 64 * 1024 {
+                    *line = Vec::with_capacity(1024);
+                }
             }
             // Only reentrancy (a sink that audits) could get here.
             Err(_) => self.encode_and_append(&mut Vec::new(), decision, http_status, trace),
