@@ -41,7 +41,8 @@
 //! flight in total, default 64), `PORTCULLIS_BENCH_CLIENT_THREADS` and
 //! `PORTCULLIS_BENCH_SERVER_THREADS` (default: the number of cores each),
 //! `PORTCULLIS_BENCH_COLD_MAX_TOKENS` (default 200,000),
-//! `PORTCULLIS_BENCH_PROFILE=hot|warm|warm-ids|cold|cold-known` (drive Portcullis alone with that
+//! `PORTCULLIS_BENCH_PROFILE=hot|warm|warm-ids|cold|cold-known` (with
+//! `PORTCULLIS_BENCH_RATE` to pace it; drive Portcullis alone with that
 //! scenario and print its line only, for running under a profiler) and
 //! `PORTCULLIS_BENCH_NOOP_NODELAY=0` (leave Nagle's algorithm on for the no-op
 //! server's accepted sockets; by default it sets `TCP_NODELAY`, as
@@ -974,6 +975,11 @@ fn main() {
             other => panic!(
                 "PORTCULLIS_BENCH_PROFILE={other:?}: expected hot, warm, warm-ids, cold or cold-known"
             ),
+        };
+        // `PORTCULLIS_BENCH_RATE`: offer that many requests a second (paced).
+        let plan = Plan {
+            rate: env_f64("PORTCULLIS_BENCH_RATE"),
+            ..plan
         };
         let row = Row {
             scenario: only,
