@@ -596,6 +596,14 @@ fn server_cpu() -> Duration {
 
 /// Drives the server behind `channels` with `concurrency` workers spread over
 /// the connections.
+/// A no-op / Portcullis pair of rows: where they are in the report, and the
+/// throughput ratio.
+struct Paired {
+    ratio: f64,
+    noop: usize,
+    portcullis: usize,
+}
+
 async fn drive(channels: &[Channel], concurrency: usize, source: Source, plan: Plan) -> Measured {
     let cpu_before = server_cpu();
     let start = Instant::now();
@@ -1018,21 +1026,25 @@ fn main() {
             progress(&row);
             rows.push(row);
         }
-        ratio
+        Paired {
+            ratio,
+            noop: rows.len() - 2,
+            portcullis: rows.len() - 1,
+        }
     };
     let pair =
         |rows: &mut Vec<Row>, name: &str, noop_source: Source, real_source: Source, plan: Plan| {
             pair_with(rows, &real, name, noop_source, real_source, plan)
         };
 
-    let hot_ratio = pair(
+    let hot_pair = pair(
         &mut rows,
         "hot",
         Source::Cycle(hot.clone()),
         Source::Cycle(hot.clone()),
         plan,
     );
-    let warm_ratio = pair(
+    let warm_pair = pair(
         &mut rows,
         "warm",
         Source::Cycle(warm.clone()),
@@ -1040,29 +1052,29 @@ fn main() {
         plan,
     );
     // The no-op server does not care whether tokens repeat; it cycles the same list.
-    let cold_ratio = pair(
+    let cold_pair = pair(
         &mut rows,
         "cold",
         Source::Cycle(cold.clone()),
         Source::once(cold.clone()),
         plan,
     );
-    let hot_peak = rows[1].result.throughput;
-    let cold_throughput = rows[5].result.throughput;
+    let hot_peak = rows[hot_pair.portcullis].result.throughput;
+    let cold_throughput = rows[cold_pair.portcullis].result.throughput;
     let half = Plan {
         rate: Some(hot_peak / 2.0),
         ..plan
     };
-    pair(
+    let half_pair = pair(
         &mut rows,
         &format!("hot @ {:.0}/s", hot_peak / 2.0),
         Source::Cycle(hot.clone()),
         Source::Cycle(hot.clone()),
         half,
     );
-    let half_p99_us = us(&rows[7].result.stats.latency_ns, 0.99);
+    let half_p99_us = us(&rows[half_pair.portcullis].result.stats.latency_ns, 0.99);
     // Warm again, against the large policy set.
-    let warm_large_ratio = pair_with(
+    let warm_large_pair = pair_with(
         &mut rows,
         &real_large,
         &format!("warm, {large_policies} pol."),
@@ -1070,9 +1082,10 @@ fn main() {
         Source::Cycle(warm.clone()),
         plan,
     );
-    let warm_large_vs_small = rows[9].result.throughput / rows[3].result.throughput;
+    let warm_large_vs_small = rows[warm_large_pair.portcullis].result.throughput
+        / rows[warm_pair.portcullis].result.throughput;
     // Warm again, where a policy reads the order id.
-    let warm_ids_ratio = pair_with(
+    let warm_ids_pair = pair_with(
         &mut rows,
         &real_ids,
         "warm, id read",
@@ -1081,30 +1094,32 @@ fn main() {
         plan,
     );
     // Cold again, but each token belongs to one of the warm run's users.
-    let cold_known_ratio = pair(
+    let cold_known_pair = pair(
         &mut rows,
         "cold, known users",
         Source::Cycle(cold_known.clone()),
         Source::once(cold_known.clone()),
         plan,
     );
-    let cold_known_throughput = rows[13].result.throughput;
+    let cold_known_throughput = rows[cold_known_pair.portcullis].result.throughput;
     // Hot again at a quarter of the peak: where the tail stands with more idle CPU.
     let quarter = Plan {
         rate: Some(hot_peak / 4.0),
         ..plan
     };
-    pair(
+    let quarter_pair = pair(
         &mut rows,
         &format!("hot @ {:.0}/s", hot_peak / 4.0),
         Source::Cycle(hot.clone()),
         Source::Cycle(hot.clone()),
         quarter,
     );
-    let quarter_p99_us = us(&rows[15].result.stats.latency_ns, 0.99);
-    let quarter_noop_p99_us = us(&rows[14].result.stats.latency_ns, 0.99);
+    let quarter_p99_us = us(&rows[quarter_pair.portcullis].result.stats.latency_ns, 0.99);
+    let quarter_noop_p99_us = us(&rows[quarter_pair.noop].result.stats.latency_ns, 0.99);
 
     let load_after = load_average();
+    let (cold_ratio, cold_known_ratio) = (cold_pair.ratio, cold_known_pair.ratio);
+    let (warm_large_ratio, warm_ids_ratio) = (warm_large_pair.ratio, warm_ids_pair.ratio);
     drop(noop);
     drop(real);
     drop(real_large);
@@ -1133,12 +1148,14 @@ fn main() {
     println!();
     let fraction = cold_throughput / ceiling;
     println!(
-        "- hot: Portcullis / no-op = {hot_ratio:.3} (target ≥ 0.85: {})",
-        verdict(hot_ratio >= 0.85)
+        "- hot: Portcullis / no-op = {:.3} (target ≥ 0.85: {})",
+        hot_pair.ratio,
+        verdict(hot_pair.ratio >= 0.85)
     );
     println!(
-        "- warm: Portcullis / no-op = {warm_ratio:.2} (target ≥ 0.5: {})",
-        verdict(warm_ratio >= 0.5)
+        "- warm: Portcullis / no-op = {:.2} (target ≥ 0.5: {})",
+        warm_pair.ratio,
+        verdict(warm_pair.ratio >= 0.5)
     );
     println!(
         "- cold: {cold_throughput:.0} req/s = {fraction:.2} of the raw ES256 verification ceiling of {ceiling:.0}/s on {cores} cores (target ≥ 0.9: {}); Portcullis / no-op = {cold_ratio:.2}",
@@ -1148,13 +1165,13 @@ fn main() {
     // generator and the gRPC stack share them. A server that did the no-op's
     // work plus one raw verification per request would reach 1 / (1/no-op +
     // 1/ceiling) on this machine: the part of the gap that is Portcullis' own.
-    let noop_cold = rows[4].result.throughput;
+    let noop_cold = rows[cold_pair.noop].result.throughput;
     let stack_ceiling = 1.0 / (1.0 / noop_cold + 1.0 / ceiling);
     println!(
         "  (with the load generator and the gRPC stack on the same cores, the ceiling is 1 / (1/{noop_cold:.0} + 1/{ceiling:.0}) = {stack_ceiling:.0} req/s; cold reaches {:.2} of that)",
         cold_throughput / stack_ceiling
     );
-    let noop_cold_known = rows[12].result.throughput;
+    let noop_cold_known = rows[cold_known_pair.noop].result.throughput;
     let stack_ceiling_known = 1.0 / (1.0 / noop_cold_known + 1.0 / ceiling);
     println!(
         "- cold, each token a new one of a known user: {cold_known_throughput:.0} req/s = {:.2} of the raw ceiling, {:.2} of the ceiling with the stack; Portcullis / no-op = {cold_known_ratio:.2}",
@@ -1163,8 +1180,11 @@ fn main() {
     );
     println!(
         "- warm with {large_policies} policies: Portcullis / no-op = {warm_large_ratio:.2}; throughput {warm_large_vs_small:.2}× that with the quickstart's 4 policies (p50 {:.0} µs vs {:.0} µs)",
-        us(&rows[9].result.stats.latency_ns, 0.50),
-        us(&rows[3].result.stats.latency_ns, 0.50),
+        us(
+            &rows[warm_large_pair.portcullis].result.stats.latency_ns,
+            0.50
+        ),
+        us(&rows[warm_pair.portcullis].result.stats.latency_ns, 0.50),
     );
     println!(
         "- warm where a policy reads the order id (a decision per token and id, mostly decision-cache misses): Portcullis / no-op = {warm_ids_ratio:.2}"
@@ -1172,7 +1192,7 @@ fn main() {
     println!(
         "- hot at half of Portcullis' peak ({:.0} req/s offered): p99 = {half_p99_us:.0} µs, no-op {:.0} µs (target < 1000 µs: {})",
         hot_peak / 2.0,
-        us(&rows[6].result.stats.latency_ns, 0.99),
+        us(&rows[half_pair.noop].result.stats.latency_ns, 0.99),
         verdict(half_p99_us < 1000.0)
     );
     println!(
