@@ -502,7 +502,15 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
 
     server::shutdown_signal().await;
     watcher.abort();
-    tracing::info!("shutting down: NOT_SERVING, finishing in-flight checks");
+    let drain = config.server.drain_period;
+    tracing::info!(
+        drain_period = ?drain,
+        "shutting down: NOT_SERVING, still answering checks for the drain period (a second signal ends it)"
+    );
+    if running.drain(drain, server::shutdown_signal()).await {
+        tracing::info!("drain cut short by a second signal");
+    }
+    tracing::info!("drained: closing the listener, finishing in-flight checks");
     if let Some(admin) = admin
         && let Err(e) = admin.shutdown(config.server.shutdown_grace).await
     {

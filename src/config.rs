@@ -316,6 +316,11 @@ pub struct ServerConfig {
     /// Address of the gRPC listener serving ext_authz, health and reflection.
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
+    /// How long, after SIGTERM/SIGINT, the listener keeps answering checks while
+    /// health reports NOT_SERVING, so that Envoy's health checks and Kubernetes'
+    /// endpoint removal take this instance out of rotation before it closes.
+    #[serde(default = "default_drain_period", deserialize_with = "de_duration")]
+    pub drain_period: Duration,
     /// How long shutdown waits for in-flight checks and open connections to finish.
     #[serde(default = "default_shutdown_grace", deserialize_with = "de_duration")]
     pub shutdown_grace: Duration,
@@ -325,9 +330,14 @@ impl Default for ServerConfig {
     fn default() -> Self {
         Self {
             listen: default_listen(),
+            drain_period: default_drain_period(),
             shutdown_grace: default_shutdown_grace(),
         }
     }
+}
+
+fn default_drain_period() -> Duration {
+    Duration::from_secs(5)
 }
 
 fn default_shutdown_grace() -> Duration {
@@ -1103,6 +1113,19 @@ path = "/orders/{id}"
         assert!(config.revocation.redis_url.is_none());
         assert_eq!(config.revocation.startup, StartupMode::Wait);
         assert!(config.admin.is_none());
+    }
+
+    #[test]
+    fn server_drain_period_defaults_to_5_s_and_reads_durations() {
+        let config = parse(MINIMAL).unwrap();
+        assert_eq!(config.server.drain_period, Duration::from_secs(5));
+        assert_eq!(config.server.shutdown_grace, Duration::from_secs(10));
+        let config = parse(&format!("[server]\ndrain_period = \"0s\"\n{MINIMAL}")).unwrap();
+        assert_eq!(config.server.drain_period, Duration::ZERO);
+        let err = parse(&format!("[server]\ndrain_period = \"soon\"\n{MINIMAL}"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("soon"), "{err}");
     }
 
     #[test]

@@ -139,6 +139,25 @@ impl RunningServer {
         &self.state
     }
 
+    /// Drains before a shutdown: reports NOT_SERVING, so that health-checking
+    /// callers (Envoy's active health checks, Kubernetes readiness) take this
+    /// instance out of rotation, while it keeps answering every check, for
+    /// `period` or until `stop_now` resolves. Returns whether `stop_now` cut
+    /// the drain short.
+    ///
+    /// Without it, closing the listener as soon as the signal arrives fails the
+    /// checks that callers still send here until their next health check.
+    pub async fn drain(&self, period: Duration, stop_now: impl Future<Output = ()>) -> bool {
+        self.state.set_health(ServingStatus::NotServing).await;
+        if period.is_zero() {
+            return false;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(period) => false,
+            _ = stop_now => true,
+        }
+    }
+
     /// Reports NOT_SERVING, stops accepting, and waits up to `grace` for in-flight
     /// checks and open connections to finish; then stops regardless, so a client
     /// that never closes its connection cannot hold the process up.

@@ -471,6 +471,54 @@ fn the_kubernetes_manifests_carry_the_required_fields() {
     assert_eq!(store.len(), 3);
 }
 
+/// Every Kubernetes manifest passes `kubernetes-validate --strict` (the
+/// Kubernetes API's own schemas, shipped in the PyPI package, offline). The
+/// Istio resources are custom resources it has no schema for; the test below
+/// checks their fields.
+#[test]
+fn the_kubernetes_manifests_pass_kubernetes_validate() {
+    let validator = python().with_file_name("kubernetes-validate");
+    assert!(
+        validator.is_file(),
+        "no {}: run scripts/test (it installs examples/python/requirements.txt)",
+        validator.display()
+    );
+    let manifests: Vec<PathBuf> = std::fs::read_dir(repo_root().join("deploy/kubernetes"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    assert!(manifests.len() >= 5, "{manifests:?}");
+    let out = Command::new(&validator)
+        .args(["--strict", "--quiet"])
+        .args(&manifests)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "kubernetes-validate failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // The validator does catch a misspelt field.
+    let dir = tempfile::tempdir().unwrap();
+    let deployment = std::fs::read_to_string(repo_root().join("deploy/kubernetes/deployment.yaml"))
+        .unwrap()
+        .replace(
+            "terminationGracePeriodSeconds",
+            "terminationGracePeriodSecond",
+        );
+    let broken = dir.path().join("deployment.yaml");
+    std::fs::write(&broken, deployment).unwrap();
+    let out = Command::new(&validator)
+        .args(["--strict", "--quiet"])
+        .arg(&broken)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "a misspelt field passed");
+}
+
 #[test]
 fn the_istio_manifests_register_portcullis_as_a_custom_provider() {
     let mesh = yaml("deploy/istio/mesh-config.yaml");

@@ -69,6 +69,64 @@ async fn health_is_not_serving_until_policies_and_keys_load() {
     assert_eq!(out.http_status, 200);
 }
 
+/// The drain before a shutdown: health turns NOT_SERVING at once, checks are
+/// still answered (allowed as before) until the drain period ends or is cut
+/// short.
+#[tokio::test]
+async fn drain_reports_not_serving_while_checks_are_still_answered() {
+    let fx = Fixture::new();
+    let server = fx.serve().await;
+    let token = fx.es256().token("alice", &["orders:read"], &[]);
+    let (release, released) = tokio::sync::oneshot::channel::<()>();
+    let draining = {
+        let running = &server.running;
+        async move {
+            running
+                .drain(Duration::from_secs(600), async {
+                    let _ = released.await;
+                })
+                .await
+        }
+    };
+    let probe = async {
+        // Drain has begun once health says so; checks are still allowed.
+        for attempt in 0.. {
+            if health(&server.channel, AUTHZ).await == ServingStatus::NotServing as i32 {
+                break;
+            }
+            assert!(attempt < 200, "health never turned NOT_SERVING");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        for _ in 0..5 {
+            let allowed = outcome(
+                &server
+                    .check(envoy_request("GET", "/orders/7", Some(&token)))
+                    .await,
+            );
+            assert_eq!(allowed.http_status, 200);
+        }
+        release.send(()).unwrap();
+    };
+    let (cut_short, ()) = tokio::join!(draining, probe);
+    assert!(
+        cut_short,
+        "the drain ends when told to, not after its period"
+    );
+
+    // A zero drain period returns at once, also reporting NOT_SERVING.
+    let other = fx.serve().await;
+    assert!(
+        !other
+            .running
+            .drain(Duration::ZERO, std::future::pending())
+            .await
+    );
+    assert_eq!(
+        health(&other.channel, AUTHZ).await,
+        ServingStatus::NotServing as i32
+    );
+}
+
 #[tokio::test]
 async fn reflection_lists_the_services() {
     let fx = Fixture::new();

@@ -122,11 +122,15 @@ pub fn template_params(template: &str) -> Vec<String> {
         .collect()
 }
 
-/// A path is canonical when it starts with `/`, has no `.` or `..` segments and no
-/// percent-encoded `/`, `\` or `.`: anything else could reach a different handler
-/// upstream than the route it matches here.
+/// A path is canonical when it starts with `/`, has no empty segment (`//`),
+/// no `.` or `..` segment (also not one hidden behind path parameters, as in
+/// `..;x`, which servlet containers read as `..`), no `\`, and no
+/// percent-encoded `/`, `\`, `.` or NUL: anything else could reach a different
+/// handler upstream than the route it matches here. Such a path is refused
+/// (400), never matched; a proxy that normalises paths first (Envoy's
+/// `normalize_path`, `merge_slashes`) sends the canonical form instead.
 pub fn is_canonical_path(path: &str) -> bool {
-    if !path.starts_with('/') || path.contains('\\') {
+    if !path.starts_with('/') || path.contains('\\') || path.contains("//") {
         return false;
     }
     let lower = path.to_ascii_lowercase();
@@ -136,7 +140,10 @@ pub fn is_canonical_path(path: &str) -> bool {
     {
         return false;
     }
-    !path.split('/').any(|seg| seg == "." || seg == "..")
+    !path.split('/').any(|segment| {
+        let name = segment.split(';').next().unwrap_or(segment);
+        name == "." || name == ".."
+    })
 }
 
 #[cfg(test)]
@@ -200,6 +207,16 @@ mod tests {
         assert!(!is_canonical_path("/orders/%2e%2e/admin"));
         assert!(!is_canonical_path("orders"));
         assert!(!is_canonical_path("/orders/7%00"));
+        // Empty segments, and dot segments behind path parameters.
+        assert!(!is_canonical_path("//orders/7"));
+        assert!(!is_canonical_path("/orders//7"));
+        assert!(!is_canonical_path("/orders/..;/admin"));
+        assert!(!is_canonical_path("/orders/..;x=1"));
+        assert!(!is_canonical_path("/orders/.;/7"));
+        // Parameters on an ordinary segment and a trailing slash are fine.
+        assert!(is_canonical_path("/orders/7;v=1"));
+        assert!(is_canonical_path("/orders/"));
+        assert!(is_canonical_path("/"));
     }
 
     #[test]

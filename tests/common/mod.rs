@@ -416,8 +416,12 @@ pub fn portcullis(args: &[&str]) -> std::process::Output {
 pub fn path_arg(p: &Path) -> String {
     p.display().to_string()
 }
+pub mod envoy;
 pub mod idp;
 pub mod instance;
+pub mod otlp;
+pub mod served;
+pub mod upstream;
 
 impl Fixture {
     /// Appends TOML to the configuration.
