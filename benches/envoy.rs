@@ -71,6 +71,10 @@
 //! runs bench targets) it does a short smoke run: HTTP/2 rows and one HTTP/1.1
 //! row of about a second each, with the same checks.
 
+mod common;
+
+use common::{cores, cpu_model, env_f64, env_usize, load_average, verdict};
+
 use std::fmt::Write as _;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -146,17 +150,6 @@ struct Settings {
     keep: bool,
 }
 
-fn env_f64(name: &str) -> Option<f64> {
-    std::env::var(name).ok().map(|v| {
-        v.parse()
-            .unwrap_or_else(|_| panic!("{name}={v:?} is not a number"))
-    })
-}
-
-fn env_usize(name: &str) -> Option<usize> {
-    env_f64(name).map(|v| v as usize)
-}
-
 impl Settings {
     fn from_env() -> Settings {
         // `cargo bench` passes `--bench`; `cargo test --all-targets` does not.
@@ -211,30 +204,6 @@ impl Settings {
             Proto::H1 => self.h1_connections,
         }
     }
-}
-
-fn cores() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
-}
-
-fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|info| {
-            info.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, v)| v.trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown".to_owned())
-}
-
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "unknown".to_owned())
 }
 
 // ---------------------------------------------------------------------------
@@ -1377,10 +1346,6 @@ fn print_table(rows: &[Row]) {
             r.client_cpu_us,
         );
     }
-}
-
-fn verdict(ok: bool) -> &'static str {
-    if ok { "met" } else { "MISSED" }
 }
 
 /// Ratios and verdicts of one protocol's rows.

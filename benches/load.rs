@@ -51,6 +51,10 @@
 //! Without `--bench` in its arguments (that is how `cargo test --benches` runs
 //! it) it does a short smoke run, so CI exercises it in a few seconds.
 
+mod common;
+
+use common::{cores, cpu_model, env_f64, env_usize, load_average, verdict};
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -124,17 +128,6 @@ struct Settings {
     noop_nodelay: bool,
 }
 
-fn env_f64(name: &str) -> Option<f64> {
-    std::env::var(name).ok().map(|v| {
-        v.parse()
-            .unwrap_or_else(|_| panic!("{name}={v:?} is not a number"))
-    })
-}
-
-fn env_usize(name: &str) -> Option<usize> {
-    env_f64(name).map(|v| v as usize)
-}
-
 impl Settings {
     fn from_env() -> Settings {
         // `cargo bench` passes `--bench`; `cargo test --benches` does not.
@@ -169,30 +162,6 @@ impl Settings {
             noop_nodelay: env_usize("PORTCULLIS_BENCH_NOOP_NODELAY").unwrap_or(1) != 0,
         }
     }
-}
-
-fn cores() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
-}
-
-fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|info| {
-            info.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, v)| v.trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown".to_owned())
-}
-
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "unknown".to_owned())
 }
 
 // ---------------------------------------------------------------------------
@@ -822,10 +791,6 @@ fn progress(row: &Row) {
             ""
         }
     );
-}
-
-fn verdict(ok: bool) -> &'static str {
-    if ok { "met" } else { "MISSED" }
 }
 
 // ---------------------------------------------------------------------------

@@ -31,6 +31,20 @@ pub struct Served {
     pub logs: Arc<Mutex<Vec<Value>>>,
 }
 
+/// The `addr` field of the first line in `logs` whose message starts with
+/// `message`.
+fn addr_logged(logs: &Mutex<Vec<Value>>, message: &str) -> Option<SocketAddr> {
+    logs.lock()
+        .unwrap()
+        .iter()
+        .find(|l| {
+            l["fields"]["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with(message))
+        })
+        .and_then(|l| l["fields"]["addr"].as_str().map(|a| a.parse().unwrap()))
+}
+
 impl Served {
     /// Starts `portcullis serve` on `fx` with JSON logs, waits until SERVING.
     pub async fn start(fx: &Fixture, env: &[(&str, &str)]) -> Served {
@@ -49,16 +63,7 @@ impl Served {
 
     /// The `addr` field of the first log line whose message starts with `message`.
     pub fn addr_logged(&self, message: &str) -> Option<SocketAddr> {
-        self.logs
-            .lock()
-            .unwrap()
-            .iter()
-            .find(|l| {
-                l["fields"]["message"]
-                    .as_str()
-                    .is_some_and(|m| m.starts_with(message))
-            })
-            .and_then(|l| l["fields"]["addr"].as_str().map(|a| a.parse().unwrap()))
+        addr_logged(&self.logs, message)
     }
 
     /// Starts `portcullis serve` on `config` and returns once its gRPC listener
@@ -86,25 +91,17 @@ impl Served {
                 }
             }
         });
-        let addr_logged = |message: &str| {
-            logs.lock()
-                .unwrap()
-                .iter()
-                .find(|l| {
-                    l["fields"]["message"]
-                        .as_str()
-                        .is_some_and(|m| m.starts_with(message))
-                })
-                .and_then(|l| l["fields"]["addr"].as_str().map(|a| a.parse().unwrap()))
-        };
-        wait_for("the gRPC listener", || addr_logged("listening").is_some()).await;
-        let grpc: SocketAddr = addr_logged("listening").unwrap();
+        wait_for("the gRPC listener", || {
+            addr_logged(&logs, "listening").is_some()
+        })
+        .await;
+        let grpc: SocketAddr = addr_logged(&logs, "listening").unwrap();
         let channel = Channel::from_shared(format!("http://{grpc}"))
             .unwrap()
             .connect()
             .await
             .unwrap();
-        let metrics = addr_logged("metrics endpoint listening");
+        let metrics = addr_logged(&logs, "metrics endpoint listening");
         Served {
             child: Some(child),
             addr: grpc,
@@ -138,15 +135,6 @@ impl Served {
             assert!(attempt < 400, "server did not become SERVING");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-    }
-
-    /// Whether a log line's message starts with `message`.
-    pub fn logged(&self, message: &str) -> bool {
-        self.logs.lock().unwrap().iter().any(|l| {
-            l["fields"]["message"]
-                .as_str()
-                .is_some_and(|m| m.starts_with(message))
-        })
     }
 
     /// Sends SIGTERM and returns at once (the server drains, then stops).

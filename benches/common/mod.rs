@@ -1,0 +1,51 @@
+//! What the load benchmarks (`load`, `envoy`) share: settings read from the
+//! environment, a description of the machine they ran on, and the verdict
+//! word of a target.
+
+#![allow(dead_code)]
+
+/// A number from the environment variable `name`, if set; panics on a value
+/// that is not a number (a typo must not silently run the defaults).
+pub fn env_f64(name: &str) -> Option<f64> {
+    std::env::var(name).ok().map(|v| {
+        v.parse()
+            .unwrap_or_else(|_| panic!("{name}={v:?} is not a number"))
+    })
+}
+
+/// A count from the environment variable `name`, if set.
+pub fn env_usize(name: &str) -> Option<usize> {
+    env_f64(name).map(|v| v as usize)
+}
+
+/// The cores this process may use.
+pub fn cores() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
+/// The CPU model, from `/proc/cpuinfo`.
+pub fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown".to_owned())
+}
+
+/// The 1, 5 and 15-minute load averages, from `/proc/loadavg`.
+pub fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".to_owned())
+}
+
+/// How a report names a target's outcome.
+pub fn verdict(ok: bool) -> &'static str {
+    if ok { "met" } else { "MISSED" }
+}
