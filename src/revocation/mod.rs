@@ -18,7 +18,7 @@ pub mod redis;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
@@ -399,6 +399,17 @@ pub fn unix_now() -> i64 {
         .unwrap_or_default()
 }
 
+/// Locks `mutex`, taking the guard back if a panic elsewhere poisoned it.
+///
+/// The data behind these locks (the entries, the task list, the Redis queue)
+/// is consistent between statements, and skipping the work instead would drop
+/// a revocation that the caller is told was applied: never acceptable.
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 impl RevocationStore {
     /// Opens the store: replays the journal under `config.data_dir`, then, in
     /// shared mode, starts the Redis sync (waiting for the first full sync when
@@ -466,9 +477,7 @@ impl RevocationStore {
     }
 
     fn push_task(&self, task: JoinHandle<()>) {
-        if let Ok(mut tasks) = self.tasks.lock() {
-            tasks.push(task);
-        }
+        lock(&self.tasks).push(task);
     }
 
     /// Is `token` revoked at `now` (seconds since the epoch)? Lock-free: reads
@@ -529,9 +538,7 @@ impl RevocationStore {
 
     /// Adds entries not known yet; returns the lines that were new.
     fn insert(&self, batch: Vec<(String, Revocation)>) -> Vec<String> {
-        let Ok(mut entries) = self.entries.lock() else {
-            return Vec::new();
-        };
+        let mut entries = lock(&self.entries);
         let mut fresh = Vec::new();
         for (line, entry) in batch {
             if !entries.by_line.contains_key(&line) {
@@ -624,15 +631,11 @@ impl RevocationStore {
 
     /// Every entry's line and expiry (for the Redis resync).
     fn lines(&self) -> Vec<(String, i64)> {
-        self.entries
-            .lock()
-            .map(|e| {
-                e.by_line
-                    .iter()
-                    .map(|(line, entry)| (line.clone(), entry.expires_at))
-                    .collect()
-            })
-            .unwrap_or_default()
+        lock(&self.entries)
+            .by_line
+            .iter()
+            .map(|(line, entry)| (line.clone(), entry.expires_at))
+            .collect()
     }
 
     /// Drops entries expired at `now`; returns how many.
@@ -645,9 +648,7 @@ impl RevocationStore {
         {
             return 0;
         }
-        let Ok(mut entries) = self.entries.lock() else {
-            return 0;
-        };
+        let mut entries = lock(&self.entries);
         let before = entries.by_line.len();
         entries.by_line.retain(|_, entry| entry.expires_at > now);
         let removed = before - entries.by_line.len();
@@ -659,17 +660,12 @@ impl RevocationStore {
     /// The entries in force, oldest first.
     pub fn list(&self) -> Vec<Revocation> {
         let now = unix_now();
-        let mut list: Vec<Revocation> = self
-            .entries
-            .lock()
-            .map(|e| {
-                e.by_line
-                    .values()
-                    .filter(|r| r.expires_at > now)
-                    .cloned()
-                    .collect()
-            })
-            .unwrap_or_default();
+        let mut list: Vec<Revocation> = lock(&self.entries)
+            .by_line
+            .values()
+            .filter(|r| r.expires_at > now)
+            .cloned()
+            .collect();
         list.sort_by(|a, b| {
             (a.created_at, a.expires_at, a.to_line()).cmp(&(
                 b.created_at,
@@ -683,11 +679,11 @@ impl RevocationStore {
     /// Counts and the Redis link, for the admin API.
     pub fn status(&self) -> StoreStatus {
         let now = unix_now();
-        let revocations = self
-            .entries
-            .lock()
-            .map(|e| e.by_line.values().filter(|r| r.expires_at > now).count())
-            .unwrap_or_default();
+        let revocations = lock(&self.entries)
+            .by_line
+            .values()
+            .filter(|r| r.expires_at > now)
+            .count();
         StoreStatus {
             revocations,
             mode: if self.sync.is_some() {
@@ -712,11 +708,7 @@ impl RevocationStore {
     /// stay in the journal and are written at the next start.
     pub async fn shutdown(&self) {
         let _ = self.stop.send(true);
-        let tasks = self
-            .tasks
-            .lock()
-            .map(|mut t| std::mem::take(&mut *t))
-            .unwrap_or_default();
+        let tasks = std::mem::take(&mut *lock(&self.tasks));
         for task in tasks {
             let abort = task.abort_handle();
             if tokio::time::timeout(Duration::from_secs(5), task)
@@ -897,5 +889,66 @@ mod tests {
         let line = r.to_line();
         assert_eq!(serde_json::from_str::<Revocation>(&line).unwrap(), r);
         assert!(!line.contains('\n'));
+    }
+
+    /// Holds `mutex` while panicking, as a bug elsewhere would, so that it is
+    /// poisoned.
+    pub(crate) fn poison<T: Send>(mutex: &std::sync::Mutex<T>) {
+        std::thread::scope(|scope| {
+            let _ = scope
+                .spawn(|| {
+                    let _guard = mutex.lock();
+                    panic!("poisoning the lock for the test");
+                })
+                .join();
+        });
+        assert!(mutex.is_poisoned());
+    }
+
+    /// A poisoned entries lock used to make `revoke` acknowledge a revocation
+    /// it had silently skipped: the revoked token still passed.
+    #[tokio::test]
+    async fn a_poisoned_lock_never_drops_an_acknowledged_revocation() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = RevocationConfig {
+            data_dir: dir.path().to_owned(),
+            ..RevocationConfig::default()
+        };
+        let lifetimes = Lifetimes {
+            max_lifetime: Duration::from_secs(3600),
+            leeway: Duration::from_secs(30),
+            api_key_lifetime: Duration::ZERO,
+        };
+        let store = RevocationStore::open(&config, lifetimes).await.unwrap();
+        poison(&store.entries);
+        let mut t = token();
+        t.issued_at = unix_now();
+        t.expires_at = unix_now() + 600;
+        store
+            .revoke(
+                Target::Token {
+                    jti: "j1".into(),
+                    issuer: None,
+                },
+                Some(t.expires_at),
+                String::new(),
+            )
+            .await
+            .unwrap();
+        assert!(
+            store.check(&t, unix_now()).is_err(),
+            "acknowledged but not enforced"
+        );
+        assert_eq!(store.list().len(), 1);
+        store.shutdown().await;
+    }
+
+    /// A poisoned Redis queue used to drop the revocation it was handed.
+    #[tokio::test]
+    async fn a_poisoned_redis_queue_still_queues_the_revocation() {
+        let sync = redis::SyncHandle::new("redis://127.0.0.1:1", "test").unwrap();
+        sync.poison_pending_for_test();
+        assert!(!sync.write("line".into(), unix_now() + 60).await);
+        assert_eq!(sync.pending(), 1);
     }
 }

@@ -100,9 +100,15 @@ impl SyncHandle {
         *self.state.borrow()
     }
 
+    /// Poisons the pending queue, as a panic while holding it would.
+    #[cfg(test)]
+    pub(crate) fn poison_pending_for_test(&self) {
+        super::tests::poison(&self.pending);
+    }
+
     /// Local revocations not yet written to Redis.
     pub fn pending(&self) -> usize {
-        self.pending.lock().map(|p| p.len()).unwrap_or_default()
+        super::lock(&self.pending).len()
     }
 
     /// Resolves once the first full sync has completed.
@@ -115,13 +121,11 @@ impl SyncHandle {
     /// confirmed it.
     pub async fn write(&self, line: String, expires_at: i64) -> bool {
         let seq = self.next_seq.fetch_add(1, Ordering::SeqCst) + 1;
-        if let Ok(mut pending) = self.pending.lock() {
-            pending.push(Pending {
-                seq,
-                line,
-                expires_at,
-            });
-        }
+        super::lock(&self.pending).push(Pending {
+            seq,
+            line,
+            expires_at,
+        });
         self.wake.notify_one();
         if self.state() != RedisState::Connected {
             return false;
@@ -311,7 +315,7 @@ async fn session(store: &Weak<RevocationStore>, stop: &mut watch::Receiver<bool>
 
 /// Writes and publishes every queued local revocation, in one transaction.
 async fn flush(sync: &SyncHandle, conn: &mut MultiplexedConnection) -> Result<(), String> {
-    let batch: Vec<Pending> = sync.pending.lock().map(|p| p.clone()).unwrap_or_default();
+    let batch: Vec<Pending> = super::lock(&sync.pending).clone();
     let Some(last) = batch.last().map(|p| p.seq) else {
         return Ok(());
     };
@@ -322,9 +326,7 @@ async fn flush(sync: &SyncHandle, conn: &mut MultiplexedConnection) -> Result<()
         pipe.publish(&sync.channel, &p.line).ignore();
     }
     timed("ZADD/PUBLISH", pipe.query_async::<()>(conn)).await?;
-    if let Ok(mut pending) = sync.pending.lock() {
-        pending.retain(|p| p.seq > last);
-    }
+    super::lock(&sync.pending).retain(|p| p.seq > last);
     sync.synced.send_replace(last);
     Ok(())
 }
