@@ -11,11 +11,12 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use http_body_util::Full;
 use hyper::body::Bytes;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -291,8 +292,21 @@ impl MetricsServer {
     }
 }
 
+/// Connections the metrics listener serves at once; more wait in the kernel's
+/// accept queue. A scraper needs one or two.
+pub const MAX_CONNECTIONS: usize = 32;
+
+/// How long a client may take to send a request head before the connection is
+/// closed (a client that never finishes one would otherwise hold it forever).
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The largest request head read; a larger one closes the connection. A
+/// scrape's is a few hundred bytes.
+pub const MAX_REQUEST_HEAD_BYTES: usize = 16 * 1024;
+
 /// Serves `GET /metrics` for `state` on `addr` (HTTP/1.1, no TLS: bind it to
-/// an address only the scraper reaches).
+/// an address only the scraper reaches), within [`MAX_CONNECTIONS`],
+/// [`HEADER_READ_TIMEOUT`] and [`MAX_REQUEST_HEAD_BYTES`].
 pub async fn serve(
     addr: SocketAddr,
     state: Arc<ServerState>,
@@ -306,7 +320,16 @@ pub async fn serve(
     let (tx, mut rx) = oneshot::channel::<()>();
     let task = tokio::spawn(async move {
         let mut connections = tokio::task::JoinSet::new();
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
         loop {
+            // A free slot first: at the cap, new connections wait to be accepted.
+            let slot = tokio::select! {
+                _ = &mut rx => break,
+                slot = slots.clone().acquire_owned() => match slot {
+                    Ok(slot) => slot,
+                    Err(_) => break,
+                },
+            };
             let stream = tokio::select! {
                 _ = &mut rx => break,
                 accepted = listener.accept() => match accepted {
@@ -319,12 +342,16 @@ pub async fn serve(
             };
             let state = state.clone();
             connections.spawn(async move {
+                let _slot = slot;
                 let service = hyper::service::service_fn(move |request| {
                     let state = state.clone();
                     async move { Ok::<_, Infallible>(respond(&request, &state)) }
                 });
                 // A scraper that hangs up mid-response is not our problem.
                 let _ = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(HEADER_READ_TIMEOUT)
+                    .max_buf_size(MAX_REQUEST_HEAD_BYTES)
                     .serve_connection(TokioIo::new(stream), service)
                     .await;
             });
