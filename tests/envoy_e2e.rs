@@ -150,6 +150,51 @@ async fn allow_reaches_the_upstream_with_the_identity_portcullis_sets() {
     assert_eq!(request.all("authorization"), [format!("Bearer {token}")]);
 }
 
+/// A client speaking HTTP/2 (cleartext, prior knowledge) to Envoy is enforced
+/// the same way: allowed with the identity header, refused without a token.
+#[tokio::test]
+async fn http2_clients_are_enforced_the_same_way() {
+    use http_body_util::{BodyExt, Empty};
+    use hyper::client::conn::http2;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+
+    let stack = Stack::start(fixture(""), |_| {}).await;
+    let token = stack.token("alice", &["orders:read"]);
+    let tcp = tokio::net::TcpStream::connect(stack.envoy.listener)
+        .await
+        .unwrap();
+    let (mut sender, connection) = http2::Builder::new(TokioExecutor::new())
+        .handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let send = |token: Option<&str>| {
+        let mut request = hyper::Request::get(format!("http://{}/orders/42", stack.envoy.listener));
+        if let Some(token) = token {
+            request = request.header("authorization", format!("Bearer {token}"));
+        }
+        request.body(Empty::<bytes::Bytes>::new()).unwrap()
+    };
+
+    let allowed = sender.send_request(send(Some(&token))).await.unwrap();
+    assert_eq!(allowed.status(), 200);
+    assert_eq!(allowed.version(), hyper::Version::HTTP_2);
+    let body = allowed.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"upstream");
+    assert_eq!(
+        stack.upstream.received()[0].all("x-portcullis-subject"),
+        ["alice"]
+    );
+
+    let refused = sender.send_request(send(None)).await.unwrap();
+    assert_eq!(refused.status(), 401);
+    assert_eq!(
+        refused.headers()["www-authenticate"],
+        r#"Bearer realm="orders""#
+    );
+    assert_eq!(stack.upstream.count(), 1);
+}
+
 /// `remove_authorization = true`: the upstream never sees the token.
 #[tokio::test]
 async fn remove_authorization_strips_the_token_before_the_upstream() {
