@@ -73,7 +73,7 @@
 
 mod common;
 
-use common::{cores, cpu_model, env_f64, env_usize, load_average, verdict};
+use common::{Noop, cores, cpu_model, env_f64, env_usize, load_average, verdict};
 
 use std::fmt::Write as _;
 use std::io::{Read, Write};
@@ -85,12 +85,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use envoy_types::pb::envoy::service::auth::v3::authorization_server::{
-    Authorization, AuthorizationServer,
-};
-use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
-use envoy_types::pb::envoy::service::auth::v3::{CheckRequest, CheckResponse, OkHttpResponse};
-use envoy_types::pb::google::rpc::Status as RpcStatus;
+use envoy_types::pb::envoy::service::auth::v3::authorization_server::AuthorizationServer;
 use hdrhistogram::Histogram;
 use http_body_util::{BodyExt, Empty};
 use hyper::client::conn::{http1, http2};
@@ -313,26 +308,6 @@ fn wait_for_text(path: &Path, marker: &str, what: &str) -> Fallible<String> {
 
 // ---------------------------------------------------------------------------
 // The no-op ext_authz server (this binary, re-executed)
-
-/// Allows everything, without looking at the request.
-struct Noop;
-
-#[tonic::async_trait]
-impl Authorization for Noop {
-    async fn check(
-        &self,
-        _request: tonic::Request<CheckRequest>,
-    ) -> Result<tonic::Response<CheckResponse>, tonic::Status> {
-        Ok(tonic::Response::new(CheckResponse {
-            status: Some(RpcStatus {
-                code: 0,
-                ..Default::default()
-            }),
-            http_response: Some(HttpResponse::OkResponse(OkHttpResponse::default())),
-            ..Default::default()
-        }))
-    }
-}
 
 /// The no-op role: serve on `PORTCULLIS_BENCH_LISTEN` with the listener setup
 /// of `portcullis::server::start` (tonic defaults, `TCP_NODELAY`) on a

@@ -53,7 +53,7 @@
 
 mod common;
 
-use common::{cores, cpu_model, env_f64, env_usize, load_average, verdict};
+use common::{Noop, cores, cpu_model, env_f64, env_usize, load_average, verdict};
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -73,14 +73,9 @@ use envoy_types::pb::envoy::config::core::v3::{Address as EnvoyAddress, SocketAd
 use envoy_types::pb::envoy::service::auth::v3::attribute_context::{
     HttpRequest, Peer, Request as AttrRequest,
 };
-use envoy_types::pb::envoy::service::auth::v3::authorization_server::{
-    Authorization, AuthorizationServer,
-};
+use envoy_types::pb::envoy::service::auth::v3::authorization_server::AuthorizationServer;
 use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
-use envoy_types::pb::envoy::service::auth::v3::{
-    AttributeContext, CheckRequest, CheckResponse, OkHttpResponse,
-};
-use envoy_types::pb::google::rpc::Status as RpcStatus;
+use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest, CheckResponse};
 use hdrhistogram::Histogram;
 use jsonwebtoken::Algorithm;
 use portcullis::audit::AuditLog;
@@ -166,26 +161,6 @@ impl Settings {
 
 // ---------------------------------------------------------------------------
 // The no-op server
-
-/// Allows everything, without looking at the request.
-struct Noop;
-
-#[tonic::async_trait]
-impl Authorization for Noop {
-    async fn check(
-        &self,
-        _request: tonic::Request<CheckRequest>,
-    ) -> Result<tonic::Response<CheckResponse>, tonic::Status> {
-        Ok(tonic::Response::new(CheckResponse {
-            status: Some(RpcStatus {
-                code: 0,
-                ..Default::default()
-            }),
-            http_response: Some(HttpResponse::OkResponse(OkHttpResponse::default())),
-            ..Default::default()
-        }))
-    }
-}
 
 /// Same listener and transport as `portcullis::server::start`: a bound
 /// `TcpListener` handed to tonic as accepted connections with `TCP_NODELAY`

@@ -1,8 +1,35 @@
-//! What the load benchmarks (`load`, `envoy`) share: settings read from the
+//! What the load benchmarks (`load`, `envoy`) share: the no-op ext_authz
+//! service they measure Portcullis against, settings read from the
 //! environment, a description of the machine they ran on, and the verdict
 //! word of a target.
 
 #![allow(dead_code)]
+
+use envoy_types::pb::envoy::service::auth::v3::authorization_server::Authorization;
+use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
+use envoy_types::pb::envoy::service::auth::v3::{CheckRequest, CheckResponse, OkHttpResponse};
+use envoy_types::pb::google::rpc::Status as RpcStatus;
+
+/// Allows everything, without looking at the request: the baseline of an
+/// ext_authz server that costs nothing but the gRPC stack.
+pub struct Noop;
+
+#[tonic::async_trait]
+impl Authorization for Noop {
+    async fn check(
+        &self,
+        _request: tonic::Request<CheckRequest>,
+    ) -> Result<tonic::Response<CheckResponse>, tonic::Status> {
+        Ok(tonic::Response::new(CheckResponse {
+            status: Some(RpcStatus {
+                code: 0,
+                ..Default::default()
+            }),
+            http_response: Some(HttpResponse::OkResponse(OkHttpResponse::default())),
+            ..Default::default()
+        }))
+    }
+}
 
 /// A number from the environment variable `name`, if set; panics on a value
 /// that is not a number (a typo must not silently run the defaults).
