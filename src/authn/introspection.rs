@@ -11,10 +11,14 @@ use std::time::Duration;
 use aws_lc_rs::digest;
 use serde_json::Value;
 
-use super::jwt::{numeric_date, roles, scopes, string_claim};
-use super::keys::{FetchError, IssuerKeys, http_client};
+use super::jwt::{check_lifetime, numeric_date, roles, scopes, secs_i64, string_claim};
+use super::keys::{FetchError, IssuerKeys, http_client, read_limited};
 use super::{CredentialKind, TokenError, VerifiedToken};
 use crate::config::IssuerConfig;
+
+/// The largest introspection answer read (64 KiB): an RFC 7662 answer is a
+/// small JSON object; a larger one is a failed call.
+pub const MAX_INTROSPECTION_BYTES: usize = 64 * 1024;
 
 /// Errors setting up introspection.
 #[derive(Debug, thiserror::Error)]
@@ -49,7 +53,7 @@ pub struct Introspector {
     issuer: String,
     audiences: Vec<String>,
     leeway: i64,
-    max_lifetime: i64,
+    max_lifetime: Duration,
     roles_claim: String,
     principal_type: String,
     principal_claim: String,
@@ -102,8 +106,8 @@ impl Introspector {
             cache_max: settings.cache_max,
             issuer: config.issuer.clone(),
             audiences: config.audiences.clone(),
-            leeway: config.leeway.as_secs() as i64,
-            max_lifetime: config.max_token_lifetime.as_secs() as i64,
+            leeway: secs_i64(config.leeway),
+            max_lifetime: config.max_token_lifetime,
             roles_claim: config.roles_claim.clone(),
             principal_type: config.principal_type.clone(),
             principal_claim: config.principal_claim.clone(),
@@ -124,7 +128,7 @@ impl Introspector {
         tracing::Span::current().record("cache_hit", false);
         let response = self.call(token).await?;
         let verified = self.verify_response(&response, now)?;
-        let bound = now + self.cache_max.as_secs() as i64;
+        let bound = now.saturating_add(secs_i64(self.cache_max));
         let valid_until = match verified.expires_at {
             0 => bound,
             exp => exp.min(bound),
@@ -165,8 +169,14 @@ impl Introspector {
             tracing::warn!(issuer = %self.issuer, status = %response.status(), "introspection endpoint refused");
             return Err(TokenError::IntrospectionFailed);
         }
-        response.json::<Value>().await.map_err(|e| {
-            tracing::warn!(issuer = %self.issuer, error = %e.without_url(), "introspection response is not JSON");
+        let body = read_limited(response, MAX_INTROSPECTION_BYTES)
+            .await
+            .map_err(|e| {
+                tracing::warn!(issuer = %self.issuer, error = %e, "introspection response not read");
+                TokenError::IntrospectionFailed
+            })?;
+        serde_json::from_slice::<Value>(&body).map_err(|e| {
+            tracing::warn!(issuer = %self.issuer, error = %e, "introspection response is not JSON");
             TokenError::IntrospectionFailed
         })
     }
@@ -183,19 +193,17 @@ impl Introspector {
         let exp = numeric_date(response, "exp")?;
         let iat = numeric_date(response, "iat")?;
         if let Some(exp) = exp
-            && exp <= now - self.leeway
+            && exp <= now.saturating_sub(self.leeway)
         {
             return Err(TokenError::Expired);
         }
         if let Some(nbf) = numeric_date(response, "nbf")?
-            && nbf > now + self.leeway
+            && nbf > now.saturating_add(self.leeway)
         {
             return Err(TokenError::NotYetValid);
         }
-        if let (Some(exp), Some(iat)) = (exp, iat)
-            && exp - iat > self.max_lifetime
-        {
-            return Err(TokenError::LifetimeTooLong);
+        if let (Some(exp), Some(iat)) = (exp, iat) {
+            check_lifetime(exp, iat, self.max_lifetime)?;
         }
         // `aud` is optional in RFC 7662; when present it must name us.
         match response.get("aud") {

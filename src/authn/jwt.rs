@@ -243,7 +243,7 @@ impl IssuerSet {
         let principal_id = string_claim(&claims, &issuer.principal_claim)
             .filter(|s| !s.is_empty())
             .ok_or(TokenError::MissingClaim)?;
-        let leeway = issuer.leeway.as_secs() as i64;
+        let leeway = secs_i64(issuer.leeway);
         let issued_at = numeric_date(&claims, "iat")?.unwrap_or_default();
         let not_before = numeric_date(&claims, "nbf")?
             .unwrap_or(i64::MIN)
@@ -317,34 +317,55 @@ fn map_jwt_error(kind: &ErrorKind) -> TokenError {
 }
 
 /// `exp` (required), `nbf` and `iat` (required) with leeway; lifetime bound.
+///
+/// The claims are issuer-controlled: every sum and difference is checked, so
+/// no value can wrap around into an allow (or panic in a debug build).
 fn check_times(issuer: &Issuer, claims: &Value, now: i64) -> Result<(), TokenError> {
-    let leeway = issuer.leeway.as_secs() as i64;
+    let leeway = secs_i64(issuer.leeway);
     let exp = numeric_date(claims, "exp")?.ok_or(TokenError::MissingClaim)?;
     let iat = numeric_date(claims, "iat")?.ok_or(TokenError::MissingClaim)?;
-    if exp <= now - leeway {
+    if exp <= now.saturating_sub(leeway) {
         return Err(TokenError::Expired);
     }
     if let Some(nbf) = numeric_date(claims, "nbf")?
-        && nbf > now + leeway
+        && nbf > now.saturating_add(leeway)
     {
         return Err(TokenError::NotYetValid);
     }
-    if iat > now + leeway {
+    if iat > now.saturating_add(leeway) {
         return Err(TokenError::NotYetValid);
     }
-    if exp - iat > issuer.max_token_lifetime.as_secs() as i64 {
-        return Err(TokenError::LifetimeTooLong);
-    }
-    Ok(())
+    check_lifetime(exp, iat, issuer.max_token_lifetime)
 }
 
-/// A NumericDate claim; fractional seconds are truncated, other types are malformed.
+/// `exp - iat` within `max`; a difference out of `i64` range is too long.
+pub(crate) fn check_lifetime(exp: i64, iat: i64, max: Duration) -> Result<(), TokenError> {
+    match exp.checked_sub(iat) {
+        Some(lifetime) if lifetime <= secs_i64(max) => Ok(()),
+        _ => Err(TokenError::LifetimeTooLong),
+    }
+}
+
+/// Whole seconds of a configured duration as `i64`, saturating (configuration
+/// bounds durations far below this; see `config::MAX_DURATION`).
+pub(crate) fn secs_i64(duration: Duration) -> i64 {
+    i64::try_from(duration.as_secs()).unwrap_or(i64::MAX)
+}
+
+/// The latest NumericDate accepted, 9999-12-31T23:59:59Z.
+pub const MAX_NUMERIC_DATE: i64 = 253_402_300_799;
+
+/// A NumericDate claim; fractional seconds are truncated, other types are
+/// malformed, and so is a date before 1970 or after [`MAX_NUMERIC_DATE`]: no
+/// issuer means those, and the bound keeps all time arithmetic in range.
 pub(crate) fn numeric_date(claims: &Value, name: &str) -> Result<Option<i64>, TokenError> {
     match claims.get(name) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::Number(n)) => n
             .as_i64()
+            // `as` saturates (and NaN is filtered): the range check then refuses it.
             .or_else(|| n.as_f64().filter(|f| f.is_finite()).map(|f| f as i64))
+            .filter(|secs| (0..=MAX_NUMERIC_DATE).contains(secs))
             .map(Some)
             .ok_or(TokenError::Malformed),
         Some(_) => Err(TokenError::Malformed),
@@ -425,5 +446,101 @@ mod tests {
             numeric_date(&json!({"exp": "10"}), "exp"),
             Err(TokenError::Malformed)
         );
+    }
+
+    #[test]
+    fn numeric_dates_out_of_range_are_malformed() {
+        assert_eq!(numeric_date(&json!({"exp": 0}), "exp"), Ok(Some(0)));
+        assert_eq!(
+            numeric_date(&json!({"exp": MAX_NUMERIC_DATE}), "exp"),
+            Ok(Some(MAX_NUMERIC_DATE))
+        );
+        for value in [
+            json!(i64::MIN),
+            json!(-1),
+            json!(MAX_NUMERIC_DATE + 1),
+            json!(i64::MAX),
+            json!(u64::MAX),
+            json!(1e300),
+            json!(-1e300),
+        ] {
+            assert_eq!(
+                numeric_date(&json!({ "iat": value }), "iat"),
+                Err(TokenError::Malformed),
+                "{value}"
+            );
+        }
+    }
+
+    fn issuer(max_token_lifetime: Duration, leeway: Duration) -> Issuer {
+        let config: IssuerConfig =
+            toml::from_str("issuer = \"https://i.test\"\naudiences = [\"a\"]\n").unwrap();
+        Issuer {
+            max_token_lifetime,
+            leeway,
+            ..Issuer::from_config(&config).unwrap()
+        }
+    }
+
+    /// Extreme `iat`/`exp`/`nbf` and leeways never panic (debug builds check
+    /// overflow) and never pass: each is refused with a reason class.
+    #[test]
+    fn extreme_times_are_refused_without_overflow() {
+        let hour = Duration::from_secs(3600);
+        let now = 1_700_000_000;
+        let normal = issuer(hour, Duration::from_secs(30));
+        let times = |exp: i64, iat: i64, nbf: Option<i64>| {
+            let mut claims = json!({ "exp": exp, "iat": iat });
+            if let Some(nbf) = nbf {
+                claims["nbf"] = json!(nbf);
+            }
+            claims
+        };
+        let cases = [
+            (times(i64::MAX, now, None), TokenError::Malformed),
+            (times(now + 60, i64::MIN, None), TokenError::Malformed),
+            (times(i64::MAX, i64::MIN, None), TokenError::Malformed),
+            (times(now + 60, now, Some(i64::MAX)), TokenError::Malformed),
+            (times(now + 60, now, Some(i64::MIN)), TokenError::Malformed),
+            (
+                times(MAX_NUMERIC_DATE, 0, None),
+                TokenError::LifetimeTooLong,
+            ),
+            (
+                times(MAX_NUMERIC_DATE, now, None),
+                TokenError::LifetimeTooLong,
+            ),
+        ];
+        for (claims, expected) in &cases {
+            assert_eq!(
+                check_times(&normal, claims, now),
+                Err(*expected),
+                "{claims}"
+            );
+        }
+        // Leeways and lifetimes at the edge of `i64` saturate instead of wrapping.
+        let huge = issuer(Duration::from_secs(u64::MAX), Duration::from_secs(u64::MAX));
+        assert_eq!(
+            check_times(&huge, &times(MAX_NUMERIC_DATE, 0, None), now),
+            Ok(())
+        );
+        assert_eq!(
+            check_times(&huge, &times(now + 60, now, None), i64::MIN),
+            Err(TokenError::NotYetValid)
+        );
+        assert_eq!(
+            check_times(&normal, &times(now + 60, now, None), i64::MAX),
+            Err(TokenError::Expired)
+        );
+        assert_eq!(
+            check_lifetime(i64::MAX, i64::MIN, hour),
+            Err(TokenError::LifetimeTooLong)
+        );
+        assert_eq!(
+            check_lifetime(i64::MIN, i64::MAX, hour),
+            Err(TokenError::LifetimeTooLong)
+        );
+        assert_eq!(check_lifetime(0, MAX_NUMERIC_DATE, hour), Ok(()));
+        assert_eq!(secs_i64(Duration::from_secs(u64::MAX)), i64::MAX);
     }
 }

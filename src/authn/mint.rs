@@ -23,6 +23,9 @@ pub enum MintError {
     /// Signing failed.
     #[error("cannot sign the token: {0}")]
     Sign(String),
+    /// `exp` would be past year 9999 (the latest NumericDate verifiers accept).
+    #[error("the token lifetime is too long: exp would be past year 9999")]
+    LifetimeTooLong,
 }
 
 /// What goes into a minted token.
@@ -143,7 +146,12 @@ impl SigningKey {
         claims.insert("aud".into(), json!(request.audience));
         claims.insert("sub".into(), json!(request.subject));
         claims.insert("iat".into(), json!(now));
-        claims.insert("exp".into(), json!(now + request.lifetime.as_secs()));
+        // A lifetime past year 9999 would mint a token no verifier accepts.
+        let exp = now
+            .checked_add(request.lifetime.as_secs())
+            .filter(|&exp| exp <= super::jwt::MAX_NUMERIC_DATE as u64)
+            .ok_or(MintError::LifetimeTooLong)?;
+        claims.insert("exp".into(), json!(exp));
         claims.insert("jti".into(), json!(uuid::Uuid::now_v7().to_string()));
         if !request.scopes.is_empty() {
             claims.insert("scope".into(), json!(request.scopes.join(" ")));
@@ -160,5 +168,33 @@ impl SigningKey {
         let mut header = Header::new(self.algorithm);
         header.kid = Some(self.kid.clone());
         jsonwebtoken::encode(&header, claims, &self.key).map_err(|e| MintError::Sign(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A lifetime whose `exp` would pass year 9999 (or overflow) is refused
+    /// instead of minting a token no verifier accepts.
+    #[test]
+    fn lifetimes_past_year_9999_are_refused() {
+        let key = SigningKey::generate_es256(None).unwrap();
+        let request = |lifetime| MintRequest {
+            issuer: "https://i.test".into(),
+            audience: "a".into(),
+            subject: "alice".into(),
+            scopes: Vec::new(),
+            roles: Vec::new(),
+            lifetime,
+            extra_claims: Map::new(),
+        };
+        assert!(key.mint(&request(Duration::from_secs(600))).is_ok());
+        for secs in [super::super::jwt::MAX_NUMERIC_DATE as u64, u64::MAX] {
+            assert!(matches!(
+                key.mint(&request(Duration::from_secs(secs))),
+                Err(MintError::LifetimeTooLong)
+            ));
+        }
     }
 }
