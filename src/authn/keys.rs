@@ -53,6 +53,53 @@ pub enum FetchError {
     },
 }
 
+/// The largest JWKS or OIDC discovery document read (1 MiB): real ones are a
+/// few KiB, and an identity provider (or whoever answers in its name) must not
+/// be able to make us buffer without bound.
+pub const MAX_DOCUMENT_BYTES: usize = 1024 * 1024;
+
+/// Why a response body was not read.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    /// The body (or its announced `Content-Length`) is longer than the limit.
+    #[error("the response body is larger than {limit} bytes")]
+    TooLarge {
+        /// The limit, in bytes.
+        limit: usize,
+    },
+    /// The connection failed or timed out while reading.
+    #[error("reading the response body: {0}")]
+    Read(String),
+}
+
+/// Reads `response`'s body, at most `limit` bytes. It is read chunk by chunk
+/// and refused as soon as it passes the limit, whatever `Content-Length`
+/// says (a larger announced length is refused before reading).
+pub async fn read_limited(
+    mut response: reqwest::Response,
+    limit: usize,
+) -> Result<Vec<u8>, BodyError> {
+    let too_large = BodyError::TooLarge { limit };
+    if response
+        .content_length()
+        .is_some_and(|announced| announced > limit as u64)
+    {
+        return Err(too_large);
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|e| BodyError::Read(e.without_url().to_string()))?
+    {
+        if body.len().saturating_add(chunk.len()) > limit {
+            return Err(too_large);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
 /// Counters an operator (and the metrics endpoint) reads.
 #[derive(Debug, Default)]
 pub struct KeyStats {
@@ -266,11 +313,12 @@ impl IssuerKeys {
             .get(reqwest::header::CACHE_CONTROL)
             .and_then(|v| v.to_str().ok())
             .and_then(parse_max_age);
-        let body = response
-            .text()
+        let body = read_limited(response, MAX_DOCUMENT_BYTES)
             .await
-            .map_err(|e| http_error(e.without_url().to_string()))?;
-        let keys = KeySet::from_json_lenient(&body).map_err(|source| FetchError::Jwks {
+            .map_err(|e| http_error(e.to_string()))?;
+        let body =
+            std::str::from_utf8(&body).map_err(|_| http_error("the body is not UTF-8".into()))?;
+        let keys = KeySet::from_json_lenient(body).map_err(|source| FetchError::Jwks {
             url: url.clone(),
             source,
         })?;
@@ -304,10 +352,11 @@ impl IssuerKeys {
             reason,
         };
         let response = get_ok(&remote.client, &url, "application/json").await?;
-        let doc: DiscoveryDocument = response
-            .json()
+        let body = read_limited(response, MAX_DOCUMENT_BYTES)
             .await
-            .map_err(|e| discovery_error(e.without_url().to_string()))?;
+            .map_err(|e| discovery_error(e.to_string()))?;
+        let doc: DiscoveryDocument =
+            serde_json::from_slice(&body).map_err(|e| discovery_error(e.to_string()))?;
         // OpenID Connect Discovery 1.0 section 4.3: the document must name this issuer.
         if doc.issuer.as_deref() != Some(self.issuer.as_str()) {
             return Err(discovery_error(format!(

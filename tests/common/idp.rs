@@ -19,7 +19,9 @@
 //!   `401 {"error": "invalid_client"}` with `WWW-Authenticate: Basic`.
 //!
 //! Faults: [`TestIdp::set_down`] makes every endpoint answer `503`;
-//! [`TestIdp::set_delay`] delays every answer (for client timeouts).
+//! [`TestIdp::set_delay`] delays every answer (for client timeouts);
+//! [`TestIdp::set_padding`] pads one endpoint's (otherwise valid) JSON answer
+//! to a given size and streams it without `Content-Length` (for body limits).
 //! Counters ([`TestIdp::jwks_fetches`], [`TestIdp::introspection_calls`],
 //! [`TestIdp::discovery_fetches`]) count requests that reached the endpoint,
 //! including those answered `503` or `401`.
@@ -60,6 +62,18 @@ struct Settings {
     discovery: Option<Value>,
     introspection: HashMap<String, Value>,
     client_credentials: Option<(String, String)>,
+    padding: HashMap<Endpoint, usize>,
+}
+
+/// One endpoint of the IdP, for [`TestIdp::set_padding`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Endpoint {
+    /// `GET /.well-known/openid-configuration`.
+    Discovery,
+    /// `GET /jwks`.
+    Jwks,
+    /// `POST /introspect`.
+    Introspection,
 }
 
 struct Shared {
@@ -218,6 +232,18 @@ impl TestIdp {
         self.shared.settings().delay = delay;
     }
 
+    /// While `Some(bytes)`, `endpoint`'s successful JSON answer gets a
+    /// `"padding"` member that makes it at least `bytes` long, and is streamed
+    /// in 16 KiB chunks without `Content-Length`: still valid JSON with the
+    /// same meaning, only too large.
+    pub fn set_padding(&self, endpoint: Endpoint, bytes: Option<usize>) {
+        let mut settings = self.shared.settings();
+        match bytes {
+            Some(bytes) => settings.padding.insert(endpoint, bytes),
+            None => settings.padding.remove(&endpoint),
+        };
+    }
+
     /// Replaces the discovery document (`None`: the default one, naming this IdP's
     /// own endpoints), e.g. to serve a mismatched `issuer`.
     pub fn set_discovery(&self, document: Option<Value>) {
@@ -294,6 +320,27 @@ fn json_response(status: StatusCode, body: Value) -> Response {
     (status, axum::Json(body)).into_response()
 }
 
+/// `body` as JSON, padded (see [`TestIdp::set_padding`]) when `padding` says so.
+fn padded_json(status: StatusCode, mut body: Value, padding: Option<usize>) -> Response {
+    let Some(bytes) = padding else {
+        return json_response(status, body);
+    };
+    body["padding"] = Value::String("x".repeat(bytes));
+    let text = body.to_string().into_bytes();
+    let chunks: Vec<Result<bytes::Bytes, std::io::Error>> = text
+        .chunks(16 * 1024)
+        .map(|c| Ok(bytes::Bytes::copy_from_slice(c)))
+        .collect();
+    let stream = tokio_stream::iter(chunks);
+    let mut response = Response::new(axum::body::Body::from_stream(stream));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
 async fn discovery(State(idp): State<Arc<Shared>>) -> Response {
     idp.discovery_fetches.fetch_add(1, Ordering::SeqCst);
     if idp.is_down().await {
@@ -310,7 +357,8 @@ async fn discovery(State(idp): State<Arc<Shared>>) -> Response {
             "introspection_endpoint_auth_methods_supported": ["client_secret_basic"],
         })
     });
-    json_response(StatusCode::OK, document)
+    let padding = idp.settings().padding.get(&Endpoint::Discovery).copied();
+    padded_json(StatusCode::OK, document, padding)
 }
 
 async fn jwks(State(idp): State<Arc<Shared>>) -> Response {
@@ -318,12 +366,13 @@ async fn jwks(State(idp): State<Arc<Shared>>) -> Response {
     if idp.is_down().await {
         return unavailable();
     }
-    let (document, max_age) = {
+    let (document, max_age, padding) = {
         let settings = idp.settings();
         let document = settings.jwks.clone().unwrap_or_else(|| json!({"keys": []}));
-        (document, settings.max_age)
+        let padding = settings.padding.get(&Endpoint::Jwks).copied();
+        (document, settings.max_age, padding)
     };
-    let mut response = json_response(StatusCode::OK, document);
+    let mut response = padded_json(StatusCode::OK, document, padding);
     if let Some(secs) = max_age {
         let value =
             HeaderValue::from_str(&format!("public, max-age={secs}")).expect("ASCII header value");
@@ -366,7 +415,12 @@ async fn introspect(
         .get(&token)
         .cloned()
         .unwrap_or_else(|| json!({"active": false}));
-    json_response(StatusCode::OK, answer)
+    let padding = idp
+        .settings()
+        .padding
+        .get(&Endpoint::Introspection)
+        .copied();
+    padded_json(StatusCode::OK, answer, padding)
 }
 
 fn basic_auth_matches(headers: &HeaderMap, id: &str, secret: &str) -> bool {
