@@ -5,7 +5,10 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 
 /// The HTTP request a decision is made for.
-#[derive(Debug, Clone, Default)]
+///
+/// Its `Debug` shows header names but never their values (`authorization`,
+/// cookies and API keys are among them), nor the query string.
+#[derive(Clone, Default)]
 pub struct HttpRequest {
     /// Upper-case HTTP method, e.g. `GET`.
     pub method: String,
@@ -23,6 +26,29 @@ pub struct HttpRequest {
     pub peer_principal: Option<String>,
     /// Per-route settings from Envoy's `context_extensions` (e.g. `portcullis.mode`).
     pub context_extensions: HashMap<String, String>,
+}
+
+impl std::fmt::Debug for HttpRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut header_names: Vec<&str> = self.headers.keys().map(String::as_str).collect();
+        header_names.sort_unstable();
+        let path = self.path_without_query();
+        let path = if path.len() < self.path.len() {
+            format!("{path}?<redacted>")
+        } else {
+            path.to_owned()
+        };
+        f.debug_struct("HttpRequest")
+            .field("method", &self.method)
+            .field("path", &path)
+            .field("host", &self.host)
+            .field("scheme", &self.scheme)
+            .field("header_names", &header_names)
+            .field("source_ip", &self.source_ip)
+            .field("peer_principal", &self.peer_principal)
+            .field("context_extensions", &self.context_extensions)
+            .finish()
+    }
 }
 
 impl HttpRequest {
@@ -66,6 +92,31 @@ mod tests {
         assert_eq!(req.path_without_query(), "/orders");
         req.path = "/orders".into();
         assert_eq!(req.path_without_query(), "/orders");
+    }
+
+    /// Header values (credentials among them) and the query string never
+    /// appear in `Debug` output, pretty or not; header names do.
+    #[test]
+    fn debug_never_shows_header_values() {
+        let marker = "MARKER-s3cr3t-91c2";
+        let req = HttpRequest {
+            method: "GET".into(),
+            path: format!("/orders/7?api_key={marker}"),
+            headers: [
+                ("authorization", format!("Bearer {marker}")),
+                ("cookie", format!("session={marker}")),
+                ("x-api-key", format!("pck_ci_{marker}")),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect(),
+            ..Default::default()
+        };
+        for shown in [format!("{req:?}"), format!("{req:#?}")] {
+            assert!(!shown.contains(marker), "{shown}");
+            assert!(shown.contains("authorization") && shown.contains("x-api-key"));
+            assert!(shown.contains("/orders/7?<redacted>"), "{shown}");
+        }
     }
 
     #[test]

@@ -366,6 +366,9 @@ fn load_engine(config: &Config) -> anyhow::Result<Engine> {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    // First, and one listener for every phase: a SIGTERM at any point from here
+    // on is kept until a phase awaits it, never lost nor fatal.
+    let mut signals = server::ShutdownSignals::new()?;
     let config = Config::load(&args.config.config)?;
     let listen = args.listen.unwrap_or(config.server.listen);
     let audit = match &config.audit.file {
@@ -436,7 +439,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         waited += 1;
         tokio::select! {
             _ = tokio::time::sleep(std::time::Duration::from_millis(100)) => {}
-            _ = server::shutdown_signal() => {
+            _ = signals.recv() => {
                 background.iter().for_each(|t| t.abort());
                 running.shutdown(config.server.shutdown_grace).await?;
                 return Ok(ExitCode::SUCCESS);
@@ -447,7 +450,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     // Revocations: the journal, and Redis in shared mode (which may wait for it).
     let store = tokio::select! {
         store = RevocationStore::open(&config.revocation, config.token_lifetimes()) => store,
-        _ = server::shutdown_signal() => {
+        _ = signals.recv() => {
             tracing::info!("shutting down before the revocation store was ready");
             running.shutdown(config.server.shutdown_grace).await?;
             return Ok(ExitCode::SUCCESS);
@@ -500,14 +503,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         config.policies.watch_interval,
     ));
 
-    server::shutdown_signal().await;
+    signals.recv().await;
     watcher.abort();
     let drain = config.server.drain_period;
     tracing::info!(
         drain_period = ?drain,
         "shutting down: NOT_SERVING, still answering checks for the drain period (a second signal ends it)"
     );
-    if running.drain(drain, server::shutdown_signal()).await {
+    if running.drain(drain, signals.recv()).await {
         tracing::info!("drain cut short by a second signal");
     }
     tracing::info!("drained: closing the listener, finishing in-flight checks");
@@ -798,10 +801,17 @@ fn request_from_args(args: CheckArgs) -> anyhow::Result<HttpRequest> {
         },
         ..Default::default()
     };
-    for header in &args.headers {
+    for (position, header) in args.headers.iter().enumerate() {
+        // The argument is never repeated: it may be a credential missing its name.
         let (name, value) = header
             .split_once(':')
-            .with_context(|| format!("--header must be NAME:VALUE, found {header:?}"))?;
+            .filter(|(name, _)| !name.trim().is_empty())
+            .with_context(|| {
+                format!(
+                    "--header must be NAME:VALUE; --header number {} is not (its value is not shown)",
+                    position + 1
+                )
+            })?;
         http.headers
             .insert(name.trim().to_ascii_lowercase(), value.trim().to_owned());
     }

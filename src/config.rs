@@ -726,14 +726,87 @@ pub fn check_entity_type(name: &str) -> Result<(), String> {
     }
 }
 
-/// Parses a humantime duration string such as `"30s"`, `"5m"` or `"1h 30m"`.
+/// The longest configured duration accepted: 100 years (of 365.25 days).
+/// Durations are added to each other, to instants and to Unix times, and
+/// converted to signed seconds; below this bound none of that can overflow.
+pub const MAX_DURATION: Duration = Duration::from_secs(100 * 31_557_600);
+
+/// Parses a humantime duration string such as `"30s"`, `"5m"` or `"1h 30m"`,
+/// at most [`MAX_DURATION`].
 fn de_duration<'de, D: Deserializer<'de>>(de: D) -> Result<Duration, D::Error> {
     let text = String::deserialize(de)?;
-    humantime::parse_duration(&text).map_err(|e| {
+    let duration = humantime::parse_duration(&text).map_err(|e| {
         serde::de::Error::custom(format!(
             "expected a duration such as \"30s\" or \"1h\", found {text:?}: {e}"
         ))
-    })
+    })?;
+    if duration > MAX_DURATION {
+        return Err(serde::de::Error::custom(format!(
+            "the duration {text:?} is too long: at most 100 years is accepted"
+        )));
+    }
+    Ok(duration)
+}
+
+/// Keys whose values are secrets (`[admin] token`, `[revocation] redis_url`,
+/// which may hold a password): never repeated in an error message.
+const SECRET_KEYS: &[&str] = &["token", "redis_url"];
+
+/// A TOML error as line, column and what is wrong, without the source line
+/// that `toml`'s own message quotes (it may be `token = "..."`), and with the
+/// value of every secret key in the file cut out of the message, in case the
+/// parser repeated it ("invalid type: integer `123`").
+fn parse_error_message(text: &str, error: &toml::de::Error) -> String {
+    let mut message = error.message().trim().to_owned();
+    let mut secrets = secret_values(text);
+    // Longest first, so a value is not left half-redacted by a shorter one.
+    secrets.sort_by_key(|v| std::cmp::Reverse(v.len()));
+    for secret in secrets {
+        message = message.replace(&secret, "<redacted>");
+    }
+    match error.span() {
+        Some(span) => {
+            let before = &text.as_bytes()[..span.start.min(text.len())];
+            let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+            let column = before.iter().rev().take_while(|&&b| b != b'\n').count() + 1;
+            format!("TOML error at line {line}, column {column}: {message}")
+        }
+        None => format!("TOML error: {message}"),
+    }
+}
+
+/// The raw value texts of [`SECRET_KEYS`] in `text`, found line by line, so
+/// that this works on a file too broken to parse: `key = value` (bare, dotted
+/// `admin.token` or inside an inline table), with and without its quotes.
+fn secret_values(text: &str) -> Vec<String> {
+    let mut values = Vec::new();
+    for line in text.lines() {
+        for key in SECRET_KEYS {
+            let mut from = 0;
+            while let Some(found) = line[from..].find(key) {
+                let start = from + found;
+                from = start + key.len();
+                let boundary = line[..start]
+                    .chars()
+                    .next_back()
+                    .is_none_or(|c| c.is_whitespace() || matches!(c, '.' | '{' | ',' | '"'));
+                let rest = line[from..].trim_start_matches(['"', ' ', '\t']);
+                let Some(value) = rest.strip_prefix('=').filter(|_| boundary) else {
+                    continue;
+                };
+                let raw = value.trim();
+                let unquoted = raw.trim_start_matches(['"', '\'']);
+                // Up to the closing quote (or the end of the line, if unclosed).
+                let inner = unquoted.split(['"', '\'']).next().unwrap_or(unquoted);
+                for candidate in [raw, unquoted, inner] {
+                    if !candidate.is_empty() {
+                        values.push(candidate.to_owned());
+                    }
+                }
+            }
+        }
+    }
+    values
 }
 
 impl Config {
@@ -752,7 +825,7 @@ impl Config {
     pub fn from_toml(text: &str, origin: &Path, base_dir: &Path) -> Result<Config, ConfigError> {
         let mut config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: origin.to_owned(),
-            message: e.to_string(),
+            message: parse_error_message(text, &e),
         })?;
         config.resolve_paths(base_dir);
         config
@@ -1126,6 +1199,56 @@ path = "/orders/{id}"
             .unwrap_err()
             .to_string();
         assert!(err.contains("soon"), "{err}");
+    }
+
+    /// A file that does not parse is reported by line and column, never with
+    /// its source text: the broken line may hold the admin token or a Redis
+    /// password.
+    #[test]
+    fn parse_errors_never_repeat_secret_values() {
+        let marker = "MARKER-s3cr3t-7f3a";
+        let broken = [
+            format!("{MINIMAL}[admin]\nlisten = \"127.0.0.1:9192\"\ntoken = \"{marker}\" oops\n"),
+            format!("{MINIMAL}[admin]\nlisten = \"127.0.0.1:9192\"\ntoken = \"{marker}\n"),
+            format!("{MINIMAL}[admin]\nlisten = \"127.0.0.1:9192\"\ntoken = {marker}\n"),
+            format!("{MINIMAL}[admin]\ntoken = \"{marker}\"\nlisten = 127.0.0.1\n"),
+            format!(
+                "{MINIMAL}[admin]\nlisten = \"127.0.0.1:9192\"\ntoken = 1234{}\n",
+                5678
+            ),
+            format!("{MINIMAL}[revocation]\nredis_url = \"redis://:{marker}@db:6379\" x\n"),
+            format!("{MINIMAL}admin = {{ listen = \"127.0.0.1:9192\", token = \"{marker}\" ]\n"),
+            format!("{MINIMAL}[admin]\nlisten = \"127.0.0.1:9192\"\n\"token\" = \"{marker}\" !\n"),
+        ];
+        for text in &broken {
+            let err = parse(text).unwrap_err();
+            let shown = format!("{err} {err:?}");
+            assert!(shown.contains("line "), "{shown}");
+            assert!(!shown.contains(marker), "{shown}");
+            assert!(!shown.contains("12345678"), "{shown}");
+        }
+    }
+
+    /// Durations that would overflow once added or converted to signed
+    /// seconds (a leeway past `i64::MAX` seconds used to wrap negative) are
+    /// refused at load, naming the value; 100 years is still accepted.
+    #[test]
+    fn durations_beyond_100_years_are_refused_at_load() {
+        let config = parse(&format!("[server]\ndrain_period = \"100y\"\n{MINIMAL}")).unwrap();
+        assert_eq!(config.server.drain_period, MAX_DURATION);
+        for value in ["101y", "300000000000y"] {
+            for text in [
+                format!("[server]\ndrain_period = \"{value}\"\n{MINIMAL}"),
+                MINIMAL.replace(
+                    "max_token_lifetime = \"15m\"",
+                    &format!("leeway = \"{value}\""),
+                ),
+                MINIMAL.replace("\"15m\"", &format!("\"{value}\"")),
+            ] {
+                let err = parse(&text).unwrap_err().to_string();
+                assert!(err.contains("too long") && err.contains(value), "{err}");
+            }
+        }
     }
 
     #[test]
