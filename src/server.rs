@@ -50,6 +50,9 @@ pub enum ServerError {
     /// The transport failed.
     #[error("gRPC transport: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// The SIGTERM/SIGINT listeners could not be installed.
+    #[error("cannot listen for shutdown signals: {0}")]
+    Signals(std::io::Error),
     /// The server task panicked or was cancelled.
     #[error("server task: {0}")]
     Task(String),
@@ -260,27 +263,95 @@ pub async fn start(addr: SocketAddr, audit: AuditLog) -> Result<RunningServer, S
     })
 }
 
-/// Resolves on SIGTERM or SIGINT (Ctrl-C).
-pub async fn shutdown_signal() {
-    {
+/// SIGTERM and SIGINT (Ctrl-C), listened to from [`ShutdownSignals::new`] on
+/// for as long as the value lives.
+///
+/// One listener for the whole life of the process: a signal that arrives while
+/// nothing awaits [`ShutdownSignals::recv`] (between two polls, during a log
+/// write, while the drain is being set up) is kept and returned by the next
+/// `recv`. A listener recreated for each wait would lose it: Tokio delivers a
+/// signal only to the listeners that exist when it arrives.
+#[derive(Debug)]
+pub struct ShutdownSignals {
+    #[cfg(unix)]
+    terminate: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    interrupt: tokio::signal::unix::Signal,
+}
+
+impl ShutdownSignals {
+    /// Starts listening for SIGTERM and SIGINT. From now on neither signal
+    /// ends the process by its default action; call this as early as possible.
+    pub fn new() -> Result<ShutdownSignals, ServerError> {
         #[cfg(unix)]
         {
             use tokio::signal::unix::{SignalKind, signal};
-            match signal(SignalKind::terminate()) {
-                Ok(mut term) => {
-                    tokio::select! {
-                        _ = term.recv() => {}
-                        _ = tokio::signal::ctrl_c() => {}
-                    }
-                }
-                Err(_) => {
-                    let _ = tokio::signal::ctrl_c().await;
-                }
+            Ok(ShutdownSignals {
+                terminate: signal(SignalKind::terminate()).map_err(ServerError::Signals)?,
+                interrupt: signal(SignalKind::interrupt()).map_err(ServerError::Signals)?,
+            })
+        }
+        #[cfg(not(unix))]
+        {
+            Ok(ShutdownSignals {})
+        }
+    }
+
+    /// Resolves on the next SIGTERM or SIGINT not yet returned, including one
+    /// that arrived before this call. Cancel-safe: dropping the future (as
+    /// `tokio::select!` does when another branch wins) loses no signal.
+    pub async fn recv(&mut self) {
+        #[cfg(unix)]
+        {
+            tokio::select! {
+                _ = self.terminate.recv() => {}
+                _ = self.interrupt.recv() => {}
             }
         }
         #[cfg(not(unix))]
         {
+            // Ctrl-C only, and only while awaited: no persistent listener here.
             let _ = tokio::signal::ctrl_c().await;
         }
+    }
+}
+
+#[cfg(all(test, unix))]
+mod tests {
+    use super::*;
+
+    /// Sends `signal` (`-TERM`, `-INT`) to this test process.
+    fn raise(signal: &str) {
+        let status = std::process::Command::new("kill")
+            .args([signal, &std::process::id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success());
+    }
+
+    async fn received(signals: &mut ShutdownSignals) {
+        tokio::time::timeout(Duration::from_secs(30), signals.recv())
+            .await
+            .expect("the signal was kept until recv");
+    }
+
+    /// Signals that arrive while nothing awaits `recv` (the window a listener
+    /// recreated per wait loses) are returned by the next `recv`, each one.
+    #[tokio::test]
+    async fn signals_arriving_while_nobody_waits_are_kept() {
+        let mut signals = ShutdownSignals::new().unwrap();
+        raise("-TERM");
+        // The runtime dispatches the signal meanwhile, with no `recv` pending.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        received(&mut signals).await;
+
+        // A `recv` dropped unfinished (a lost `select!` race) loses nothing.
+        tokio::select! {
+            _ = signals.recv() => panic!("no signal was sent"),
+            _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+        }
+        raise("-INT");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        received(&mut signals).await;
     }
 }

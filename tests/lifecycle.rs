@@ -388,3 +388,102 @@ async fn quickstart_binary_serves_and_stops_gracefully_on_sigterm() {
         .collect();
     assert!(stderr.iter().any(|l| l.contains("stopped")), "{stderr:?}");
 }
+
+/// A fixture whose second issuer's remote JWKS never answers (the identity
+/// provider is down), so `serve` stays NOT_SERVING, waiting for its keys.
+fn waiting_for_keys(fx: &Fixture, idp: &idp::TestIdp) {
+    idp.set_down(true);
+    fx.append_config(&format!(
+        r#"
+[[issuers]]
+issuer = "{}"
+audiences = ["orders-api"]
+jwks_uri = "{}"
+[issuers.remote]
+ca_file = "{}"
+refresh_min = "1s"
+"#,
+        idp.issuer(),
+        idp.jwks_uri(),
+        idp.ca_file().display()
+    ));
+}
+
+/// Whether a log line's message starts with `prefix`.
+fn logged(served: &served::Served, prefix: &str) -> bool {
+    served.logs.lock().unwrap().iter().any(|l| {
+        l["fields"]["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with(prefix))
+    })
+}
+
+/// Waits for `served` to exit on its own and returns its status; a process
+/// still running after a generous deadline is killed and the test fails (a
+/// wait for an event, not a timing assertion).
+async fn exits_by_itself(served: served::Served) -> std::process::ExitStatus {
+    let pid = served.pid();
+    match tokio::time::timeout(Duration::from_secs(60), served.wait_exit()).await {
+        Ok(status) => status,
+        Err(_) => {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+            panic!("the server did not exit after the signal (was it lost?)");
+        }
+    }
+}
+
+/// SIGTERM as soon as the listener is bound, before the engine and keys are
+/// there: a clean stop (exit 0), not a death by the signal's default action.
+#[tokio::test]
+async fn sigterm_right_after_binding_stops_cleanly() {
+    let idp = idp::TestIdp::start().await;
+    let fx = Fixture::new();
+    waiting_for_keys(&fx, &idp);
+    let served = served::Served::launch(&fx.config_path(), &[]).await;
+    served.sigterm();
+    let status = exits_by_itself(served).await;
+    assert!(status.success(), "exit status {status:?}");
+}
+
+/// SIGTERM while `serve` waits for an issuer's keys stops it cleanly.
+#[tokio::test]
+async fn sigterm_while_waiting_for_keys_stops_cleanly() {
+    let idp = idp::TestIdp::start().await;
+    let fx = Fixture::new();
+    waiting_for_keys(&fx, &idp);
+    let served = served::Served::launch(&fx.config_path(), &[]).await;
+    wait_for("the wait for keys", || {
+        logged(&served, "waiting for the keys of every issuer")
+    })
+    .await;
+    assert_ne!(served.health().await, ServingStatus::Serving as i32);
+    served.sigterm();
+    let status = exits_by_itself(served).await;
+    assert!(status.success(), "exit status {status:?}");
+}
+
+/// After the first signal the drain runs (here for an hour); a second signal
+/// cuts it short and the process stops cleanly.
+#[tokio::test]
+async fn a_second_signal_cuts_the_drain_short() {
+    let fx = Fixture::new();
+    let config = std::fs::read_to_string(fx.config_path())
+        .unwrap()
+        .replace("[server]\n", "[server]\ndrain_period = \"1h\"\n");
+    std::fs::write(fx.config_path(), config).unwrap();
+    let served = served::Served::start(&fx, &[]).await;
+    served.sigterm();
+    wait_for("the drain to start", || logged(&served, "shutting down")).await;
+    served.sigterm();
+    let logs = served.logs.clone();
+    let status = exits_by_itself(served).await;
+    assert!(status.success(), "exit status {status:?}");
+    let logs = logs.lock().unwrap();
+    assert!(
+        logs.iter()
+            .any(|l| l["fields"]["message"] == "drain cut short by a second signal"),
+        "{logs:?}"
+    );
+}

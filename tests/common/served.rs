@@ -137,6 +137,11 @@ impl Served {
         }
     }
 
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
     /// Sends SIGTERM and returns at once (the server drains, then stops).
     pub fn sigterm(&self) {
         let child = self.child.as_ref().expect("running");
