@@ -112,8 +112,10 @@ impl tonic::service::Interceptor for AdminAuth {
         if self.accepts(header) {
             Ok(request)
         } else {
+            let peer = crate::tls::PeerInfo::of(&request);
             tracing::warn!(
-                peer = ?request.remote_addr(),
+                peer = ?peer.and_then(|p| p.remote_addr),
+                caller = peer.and_then(|p| p.caller.as_deref()).unwrap_or(""),
                 "admin call refused: missing or wrong admin credential"
             );
             Err(Status::unauthenticated(
@@ -390,13 +392,25 @@ impl RunningAdmin {
 }
 
 /// Binds `addr` and serves the admin API (and its reflection), every call
-/// requiring `token`.
+/// requiring `token`. Plaintext; see [`start_with_tls`].
 pub async fn start(
     addr: SocketAddr,
     token: &Secret,
     store: Arc<RevocationStore>,
     state: Arc<ServerState>,
     config: crate::config::Config,
+) -> Result<RunningAdmin, AdminError> {
+    start_with_tls(addr, token, store, state, config, None).await
+}
+
+/// [`start`], over TLS (mTLS with a client CA) when `tls` is given.
+pub async fn start_with_tls(
+    addr: SocketAddr,
+    token: &Secret,
+    store: Arc<RevocationStore>,
+    state: Arc<ServerState>,
+    config: crate::config::Config,
+    tls: Option<Arc<crate::tls::ServerTls>>,
 ) -> Result<RunningAdmin, AdminError> {
     let listener = TcpListener::bind(addr)
         .await
@@ -416,8 +430,7 @@ pub async fn start(
             AdminService::new(store, state, config),
             auth,
         ));
-    // TCP_NODELAY: otherwise a response's trailers can wait ~40 ms on Nagle.
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let incoming = crate::tls::incoming(listener, tls, "admin");
     let task = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
         let _ = shutdown_rx.await;
     }));

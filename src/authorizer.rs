@@ -20,12 +20,14 @@ use serde_json::Value;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
+use crate::authn::TokenError;
 use crate::authn::credential::PresentedCredential;
 use crate::authz::mapping::{DirectEntity, DirectError, DirectRequest};
 use crate::decision::Decision;
 use crate::engine::Engine;
 use crate::server::ServerState;
 use crate::telemetry::traces::{RequestSpan, remote_parent};
+use crate::tls::PeerInfo;
 
 /// The generated `portcullis.v1` types, client and server.
 #[allow(missing_docs, clippy::all, clippy::pedantic)]
@@ -151,6 +153,7 @@ impl Authorizer for AuthorizerService {
         request: Request<pb::IsAuthorizedRequest>,
     ) -> Result<Response<pb::IsAuthorizedResponse>, Status> {
         let span = caller_span("portcullis.is_authorized", &request);
+        let caller = caller_identity(&request);
         let request = request.into_inner();
         let direct = direct_request(
             request.action,
@@ -162,14 +165,19 @@ impl Authorizer for AuthorizerService {
             request.entities,
         )?;
         let engine = self.engine()?;
+        let credential = presented(
+            request.credential.as_ref(),
+            engine.may_assert_workload(caller.as_deref()),
+        );
         let authentication = engine
-            .authenticate_credential(presented(request.credential.as_ref()), unix_now())
+            .authenticate_credential(credential, unix_now())
             .instrument(span.span().clone())
             .await;
-        let decision = span
+        let mut decision = span
             .span()
             .in_scope(|| engine.decide_direct(&authentication, &direct))
             .map_err(|e| direct_error(e, ""))?;
+        decision.caller = caller;
         self.account(&decision, &span);
         Ok(Response::new(response(&decision)))
     }
@@ -179,6 +187,7 @@ impl Authorizer for AuthorizerService {
         request: Request<pb::BatchIsAuthorizedRequest>,
     ) -> Result<Response<pb::BatchIsAuthorizedResponse>, Status> {
         let batch_span = caller_span("portcullis.batch_is_authorized", &request);
+        let caller = caller_identity(&request);
         let request = request.into_inner();
         if request.requests.is_empty() || request.requests.len() > MAX_BATCH {
             return Err(FieldError::new(
@@ -206,8 +215,12 @@ impl Authorizer for AuthorizerService {
         }
         let engine = self.engine()?;
         // The credential stage runs once for the whole batch.
+        let credential = presented(
+            request.credential.as_ref(),
+            engine.may_assert_workload(caller.as_deref()),
+        );
         let authentication = engine
-            .authenticate_credential(presented(request.credential.as_ref()), unix_now())
+            .authenticate_credential(credential, unix_now())
             .instrument(batch_span.span().clone())
             .await;
         // Decide every request before accounting for any: an invalid one fails
@@ -223,6 +236,7 @@ impl Authorizer for AuthorizerService {
                 .in_scope(|| engine.decide_direct(&authentication, direct))
                 .map_err(|e| direct_error(e, &format!("requests[{i}].")))?;
             decision.method = BATCH_METHOD.to_owned();
+            decision.caller = caller.clone();
             decisions.push((decision, span));
         }
         for (decision, span) in &decisions {
@@ -234,14 +248,29 @@ impl Authorizer for AuthorizerService {
     }
 }
 
-/// The credential as the engine takes it; an empty value is no credential.
-fn presented(credential: Option<&pb::Credential>) -> PresentedCredential<'_> {
+/// The mTLS identity of the connection a request came on, if any.
+fn caller_identity<T>(request: &Request<T>) -> Option<Arc<str>> {
+    PeerInfo::of(request).and_then(|peer| peer.caller.clone())
+}
+
+/// The credential as the engine takes it; an empty value is no credential. A
+/// workload identity counts only when the caller may assert one
+/// (`may_assert_workload`): otherwise anyone reaching the port could ask
+/// decisions as any trusted workload.
+fn presented(
+    credential: Option<&pb::Credential>,
+    may_assert_workload: bool,
+) -> PresentedCredential<'_> {
     use pb::credential::Kind as C;
     match credential.and_then(|c| c.kind.as_ref()) {
         Some(C::AccessToken(t)) if !t.trim().is_empty() => PresentedCredential::Bearer(t.trim()),
         Some(C::ApiKey(k)) if !k.trim().is_empty() => PresentedCredential::ApiKey(k.trim()),
         Some(C::WorkloadIdentity(w)) if !w.trim().is_empty() => {
-            PresentedCredential::Workload(w.trim())
+            if may_assert_workload {
+                PresentedCredential::Workload(w.trim())
+            } else {
+                PresentedCredential::Refused(TokenError::UntrustedCaller)
+            }
         }
         _ => PresentedCredential::None,
     }
@@ -450,6 +479,31 @@ mod tests {
                 "secret.token.value".into(),
             )),
         };
-        assert!(!format!("{:?}", presented(Some(&c))).contains("secret"));
+        assert!(!format!("{:?}", presented(Some(&c), true)).contains("secret"));
+    }
+
+    /// A workload identity is a credential only from a caller allowed to
+    /// assert one; tokens and keys do not depend on the caller.
+    #[test]
+    fn workload_identities_need_a_caller_allowed_to_assert_them() {
+        let id = "spiffe://cluster.local/ns/shop/sa/checkout";
+        let workload = pb::Credential {
+            kind: Some(pb::credential::Kind::WorkloadIdentity(id.into())),
+        };
+        assert_eq!(
+            presented(Some(&workload), true),
+            PresentedCredential::Workload(id)
+        );
+        assert_eq!(
+            presented(Some(&workload), false),
+            PresentedCredential::Refused(TokenError::UntrustedCaller)
+        );
+        let token = pb::Credential {
+            kind: Some(pb::credential::Kind::AccessToken("t".into())),
+        };
+        assert_eq!(
+            presented(Some(&token), false),
+            PresentedCredential::Bearer("t")
+        );
     }
 }

@@ -173,6 +173,32 @@ pub struct AdminArgs {
         value_parser = parse_secret
     )]
     pub admin_token: Secret,
+    /// CA certificate (PEM) that the admin listener's certificate chains to.
+    /// Given (or with an `https://` address), the CLI speaks TLS. Plaintext is
+    /// only used to a loopback address: the admin token never crosses a
+    /// network in the clear.
+    #[arg(long, value_name = "FILE", env = "PORTCULLIS_ADMIN_CA")]
+    pub admin_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for an admin listener that requires mTLS.
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "PORTCULLIS_ADMIN_CERT",
+        requires = "admin_key"
+    )]
+    pub admin_cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "PORTCULLIS_ADMIN_KEY",
+        requires = "admin_cert"
+    )]
+    pub admin_key: Option<PathBuf>,
+    /// The name the admin listener's certificate must carry, when it is not
+    /// the host of `--admin` (e.g. connecting by IP address).
+    #[arg(long, value_name = "NAME")]
+    pub admin_server_name: Option<String>,
 }
 
 fn parse_secret(value: &str) -> Result<Secret, String> {
@@ -392,8 +418,29 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         ),
         None => None,
     };
-    let running = server::start(listen, audit).await?;
-    tracing::info!(addr = %running.local_addr(), "listening (NOT_SERVING until policies and keys load)");
+    // Certificates are read before anything listens: a bad file stops the start.
+    let load_tls = |tls: Option<&crate::config::TlsConfig>, section: &str| {
+        tls.map(|t| {
+            crate::tls::ServerTls::load(t).with_context(|| format!("cannot load [{section}]"))
+        })
+        .transpose()
+    };
+    let server_tls = load_tls(config.server.tls.as_ref(), "server.tls")?;
+    let admin_tls = load_tls(
+        config.admin.as_ref().and_then(|a| a.tls.as_ref()),
+        "admin.tls",
+    )?;
+    let tls_watchers: Vec<_> = [(&server_tls, "grpc"), (&admin_tls, "admin")]
+        .into_iter()
+        .filter_map(|(tls, name)| tls.clone().map(|t| t.watch(name)))
+        .collect();
+    let running = server::start_with_tls(listen, audit, server_tls.clone()).await?;
+    tracing::info!(
+        addr = %running.local_addr(),
+        tls = server_tls.is_some(),
+        mtls = server_tls.as_ref().is_some_and(|t| t.requires_client_certificates()),
+        "listening (NOT_SERVING until policies and keys load)"
+    );
     let metrics = match config.telemetry.metrics_listen {
         Some(addr) => match metrics::serve(addr, running.state().clone()).await {
             Ok(metrics) => {
@@ -465,12 +512,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     };
     let admin = match (&config.admin, &admin_token) {
         (Some(admin), Some(token)) => {
-            match admin::start(
+            match admin::start_with_tls(
                 admin.listen,
                 token,
                 store.clone(),
                 running.state().clone(),
                 config.clone(),
+                admin_tls.clone(),
             )
             .await
             {
@@ -505,6 +553,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
 
     signals.recv().await;
     watcher.abort();
+    tls_watchers.iter().for_each(|t| t.abort());
     let drain = config.server.drain_period;
     tracing::info!(
         drain_period = ?drain,
@@ -549,14 +598,80 @@ type AdminClient = pb::admin_client::AdminClient<
     tonic::service::interceptor::InterceptedService<tonic::transport::Channel, AdminCredential>,
 >;
 
-async fn admin_client(args: &AdminArgs) -> anyhow::Result<AdminClient> {
-    let url = if args.admin.contains("://") {
-        args.admin.clone()
-    } else {
-        format!("http://{}", args.admin)
+/// The admin API's address as a URL, and the TLS settings to reach it:
+/// `https://` or `--admin-ca` means TLS; plaintext is refused unless every
+/// address the host names is a loopback one (then the URL names that address,
+/// so the check and the connection see the same one).
+async fn admin_endpoint(
+    args: &AdminArgs,
+) -> anyhow::Result<(String, Option<tonic::transport::ClientTlsConfig>)> {
+    let (scheme, rest) = match args.admin.split_once("://") {
+        Some((scheme, rest)) => (scheme.to_ascii_lowercase(), rest.to_owned()),
+        None if args.admin_ca.is_some() => ("https".to_owned(), args.admin.clone()),
+        None => ("http".to_owned(), args.admin.clone()),
     };
-    let channel = tonic::transport::Channel::from_shared(url.clone())
-        .with_context(|| format!("invalid --admin address {:?}", args.admin))?
+    let uri: tonic::codegen::http::Uri = format!("{scheme}://{rest}")
+        .parse()
+        .with_context(|| format!("invalid --admin address {:?}", args.admin))?;
+    let host = uri
+        .host()
+        .with_context(|| format!("--admin {:?} names no host", args.admin))?
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned();
+    match scheme.as_str() {
+        "https" => {
+            let ca = args.admin_ca.as_ref().context(
+                "an https:// admin address needs --admin-ca (the CA of the admin listener's certificate)",
+            )?;
+            let ca = std::fs::read(ca).with_context(|| format!("cannot read {}", ca.display()))?;
+            let mut tls = tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(ca))
+                .domain_name(args.admin_server_name.clone().unwrap_or(host));
+            if let (Some(cert), Some(key)) = (&args.admin_cert, &args.admin_key) {
+                let cert = std::fs::read(cert)
+                    .with_context(|| format!("cannot read {}", cert.display()))?;
+                let key =
+                    std::fs::read(key).with_context(|| format!("cannot read {}", key.display()))?;
+                tls = tls.identity(tonic::transport::Identity::from_pem(cert, key));
+            }
+            Ok((format!("https://{rest}"), Some(tls)))
+        }
+        "http" => {
+            if args.admin_cert.is_some() {
+                bail!("--admin-cert needs TLS: give --admin-ca or an https:// address");
+            }
+            let port = uri.port_u16().unwrap_or(80);
+            let addresses: Vec<std::net::SocketAddr> =
+                tokio::net::lookup_host((host.as_str(), port))
+                    .await
+                    .with_context(|| format!("cannot resolve the admin host {host:?}"))?
+                    .collect();
+            match addresses.first() {
+                Some(first) if addresses.iter().all(|a| a.ip().is_loopback()) => {
+                    Ok((format!("http://{first}"), None))
+                }
+                _ => bail!(
+                    "refusing to send the admin token in plaintext to {host:?}, which is not a \
+                     loopback address: use TLS (--admin-ca, and an https:// address), or reach \
+                     the admin listener on loopback"
+                ),
+            }
+        }
+        other => bail!("--admin: unknown scheme {other:?} (http or https)"),
+    }
+}
+
+async fn admin_client(args: &AdminArgs) -> anyhow::Result<AdminClient> {
+    let (url, tls) = admin_endpoint(args).await?;
+    let mut endpoint = tonic::transport::Channel::from_shared(url.clone())
+        .with_context(|| format!("invalid --admin address {:?}", args.admin))?;
+    if let Some(tls) = tls {
+        endpoint = endpoint
+            .tls_config(tls)
+            .context("invalid TLS settings for the admin API")?;
+    }
+    let channel = endpoint
         .connect_timeout(Duration::from_secs(5))
         .timeout(Duration::from_secs(30))
         .connect()

@@ -257,6 +257,14 @@ pub struct AdminConfig {
     /// The name of an environment variable holding the admin token.
     #[serde(default)]
     pub token_env: Option<String>,
+    /// TLS (and with `client_ca_file`, mTLS) on the admin listener.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+    /// Allows a plaintext admin listener on a non-loopback address (the admin
+    /// token would cross the network in the clear). Off: such a listener is
+    /// refused at load.
+    #[serde(default)]
+    pub allow_plaintext: bool,
 }
 
 /// Shortest accepted admin token.
@@ -324,6 +332,9 @@ pub struct ServerConfig {
     /// How long shutdown waits for in-flight checks and open connections to finish.
     #[serde(default = "default_shutdown_grace", deserialize_with = "de_duration")]
     pub shutdown_grace: Duration,
+    /// TLS (and with `client_ca_file`, mTLS) on this listener; plaintext when absent.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
 }
 
 impl Default for ServerConfig {
@@ -332,7 +343,50 @@ impl Default for ServerConfig {
             listen: default_listen(),
             drain_period: default_drain_period(),
             shutdown_grace: default_shutdown_grace(),
+            tls: None,
         }
+    }
+}
+
+/// `[server.tls]`, `[admin.tls]`: a listener's certificate, key and optional
+/// client CA, all PEM files, reloaded when their content changes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The server certificate chain (leaf first).
+    pub cert_file: PathBuf,
+    /// The server's private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
+    /// CA certificates that client certificates must chain to. Set: every
+    /// client must present one (mTLS). Unset: no client certificates.
+    #[serde(default)]
+    pub client_ca_file: Option<PathBuf>,
+    /// How often the files are read again to pick up a rotation.
+    #[serde(
+        default = "default_tls_reload_interval",
+        deserialize_with = "de_duration"
+    )]
+    pub reload_interval: Duration,
+}
+
+fn default_tls_reload_interval() -> Duration {
+    Duration::from_secs(10)
+}
+
+impl TlsConfig {
+    fn resolve_paths(&mut self, resolve: impl Fn(&mut PathBuf)) {
+        resolve(&mut self.cert_file);
+        resolve(&mut self.key_file);
+        if let Some(file) = &mut self.client_ca_file {
+            resolve(file);
+        }
+    }
+
+    fn check(&self, section: &str) -> Result<(), String> {
+        if self.reload_interval < Duration::from_millis(100) {
+            return Err(format!("{section}.reload_interval must be at least 100ms"));
+        }
+        Ok(())
     }
 }
 
@@ -639,6 +693,11 @@ pub struct WorkloadConfig {
     pub principal_type: String,
     /// Accepted SPIFFE trust domains, e.g. `cluster.local`.
     pub trust_domains: Vec<String>,
+    /// mTLS identities of the callers (SPIFFE IDs, or certificate subjects)
+    /// allowed to assert a workload identity in `IsAuthorized`'s
+    /// `credential.workload_identity`. Empty: no caller may.
+    #[serde(default)]
+    pub asserting_callers: Vec<String>,
 }
 
 fn default_workload_type() -> String {
@@ -888,6 +947,12 @@ impl Config {
         if let Some(file) = self.admin.as_mut().and_then(|a| a.token_file.as_mut()) {
             resolve(file);
         }
+        if let Some(tls) = &mut self.server.tls {
+            tls.resolve_paths(resolve);
+        }
+        if let Some(tls) = self.admin.as_mut().and_then(|a| a.tls.as_mut()) {
+            tls.resolve_paths(resolve);
+        }
     }
 
     /// The longest token lifetime and leeway over all issuers: how long a
@@ -1051,6 +1116,39 @@ impl Config {
                 .map_err(|e| format!("workload.principal_type: {e}"))?;
             if workload.trust_domains.is_empty() {
                 return Err("workload.trust_domains must list at least one trust domain".into());
+            }
+            if let Some(i) = workload
+                .asserting_callers
+                .iter()
+                .position(|c| c.trim().is_empty())
+            {
+                return Err(format!("workload.asserting_callers[{i}] is empty"));
+            }
+            let mtls = self
+                .server
+                .tls
+                .as_ref()
+                .is_some_and(|t| t.client_ca_file.is_some());
+            if !workload.asserting_callers.is_empty() && !mtls {
+                return Err("workload.asserting_callers needs mTLS on the listener: \
+                     [server.tls] with client_ca_file"
+                    .into());
+            }
+        }
+        if let Some(tls) = &self.server.tls {
+            tls.check("server.tls")?;
+        }
+        if let Some(admin) = &self.admin {
+            if let Some(tls) = &admin.tls {
+                tls.check("admin.tls")?;
+            }
+            if admin.tls.is_none() && !admin.allow_plaintext && !admin.listen.ip().is_loopback() {
+                return Err(format!(
+                    "[admin] listen = \"{}\" is not a loopback address and the admin listener has no TLS: \
+                     the admin token would cross the network in the clear. Configure [admin.tls], \
+                     listen on loopback, or set [admin] allow_plaintext = true",
+                    admin.listen
+                ));
             }
         }
         if self.workload.is_none()

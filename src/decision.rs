@@ -114,6 +114,9 @@ pub struct Decision {
     pub policy_generation: u64,
     /// Content digest of that policy set.
     pub policy_digest: Option<std::sync::Arc<str>>,
+    /// The mTLS identity of the connection that asked (Envoy, or the service
+    /// calling `IsAuthorized`): see `crate::tls::PeerInfo::caller`.
+    pub caller: Option<std::sync::Arc<str>>,
 }
 
 impl Decision {
@@ -138,6 +141,7 @@ impl Decision {
             dry_run: false,
             policy_generation: 0,
             policy_digest: None,
+            caller: None,
         }
     }
 

@@ -377,6 +377,12 @@ impl Engine {
         self.api_keys.as_ref()?.settings.header.as_deref()
     }
 
+    /// Whether the mTLS caller `caller` may assert a workload identity in a
+    /// direct request (`[workload] asserting_callers`).
+    pub fn may_assert_workload(&self, caller: Option<&str>) -> bool {
+        self.workload.as_ref().is_some_and(|w| w.may_assert(caller))
+    }
+
     /// The trusted issuers (for key refresh and readiness).
     pub fn issuers(&self) -> &IssuerSet {
         &self.issuers
@@ -684,6 +690,7 @@ impl Engine {
         self.counters.credentials.fetch_add(1, Ordering::Relaxed);
         let token = match credential {
             PresentedCredential::None => return Err(TokenError::Missing),
+            PresentedCredential::Refused(e) => return Err(e),
             PresentedCredential::Workload(peer) => {
                 // Only a trust domain the configuration names is an identity.
                 return self

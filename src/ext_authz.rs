@@ -318,7 +318,7 @@ impl Authorization for CheckService {
         &self,
         request: tonic::Request<CheckRequest>,
     ) -> Result<tonic::Response<CheckResponse>, tonic::Status> {
-        let (metadata, _, check) = request.into_parts();
+        let (metadata, extensions, check) = request.into_parts();
         let http = http_request(check);
         // The caller's trace: Envoy's ext_authz client span in the gRPC
         // metadata, else the downstream request's own headers.
@@ -329,7 +329,7 @@ impl Authorization for CheckService {
             });
         let span = RequestSpan::start("portcullis.check", parent);
         let engine = self.state.engine();
-        let decision = match (http, &engine) {
+        let mut decision = match (http, &engine) {
             (None, _) => {
                 let mut d = Decision::new("", "");
                 d.verdict =
@@ -341,6 +341,9 @@ impl Authorization for CheckService {
                 engine.decide(&http).instrument(span.span().clone()).await
             }
         };
+        decision.caller = extensions
+            .get::<crate::tls::PeerInfo>()
+            .and_then(|peer| peer.caller.clone());
         let status = http_status(decision.effective_verdict());
         span.span().in_scope(|| {
             self.state.account(&decision, status, &span);

@@ -30,3 +30,4 @@ pub mod reload;
 pub mod revocation;
 pub mod server;
 pub mod telemetry;
+pub mod tls;

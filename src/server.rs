@@ -25,6 +25,7 @@ use crate::engine::Engine;
 use crate::ext_authz::CheckService;
 use crate::telemetry::metrics::Metrics;
 use crate::telemetry::traces::RequestSpan;
+use crate::tls::ServerTls;
 
 /// The fully qualified name of Envoy's authorization service, as health reports it.
 pub const AUTHORIZATION_SERVICE: &str = "envoy.service.auth.v3.Authorization";
@@ -203,6 +204,15 @@ impl RunningServer {
 /// UNAVAILABLE until an engine is installed), health (NOT_SERVING until then)
 /// and reflection.
 pub async fn start(addr: SocketAddr, audit: AuditLog) -> Result<RunningServer, ServerError> {
+    start_with_tls(addr, audit, None).await
+}
+
+/// [`start`], over TLS (mTLS with a client CA) when `tls` is given.
+pub async fn start_with_tls(
+    addr: SocketAddr,
+    audit: AuditLog,
+    tls: Option<Arc<ServerTls>>,
+) -> Result<RunningServer, ServerError> {
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|source| ServerError::Bind { addr, source })?;
@@ -249,9 +259,8 @@ pub async fn start(addr: SocketAddr, audit: AuditLog) -> Result<RunningServer, S
                 AuthorizerService::new(state.clone()),
             ),
         );
-    // TCP_NODELAY, as `Server::serve` would set: without it a response written in
-    // more than one piece (a deny with headers and body) can wait ~40 ms on Nagle.
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    // Plaintext or TLS; every request carries the peer's `PeerInfo`.
+    let incoming = crate::tls::incoming(listener, tls, "grpc");
     let task = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
         let _ = shutdown_rx.await;
     }));

@@ -841,3 +841,75 @@ fn shipped_envoy_configurations_pass_envoy_validate() {
     .unwrap();
     assert!(validate(&broken).is_err(), "a misspelt field passed");
 }
+
+// ---------------------------------------------------------------------------
+// Envoy → Portcullis over mTLS, as a mesh runs it.
+
+/// Envoy reaches Portcullis over mTLS with its own certificate: checks work
+/// end to end, and the audit line names Envoy's SPIFFE ID as the caller. An
+/// Envoy whose certificate Portcullis' client CA did not sign gets no
+/// decision: its requests fail closed and never reach the upstream.
+#[tokio::test]
+async fn envoy_reaches_portcullis_over_mtls_and_a_stranger_envoy_fails_closed() {
+    use common::envoy::UpstreamMtls;
+    use common::pki::{TestCa, client_tls};
+    const ENVOY_ID: &str = "spiffe://cluster.local/ns/ingress/sa/envoy";
+
+    let fx = fixture(
+        "\n[server.tls]\ncert_file = \"server.crt\"\nkey_file = \"server.key\"\nclient_ca_file = \"client-ca.crt\"\n",
+    );
+    let (server_ca, client_ca) = (TestCa::new("server CA"), TestCa::new("client CA"));
+    server_ca
+        .server()
+        .write(&fx.path("server.crt"), &fx.path("server.key"));
+    std::fs::write(fx.path("client-ca.crt"), &client_ca.pem).unwrap();
+    std::fs::write(fx.path("server-ca.crt"), &server_ca.pem).unwrap();
+    let probe = client_ca.client("test", Some("spiffe://cluster.local/ns/test/sa/probe"));
+    let portcullis = Served::start_tls(
+        &fx.config_path(),
+        &[],
+        Some(client_tls(&server_ca.pem, Some(&probe))),
+    )
+    .await;
+    let upstream = Upstream::start().await;
+    let envoy_files = |name: &str, ca: &TestCa| {
+        let (cert, key) = (
+            fx.path(&format!("{name}.crt")),
+            fx.path(&format!("{name}.key")),
+        );
+        ca.client(name, Some(ENVOY_ID)).write(&cert, &key);
+        UpstreamMtls {
+            cert_file: cert,
+            key_file: key,
+            ca_file: fx.path("server-ca.crt"),
+        }
+    };
+    let envoy = Envoy::start(&EnvoySetup {
+        mtls: Some(envoy_files("envoy", &client_ca)),
+        ..EnvoySetup::new(portcullis.addr, upstream.addr)
+    })
+    .await;
+    let bearer = format!(
+        "Bearer {}",
+        fx.es256().token("alice", &["orders:read"], &[])
+    );
+    let auth = [("authorization", bearer.as_str())];
+
+    let reply = envoy.send("GET", "/orders/42", &auth).await;
+    assert_eq!(reply.status, 200, "{reply:?}");
+    assert_eq!(upstream.count(), 1);
+    let line = audit_line_where(&fx, |l| l["path"] == "/orders/42").await;
+    assert_eq!(line["caller"], ENVOY_ID, "{line}");
+    assert_eq!(envoy.send("GET", "/orders/42", &[]).await.status, 401);
+
+    // An Envoy with a certificate of another CA: the handshake fails, and so
+    // does the request (Envoy's default 403 on an ext_authz error).
+    let stranger = Envoy::start(&EnvoySetup {
+        mtls: Some(envoy_files("stranger", &TestCa::new("stranger CA"))),
+        ..EnvoySetup::new(portcullis.addr, upstream.addr)
+    })
+    .await;
+    let reply = stranger.send("GET", "/orders/42", &auth).await;
+    assert_eq!(reply.status, 403, "{reply:?}");
+    assert_eq!(upstream.count(), 1, "{:?}", upstream.received());
+}

@@ -19,6 +19,9 @@ pub enum PresentedCredential<'a> {
     Workload(&'a str),
     /// No credential at all.
     None,
+    /// A credential refused before verification, for this reason (e.g. a
+    /// workload identity asserted by a caller not allowed to).
+    Refused(TokenError),
 }
 
 // Never print a secret: only the kind of credential.
@@ -29,6 +32,7 @@ impl std::fmt::Debug for PresentedCredential<'_> {
             PresentedCredential::ApiKey(_) => f.write_str("ApiKey(<redacted>)"),
             PresentedCredential::Workload(id) => write!(f, "Workload({id:?})"),
             PresentedCredential::None => f.write_str("None"),
+            PresentedCredential::Refused(e) => write!(f, "Refused({e:?})"),
         }
     }
 }

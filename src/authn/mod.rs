@@ -95,6 +95,10 @@ pub enum TokenError {
     /// API key id; see `crate::revocation`).
     #[error("token is revoked")]
     Revoked,
+    /// `IsAuthorized` asserted a workload identity, but the caller is not an
+    /// mTLS client that `[workload] asserting_callers` allows to assert one.
+    #[error("the caller may not assert a workload identity")]
+    UntrustedCaller,
 }
 
 impl TokenError {
@@ -123,6 +127,7 @@ impl TokenError {
             TokenError::DisabledApiKey => "disabled_api_key",
             TokenError::ExpiredApiKey => "expired_api_key",
             TokenError::Revoked => "revoked",
+            TokenError::UntrustedCaller => "untrusted_caller",
         }
     }
 

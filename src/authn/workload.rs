@@ -9,6 +9,7 @@ use crate::config::WorkloadConfig;
 pub struct WorkloadIdentities {
     principal_type: String,
     trust_domains: Vec<String>,
+    asserting_callers: Vec<String>,
 }
 
 impl WorkloadIdentities {
@@ -21,7 +22,20 @@ impl WorkloadIdentities {
                 .iter()
                 .map(|d| d.to_ascii_lowercase())
                 .collect(),
+            asserting_callers: config
+                .asserting_callers
+                .iter()
+                .map(|c| c.trim().to_owned())
+                .collect(),
         }
+    }
+
+    /// Whether the mTLS caller `caller` (see `crate::tls::PeerInfo::caller`)
+    /// may assert a workload identity in `IsAuthorized`: only one named in
+    /// `[workload] asserting_callers`, compared exactly. Without mTLS there
+    /// is no caller, and no one may.
+    pub fn may_assert(&self, caller: Option<&str>) -> bool {
+        caller.is_some_and(|caller| self.asserting_callers.iter().any(|c| c == caller))
     }
 
     /// The identity of a peer whose SPIFFE ID is in an accepted trust domain.
@@ -94,7 +108,12 @@ mod tests {
         let ids = WorkloadIdentities {
             principal_type: "Workload".into(),
             trust_domains: vec!["cluster.local".into()],
+            asserting_callers: vec!["spiffe://cluster.local/ns/mesh/sa/gateway".into()],
         };
+        assert!(ids.may_assert(Some("spiffe://cluster.local/ns/mesh/sa/gateway")));
+        assert!(!ids.may_assert(Some("spiffe://cluster.local/ns/mesh/sa/other")));
+        assert!(!ids.may_assert(Some("spiffe://cluster.local/ns/mesh/sa/gateway/x")));
+        assert!(!ids.may_assert(None));
         let ok = ids
             .identity("spiffe://cluster.local/ns/shop/sa/checkout")
             .unwrap();

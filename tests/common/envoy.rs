@@ -71,6 +71,17 @@ pub struct EnvoySetup {
     pub status_on_error: Option<u16>,
     /// OpenTelemetry tracing to this OTLP/gRPC collector.
     pub collector: Option<SocketAddr>,
+    /// mTLS to Portcullis: Envoy's certificate and key, and the CA that
+    /// Portcullis' certificate (for `localhost`) chains to.
+    pub mtls: Option<UpstreamMtls>,
+}
+
+/// Files of Envoy's client side of mTLS to the ext_authz cluster.
+#[derive(Clone)]
+pub struct UpstreamMtls {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    pub ca_file: PathBuf,
 }
 
 impl EnvoySetup {
@@ -83,6 +94,7 @@ impl EnvoySetup {
             health_interval: None,
             status_on_error: None,
             collector: None,
+            mtls: None,
         }
     }
 
@@ -115,6 +127,30 @@ impl EnvoySetup {
           grpc_health_check: {{ service_name: envoy.service.auth.v3.Authorization }}"#,
                 interval.as_secs_f64(),
                 interval.as_secs_f64()
+            ),
+            None => String::new(),
+        };
+        let transport_socket = match &self.mtls {
+            Some(mtls) => format!(
+                r#"
+      transport_socket:
+        name: envoy.transport_sockets.tls
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
+          sni: localhost
+          common_tls_context:
+            alpn_protocols: [h2]
+            tls_certificates:
+              - certificate_chain: {{ filename: {} }}
+                private_key: {{ filename: {} }}
+            validation_context:
+              trusted_ca: {{ filename: {} }}
+              match_typed_subject_alt_names:
+                - san_type: DNS
+                  matcher: {{ exact: localhost }}"#,
+                mtls.cert_file.display(),
+                mtls.key_file.display(),
+                mtls.ca_file.display()
             ),
             None => String::new(),
         };
@@ -225,7 +261,7 @@ static_resources:
       typed_extension_protocol_options:
         envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
           "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-          explicit_http_config: {{ http2_protocol_options: {{}} }}{health_checks}
+          explicit_http_config: {{ http2_protocol_options: {{}} }}{health_checks}{transport_socket}
       load_assignment:
         cluster_name: portcullis
         endpoints:

@@ -420,6 +420,7 @@ pub mod envoy;
 pub mod idp;
 pub mod instance;
 pub mod otlp;
+pub mod pki;
 pub mod served;
 pub mod upstream;
 

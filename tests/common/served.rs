@@ -53,7 +53,17 @@ impl Served {
 
     /// The same with the configuration file `config`.
     pub async fn start_config(config: &Path, env: &[(&str, &str)]) -> Served {
-        let mut served = Self::launch(config, env).await;
+        Self::start_tls(config, env, None).await
+    }
+
+    /// [`Served::start_config`], connecting over TLS with `tls` (the
+    /// configuration has `[server.tls]`).
+    pub async fn start_tls(
+        config: &Path,
+        env: &[(&str, &str)],
+        tls: Option<tonic::transport::ClientTlsConfig>,
+    ) -> Served {
+        let mut served = Self::launch_tls(config, env, tls).await;
         served.wait_serving().await;
         // The admin API starts once the engine has loaded.
         served.metrics = served.addr_logged("metrics endpoint listening");
@@ -69,6 +79,15 @@ impl Served {
     /// Starts `portcullis serve` on `config` and returns once its gRPC listener
     /// is bound (health still NOT_SERVING until policies and keys load).
     pub async fn launch(config: &Path, env: &[(&str, &str)]) -> Served {
+        Self::launch_tls(config, env, None).await
+    }
+
+    /// [`Served::launch`], connecting over TLS with `tls` when given.
+    pub async fn launch_tls(
+        config: &Path,
+        env: &[(&str, &str)],
+        tls: Option<tonic::transport::ClientTlsConfig>,
+    ) -> Served {
         let mut command = Command::new(env!("CARGO_BIN_EXE_portcullis"));
         command
             .args(["serve", "--config", &path_arg(config)])
@@ -96,11 +115,14 @@ impl Served {
         })
         .await;
         let grpc: SocketAddr = addr_logged(&logs, "listening").unwrap();
-        let channel = Channel::from_shared(format!("http://{grpc}"))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
+        let channel = match tls {
+            None => Channel::from_shared(format!("http://{grpc}"))
+                .unwrap()
+                .connect()
+                .await
+                .unwrap(),
+            Some(tls) => super::pki::connect(grpc, tls).await.unwrap(),
+        };
         let metrics = addr_logged(&logs, "metrics endpoint listening");
         Served {
             child: Some(child),
