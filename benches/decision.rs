@@ -240,6 +240,7 @@ fn benches(c: &mut Criterion) {
                 action: "get /orders/{id}",
                 path_params: &params,
                 workload: None,
+                caller: None,
             };
             mapping
                 .build(&store, black_box(&identity), facts, SchemaCheck::TrustShape)

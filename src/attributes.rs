@@ -26,6 +26,9 @@ pub struct HttpRequest {
     pub peer_principal: Option<String>,
     /// Per-route settings from Envoy's `context_extensions` (e.g. `portcullis.mode`).
     pub context_extensions: HashMap<String, String>,
+    /// The mTLS identity of the connection that asked (Envoy), set by the
+    /// adapter from the connection, never from the request's content.
+    pub caller: Option<std::sync::Arc<str>>,
 }
 
 impl std::fmt::Debug for HttpRequest {
@@ -47,6 +50,7 @@ impl std::fmt::Debug for HttpRequest {
             .field("source_ip", &self.source_ip)
             .field("peer_principal", &self.peer_principal)
             .field("context_extensions", &self.context_extensions)
+            .field("caller", &self.caller)
             .finish()
     }
 }

@@ -155,7 +155,7 @@ impl Authorizer for AuthorizerService {
         let span = caller_span("portcullis.is_authorized", &request);
         let caller = caller_identity(&request);
         let request = request.into_inner();
-        let direct = direct_request(
+        let mut direct = direct_request(
             request.action,
             request.resource,
             request.context_kind.map(|c| match c {
@@ -164,6 +164,7 @@ impl Authorizer for AuthorizerService {
             }),
             request.entities,
         )?;
+        direct.caller = caller.clone();
         let engine = self.engine()?;
         let credential = presented(
             request.credential.as_ref(),
@@ -211,6 +212,10 @@ impl Authorizer for AuthorizerService {
                 item.entities,
             )
             .map_err(|e| e.within(&format!("requests[{i}].")))?;
+            let direct = DirectRequest {
+                caller: caller.clone(),
+                ..direct
+            };
             directs.push(direct);
         }
         let engine = self.engine()?;
@@ -343,6 +348,7 @@ pub fn direct_request(
         resource,
         context,
         entities,
+        caller: None,
     })
 }
 

@@ -285,26 +285,28 @@ impl Engine {
                 .into_iter()
                 .map(|p| (p, "probe".to_owned()))
                 .collect();
-            let conforms = |mapping: &CedarMapping, ty: &str, roles: bool, workload: bool| {
-                [true, false].into_iter().try_for_each(|optional| {
-                    let http = probe_request(optional);
-                    let facts = RequestFacts {
-                        http: &http,
-                        action: &action,
-                        path_params: &path_params,
-                        workload: (optional && workload).then_some("spiffe://probe/probe"),
-                    };
-                    let token = probe_token(ty, roles, optional);
-                    mapping
-                        .build(&self.store, &token, facts, SchemaCheck::Validate)
-                        .map(drop)
-                })
-            };
+            let conforms =
+                |mapping: &CedarMapping, ty: &str, roles: bool, workload: bool, caller: bool| {
+                    [true, false].into_iter().try_for_each(|optional| {
+                        let http = probe_request(optional);
+                        let facts = RequestFacts {
+                            http: &http,
+                            action: &action,
+                            path_params: &path_params,
+                            workload: (optional && workload).then_some("spiffe://probe/probe"),
+                            caller: (optional && caller).then_some("spiffe://probe/caller"),
+                        };
+                        let token = probe_token(ty, roles, optional);
+                        mapping
+                            .build(&self.store, &token, facts, SchemaCheck::Validate)
+                            .map(drop)
+                    })
+                };
             let mut first_error = None;
             let mut any = false;
             for ty in principal_types {
                 for roles in [false, true] {
-                    match conforms(&self.mapping, ty, roles, false) {
+                    match conforms(&self.mapping, ty, roles, false, false) {
                         Ok(()) => {
                             any = true;
                             self.mapping.allow_shape(&action, ty, roles);
@@ -325,9 +327,17 @@ impl Engine {
             with_workload.enable_workload_context(&action);
             if principal_types
                 .iter()
-                .any(|ty| conforms(&with_workload, ty, false, true).is_ok())
+                .any(|ty| conforms(&with_workload, ty, false, true, false).is_ok())
             {
                 self.mapping.enable_workload_context(&action);
+            }
+            let mut with_caller = self.mapping.clone();
+            with_caller.enable_caller_context(&action);
+            if principal_types
+                .iter()
+                .any(|ty| conforms(&with_caller, ty, false, false, true).is_ok())
+            {
+                self.mapping.enable_caller_context(&action);
             }
         }
         problems
@@ -759,6 +769,7 @@ impl Engine {
             action,
             path_params,
             workload,
+            caller: http.caller.as_deref(),
         })
     }
 

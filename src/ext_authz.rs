@@ -138,6 +138,7 @@ pub fn http_request(check: CheckRequest) -> Option<HttpRequest> {
         source_ip,
         peer_principal,
         context_extensions: attributes.context_extensions,
+        caller: None,
     })
 }
 
@@ -319,7 +320,13 @@ impl Authorization for CheckService {
         request: tonic::Request<CheckRequest>,
     ) -> Result<tonic::Response<CheckResponse>, tonic::Status> {
         let (metadata, extensions, check) = request.into_parts();
-        let http = http_request(check);
+        let caller = extensions
+            .get::<crate::tls::PeerInfo>()
+            .and_then(|peer| peer.caller.clone());
+        let mut http = http_request(check);
+        if let Some(http) = &mut http {
+            http.caller = caller.clone();
+        }
         // The caller's trace: Envoy's ext_authz client span in the gRPC
         // metadata, else the downstream request's own headers.
         let parent = remote_parent(|name| metadata.get(name).and_then(|v| v.to_str().ok()))
@@ -341,9 +348,7 @@ impl Authorization for CheckService {
                 engine.decide(&http).instrument(span.span().clone()).await
             }
         };
-        decision.caller = extensions
-            .get::<crate::tls::PeerInfo>()
-            .and_then(|peer| peer.caller.clone());
+        decision.caller = caller;
         let status = http_status(decision.effective_verdict());
         span.span().in_scope(|| {
             self.state.account(&decision, status, &span);

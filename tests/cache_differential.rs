@@ -265,6 +265,7 @@ async fn caches_never_change_a_direct_decision() {
             "path_params": params,
         });
         let request = DirectRequest {
+            caller: None,
             action: format!("{} {template}", method.to_ascii_lowercase()),
             resource: DirectEntity {
                 entity_type: "Application".into(),

@@ -397,3 +397,96 @@ async fn the_cli_reaches_a_tls_admin_listener_and_never_sends_the_token_in_the_c
     }
     served.stop().await;
 }
+
+/// Policies read the mTLS caller as `context.caller` where the action's
+/// context declares `caller?: String`. The decision cache keys on it: the
+/// same token and request from two callers get each their own decision, in
+/// either order.
+#[tokio::test]
+async fn policies_see_the_caller_and_the_decision_cache_keeps_callers_apart() {
+    let fx = Fixture::new();
+    let pki = Pki::new(&fx);
+    fx.append_config(&tls_config(true));
+    let schema = std::fs::read_dir(fx.path("policies"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "cedarschema"))
+        .unwrap();
+    let text = std::fs::read_to_string(&schema).unwrap();
+    assert!(text.contains("workload?: String"));
+    std::fs::write(
+        &schema,
+        text.replace("workload?: String", "workload?: String, caller?: String"),
+    )
+    .unwrap();
+    std::fs::write(
+        fx.path("policies/callers.cedar"),
+        format!(
+            "@id(\"only-through-envoy\")\nforbid (principal, action, resource)\nunless {{ context has caller && context.caller == \"{ENVOY_ID}\" }};\n"
+        ),
+    )
+    .unwrap();
+    let envoy = pki.client(ENVOY_ID);
+    let served = Served::start_tls(
+        &fx.config_path(),
+        &[],
+        Some(client_tls(&pki.server_ca.pem, Some(&envoy))),
+    )
+    .await;
+    let other = connect(
+        served.addr,
+        client_tls(&pki.server_ca.pem, Some(&pki.client(GATEWAY_ID))),
+    )
+    .await
+    .unwrap();
+    let token = fx.es256().token("alice", &["orders:read"], &[]);
+    for _ in 0..2 {
+        let out = check_on(&other, &token).await.unwrap();
+        assert_eq!(out.http_status, 403);
+        assert_eq!(fx.audit_line(&out.decision_id)["reason"], "policy_denied");
+        let out = check_on(&served.channel, &token).await.unwrap();
+        assert_eq!(out.http_status, 200);
+    }
+
+    // `IsAuthorized` sees the caller the same way, and a service cannot set it.
+    let direct = |channel: &Channel, context: serde_json::Value| {
+        let channel = channel.clone();
+        let token = token.clone();
+        async move {
+            pb::authorizer_client::AuthorizerClient::new(channel)
+                .is_authorized(pb::IsAuthorizedRequest {
+                    credential: Some(pb::Credential {
+                        kind: Some(pb::credential::Kind::AccessToken(token)),
+                    }),
+                    action: "get /orders".into(),
+                    resource: Some(pb::Entity {
+                        r#type: "Application".into(),
+                        id: "orders".into(),
+                        ..Default::default()
+                    }),
+                    context_kind: Some(pb::is_authorized_request::ContextKind::ContextJson(
+                        context.to_string(),
+                    )),
+                    ..Default::default()
+                })
+                .await
+        }
+    };
+    let context = serde_json::json!({
+        "http": { "method": "GET", "path": "/orders", "host": "h", "scheme": "https" },
+        "path_params": {},
+    });
+    let allowed = direct(&served.channel, context.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(allowed.decision, pb::Decision::Allow as i32, "{allowed:?}");
+    let denied = direct(&other, context.clone()).await.unwrap().into_inner();
+    assert_eq!(denied.reason, "policy_denied");
+    let mut forged = context;
+    forged["caller"] = serde_json::json!(ENVOY_ID);
+    let refused = direct(&other, forged).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    assert!(refused.message().contains("context.caller"), "{refused:?}");
+    served.stop().await;
+}

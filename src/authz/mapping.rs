@@ -74,6 +74,9 @@ pub struct RequestFacts<'a> {
     pub path_params: &'a [(String, String)],
     /// The mTLS peer's identity, when it is a trusted workload.
     pub workload: Option<&'a str>,
+    /// The mTLS identity of the connection that asked (Envoy, or a service),
+    /// when there is one.
+    pub caller: Option<&'a str>,
 }
 
 /// The context fields [`CedarMapping::build`] fills in that the decision key
@@ -93,6 +96,8 @@ pub struct KeyFields {
     pub source_ip: bool,
     /// `workload` (and whether it is there).
     pub workload: bool,
+    /// `caller` (and whether it is there).
+    pub caller: bool,
     /// `path_params`, all of them.
     pub path_params: bool,
     /// `token.iss`.
@@ -119,6 +124,7 @@ impl KeyFields {
             scheme: reads.covers(&["http", "scheme"]),
             source_ip: reads.covers(&["http", "source_ip"]),
             workload: reads.covers(&["workload"]),
+            caller: reads.covers(&["caller"]),
             path_params: reads.covers(&["path_params"]),
             iss: reads.covers(&["token", "iss"]),
             iat: reads.covers(&["token", "iat"]),
@@ -151,6 +157,8 @@ pub struct CedarMapping {
     application: EntityUid,
     /// Actions whose context type declares `workload?: String`.
     workload_actions: HashSet<String>,
+    /// Actions whose context type declares `caller?: String`.
+    caller_actions: HashSet<String>,
     /// Per action, the principal types the schema accepts, and whether they may
     /// have `Role` parents; established by load-time probes.
     shapes: HashMap<String, HashMap<String, bool>>,
@@ -228,6 +236,7 @@ impl CedarMapping {
             action_type: name(ACTION_TYPE)?,
             application,
             workload_actions: HashSet::new(),
+            caller_actions: HashSet::new(),
             shapes: HashMap::new(),
             source_ips: moka::sync::Cache::new(SOURCE_IP_CACHE_ENTRIES),
             principal_entities: moka::sync::Cache::builder()
@@ -258,6 +267,16 @@ impl CedarMapping {
     /// Declares that `action`'s context carries the peer's `workload` identity.
     pub fn enable_workload_context(&mut self, action: &str) {
         self.workload_actions.insert(action.to_owned());
+    }
+
+    /// Declares that `action`'s context carries the mTLS `caller` identity.
+    pub fn enable_caller_context(&mut self, action: &str) {
+        self.caller_actions.insert(action.to_owned());
+    }
+
+    /// The caller identity `action`'s context carries, if it declares one.
+    fn caller_for<'a>(&self, caller: Option<&'a str>, action: &str) -> Option<&'a str> {
+        caller.filter(|_| self.caller_actions.contains(action))
     }
 
     /// The principal uid of an identity, e.g. `User::"alice"`.
@@ -339,6 +358,10 @@ impl CedarMapping {
                 .as_deref()
                 .filter(|_| self.workload_actions.contains(facts.action));
             digest.option(workload.map(str::as_bytes));
+        }
+        if fields.caller {
+            let caller = self.caller_for(facts.caller, facts.action);
+            digest.option(caller.map(str::as_bytes));
         }
         if fields.path_params {
             digest.list(
@@ -433,7 +456,8 @@ impl CedarMapping {
         let workload = facts
             .workload
             .filter(|_| self.workload_actions.contains(facts.action));
-        let context = Context::from_pairs(context_pairs(token, facts, workload, |ip| {
+        let caller = self.caller_for(facts.caller, facts.action);
+        let context = Context::from_pairs(context_pairs(token, facts, workload, caller, |ip| {
             self.source_ip(ip)
         })?)
         .map_err(|e| MappingError::Request(e.to_string()))?;
@@ -533,6 +557,10 @@ impl CedarMapping {
         digest.field(canonical_json(&token_json(token)).as_bytes());
         digest.option(
             self.direct_workload(token, &request.action)
+                .map(str::as_bytes),
+        );
+        digest.option(
+            self.caller_for(request.caller.as_deref(), &request.action)
                 .map(str::as_bytes),
         );
         digest.field(request.action.as_bytes());
@@ -677,7 +705,7 @@ impl CedarMapping {
             .map_err(|e| invalid("entities", e.to_string()))?;
 
         let mut context = request.context.clone();
-        for reserved_key in ["token", "workload"] {
+        for reserved_key in ["token", "workload", "caller"] {
             if context.contains_key(reserved_key) {
                 return Err(invalid(
                     &format!("context.{reserved_key}"),
@@ -688,6 +716,9 @@ impl CedarMapping {
         context.insert("token".into(), token_json(token));
         if let Some(workload) = self.direct_workload(token, &request.action) {
             context.insert("workload".into(), Value::String(workload.to_owned()));
+        }
+        if let Some(caller) = self.caller_for(request.caller.as_deref(), &request.action) {
+            context.insert("caller".into(), Value::String(caller.to_owned()));
         }
         let context = Context::from_json_value(Value::Object(context), Some((schema, &action)))
             .map_err(|e| invalid("context", e.to_string()))?;
@@ -733,10 +764,13 @@ pub struct DirectRequest {
     pub action: String,
     /// The resource, with its attributes and parents.
     pub resource: DirectEntity,
-    /// The context, except `token` and `workload`, which Portcullis sets.
+    /// The context, except `token`, `workload` and `caller`, which Portcullis sets.
     pub context: serde_json::Map<String, Value>,
     /// Further entities the policies may read (e.g. the resource's parents).
     pub entities: Vec<DirectEntity>,
+    /// The mTLS identity of the service that asked, set by the adapter from
+    /// the connection (never from the request).
+    pub caller: Option<std::sync::Arc<str>>,
 }
 
 /// An entity as a service describes it.
@@ -918,6 +952,7 @@ fn context_pairs(
     token: &VerifiedToken,
     facts: RequestFacts<'_>,
     workload: Option<&str>,
+    caller: Option<&str>,
     source_ip: impl FnOnce(IpAddr) -> RestrictedExpression,
 ) -> Result<Vec<(String, RestrictedExpression)>, MappingError> {
     let http = facts.http;
@@ -966,6 +1001,9 @@ fn context_pairs(
     ];
     if let Some(workload) = workload {
         pairs.push(("workload".to_owned(), string(workload)));
+    }
+    if let Some(caller) = caller {
+        pairs.push(("caller".to_owned(), string(caller)));
     }
     Ok(pairs)
 }
@@ -1017,6 +1055,7 @@ mod tests {
             action: "get /orders",
             path_params: &[],
             workload: None,
+            caller: None,
         };
         mapping.build(store, token, facts, check).unwrap().entities
     }
