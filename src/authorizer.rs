@@ -162,6 +162,8 @@ impl Authorizer for AuthorizerService {
             request.entities,
         )?;
         let engine = self.engine()?;
+        // No decision that cannot be logged (fail closed).
+        self.state.audit_ready().await?;
         let authentication = engine
             .authenticate_credential(presented(request.credential.as_ref()), unix_now())
             .instrument(span.span().clone())
@@ -205,6 +207,8 @@ impl Authorizer for AuthorizerService {
             directs.push(direct);
         }
         let engine = self.engine()?;
+        // No decision that cannot be logged (fail closed).
+        self.state.audit_ready().await?;
         // The credential stage runs once for the whole batch.
         let authentication = engine
             .authenticate_credential(presented(request.credential.as_ref()), unix_now())

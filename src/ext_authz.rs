@@ -318,6 +318,8 @@ impl Authorization for CheckService {
         &self,
         request: tonic::Request<CheckRequest>,
     ) -> Result<tonic::Response<CheckResponse>, tonic::Status> {
+        // No decision that cannot be logged (fail closed).
+        self.state.audit_ready().await?;
         let (metadata, _, check) = request.into_parts();
         let http = http_request(check);
         // The caller's trace: Envoy's ext_authz client span in the gRPC
