@@ -219,6 +219,9 @@ impl Admin for AdminService {
             .await
             .map_err(|e| match e {
                 RevocationError::Invalid(_) => Status::invalid_argument(e.to_string()),
+                RevocationError::Full { .. } | RevocationError::QueueFull { .. } => {
+                    Status::resource_exhausted(e.to_string())
+                }
                 _ => Status::internal(e.to_string()),
             })?;
         tracing::info!(

@@ -166,6 +166,8 @@ impl Authorizer for AuthorizerService {
         )?;
         direct.caller = caller.clone();
         let engine = self.engine()?;
+        // No decision that cannot be logged (fail closed).
+        self.state.audit_ready().await?;
         let credential = presented(
             request.credential.as_ref(),
             engine.may_assert_workload(caller.as_deref()),
@@ -219,6 +221,8 @@ impl Authorizer for AuthorizerService {
             directs.push(direct);
         }
         let engine = self.engine()?;
+        // No decision that cannot be logged (fail closed).
+        self.state.audit_ready().await?;
         // The credential stage runs once for the whole batch.
         let credential = presented(
             request.credential.as_ref(),

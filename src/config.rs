@@ -209,6 +209,14 @@ pub struct RevocationConfig {
     /// Prefix of the Redis key and channel, so deployments can share one Redis.
     #[serde(default = "default_redis_prefix")]
     pub redis_prefix: String,
+    /// Most entries in force; a local revoke beyond it is refused (entries
+    /// from other instances are still accepted, and counted).
+    #[serde(default = "default_max_entries")]
+    pub max_entries: usize,
+    /// Most local revocations waiting to be written to Redis; a revoke beyond
+    /// it (Redis unreachable for long) is refused, not applied.
+    #[serde(default = "default_max_pending_writes")]
+    pub max_pending_writes: usize,
 }
 
 impl Default for RevocationConfig {
@@ -219,8 +227,24 @@ impl Default for RevocationConfig {
             redis_url_env: None,
             startup: StartupMode::default(),
             redis_prefix: default_redis_prefix(),
+            max_entries: default_max_entries(),
+            max_pending_writes: default_max_pending_writes(),
         }
     }
+}
+
+/// The default `[revocation] max_entries`.
+pub const DEFAULT_MAX_REVOCATIONS: usize = 1_000_000;
+
+/// The default `[revocation] max_pending_writes`.
+pub const DEFAULT_MAX_PENDING_WRITES: usize = 10_000;
+
+fn default_max_entries() -> usize {
+    DEFAULT_MAX_REVOCATIONS
+}
+
+fn default_max_pending_writes() -> usize {
+    DEFAULT_MAX_PENDING_WRITES
 }
 
 fn default_data_dir() -> PathBuf {
@@ -1177,6 +1201,12 @@ impl Config {
                 "revocation.redis_prefix must be non-empty without whitespace, found {prefix:?}"
             ));
         }
+        if self.revocation.max_entries == 0 {
+            return Err("revocation.max_entries must be at least 1".into());
+        }
+        if self.revocation.max_pending_writes == 0 {
+            return Err("revocation.max_pending_writes must be at least 1".into());
+        }
         if let Some(admin) = &self.admin {
             let set = [
                 admin.token.is_some(),
@@ -1347,6 +1377,23 @@ path = "/orders/{id}"
                 assert!(err.contains("too long") && err.contains(value), "{err}");
             }
         }
+    }
+
+    #[test]
+    fn revocation_caps_default_to_a_million_entries_and_ten_thousand_pending_writes() {
+        let config = parse(MINIMAL).unwrap();
+        assert_eq!(config.revocation.max_entries, 1_000_000);
+        assert_eq!(config.revocation.max_pending_writes, 10_000);
+        let set = parse(&format!(
+            "{MINIMAL}[revocation]\nmax_entries = 5\nmax_pending_writes = 2\n"
+        ))
+        .unwrap();
+        assert_eq!(set.revocation.max_entries, 5);
+        assert_eq!(set.revocation.max_pending_writes, 2);
+        let err = parse(&format!("{MINIMAL}[revocation]\nmax_entries = 0\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("revocation.max_entries"), "{err}");
     }
 
     #[test]

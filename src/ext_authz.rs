@@ -319,6 +319,8 @@ impl Authorization for CheckService {
         &self,
         request: tonic::Request<CheckRequest>,
     ) -> Result<tonic::Response<CheckResponse>, tonic::Status> {
+        // No decision that cannot be logged (fail closed).
+        self.state.audit_ready().await?;
         let (metadata, extensions, check) = request.into_parts();
         let caller = extensions
             .get::<crate::tls::PeerInfo>()

@@ -4,7 +4,9 @@
 //! The listener is bound and answering health checks (NOT_SERVING) before the
 //! engine is loaded; [`ServerState::install`] publishes an engine and flips health
 //! to SERVING. Shutdown flips health back to NOT_SERVING first, then lets in-flight
-//! checks finish.
+//! checks finish. While the audit log cannot take decisions (its writer stopped
+//! or its sink fails) health is NOT_SERVING too, and checks fail closed
+//! ([`ServerState::audit_ready`]).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -68,6 +70,8 @@ pub struct ServerState {
     health: HealthReporter,
     reloads: crate::reload::ReloadStats,
     metrics: Metrics,
+    /// Set by a drain or shutdown: health stays NOT_SERVING from then on.
+    draining: std::sync::atomic::AtomicBool,
 }
 
 impl ServerState {
@@ -101,10 +105,44 @@ impl ServerState {
         span.record_decision(decision, http_status);
     }
 
-    /// Publishes `engine` to new checks and reports SERVING.
+    /// Publishes `engine` to new checks and reports SERVING (unless the audit
+    /// log cannot take decisions, see [`ServerState::audit_ready`]).
     pub async fn install(&self, engine: Engine) {
         self.engine.store(Some(Arc::new(engine)));
-        self.set_health(ServingStatus::Serving).await;
+        self.refresh_health().await;
+    }
+
+    /// Fails closed when the audit log cannot record the decision about to be
+    /// made (its writer stopped, its sink is failing, or it is too far behind
+    /// after a bounded, asynchronous wait): the request is answered
+    /// `UNAVAILABLE` with `audit_unavailable` and no decision is made. Awaited
+    /// by every front end before it decides.
+    pub async fn audit_ready(&self) -> Result<(), tonic::Status> {
+        self.audit
+            .ready()
+            .await
+            .map_err(|e| tonic::Status::unavailable(e.to_string()))
+    }
+
+    /// SERVING when an engine is installed, the server is not draining and
+    /// the audit writer is up; NOT_SERVING otherwise.
+    async fn refresh_health(&self) {
+        let serving = self.engine.load().is_some()
+            && !self.draining.load(std::sync::atomic::Ordering::SeqCst)
+            && self.audit.stats().writer_up;
+        self.set_health(if serving {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        })
+        .await;
+    }
+
+    /// Stops reporting SERVING for good (drain, shutdown).
+    async fn stop_serving(&self) {
+        self.draining
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.set_health(ServingStatus::NotServing).await;
     }
 
     /// Publishes a reloaded engine atomically: new checks use it, checks in
@@ -152,7 +190,7 @@ impl RunningServer {
     /// Without it, closing the listener as soon as the signal arrives fails the
     /// checks that callers still send here until their next health check.
     pub async fn drain(&self, period: Duration, stop_now: impl Future<Output = ()>) -> bool {
-        self.state.set_health(ServingStatus::NotServing).await;
+        self.state.stop_serving().await;
         if period.is_zero() {
             return false;
         }
@@ -166,7 +204,7 @@ impl RunningServer {
     /// checks and open connections to finish; then stops regardless, so a client
     /// that never closes its connection cannot hold the process up.
     pub async fn shutdown(mut self, grace: Duration) -> Result<(), ServerError> {
-        self.state.set_health(ServingStatus::NotServing).await;
+        self.state.stop_serving().await;
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
@@ -185,8 +223,10 @@ impl RunningServer {
         };
         // Every decision made is in the audit log before shutdown returns.
         let flushed = tokio::task::spawn_blocking(move || state.audit().flush()).await;
-        if let Err(e) = flushed {
-            tracing::error!(error = %e, "cannot flush the audit log");
+        match flushed {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "cannot flush the audit log"),
+            Err(e) => tracing::error!(error = %e, "cannot flush the audit log"),
         }
         result
     }
@@ -227,8 +267,26 @@ pub async fn start_with_tls(
         health,
         reloads: Default::default(),
         metrics: Metrics::default(),
+        draining: Default::default(),
     });
     state.set_health(ServingStatus::NotServing).await;
+    // The health hook of the audit log: a writer that stops or a sink that
+    // fails turns every service NOT_SERVING, and back when it writes again.
+    // Holds the state weakly: the task ends with it.
+    let mut writer_up = state.audit.writer_up();
+    let watched = Arc::downgrade(&state);
+    tokio::spawn(async move {
+        while writer_up.changed().await.is_ok() {
+            let up = *writer_up.borrow_and_update();
+            let Some(state) = watched.upgrade() else {
+                return;
+            };
+            if !up {
+                tracing::error!("audit log unavailable: reporting NOT_SERVING");
+            }
+            state.refresh_health().await;
+        }
+    });
 
     // Both reflection versions: older grpcurl releases only speak v1alpha.
     let reflection_builder = || {

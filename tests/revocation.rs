@@ -46,6 +46,20 @@ impl Instance {
             .into_inner()
     }
 
+    /// `Revoke`, with the gRPC status when it is refused.
+    async fn try_revoke(&self, kind: Kind) -> Result<pb::RevokeResponse, tonic::Status> {
+        let mut request = tonic::Request::new(pb::RevokeRequest {
+            target: Some(pb::Target { kind: Some(kind) }),
+            reason: "test".into(),
+        });
+        authorize(&mut request, ADMIN_TOKEN);
+        self.admin()
+            .await
+            .revoke(request)
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
     async fn status(&self) -> pb::StatusResponse {
         let mut request = tonic::Request::new(pb::StatusRequest {});
         authorize(&mut request, ADMIN_TOKEN);
@@ -680,4 +694,108 @@ async fn spawn_serve_with_token(config: &Path, listen: &str) -> std::process::Ch
         .unwrap();
     wait_serving(listen).await;
     child
+}
+
+/// The revocation count had no cap. Now a `Revoke` beyond `[revocation]
+/// max_entries` is answered RESOURCE_EXHAUSTED, naming the cap and the key,
+/// with nothing applied; entries from another instance are enforced past it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revokes_beyond_max_entries_are_refused_while_peers_entries_are_still_enforced() {
+    let redis = RedisServer::start();
+    let fx = two_keys();
+    let a = start_instance(&instance_config(
+        &fx,
+        "a",
+        &shared("data-a", &redis.url(), "wait"),
+    ))
+    .await;
+    let b = start_instance(&instance_config(
+        &fx,
+        "b",
+        &format!(
+            "{}max_entries = 1\n",
+            shared("data-b", &redis.url(), "wait")
+        ),
+    ))
+    .await;
+    let (c2, _) = token(&fx.keys[0], "alice", |c| c["client_id"] = Value::from("c2"));
+
+    b.revoke(Kind::ClientId("c1".into())).await;
+    let refused = b.try_revoke(Kind::ClientId("c2".into())).await.unwrap_err();
+    assert_eq!(
+        refused.code(),
+        tonic::Code::ResourceExhausted,
+        "{refused:?}"
+    );
+    assert!(
+        refused.message().contains("[revocation] max_entries")
+            && refused.message().contains("not applied"),
+        "{}",
+        refused.message()
+    );
+    b.assert_allowed(&c2).await;
+    assert_eq!(b.list().await.len(), 1, "nothing applied");
+    assert_eq!(redis.zcard(KEY), 1, "nothing shared");
+
+    // The same revocation made by a peer is enforced here, past the cap.
+    a.revoke(Kind::ClientId("c2".into())).await;
+    b.eventually_revoked(&c2).await;
+    assert_eq!(b.list().await.len(), 2);
+    a.stop().await;
+    b.stop().await;
+}
+
+/// The queue of revocations waiting for Redis was unbounded. Now, with Redis
+/// down, revocations up to `[revocation] max_pending_writes` are applied and
+/// answered `synced: false`; the next is refused (RESOURCE_EXHAUSTED, not
+/// applied); the queued one reaches Redis once it is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_down_revokes_beyond_max_pending_writes_are_refused_never_lost() {
+    let redis = RedisServer::start();
+    let proxy = TcpProxy::start(redis.port).await;
+    let fx = two_keys();
+    let a = start_instance(&instance_config(
+        &fx,
+        "a",
+        &format!(
+            "{}max_pending_writes = 1\n",
+            shared("data-a", &proxy.url(), "wait")
+        ),
+    ))
+    .await;
+    proxy.cut();
+    a.eventually_status("disconnected", |s| s.redis == "disconnected")
+        .await;
+    let (c1, _) = token(&fx.keys[0], "alice", |c| c["client_id"] = Value::from("c1"));
+    let (c2, _) = token(&fx.keys[0], "alice", |c| c["client_id"] = Value::from("c2"));
+
+    let queued = a.revoke(Kind::ClientId("c1".into())).await;
+    assert!(!queued.synced, "Redis is down: queued");
+    a.assert_revoked(&c1).await;
+    let refused = a.try_revoke(Kind::ClientId("c2".into())).await.unwrap_err();
+    assert_eq!(
+        refused.code(),
+        tonic::Code::ResourceExhausted,
+        "{refused:?}"
+    );
+    assert!(
+        refused
+            .message()
+            .contains("[revocation] max_pending_writes"),
+        "{}",
+        refused.message()
+    );
+    a.assert_allowed(&c2).await;
+    assert_eq!(a.status().await.pending_writes, 1);
+
+    proxy.restore();
+    a.eventually_status("synced", |s| {
+        s.redis == "connected" && s.pending_writes == 0
+    })
+    .await;
+    assert_eq!(redis.zcard(KEY), 1, "the queued revocation reached Redis");
+    // Room again: the refused revocation can be made now.
+    assert!(a.try_revoke(Kind::ClientId("c2".into())).await.is_ok());
+    a.assert_revoked(&c2).await;
+    a.stop().await;
 }

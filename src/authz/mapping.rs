@@ -174,6 +174,9 @@ pub struct CedarMapping {
     /// request. A mapping belongs to one policy-store load, so a reload starts
     /// afresh. Weighed by entity count, so a large `entities.json` keeps fewer.
     principal_entities: moka::sync::Cache<PrincipalKey, Arc<Entities>>,
+    /// Principal entity sets built on a cache miss (single-flight: concurrent
+    /// first requests of one principal build its set once). Shared by clones.
+    principal_entity_builds: Arc<std::sync::atomic::AtomicU64>,
     /// `Application::"<name>"`, formatted once (Cedar's `Display` escapes).
     application_name: String,
     /// `Action::"<id>"` of every action a route or the default can name,
@@ -245,7 +248,15 @@ impl CedarMapping {
                     u32::try_from(entities.len()).unwrap_or(u32::MAX).max(1)
                 })
                 .build(),
+            principal_entity_builds: Arc::default(),
         })
+    }
+
+    /// How many principal entity sets were built on a cache miss since this
+    /// mapping was made (validated load-time probes are not counted).
+    pub fn principal_entity_builds(&self) -> u64 {
+        self.principal_entity_builds
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Records that requests for `action` by `principal_type` conform to the schema
@@ -440,16 +451,18 @@ impl CedarMapping {
                 Arc::new(self.entities_with_principal(store, token, &principal, Some(schema))?)
             }
             None => {
-                let key = PrincipalKey::of(token);
-                match self.principal_entities.get(&key) {
-                    Some(entities) => entities,
-                    None => {
-                        let entities =
-                            Arc::new(self.entities_with_principal(store, token, &principal, None)?);
-                        self.principal_entities.insert(key, entities.clone());
-                        entities
-                    }
-                }
+                // Single-flight: concurrent misses of one principal wait for
+                // one build (Cedar recomputes the closure of the whole set, so
+                // a burst of first requests must not each pay for it). An
+                // error is not cached; every waiter gets it.
+                self.principal_entities
+                    .try_get_with(PrincipalKey::of(token), || {
+                        self.principal_entity_builds
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        self.entities_with_principal(store, token, &principal, None)
+                            .map(Arc::new)
+                    })
+                    .map_err(|e| MappingError::clone(&e))?
             }
         };
 
@@ -1097,6 +1110,43 @@ mod tests {
             SchemaCheck::TrustShape,
         );
         assert!(bob.get(&alice_uid).is_none());
+    }
+
+    /// Concurrent first requests of one principal used to each build its
+    /// entity set (get, miss, build, insert): a burst paid the closure
+    /// computation once per request. Now one builds, the others wait for it.
+    #[test]
+    fn concurrent_first_requests_of_a_principal_build_its_entities_once() {
+        let (store, mapping) = quickstart();
+        let threads = 8;
+        let principals = 20;
+        let barrier = std::sync::Barrier::new(threads);
+        for round in 0..principals {
+            let sub = format!("user{round}");
+            let sets: Vec<Arc<Entities>> = std::thread::scope(|s| {
+                let workers: Vec<_> = (0..threads)
+                    .map(|_| {
+                        let (store, mapping, barrier, sub) = (&store, &mapping, &barrier, &sub);
+                        s.spawn(move || {
+                            let first = token(sub, &["clerk", "auditor"]);
+                            barrier.wait();
+                            entities(store, mapping, &first, SchemaCheck::TrustShape)
+                        })
+                    })
+                    .collect();
+                workers.into_iter().map(|w| w.join().unwrap()).collect()
+            });
+            assert!(sets.iter().all(|set| Arc::ptr_eq(set, &sets[0])));
+        }
+        assert_eq!(
+            mapping.principal_entity_builds(),
+            principals,
+            "one build per principal, however many asked at once"
+        );
+        // A repeat (roles in another order) is no build.
+        let again = token("user0", &["auditor", "clerk"]);
+        entities(&store, &mapping, &again, SchemaCheck::TrustShape);
+        assert_eq!(mapping.principal_entity_builds(), principals);
     }
 
     #[test]

@@ -34,6 +34,9 @@ use journal::Journal;
 pub const MAX_ID_BYTES: usize = 1024;
 /// Longest accepted free-text reason.
 pub const MAX_REASON_BYTES: usize = 1024;
+/// Batches of entries from Redis waiting for the background journal writer
+/// at most; beyond, the Redis session waits for the writer.
+pub const REMOTE_JOURNAL_BATCHES: usize = 64;
 
 /// Errors of the revocation store. None of them carries a credential.
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +58,24 @@ pub enum RevocationError {
     /// A background task failed.
     #[error("revocation task: {0}")]
     Task(String),
+    /// The store holds `[revocation] max_entries` entries in force: the
+    /// revocation was not applied.
+    #[error(
+        "revocation not applied: {max_entries} revocations are in force, the limit set by [revocation] max_entries; raise it or wait for entries to expire"
+    )]
+    Full {
+        /// The configured cap.
+        max_entries: usize,
+    },
+    /// Redis has been unreachable while `[revocation] max_pending_writes`
+    /// local revocations wait to be written: the revocation was not applied.
+    #[error(
+        "revocation not applied: Redis is unreachable and {max_pending_writes} revocations already wait to be written to it, the limit set by [revocation] max_pending_writes; retry once Redis is back"
+    )]
+    QueueFull {
+        /// The configured bound.
+        max_pending_writes: usize,
+    },
 }
 
 /// What a revocation matches.
@@ -350,6 +371,16 @@ pub struct RevocationStats {
     pub applied_local: std::sync::atomic::AtomicU64,
     /// Revocations received from Redis (pub/sub or a full sync) and new here.
     pub applied_remote: std::sync::atomic::AtomicU64,
+    /// Local revocations refused because `[revocation] max_entries` entries
+    /// were in force.
+    pub refused_full: std::sync::atomic::AtomicU64,
+    /// Local revocations refused because `[revocation] max_pending_writes`
+    /// waited for Redis.
+    pub refused_queue_full: std::sync::atomic::AtomicU64,
+    /// Entries from Redis (or the journal) accepted although
+    /// `[revocation] max_entries` were in force: a revocation another
+    /// instance enforces is never dropped here.
+    pub accepted_over_cap: std::sync::atomic::AtomicU64,
     /// Seconds from a revocation's `created_at` (whole seconds, set by the
     /// revoking instance) to its arrival here through pub/sub.
     pub propagation_lag: prometheus_client::metrics::histogram::Histogram,
@@ -360,6 +391,9 @@ impl Default for RevocationStats {
         RevocationStats {
             applied_local: Default::default(),
             applied_remote: Default::default(),
+            refused_full: Default::default(),
+            refused_queue_full: Default::default(),
+            accepted_over_cap: Default::default(),
             propagation_lag: prometheus_client::metrics::histogram::Histogram::new([
                 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0,
             ]),
@@ -381,9 +415,13 @@ pub struct RevocationStore {
     entries: Mutex<Entries>,
     journal: Arc<Mutex<Journal>>,
     /// Entries received from Redis, journaled in the background so that an
-    /// fsync never delays the next message.
-    remote_journal: mpsc::UnboundedSender<Vec<String>>,
+    /// fsync never delays the next message. Bounded ([`REMOTE_JOURNAL_BATCHES`]):
+    /// when the journal falls behind, the Redis session waits for it (the
+    /// entries are enforced meanwhile) instead of queueing without limit.
+    remote_journal: mpsc::Sender<Vec<String>>,
     lifetimes: Lifetimes,
+    /// `[revocation] max_entries`.
+    max_entries: usize,
     sync: Option<redis::SyncHandle>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
     stop: watch::Sender<bool>,
@@ -437,15 +475,25 @@ impl RevocationStore {
             );
         }
         let sync = match &config.redis_url {
-            Some(url) => Some(redis::SyncHandle::new(url.expose(), &config.redis_prefix)?),
+            Some(url) => Some(
+                redis::SyncHandle::new(url.expose(), &config.redis_prefix)?
+                    .with_max_pending(config.max_pending_writes),
+            ),
             None => None,
         };
+        if replay.entries.len() > config.max_entries {
+            tracing::warn!(
+                entries = replay.entries.len(),
+                max_entries = config.max_entries,
+                "the journal holds more revocations than [revocation] max_entries: all are enforced, new local revocations are refused until entries expire"
+            );
+        }
         let entries = Entries {
             by_line: replay.entries.into_iter().collect(),
         };
         let (stop, _) = watch::channel(false);
         let journal = Arc::new(Mutex::new(journal));
-        let (remote_journal, remote_lines) = mpsc::unbounded_channel();
+        let (remote_journal, remote_lines) = mpsc::channel(REMOTE_JOURNAL_BATCHES);
         let journal_writer = tokio::spawn(journal_loop(
             journal.clone(),
             remote_lines,
@@ -457,11 +505,18 @@ impl RevocationStore {
             journal,
             remote_journal,
             lifetimes,
+            max_entries: config.max_entries,
             sync,
             tasks: Mutex::new(Vec::new()),
             stop,
             stats: RevocationStats::default(),
         });
+        if let Some(over) = store.status_count().checked_sub(config.max_entries) {
+            store
+                .stats
+                .accepted_over_cap
+                .store(over as u64, std::sync::atomic::Ordering::Relaxed);
+        }
         let sweeper = tokio::spawn(sweep_loop(Arc::downgrade(&store), store.stop.subscribe()));
         store.push_task(sweeper);
         store.push_task(journal_writer);
@@ -492,6 +547,12 @@ impl RevocationStore {
     /// unreachable (or does not answer within a second) it is queued and written
     /// once Redis is back. A journal failure is returned as an error, but the
     /// entry stays in force and queued for Redis.
+    ///
+    /// Refused, with nothing applied, when `[revocation] max_entries` entries
+    /// are in force (expired ones are swept first and do not count):
+    /// [`RevocationError::Full`]; or, in shared mode, when
+    /// `[revocation] max_pending_writes` revocations already wait for Redis:
+    /// [`RevocationError::QueueFull`].
     pub async fn revoke(
         self: &Arc<Self>,
         target: Target,
@@ -517,18 +578,28 @@ impl RevocationStore {
             ));
         }
         let line = revocation.to_line();
+        // A place in the Redis queue first, then the cap: a refusal leaves
+        // nothing applied, queued or journaled.
+        let slot = match &self.sync {
+            Some(sync) => Some(sync.reserve(now).inspect_err(|_| {
+                self.stats
+                    .refused_queue_full
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            })?),
+            None => None,
+        };
         // Enforce first, then persist, then share.
-        let fresh = self.insert(vec![(line.clone(), revocation.clone())]);
+        let fresh = self.insert_local(line.clone(), revocation.clone(), now)?;
         self.stats
             .applied_local
-            .fetch_add(fresh.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            .fetch_add(u64::from(fresh), std::sync::atomic::Ordering::Relaxed);
         // The journal (local durability) and Redis (every instance) in parallel:
         // propagation does not wait on the local fsync.
         let journal = self.append_journal(vec![line.clone()]);
         let share = async {
-            match &self.sync {
-                Some(sync) => sync.write(line, revocation.expires_at).await,
-                None => false,
+            match (&self.sync, slot) {
+                (Some(sync), Some(slot)) => sync.write(slot, line, revocation.expires_at).await,
+                _ => false,
             }
         };
         let (journaled, synced) = tokio::join!(journal, share);
@@ -536,12 +607,56 @@ impl RevocationStore {
         Ok(Revoke { revocation, synced })
     }
 
-    /// Adds entries not known yet; returns the lines that were new.
+    /// Adds a local entry unless `[revocation] max_entries` are in force
+    /// (after dropping the expired ones); true if it was new.
+    fn insert_local(
+        &self,
+        line: String,
+        entry: Revocation,
+        now: i64,
+    ) -> Result<bool, RevocationError> {
+        let mut entries = lock(&self.entries);
+        if entries.by_line.contains_key(&line) {
+            return Ok(false);
+        }
+        if entries.by_line.len() >= self.max_entries {
+            // Expired entries do not count: sweep them now, not at the next tick.
+            entries.by_line.retain(|_, e| e.expires_at > now);
+            self.snapshot
+                .store(Arc::new(Index::build(entries.by_line.values())));
+            if entries.by_line.len() >= self.max_entries {
+                drop(entries);
+                self.stats
+                    .refused_full
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::warn!(
+                    max_entries = self.max_entries,
+                    "revocation refused: [revocation] max_entries revocations are in force"
+                );
+                return Err(RevocationError::Full {
+                    max_entries: self.max_entries,
+                });
+            }
+        }
+        entries.by_line.insert(line, entry);
+        self.snapshot
+            .store(Arc::new(Index::build(entries.by_line.values())));
+        Ok(true)
+    }
+
+    /// Adds entries not known yet (from Redis); returns the lines that were
+    /// new. Never refuses: past `[revocation] max_entries` they are still
+    /// enforced (dropping a revocation another instance enforces is worse
+    /// than the memory), counted and reported.
     fn insert(&self, batch: Vec<(String, Revocation)>) -> Vec<String> {
         let mut entries = lock(&self.entries);
         let mut fresh = Vec::new();
+        let mut over_cap = 0u64;
         for (line, entry) in batch {
             if !entries.by_line.contains_key(&line) {
+                if entries.by_line.len() >= self.max_entries {
+                    over_cap += 1;
+                }
                 entries.by_line.insert(line.clone(), entry);
                 fresh.push(line);
             }
@@ -550,23 +665,39 @@ impl RevocationStore {
             self.snapshot
                 .store(Arc::new(Index::build(entries.by_line.values())));
         }
+        let in_force = entries.by_line.len();
+        drop(entries);
+        if over_cap > 0 {
+            let before = self
+                .stats
+                .accepted_over_cap
+                .fetch_add(over_cap, std::sync::atomic::Ordering::Relaxed);
+            if before == 0 || before / 1000 != (before + over_cap) / 1000 {
+                tracing::warn!(
+                    accepted_over_cap_total = before + over_cap,
+                    in_force,
+                    max_entries = self.max_entries,
+                    "revocations from other instances accepted beyond [revocation] max_entries (enforced, never dropped); raise the limit"
+                );
+            }
+        }
         fresh
     }
 
     /// Applies entries received from Redis (lines as stored there): unknown,
     /// unexpired ones are enforced at once, and handed to the background
-    /// journal writer.
-    fn apply_remote(&self, lines: Vec<String>) -> usize {
-        self.apply_remote_lines(lines, false)
+    /// journal writer (waiting for room when it is behind).
+    async fn apply_remote(&self, lines: Vec<String>) -> usize {
+        self.apply_remote_lines(lines, false).await
     }
 
     /// [`Self::apply_remote`] for entries just published by another instance:
     /// their propagation lag is measured.
-    fn apply_published(&self, lines: Vec<String>) -> usize {
-        self.apply_remote_lines(lines, true)
+    async fn apply_published(&self, lines: Vec<String>) -> usize {
+        self.apply_remote_lines(lines, true).await
     }
 
-    fn apply_remote_lines(&self, lines: Vec<String>, published: bool) -> usize {
+    async fn apply_remote_lines(&self, lines: Vec<String>, published: bool) -> usize {
         let now = unix_now();
         let mut batch = Vec::with_capacity(lines.len());
         let mut unreadable = 0usize;
@@ -609,7 +740,8 @@ impl RevocationStore {
                 }
             }
         }
-        if count > 0 && self.remote_journal.send(fresh).is_err() {
+        // Enforced already; the journal copy waits for room (bounded channel).
+        if count > 0 && self.remote_journal.send(fresh).await.is_err() {
             tracing::error!(
                 "revocation journal writer stopped; entries from Redis are enforced but not journaled"
             );
@@ -676,6 +808,10 @@ impl RevocationStore {
         list
     }
 
+    fn status_count(&self) -> usize {
+        lock(&self.entries).by_line.len()
+    }
+
     /// Counts and the Redis link, for the admin API.
     pub fn status(&self) -> StoreStatus {
         let now = unix_now();
@@ -697,6 +833,12 @@ impl RevocationStore {
                 .map_or(RedisState::Disabled, |s| s.state()),
             pending_writes: self.sync.as_ref().map_or(0, |s| s.pending()),
         }
+    }
+
+    /// `[revocation] max_entries`: the most entries a local revoke may bring
+    /// in force.
+    pub fn max_entries(&self) -> usize {
+        self.max_entries
     }
 
     /// The token lifetimes entries' expiries are computed from.
@@ -725,7 +867,7 @@ impl RevocationStore {
 /// left first.
 async fn journal_loop(
     journal: Arc<Mutex<Journal>>,
-    mut lines: mpsc::UnboundedReceiver<Vec<String>>,
+    mut lines: mpsc::Receiver<Vec<String>>,
     mut stop: watch::Receiver<bool>,
 ) {
     loop {
@@ -943,12 +1085,228 @@ mod tests {
         store.shutdown().await;
     }
 
+    fn lifetimes() -> Lifetimes {
+        Lifetimes {
+            max_lifetime: Duration::from_secs(3600),
+            leeway: Duration::from_secs(30),
+            api_key_lifetime: Duration::ZERO,
+        }
+    }
+
+    async fn store_with(
+        dir: &tempfile::TempDir,
+        edit: impl FnOnce(&mut RevocationConfig),
+    ) -> Arc<RevocationStore> {
+        let mut config = RevocationConfig {
+            data_dir: dir.path().to_owned(),
+            ..RevocationConfig::default()
+        };
+        edit(&mut config);
+        RevocationStore::open(&config, lifetimes()).await.unwrap()
+    }
+
+    fn kid(k: &str) -> Target {
+        Target::Key { kid: k.into() }
+    }
+
+    /// The count of revocations had no cap. Now a local revoke beyond
+    /// `max_entries` is refused with nothing applied (not enforced, not
+    /// listed, not journaled), and expired entries do not count.
+    #[tokio::test]
+    async fn a_revoke_beyond_max_entries_is_refused_with_nothing_applied() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store_with(&dir, |c| c.max_entries = 2).await;
+        for k in ["k1", "k2"] {
+            store.revoke(kid(k), None, String::new()).await.unwrap();
+        }
+        let err = store
+            .revoke(kid("k3"), None, String::new())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, RevocationError::Full { max_entries: 2 }),
+            "{err}"
+        );
+        let message = err.to_string();
+        assert!(message.contains("[revocation] max_entries"), "{message}");
+        assert!(message.contains('2'), "{message}");
+        assert_eq!(store.list().len(), 2);
+        let mut t = token();
+        t.key_id = "k3".into();
+        assert!(
+            store.check(&t, unix_now()).is_ok(),
+            "refused, so not enforced"
+        );
+        assert_eq!(
+            store
+                .stats
+                .refused_full
+                .load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
+        store.shutdown().await;
+        drop(store);
+        let reopened = store_with(&dir, |c| c.max_entries = 2).await;
+        assert_eq!(
+            reopened.list().len(),
+            2,
+            "nothing journaled for the refusal"
+        );
+
+        // An entry that expired since the last sweep does not count.
+        {
+            let mut entries = lock(&reopened.entries);
+            let line = entries.by_line.keys().next().unwrap().clone();
+            entries.by_line.get_mut(&line).unwrap().expires_at = unix_now() - 1;
+        }
+        reopened
+            .revoke(kid("k3"), None, String::new())
+            .await
+            .unwrap();
+        assert_eq!(reopened.list().len(), 2);
+        reopened.shutdown().await;
+    }
+
+    /// Entries from other instances are never dropped for the cap: enforced
+    /// and counted.
+    #[tokio::test]
+    async fn remote_entries_beyond_max_entries_are_enforced_and_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store_with(&dir, |c| c.max_entries = 1).await;
+        let now = unix_now();
+        let lines: Vec<String> = ["r1", "r2", "r3"]
+            .iter()
+            .map(|k| {
+                Revocation {
+                    target: kid(k),
+                    created_at: now,
+                    expires_at: now + 600,
+                    reason: String::new(),
+                }
+                .to_line()
+            })
+            .collect();
+        assert_eq!(store.apply_published(lines).await, 3);
+        assert_eq!(store.list().len(), 3);
+        let mut t = token();
+        t.key_id = "r3".into();
+        assert!(store.check(&t, unix_now()).is_err());
+        assert_eq!(
+            store
+                .stats
+                .accepted_over_cap
+                .load(std::sync::atomic::Ordering::Relaxed),
+            2
+        );
+        // ...while a local revoke is refused.
+        assert!(matches!(
+            store.revoke(kid("l1"), None, String::new()).await,
+            Err(RevocationError::Full { max_entries: 1 })
+        ));
+        store.shutdown().await;
+    }
+
+    /// The Redis queue grew without bound while Redis was down. Now a revoke
+    /// that cannot be queued is refused, with nothing applied; the queued ones
+    /// stay reported `synced: false` and pending.
+    #[tokio::test]
+    async fn with_redis_down_a_revoke_beyond_max_pending_writes_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store_with(&dir, |c| {
+            c.redis_url = Some(crate::config::Secret::new("redis://127.0.0.1:1"));
+            c.startup = crate::config::StartupMode::Local;
+            c.max_pending_writes = 2;
+        })
+        .await;
+        for k in ["k1", "k2"] {
+            let done = store.revoke(kid(k), None, String::new()).await.unwrap();
+            assert!(!done.synced);
+        }
+        assert_eq!(store.status().pending_writes, 2);
+        let err = store
+            .revoke(kid("k3"), None, String::new())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                RevocationError::QueueFull {
+                    max_pending_writes: 2
+                }
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().contains("[revocation] max_pending_writes"));
+        assert_eq!(store.status().pending_writes, 2);
+        assert_eq!(store.list().len(), 2, "the refused one is not applied");
+        store.shutdown().await;
+    }
+
+    /// Entries from Redis were handed to the journal writer through an
+    /// unbounded channel: a stuck journal let it grow without limit. Now the
+    /// Redis side waits for room (the entries are enforced meanwhile), and
+    /// every entry is journaled once the writer goes on.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn entries_from_redis_wait_for_a_stuck_journal_instead_of_queueing_without_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store_with(&dir, |_| {}).await;
+        // The journal is stuck (a slow disk): its lock is held elsewhere.
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let (held, is_held) = std::sync::mpsc::channel::<()>();
+        let journal = store.journal.clone();
+        let holder = std::thread::spawn(move || {
+            let _guard = lock(&journal);
+            held.send(()).unwrap();
+            let _ = released.recv();
+        });
+        is_held.recv().unwrap();
+        let now = unix_now();
+        let line = |i: usize| {
+            Revocation {
+                target: kid(&format!("remote-{i}")),
+                created_at: now,
+                expires_at: now + 600,
+                reason: String::new(),
+            }
+            .to_line()
+        };
+        // The writer holds what it took (stuck on the lock), the channel its
+        // bound: an apply must wait before the 2 × bound + 2nd.
+        let total = 3 * REMOTE_JOURNAL_BATCHES;
+        let mut waited = false;
+        for i in 0..total {
+            let apply = store.apply_remote(vec![line(i)]);
+            tokio::pin!(apply);
+            if futures_util::FutureExt::now_or_never(apply.as_mut()).is_none() {
+                waited = true;
+                // Enforced already, journaled later.
+                let mut t = token();
+                t.key_id = format!("remote-{i}");
+                assert!(store.check(&t, unix_now()).is_err());
+                release.send(()).unwrap();
+                apply.await;
+                for j in i + 1..total {
+                    store.apply_remote(vec![line(j)]).await;
+                }
+                break;
+            }
+        }
+        holder.join().unwrap();
+        assert!(waited, "the channel to the journal is bounded");
+        store.shutdown().await;
+        drop(store);
+        let reopened = store_with(&dir, |_| {}).await;
+        assert_eq!(reopened.list().len(), total, "every entry journaled");
+        reopened.shutdown().await;
+    }
+
     /// A poisoned Redis queue used to drop the revocation it was handed.
     #[tokio::test]
     async fn a_poisoned_redis_queue_still_queues_the_revocation() {
         let sync = redis::SyncHandle::new("redis://127.0.0.1:1", "test").unwrap();
+        let slot = sync.reserve(unix_now()).unwrap();
         sync.poison_pending_for_test();
-        assert!(!sync.write("line".into(), unix_now() + 60).await);
+        assert!(!sync.write(slot, "line".into(), unix_now() + 60).await);
         assert_eq!(sync.pending(), 1);
     }
 }

@@ -55,13 +55,41 @@ struct Pending {
     expires_at: i64,
 }
 
+/// The queue of local revocations waiting for Redis, bounded by
+/// `[revocation] max_pending_writes` (entries queued plus places reserved).
+#[derive(Debug, Default)]
+struct Queue {
+    items: Vec<Pending>,
+    /// Places taken by revocations being applied ([`SyncHandle::reserve`]).
+    reserved: usize,
+}
+
+/// A place in the Redis queue, taken before a revocation is applied so that
+/// a full queue refuses it with nothing applied. Given back if unused.
+#[derive(Debug)]
+pub struct Slot<'a> {
+    sync: &'a SyncHandle,
+    used: bool,
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        if !self.used {
+            let mut queue = super::lock(&self.sync.pending);
+            queue.reserved = queue.reserved.saturating_sub(1);
+        }
+    }
+}
+
 /// The shared-mode link of one store: Redis client, queue and state.
 #[derive(Debug)]
 pub struct SyncHandle {
     client: redis::Client,
     key: String,
     channel: String,
-    pending: Mutex<Vec<Pending>>,
+    pending: Mutex<Queue>,
+    /// `[revocation] max_pending_writes`.
+    max_pending: usize,
     next_seq: AtomicU64,
     synced: watch::Sender<u64>,
     state: watch::Sender<RedisState>,
@@ -87,11 +115,39 @@ impl SyncHandle {
             client,
             key: format!("{prefix}:revocations"),
             channel: format!("{prefix}:revocations:events"),
-            pending: Mutex::new(Vec::new()),
+            pending: Mutex::new(Queue::default()),
+            max_pending: crate::config::DEFAULT_MAX_PENDING_WRITES,
             next_seq: AtomicU64::new(0),
             synced: watch::channel(0).0,
             state: watch::channel(RedisState::Connecting).0,
             wake: Notify::new(),
+        })
+    }
+
+    /// Bounds the queue of local revocations waiting for Redis
+    /// (`[revocation] max_pending_writes`, at least 1).
+    pub fn with_max_pending(mut self, max_pending: usize) -> SyncHandle {
+        self.max_pending = max_pending.max(1);
+        self
+    }
+
+    /// Takes a place in the queue for a revocation about to be applied, or
+    /// refuses it when `[revocation] max_pending_writes` are waiting (queued
+    /// entries expired at `now` are dropped first: they enforce nothing).
+    pub fn reserve(&self, now: i64) -> Result<Slot<'_>, RevocationError> {
+        let mut queue = super::lock(&self.pending);
+        if queue.items.len() + queue.reserved >= self.max_pending {
+            queue.items.retain(|p| p.expires_at > now);
+            if queue.items.len() + queue.reserved >= self.max_pending {
+                return Err(RevocationError::QueueFull {
+                    max_pending_writes: self.max_pending,
+                });
+            }
+        }
+        queue.reserved += 1;
+        Ok(Slot {
+            sync: self,
+            used: false,
         })
     }
 
@@ -108,7 +164,7 @@ impl SyncHandle {
 
     /// Local revocations not yet written to Redis.
     pub fn pending(&self) -> usize {
-        super::lock(&self.pending).len()
+        super::lock(&self.pending).items.len()
     }
 
     /// Resolves once the first full sync has completed.
@@ -117,15 +173,20 @@ impl SyncHandle {
         let _ = rx.wait_for(|s| *s == RedisState::Connected).await;
     }
 
-    /// Queues `line` for Redis and waits briefly for the write; true if Redis
-    /// confirmed it.
-    pub async fn write(&self, line: String, expires_at: i64) -> bool {
+    /// Queues `line` for Redis in the place `slot` reserved and waits briefly
+    /// for the write; true if Redis confirmed it.
+    pub async fn write(&self, mut slot: Slot<'_>, line: String, expires_at: i64) -> bool {
         let seq = self.next_seq.fetch_add(1, Ordering::SeqCst) + 1;
-        super::lock(&self.pending).push(Pending {
-            seq,
-            line,
-            expires_at,
-        });
+        {
+            let mut queue = super::lock(&self.pending);
+            queue.reserved = queue.reserved.saturating_sub(1);
+            slot.used = true;
+            queue.items.push(Pending {
+                seq,
+                line,
+                expires_at,
+            });
+        }
         self.wake.notify_one();
         if self.state() != RedisState::Connected {
             return false;
@@ -255,7 +316,7 @@ async fn session(store: &Weak<RevocationStore>, stop: &mut watch::Receiver<bool>
     // Then the full state, which holds everything published while we were away.
     match read_all(sync, &mut conn).await {
         Ok(lines) => {
-            let fresh = live.apply_remote(lines);
+            let fresh = live.apply_remote(lines).await;
             tracing::info!(
                 applied = fresh,
                 known = known.len(),
@@ -288,7 +349,7 @@ async fn session(store: &Weak<RevocationStore>, stop: &mut watch::Receiver<bool>
                 while let Some(Some(msg)) = messages.next().now_or_never() {
                     lines.extend(msg.get_payload::<String>().ok());
                 }
-                live.apply_published(lines);
+                live.apply_published(lines).await;
             }
             _ = sync.wake.notified() => {
                 if let Err(e) = flush(sync, &mut conn).await {
@@ -315,7 +376,7 @@ async fn session(store: &Weak<RevocationStore>, stop: &mut watch::Receiver<bool>
 
 /// Writes and publishes every queued local revocation, in one transaction.
 async fn flush(sync: &SyncHandle, conn: &mut MultiplexedConnection) -> Result<(), String> {
-    let batch: Vec<Pending> = super::lock(&sync.pending).clone();
+    let batch: Vec<Pending> = super::lock(&sync.pending).items.clone();
     let Some(last) = batch.last().map(|p| p.seq) else {
         return Ok(());
     };
@@ -326,7 +387,7 @@ async fn flush(sync: &SyncHandle, conn: &mut MultiplexedConnection) -> Result<()
         pipe.publish(&sync.channel, &p.line).ignore();
     }
     timed("ZADD/PUBLISH", pipe.query_async::<()>(conn)).await?;
-    super::lock(&sync.pending).retain(|p| p.seq > last);
+    super::lock(&sync.pending).items.retain(|p| p.seq > last);
     sync.synced.send_replace(last);
     Ok(())
 }

@@ -130,6 +130,27 @@ fn register_state(
         "1 when policies and keys are loaded and checks are decided",
         gauge(i64::from(engine.is_some())),
     );
+    let audit = state.audit().stats();
+    registry.register(
+        "audit_writer_up",
+        "1 while the audit writer runs and its last write succeeded; 0 while checks are refused with audit_unavailable",
+        gauge(i64::from(audit.writer_up)),
+    );
+    registry.register(
+        "audit_write_failures",
+        "Failed writes to the audit sink (each attempt; the lines are kept and retried)",
+        counter(audit.write_failures),
+    );
+    registry.register(
+        "audit_lines_dropped",
+        "Audit lines lost: held by a writer that died, still unwritten when a failing sink was given up at shutdown, or a failed write-through write",
+        counter(audit.lines_dropped),
+    );
+    registry.register(
+        "audit_refused",
+        "Requests refused (UNAVAILABLE, audit_unavailable) because the audit log could not take their decision",
+        counter(audit.refused),
+    );
     let reloads = state.reload_stats();
     registry.register(
         "policy_reloads",
@@ -241,6 +262,28 @@ fn register_state(
         "revocations_in_force",
         "Revocation entries in force",
         gauge(i64::try_from(status.revocations).unwrap_or(i64::MAX)),
+    );
+    registry.register(
+        "revocation_max_entries",
+        "[revocation] max_entries: local revocations beyond it are refused",
+        gauge(i64::try_from(store.max_entries()).unwrap_or(i64::MAX)),
+    );
+    let refused = Family::<[(&'static str, &'static str); 1], Counter>::default();
+    refused
+        .get_or_create(&[("reason", "max_entries")])
+        .inc_by(store.stats.refused_full.load(Ordering::Relaxed));
+    refused
+        .get_or_create(&[("reason", "max_pending_writes")])
+        .inc_by(store.stats.refused_queue_full.load(Ordering::Relaxed));
+    registry.register(
+        "revocations_refused",
+        "Local revocations refused, not applied (RESOURCE_EXHAUSTED), by the limit reached",
+        refused,
+    );
+    registry.register(
+        "revocations_accepted_over_cap",
+        "Revocations from other instances (or the journal) enforced although [revocation] max_entries were in force",
+        counter(store.stats.accepted_over_cap.load(Ordering::Relaxed)),
     );
     registry.register(
         "revocation_pending_writes",
