@@ -459,6 +459,7 @@ const AUDIT_FIELDS: &[&str] = &[
     "jti",
     "credential",
     "api_key_id",
+    "caller",
     "method",
     "path",
     "policy_generation",
