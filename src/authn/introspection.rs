@@ -167,7 +167,7 @@ pub fn select_index(prefixes: &[&[String]], token: &str) -> Option<usize> {
         .max_by_key(|(len, _)| *len);
     match (matched, prefixes) {
         (Some((_, index)), _) => Some(index),
-        (None, [only]) if only.is_empty() => Some(0),
+        (None, [[]]) => Some(0),
         (None, _) => None,
     }
 }
