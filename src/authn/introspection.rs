@@ -278,17 +278,6 @@ impl Introspector {
         }))
     }
 
-    /// The issuer whose endpoint this is.
-    pub fn issuer(&self) -> &str {
-        &self.issuer
-    }
-
-    /// The opaque-token prefixes this issuer owns (empty: it takes every
-    /// opaque token, as the only introspecting issuer).
-    pub fn token_prefixes(&self) -> &[String] {
-        &self.token_prefixes
-    }
-
     /// Introspects `token`: from the caches when they answer, else by one
     /// call shared with every concurrent check of the same token.
     #[tracing::instrument(level = "debug", name = "introspection", skip_all, fields(issuer = %self.issuer, cache_hit = tracing::field::Empty))]
