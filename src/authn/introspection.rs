@@ -78,8 +78,10 @@ struct Flight {
 }
 
 /// A check's place on a [`Flight`]; the flight is forgotten when its last
-/// check leaves (done, failed or cancelled), so a failure is never reused by
-/// a later check.
+/// check leaves (done, failed or cancelled), so a failed outcome reaches only
+/// the checks that were waiting for it (and any that joined in the instant
+/// before they left), never a later one. The map holds one entry per token
+/// being checked right now: it is bounded by the requests in progress.
 struct Seat<'a> {
     flights: &'a Flights,
     digest: [u8; 32],
