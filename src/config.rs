@@ -597,6 +597,29 @@ pub struct IntrospectionConfig {
         deserialize_with = "de_duration"
     )]
     pub cache_max: Duration,
+    /// Opaque tokens starting with one of these go to this issuer, and only
+    /// those. Unset: this issuer takes every opaque token, which is allowed
+    /// only when it is the one issuer with introspection.
+    #[serde(default)]
+    pub token_prefixes: Option<Vec<String>>,
+    /// How long a refusal (`active: false`, or an answer failing our checks
+    /// other than `nbf`) is reused; zero disables. Failed calls are never kept.
+    #[serde(
+        default = "default_introspection_negative_cache",
+        deserialize_with = "de_duration"
+    )]
+    pub negative_cache: Duration,
+    /// Most calls in flight to this endpoint at once; more wait for a turn
+    /// within the `[issuers.remote] timeout`.
+    #[serde(default = "default_introspection_max_concurrent")]
+    pub max_concurrent: u32,
+}
+
+impl IntrospectionConfig {
+    /// The configured token prefixes (none when unset).
+    pub fn prefixes(&self) -> &[String] {
+        self.token_prefixes.as_deref().unwrap_or_default()
+    }
 }
 
 fn default_algorithms() -> Vec<String> {
@@ -641,6 +664,20 @@ fn default_http_timeout() -> Duration {
 
 fn default_introspection_cache() -> Duration {
     Duration::from_secs(60)
+}
+
+/// RFC 6750's b64token alphabet (as `crate::authn::credential` checks it): a
+/// token prefix outside it could never match a presented token.
+fn is_b64token_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_' | '~' | '+' | '/' | '=')
+}
+
+fn default_introspection_negative_cache() -> Duration {
+    Duration::from_secs(10)
+}
+
+fn default_introspection_max_concurrent() -> u32 {
+    64
 }
 
 fn default_max_lifetime() -> Duration {
@@ -1003,6 +1040,74 @@ impl Config {
         }
     }
 
+    /// Every opaque token can go to one introspecting issuer at most: with
+    /// several, each declares `token_prefixes`, and no prefix of one issuer is
+    /// a prefix of another's (the token would belong to both).
+    fn check_introspection_routing(&self) -> Result<(), String> {
+        let introspecting: Vec<(usize, &IssuerConfig, &IntrospectionConfig)> = self
+            .issuers
+            .iter()
+            .enumerate()
+            .filter_map(|(i, issuer)| Some((i, issuer, issuer.introspection.as_ref()?)))
+            .collect();
+        for &(i, _, introspection) in &introspecting {
+            let key = format!("issuers[{i}].introspection.token_prefixes");
+            if introspection
+                .token_prefixes
+                .as_ref()
+                .is_some_and(Vec::is_empty)
+            {
+                return Err(format!(
+                    "{key} must list at least one prefix (leave it out for the one issuer that takes every opaque token)"
+                ));
+            }
+            for prefix in introspection.prefixes() {
+                if prefix.is_empty() {
+                    return Err(format!("{key} must not contain an empty prefix"));
+                }
+                if let Some(bad) = prefix.chars().find(|c| !is_b64token_char(*c)) {
+                    return Err(format!(
+                        "{key}: {prefix:?} contains {bad:?}, which no bearer token can contain (allowed: A-Z a-z 0-9 - . _ ~ + / =)"
+                    ));
+                }
+                if prefix.starts_with(crate::authn::api_key::KEY_PREFIX)
+                    || crate::authn::api_key::KEY_PREFIX.starts_with(prefix.as_str())
+                {
+                    return Err(format!(
+                        "{key}: {prefix:?} overlaps {:?}, the API key prefix (such tokens are API keys, never introspected)",
+                        crate::authn::api_key::KEY_PREFIX
+                    ));
+                }
+            }
+        }
+        if introspecting.len() > 1
+            && let Some(&(i, issuer, _)) = introspecting
+                .iter()
+                .find(|(_, _, introspection)| introspection.token_prefixes.is_none())
+        {
+            return Err(format!(
+                "issuers[{i}].introspection needs token_prefixes: {} issuers introspect opaque tokens, so each must say which tokens are its own (issuer {:?} has none)",
+                introspecting.len(),
+                issuer.issuer
+            ));
+        }
+        for (n, &(i, first, a)) in introspecting.iter().enumerate() {
+            for &(j, second, b) in &introspecting[n + 1..] {
+                for pa in a.prefixes() {
+                    for pb in b.prefixes() {
+                        if pa.starts_with(pb.as_str()) || pb.starts_with(pa.as_str()) {
+                            return Err(format!(
+                                "issuers[{i}].introspection.token_prefixes {pa:?} (issuer {:?}) and issuers[{j}].introspection.token_prefixes {pb:?} (issuer {:?}) overlap: a token starting with the longer one would belong to both",
+                                first.issuer, second.issuer
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn check(&self) -> Result<(), String> {
         if self.application.name.is_empty() {
             return Err("application.name must not be empty".into());
@@ -1106,8 +1211,14 @@ impl Config {
                         "issuers[{i}].introspection needs client_secret_file or client_secret_env"
                     ));
                 }
+                if introspection.max_concurrent == 0 {
+                    return Err(format!(
+                        "issuers[{i}].introspection.max_concurrent must be at least 1"
+                    ));
+                }
             }
         }
+        self.check_introspection_routing()?;
         for (i, route) in self.routes.iter().enumerate() {
             let method_ok =
                 !route.method.is_empty() && route.method.bytes().all(|b| b.is_ascii_uppercase());
@@ -1494,5 +1605,129 @@ path = "/orders/{id}"
         let text = MINIMAL.split("[[issuers]]").next().unwrap().to_owned();
         let err = parse(&text).unwrap_err().to_string();
         assert!(err.contains("issuers"), "{err}");
+    }
+
+    /// MINIMAL plus introspecting issuers, one per `(host, extra)`: `extra`
+    /// goes into its `[issuers.introspection]` table.
+    fn with_introspecting(issuers: &[(&str, &str)]) -> String {
+        let mut text = MINIMAL.to_owned();
+        for (host, extra) in issuers {
+            text.push_str(&format!(
+                "[[issuers]]\nissuer = \"https://{host}\"\naudiences = [\"orders-api\"]\n\
+                 [issuers.introspection]\nendpoint = \"https://{host}/introspect\"\n\
+                 client_id = \"portcullis\"\nclient_secret_env = \"SECRET\"\n{extra}\n"
+            ));
+        }
+        text
+    }
+
+    #[test]
+    fn introspection_defaults() {
+        let config = parse(&with_introspecting(&[("a.test", "")])).unwrap();
+        let introspection = config.issuers[1].introspection.as_ref().unwrap();
+        assert_eq!(introspection.token_prefixes, None);
+        assert!(introspection.prefixes().is_empty());
+        assert_eq!(introspection.negative_cache, Duration::from_secs(10));
+        assert_eq!(introspection.max_concurrent, 64);
+        assert_eq!(introspection.cache_max, Duration::from_secs(60));
+
+        let config = parse(&with_introspecting(&[(
+            "a.test",
+            "token_prefixes = [\"at_\"]\nnegative_cache = \"0s\"\nmax_concurrent = 1",
+        )]))
+        .unwrap();
+        let introspection = config.issuers[1].introspection.as_ref().unwrap();
+        assert_eq!(introspection.prefixes(), ["at_"]);
+        assert!(introspection.negative_cache.is_zero());
+        assert_eq!(introspection.max_concurrent, 1);
+    }
+
+    #[test]
+    fn one_introspecting_issuer_may_take_every_opaque_token() {
+        assert!(parse(&with_introspecting(&[("a.test", "")])).is_ok());
+        assert!(
+            parse(&with_introspecting(&[(
+                "a.test",
+                "token_prefixes = [\"a_\"]"
+            )]))
+            .is_ok()
+        );
+    }
+
+    #[test]
+    fn several_introspecting_issuers_each_need_token_prefixes() {
+        let err = parse(&with_introspecting(&[("a.test", ""), ("b.test", "")]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("issuers[1].introspection needs token_prefixes"),
+            "{err}"
+        );
+        assert!(err.contains("https://a.test"), "{err}");
+        let err = parse(&with_introspecting(&[
+            ("a.test", "token_prefixes = [\"a_\"]"),
+            ("b.test", ""),
+        ]))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("issuers[2].introspection needs token_prefixes"),
+            "{err}"
+        );
+        assert!(err.contains("https://b.test"), "{err}");
+        assert!(
+            parse(&with_introspecting(&[
+                ("a.test", "token_prefixes = [\"a_\"]"),
+                ("b.test", "token_prefixes = [\"b_\", \"bb.\"]"),
+            ]))
+            .is_ok()
+        );
+    }
+
+    #[test]
+    fn overlapping_prefixes_of_two_issuers_are_an_error_naming_both() {
+        for (a, b) in [("at_", "at_"), ("at_", "at_x"), ("at_x", "at")] {
+            let err = parse(&with_introspecting(&[
+                ("a.test", &format!("token_prefixes = [\"zz\", \"{a}\"]")),
+                ("b.test", &format!("token_prefixes = [\"{b}\"]")),
+            ]))
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains("overlap"), "{err}");
+            assert!(err.contains("https://a.test"), "{err}");
+            assert!(err.contains("https://b.test"), "{err}");
+            assert!(err.contains(&format!("{a:?}")), "{err}");
+        }
+        // Overlaps within one issuer are harmless: the token is its own anyway.
+        assert!(
+            parse(&with_introspecting(&[
+                ("a.test", "token_prefixes = [\"at_\", \"at_x\"]"),
+                ("b.test", "token_prefixes = [\"bt_\"]"),
+            ]))
+            .is_ok()
+        );
+    }
+
+    #[test]
+    fn unusable_prefixes_and_limits_are_errors() {
+        let cases = [
+            ("token_prefixes = []", "must list at least one prefix"),
+            (
+                "token_prefixes = [\"\"]",
+                "must not contain an empty prefix",
+            ),
+            ("token_prefixes = [\"a b\"]", "no bearer token can contain"),
+            ("token_prefixes = [\"pck_live\"]", "API key prefix"),
+            ("token_prefixes = [\"pc\"]", "API key prefix"),
+            ("max_concurrent = 0", "max_concurrent must be at least 1"),
+            ("max_concurrent = -1", "integer `-1`"),
+            ("negative_cache = \"soon\"", "soon"),
+        ];
+        for (extra, expected) in cases {
+            let err = parse(&with_introspecting(&[("a.test", extra)]))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(expected), "{extra}: {err}");
+        }
     }
 }

@@ -18,7 +18,7 @@ use tracing::field::Empty;
 use crate::attributes::HttpRequest;
 use crate::authn::api_key::{ReloadingApiKeyStore, is_api_key};
 use crate::authn::credential::{PresentedCredential, bearer_token};
-use crate::authn::introspection::token_digest;
+use crate::authn::introspection::{self, token_digest};
 use crate::authn::jwks::VerificationKey;
 use crate::authn::jwt::{Issuer, IssuerSet};
 use crate::authn::mint::SigningKey;
@@ -724,24 +724,16 @@ impl Engine {
         if is_jwt_shaped(token) {
             return self.verify_jwt(token, now).await;
         }
-        // An opaque token names no issuer: ask each introspecting issuer in turn;
-        // the first that knows it as active wins. If none does and one failed,
-        // we cannot tell: fail closed as `introspection_failed`.
+        // An opaque token names no issuer: its prefix picks the one issuer that
+        // introspects it (or the only introspecting issuer takes them all).
+        // Never several: one issuer's tokens are not shown to another. A token
+        // no issuer claims is refused without a call, and the reason says
+        // nothing about which issuers exist.
         let introspectors = self.issuers.introspectors();
-        if introspectors.is_empty() {
+        let Some(introspector) = introspection::select(&introspectors, token) else {
             return Err(TokenError::Malformed);
-        }
-        let mut verdict = TokenError::InactiveToken;
-        for introspector in introspectors {
-            match introspector.introspect(token, now).await {
-                Ok(identity) => return Ok(Arc::new(identity)),
-                Err(TokenError::IntrospectionFailed) => verdict = TokenError::IntrospectionFailed,
-                Err(TokenError::InactiveToken) => {}
-                Err(other) if verdict == TokenError::InactiveToken => verdict = other,
-                Err(_) => {}
-            }
-        }
-        Err(verdict)
+        };
+        introspector.introspect(token, now).await.map(Arc::new)
     }
 }
 

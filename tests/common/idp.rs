@@ -24,7 +24,9 @@
 //! to a given size and streams it without `Content-Length` (for body limits).
 //! Counters ([`TestIdp::jwks_fetches`], [`TestIdp::introspection_calls`],
 //! [`TestIdp::discovery_fetches`]) count requests that reached the endpoint,
-//! including those answered `503` or `401`.
+//! including those answered `503` or `401`;
+//! [`TestIdp::max_introspections_in_flight`] is the most `/introspect`
+//! requests ever being answered at the same time (delay included).
 //!
 //! The server runs on the test's Tokio runtime and stops when the `TestIdp` is
 //! dropped. Only `127.0.0.1` is ever bound.
@@ -81,7 +83,30 @@ struct Shared {
     settings: Mutex<Settings>,
     jwks_fetches: AtomicUsize,
     introspection_calls: AtomicUsize,
+    introspections_in_flight: AtomicUsize,
+    max_introspections_in_flight: AtomicUsize,
     discovery_fetches: AtomicUsize,
+}
+
+/// One `/introspect` request being answered; leaving (even when the client
+/// hangs up and the handler is dropped) lowers the in-flight count.
+struct InFlight<'a>(&'a Shared);
+
+impl<'a> InFlight<'a> {
+    fn enter(idp: &'a Shared) -> InFlight<'a> {
+        let now = idp.introspections_in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        idp.max_introspections_in_flight
+            .fetch_max(now, Ordering::SeqCst);
+        InFlight(idp)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0
+            .introspections_in_flight
+            .fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl Shared {
@@ -142,6 +167,8 @@ impl TestIdp {
             settings: Mutex::new(Settings::default()),
             jwks_fetches: AtomicUsize::new(0),
             introspection_calls: AtomicUsize::new(0),
+            introspections_in_flight: AtomicUsize::new(0),
+            max_introspections_in_flight: AtomicUsize::new(0),
             discovery_fetches: AtomicUsize::new(0),
         });
         let app = Router::new()
@@ -273,6 +300,13 @@ impl TestIdp {
         self.shared.introspection_calls.load(Ordering::SeqCst)
     }
 
+    /// The most `POST /introspect` requests ever answered at the same time.
+    pub fn max_introspections_in_flight(&self) -> usize {
+        self.shared
+            .max_introspections_in_flight
+            .load(Ordering::SeqCst)
+    }
+
     /// From now on `/introspect` requires HTTP Basic with these credentials.
     pub fn set_client_credentials(&self, id: &str, secret: &str) {
         self.shared.settings().client_credentials = Some((id.to_owned(), secret.to_owned()));
@@ -387,6 +421,7 @@ async fn introspect(
     form: Result<Form<HashMap<String, String>>, axum::extract::rejection::FormRejection>,
 ) -> Response {
     idp.introspection_calls.fetch_add(1, Ordering::SeqCst);
+    let _in_flight = InFlight::enter(&idp);
     if idp.is_down().await {
         return unavailable();
     }
