@@ -350,7 +350,7 @@ impl Admin for AdminService {
             } else {
                 "deny".into()
             },
-            http_status: crate::ext_authz::http_status(decision.effective_verdict()).into(),
+            http_status: decision.effective_verdict().http_status().into(),
             reason: decision.verdict.class().into(),
             principal: decision.principal.unwrap_or_default(),
             action: decision.action.unwrap_or_default(),

@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{Notify, watch};
 
 use crate::decision::Decision;
-use crate::telemetry::traces::{TraceIds, failed_check};
+use crate::telemetry::traces::TraceIds;
 
 /// Where decision lines go, and when.
 ///
@@ -668,7 +668,7 @@ impl<'a> AuditRecord<'a> {
             would: decision.dry_run.then_some("deny"),
             status: http_status,
             reason: decision.verdict.class(),
-            failed_check: failed_check(decision),
+            failed_check: decision.failed_check(),
             principal: decision.principal.as_deref(),
             action: decision.action.as_deref(),
             resource: decision.resource.as_deref(),

@@ -115,11 +115,8 @@ impl AuthorizerService {
     /// metrics and span attributes, from the same [`Decision`].
     fn account(&self, decision: &Decision, span: &RequestSpan) {
         span.span().in_scope(|| {
-            self.state.account(
-                decision,
-                crate::ext_authz::http_status(decision.effective_verdict()),
-                span,
-            );
+            self.state
+                .account(decision, decision.effective_verdict().http_status(), span);
             tracing::debug!(
                 decision_id = %decision.id,
                 outcome = decision.verdict.class(),

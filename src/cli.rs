@@ -18,7 +18,6 @@ use crate::authn::api_key::{NewKey, create_key};
 use crate::authn::mint::{MintRequest, SigningKey};
 use crate::config::{Config, Secret};
 use crate::engine::Engine;
-use crate::ext_authz::http_status;
 use crate::revocation::RevocationStore;
 use crate::server;
 use crate::telemetry::metrics;
@@ -971,7 +970,7 @@ async fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
     writeln!(
         out,
         "status:    {}",
-        http_status(decision.effective_verdict())
+        decision.effective_verdict().http_status()
     )?;
     writeln!(out, "reason:    {}", decision.verdict.class())?;
     writeln!(

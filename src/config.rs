@@ -372,6 +372,26 @@ impl Default for ServerConfig {
     }
 }
 
+/// How long a revoked credential can stay valid, from the issuers' rules
+/// ([`Config::token_lifetimes`]); `crate::revocation` derives entry expiries
+/// from it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lifetimes {
+    /// Longest `exp - iat` any issuer accepts.
+    pub max_lifetime: Duration,
+    /// Largest clock-skew leeway any issuer tolerates.
+    pub leeway: Duration,
+    /// Longest an API key can be valid (`[api_keys] max_lifetime`; zero
+    /// without API keys).
+    pub api_key_lifetime: Duration,
+}
+
+/// The prefix of every API key (`pck_<id>_<secret>`). Here, not in
+/// `crate::authn::api_key`, so that the configuration's checks (an
+/// introspection `token_prefixes` entry must not claim API keys) need no
+/// other module.
+pub const API_KEY_PREFIX: &str = "pck_";
+
 /// `[server.tls]`, `[admin.tls]`: a listener's certificate, key and optional
 /// client CA, all PEM files, reloaded when their content changes.
 #[derive(Debug, Clone, Deserialize)]
@@ -1018,8 +1038,8 @@ impl Config {
 
     /// The longest token lifetime and leeway over all issuers: how long a
     /// revoked credential could otherwise stay valid.
-    pub fn token_lifetimes(&self) -> crate::revocation::Lifetimes {
-        crate::revocation::Lifetimes {
+    pub fn token_lifetimes(&self) -> Lifetimes {
+        Lifetimes {
             max_lifetime: self
                 .issuers
                 .iter()
@@ -1070,12 +1090,11 @@ impl Config {
                         "{key}: {prefix:?} contains {bad:?}, which no bearer token can contain (allowed: A-Z a-z 0-9 - . _ ~ + / =)"
                     ));
                 }
-                if prefix.starts_with(crate::authn::api_key::KEY_PREFIX)
-                    || crate::authn::api_key::KEY_PREFIX.starts_with(prefix.as_str())
+                if prefix.starts_with(API_KEY_PREFIX) || API_KEY_PREFIX.starts_with(prefix.as_str())
                 {
                     return Err(format!(
                         "{key}: {prefix:?} overlaps {:?}, the API key prefix (such tokens are API keys, never introspected)",
-                        crate::authn::api_key::KEY_PREFIX
+                        API_KEY_PREFIX
                     ));
                 }
             }

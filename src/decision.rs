@@ -73,6 +73,21 @@ impl Verdict {
     pub fn is_allow(self) -> bool {
         self == Verdict::Allow
     }
+
+    /// The HTTP status the client gets for this verdict (through Envoy, and
+    /// in the audit line): 200, 400 for an unusable request, 401 for a
+    /// credential, 503 when a dependency failed or nothing is loaded yet
+    /// (retryable, not the caller's fault), 403 otherwise.
+    pub fn http_status(self) -> u16 {
+        match self {
+            Verdict::Allow => 200,
+            Verdict::Deny(DenyReason::BadRequest(_)) => 400,
+            Verdict::Deny(DenyReason::Unauthenticated(TokenError::IntrospectionFailed)) => 503,
+            Verdict::Deny(DenyReason::Unauthenticated(_)) => 401,
+            Verdict::Deny(DenyReason::NotReady) => 503,
+            Verdict::Deny(_) => 403,
+        }
+    }
 }
 
 /// Everything known about one decision.
@@ -152,5 +167,80 @@ impl Decision {
         } else {
             self.verdict
         }
+    }
+
+    /// What the caller got: `allow`, `deny`, or `would_deny` (a dry-run deny
+    /// that was answered as an allow).
+    pub fn outcome(&self) -> &'static str {
+        match (self.verdict.is_allow(), self.dry_run) {
+            (true, _) => "allow",
+            (false, true) => "would_deny",
+            (false, false) => "deny",
+        }
+    }
+
+    /// Which check refused the request: `token:<reason>`, `revocation`,
+    /// `route`, `policy:forbid` / `policy:no_permit` / `policy:error` (the
+    /// policy ids are in the decision), `schema`, `bad_request:<reason>` or
+    /// `not_ready`; `None` for an allow.
+    pub fn failed_check(&self) -> Option<String> {
+        let Verdict::Deny(reason) = self.verdict else {
+            return None;
+        };
+        Some(match reason {
+            DenyReason::Unauthenticated(TokenError::Revoked) => "revocation".into(),
+            DenyReason::Unauthenticated(token) => format!("token:{}", token.class()),
+            DenyReason::BadRequest(_) => format!("bad_request:{}", reason.class()),
+            DenyReason::NoRoute => "route".into(),
+            DenyReason::PolicyDenied if self.policies.is_empty() => "policy:no_permit".into(),
+            DenyReason::PolicyDenied => "policy:forbid".into(),
+            DenyReason::PolicyError => "policy:error".into(),
+            DenyReason::SchemaMismatch => "schema".into(),
+            DenyReason::NotReady => "not_ready".into(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failed_check_names_the_stage() {
+        let mut d = Decision::new("GET", "/");
+        d.verdict = Verdict::Allow;
+        assert_eq!(d.failed_check(), None);
+        assert_eq!(d.outcome(), "allow");
+        d.verdict = Verdict::Deny(DenyReason::Unauthenticated(TokenError::Expired));
+        assert_eq!(d.failed_check().as_deref(), Some("token:expired"));
+        assert_eq!(d.outcome(), "deny");
+        d.verdict = Verdict::Deny(DenyReason::PolicyDenied);
+        assert_eq!(d.failed_check().as_deref(), Some("policy:no_permit"));
+        d.policies = vec!["forbid-deletes".into()].into();
+        assert_eq!(d.failed_check().as_deref(), Some("policy:forbid"));
+        d.dry_run = true;
+        assert_eq!(d.outcome(), "would_deny");
+    }
+
+    #[test]
+    fn http_statuses_by_reason() {
+        use TokenError::*;
+        let deny = |r| Verdict::Deny(r);
+        assert_eq!(Verdict::Allow.http_status(), 200);
+        assert_eq!(
+            deny(DenyReason::BadRequest(BadRequest::NonCanonicalPath)).http_status(),
+            400
+        );
+        assert_eq!(
+            deny(DenyReason::Unauthenticated(Expired)).http_status(),
+            401
+        );
+        assert_eq!(
+            deny(DenyReason::Unauthenticated(IntrospectionFailed)).http_status(),
+            503
+        );
+        assert_eq!(deny(DenyReason::NotReady).http_status(), 503);
+        assert_eq!(deny(DenyReason::PolicyDenied).http_status(), 403);
+        assert_eq!(deny(DenyReason::NoRoute).http_status(), 403);
     }
 }

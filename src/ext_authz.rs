@@ -36,19 +36,6 @@ mod grpc_code {
     pub const UNAUTHENTICATED: i32 = 16;
 }
 
-/// The HTTP status Envoy returns to the client for a verdict.
-pub fn http_status(verdict: Verdict) -> u16 {
-    match verdict {
-        Verdict::Allow => 200,
-        Verdict::Deny(DenyReason::BadRequest(_)) => 400,
-        // Our dependency failed, not the caller's token: a retryable 503.
-        Verdict::Deny(DenyReason::Unauthenticated(TokenError::IntrospectionFailed)) => 503,
-        Verdict::Deny(DenyReason::Unauthenticated(_)) => 401,
-        Verdict::Deny(DenyReason::NotReady) => 503,
-        Verdict::Deny(_) => 403,
-    }
-}
-
 fn grpc_status(verdict: Verdict) -> i32 {
     match verdict {
         Verdict::Allow => grpc_code::OK,
@@ -233,7 +220,7 @@ pub fn check_response(
 }
 
 fn denied(decision: &Decision, reason: DenyReason, realm: &str) -> DeniedHttpResponse {
-    let status = match http_status(Verdict::Deny(reason)) {
+    let status = match Verdict::Deny(reason).http_status() {
         400 => HttpStatusCode::BadRequest,
         401 => HttpStatusCode::Unauthorized,
         503 => HttpStatusCode::ServiceUnavailable,
@@ -351,7 +338,7 @@ impl Authorization for CheckService {
             }
         };
         decision.caller = caller;
-        let status = http_status(decision.effective_verdict());
+        let status = decision.effective_verdict().http_status();
         span.span().in_scope(|| {
             self.state.account(&decision, status, &span);
             tracing::debug!(

@@ -49,7 +49,7 @@ use subtle::ConstantTimeEq as _;
 use super::TokenError;
 
 /// Every API key starts with this prefix.
-pub const KEY_PREFIX: &str = "pck_";
+pub const KEY_PREFIX: &str = crate::config::API_KEY_PREFIX;
 
 /// Prefix of the `hash` field of a key file entry.
 pub const HASH_PREFIX: &str = "sha256:";

@@ -179,18 +179,10 @@ impl Revocation {
     }
 }
 
-/// How long a revoked credential can stay valid, from the issuers' rules.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Lifetimes {
-    /// Longest `exp - iat` any issuer accepts.
-    pub max_lifetime: Duration,
-    /// Largest clock-skew leeway any issuer tolerates.
-    pub leeway: Duration,
-    /// Longest an API key can be valid (`[api_keys] max_lifetime`; zero
-    /// without API keys).
-    pub api_key_lifetime: Duration,
-}
+pub use crate::config::Lifetimes;
 
+// The data comes from the configuration (`Config::token_lifetimes`); what it
+// means for revocation entries is worked out here.
 impl Lifetimes {
     /// Longest time a token can still be accepted after it was seen: its whole
     /// lifetime, plus the leeway on `iat` and on `exp`.

@@ -61,7 +61,7 @@ impl Default for Metrics {
 impl Metrics {
     /// Counts one decision (called once per decision, with the audit line).
     pub fn record_decision(&self, decision: &Decision) {
-        let outcome = super::traces::outcome(decision);
+        let outcome = decision.outcome();
         self.decisions
             .get_or_create(&[("outcome", outcome), ("reason", decision.verdict.class())])
             .inc();

@@ -26,7 +26,7 @@ use tracing_subscriber::Registry;
 use tracing_subscriber::filter::FilterFn;
 
 use crate::config::TelemetryConfig;
-use crate::decision::{Decision, DenyReason, Verdict};
+use crate::decision::Decision;
 
 /// The layer that turns `tracing` spans into OpenTelemetry spans.
 pub type OtelLayer = tracing_opentelemetry::OpenTelemetryLayer<Registry, SdkTracer>;
@@ -285,9 +285,9 @@ impl RequestSpan {
         if span.is_disabled() {
             return;
         }
-        span.record("decision", outcome(decision));
+        span.record("decision", decision.outcome());
         span.record("reason", decision.verdict.class());
-        if let Some(failed) = failed_check(decision) {
+        if let Some(failed) = decision.failed_check() {
             span.record("failed_check", failed.as_str());
         }
         if let Some(principal) = &decision.principal {
@@ -316,37 +316,6 @@ impl RequestSpan {
     }
 }
 
-/// What the caller got: `allow`, `deny`, or `would_deny` (a dry-run deny that
-/// was answered as an allow).
-pub fn outcome(decision: &Decision) -> &'static str {
-    match (decision.verdict.is_allow(), decision.dry_run) {
-        (true, _) => "allow",
-        (false, true) => "would_deny",
-        (false, false) => "deny",
-    }
-}
-
-/// Which check refused the request: `token:<reason>`, `revocation`, `route`,
-/// `policy:forbid` / `policy:no_permit` / `policy:error` (the policy ids are
-/// in the decision), `schema`, `bad_request:<reason>` or `not_ready`; `None`
-/// for an allow.
-pub fn failed_check(decision: &Decision) -> Option<String> {
-    let Verdict::Deny(reason) = decision.verdict else {
-        return None;
-    };
-    Some(match reason {
-        DenyReason::Unauthenticated(crate::authn::TokenError::Revoked) => "revocation".into(),
-        DenyReason::Unauthenticated(token) => format!("token:{}", token.class()),
-        DenyReason::BadRequest(_) => format!("bad_request:{}", reason.class()),
-        DenyReason::NoRoute => "route".into(),
-        DenyReason::PolicyDenied if decision.policies.is_empty() => "policy:no_permit".into(),
-        DenyReason::PolicyDenied => "policy:forbid".into(),
-        DenyReason::PolicyError => "policy:error".into(),
-        DenyReason::SchemaMismatch => "schema".into(),
-        DenyReason::NotReady => "not_ready".into(),
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -363,20 +332,5 @@ mod tests {
         assert_eq!(sc.span_id().to_string(), "00f067aa0ba902b7");
         assert!(remote_parent(|k| (k == "traceparent").then_some("00-zz-yy-01")).is_none());
         assert!(remote_parent(|_| None).is_none());
-    }
-
-    #[test]
-    fn failed_check_names_the_stage() {
-        let mut d = Decision::new("GET", "/");
-        d.verdict = Verdict::Allow;
-        assert_eq!(failed_check(&d), None);
-        d.verdict = Verdict::Deny(DenyReason::Unauthenticated(
-            crate::authn::TokenError::Expired,
-        ));
-        assert_eq!(failed_check(&d).as_deref(), Some("token:expired"));
-        d.verdict = Verdict::Deny(DenyReason::PolicyDenied);
-        assert_eq!(failed_check(&d).as_deref(), Some("policy:no_permit"));
-        d.policies = vec!["forbid-deletes".into()].into();
-        assert_eq!(failed_check(&d).as_deref(), Some("policy:forbid"));
     }
 }
