@@ -27,7 +27,7 @@ use serde_json::Value;
 use tokio::sync::{OnceCell, Semaphore, SemaphorePermit};
 use tokio::time::Instant;
 
-use super::jwt::{check_lifetime, numeric_date, roles, scopes, secs_i64, string_claim};
+use super::claims::{check_lifetime, numeric_date, roles, scopes, secs_i64, string_claim};
 use super::keys::{FetchError, IssuerKeys, http_client, read_limited};
 use super::{CredentialKind, TokenError, VerifiedToken};
 use crate::config::IssuerConfig;

@@ -16,6 +16,7 @@ use jsonwebtoken::{Algorithm, Validation};
 use serde::Deserialize;
 use serde_json::Value;
 
+use super::claims::{check_lifetime, numeric_date, roles, scopes, secs_i64, string_claim};
 use super::introspection::{IntrospectionSetupError, Introspector};
 use super::jwks::is_accepted_algorithm;
 use super::keys::{IssuerKeys, KeysError};
@@ -338,87 +339,10 @@ fn check_times(issuer: &Issuer, claims: &Value, now: i64) -> Result<(), TokenErr
     check_lifetime(exp, iat, issuer.max_token_lifetime)
 }
 
-/// `exp - iat` within `max`; a difference out of `i64` range is too long.
-pub(crate) fn check_lifetime(exp: i64, iat: i64, max: Duration) -> Result<(), TokenError> {
-    match exp.checked_sub(iat) {
-        Some(lifetime) if lifetime <= secs_i64(max) => Ok(()),
-        _ => Err(TokenError::LifetimeTooLong),
-    }
-}
-
-/// Whole seconds of a configured duration as `i64`, saturating (configuration
-/// bounds durations far below this; see `config::MAX_DURATION`).
-pub(crate) fn secs_i64(duration: Duration) -> i64 {
-    i64::try_from(duration.as_secs()).unwrap_or(i64::MAX)
-}
-
-/// The latest NumericDate accepted, 9999-12-31T23:59:59Z.
-pub const MAX_NUMERIC_DATE: i64 = 253_402_300_799;
-
-/// A NumericDate claim; fractional seconds are truncated, other types are
-/// malformed, and so is a date before 1970 or after [`MAX_NUMERIC_DATE`]: no
-/// issuer means those, and the bound keeps all time arithmetic in range.
-pub(crate) fn numeric_date(claims: &Value, name: &str) -> Result<Option<i64>, TokenError> {
-    match claims.get(name) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::Number(n)) => n
-            .as_i64()
-            // `as` saturates (and NaN is filtered): the range check then refuses it.
-            .or_else(|| n.as_f64().filter(|f| f.is_finite()).map(|f| f as i64))
-            .filter(|secs| (0..=MAX_NUMERIC_DATE).contains(secs))
-            .map(Some)
-            .ok_or(TokenError::Malformed),
-        Some(_) => Err(TokenError::Malformed),
-    }
-}
-
-pub(crate) fn string_claim(claims: &Value, name: &str) -> Option<String> {
-    claims.get(name).and_then(Value::as_str).map(str::to_owned)
-}
-
-/// Scopes from `scope` (space separated, RFC 8693) or `scp` (array or string).
-pub(crate) fn scopes(claims: &Value) -> Vec<String> {
-    let mut out = Vec::new();
-    for name in ["scope", "scp"] {
-        match claims.get(name) {
-            Some(Value::String(s)) => out.extend(s.split_whitespace().map(str::to_owned)),
-            Some(Value::Array(items)) => {
-                out.extend(items.iter().filter_map(Value::as_str).map(str::to_owned))
-            }
-            _ => {}
-        }
-    }
-    out.sort();
-    out.dedup();
-    out
-}
-
-/// Roles from a dotted claim path holding an array of strings or one string.
-pub(crate) fn roles(claims: &Value, path: &str) -> Vec<String> {
-    let mut node = claims;
-    for segment in path.split('.') {
-        match node.get(segment) {
-            Some(next) => node = next,
-            None => return Vec::new(),
-        }
-    }
-    let mut roles: Vec<String> = match node {
-        Value::String(s) => vec![s.clone()],
-        Value::Array(items) => items
-            .iter()
-            .filter_map(Value::as_str)
-            .map(str::to_owned)
-            .collect(),
-        _ => Vec::new(),
-    };
-    roles.sort();
-    roles.dedup();
-    roles
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::authn::claims::MAX_NUMERIC_DATE;
     use serde_json::json;
 
     #[test]

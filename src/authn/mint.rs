@@ -149,7 +149,7 @@ impl SigningKey {
         // A lifetime past year 9999 would mint a token no verifier accepts.
         let exp = now
             .checked_add(request.lifetime.as_secs())
-            .filter(|&exp| exp <= super::jwt::MAX_NUMERIC_DATE as u64)
+            .filter(|&exp| exp <= super::claims::MAX_NUMERIC_DATE as u64)
             .ok_or(MintError::LifetimeTooLong)?;
         claims.insert("exp".into(), json!(exp));
         claims.insert("jti".into(), json!(uuid::Uuid::now_v7().to_string()));
@@ -190,7 +190,7 @@ mod tests {
             extra_claims: Map::new(),
         };
         assert!(key.mint(&request(Duration::from_secs(600))).is_ok());
-        for secs in [super::super::jwt::MAX_NUMERIC_DATE as u64, u64::MAX] {
+        for secs in [super::super::claims::MAX_NUMERIC_DATE as u64, u64::MAX] {
             assert!(matches!(
                 key.mint(&request(Duration::from_secs(secs))),
                 Err(MintError::LifetimeTooLong)

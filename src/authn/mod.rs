@@ -10,6 +10,7 @@
 //! - [`mint`] signs development tokens (for trying things out only).
 
 pub mod api_key;
+pub mod claims;
 pub mod credential;
 pub mod introspection;
 pub mod jwks;
