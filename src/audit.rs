@@ -6,7 +6,7 @@
 use std::fs::OpenOptions;
 use std::io::{ErrorKind, LineWriter, Write};
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -111,6 +111,8 @@ pub enum AuditUnavailable {
 struct Health {
     /// True while the writer runs and its last write succeeded.
     up: watch::Sender<bool>,
+    /// The same, read without a lock on the request path; `up` follows it.
+    up_flag: AtomicBool,
     /// Failed writes (each attempt counts).
     write_failures: AtomicU64,
     /// Lines lost (see [`AuditLog`]).
@@ -126,6 +128,7 @@ impl Health {
     fn new() -> Health {
         Health {
             up: watch::channel(true).0,
+            up_flag: AtomicBool::new(true),
             write_failures: AtomicU64::new(0),
             lines_dropped: AtomicU64::new(0),
             refused: AtomicU64::new(0),
@@ -133,9 +136,16 @@ impl Health {
         }
     }
 
+    /// Called on every write: costs an atomic swap unless the state changes.
     fn set_up(&self, up: bool) {
-        self.up
-            .send_if_modified(|now| std::mem::replace(now, up) != up);
+        if self.up_flag.swap(up, Ordering::SeqCst) != up {
+            // Under the channel's lock, copy the flag as it is now: the last
+            // of two racing changes wins in both places.
+            self.up.send_if_modified(|now| {
+                let current = self.up_flag.load(Ordering::SeqCst);
+                std::mem::replace(now, current) != current
+            });
+        }
     }
 
     fn dropped(&self, lines: u64) {
@@ -171,6 +181,8 @@ struct Shared {
     /// Wakes threads waiting for lines to be written (flush).
     progress: Condvar,
     health: Arc<Health>,
+    /// `pending.bytes.len()`, for the request path's lock-free look.
+    pending_len: AtomicUsize,
 }
 
 #[derive(Default)]
@@ -242,6 +254,7 @@ impl AuditLog {
             wake_writer: Condvar::new(),
             progress: Condvar::new(),
             health: health.clone(),
+            pending_len: AtomicUsize::new(0),
         });
         let writer = {
             let shared = shared.clone();
@@ -268,7 +281,14 @@ impl AuditLog {
         let Mode::Batched(batch) = &self.mode else {
             return Ok(());
         };
-        // The usual case: one look at the state, no waiter registered.
+        // The usual case, without a lock: the writer is up and there is room.
+        // (A writer that dies right after this look loses this request's line
+        // and counts it; see "What is guaranteed".)
+        if self.health.up_flag.load(Ordering::SeqCst)
+            && batch.shared.pending_len.load(Ordering::Relaxed) < MAX_PENDING_BYTES
+        {
+            return Ok(());
+        }
         match batch.state() {
             Ok(true) => return Ok(()),
             Ok(false) => {}
@@ -385,6 +405,9 @@ impl AuditLog {
                 }
                 pending.bytes.extend_from_slice(line);
                 pending.appended += 1;
+                shared
+                    .pending_len
+                    .store(pending.bytes.len(), Ordering::Relaxed);
                 // Only an idle writer or a full batch costs a wake-up; otherwise
                 // the writer finds the line when its interval ends.
                 if pending.writer_idle || pending.bytes.len() >= WRITE_NOW_BYTES {
@@ -576,6 +599,7 @@ fn write_batches(shared: &Shared, mut sink: Box<dyn Write + Send>, interval: Dur
             batch.extend_from_slice(&pending.bytes);
             pending.bytes.clear();
         }
+        shared.pending_len.store(0, Ordering::Relaxed);
         upto = upto.max(pending.appended);
         drop(pending);
         // The buffer is empty again: requests waiting for room may go on.

@@ -41,7 +41,7 @@ use crate::config::TlsConfig;
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Most TLS handshakes in progress at once per listener; further connections
-/// wait to start theirs (they are accepted, so the kernel backlog stays free).
+/// wait in the kernel's backlog until one finishes.
 pub const MAX_CONCURRENT_HANDSHAKES: usize = 256;
 
 /// Why a TLS configuration was not loaded. Never holds key material: only
