@@ -46,6 +46,27 @@ impl Pki {
     fn client(&self, spiffe_id: &str) -> CertifiedKey {
         self.client_ca.client("client", Some(spiffe_id))
     }
+
+    /// `portcullis serve` on `fx`, its channel an mTLS client as `spiffe_id`.
+    async fn serve_as(&self, fx: &Fixture, spiffe_id: &str) -> Served {
+        let identity = self.client(spiffe_id);
+        Served::start_tls(
+            &fx.config_path(),
+            &[],
+            Some(client_tls(&self.server_ca.pem, Some(&identity))),
+        )
+        .await
+    }
+
+    /// A new mTLS connection to `addr` as `spiffe_id`.
+    async fn connect_as(&self, addr: std::net::SocketAddr, spiffe_id: &str) -> Channel {
+        connect(
+            addr,
+            client_tls(&self.server_ca.pem, Some(&self.client(spiffe_id))),
+        )
+        .await
+        .unwrap()
+    }
 }
 
 /// `[server.tls]` (with the client CA: mTLS) and a file audit log.
@@ -274,13 +295,7 @@ async fn only_allowed_mtls_callers_may_assert_a_workload_identity() {
         ),
     )
     .unwrap();
-    let gateway = pki.client(GATEWAY_ID);
-    let served = Served::start_tls(
-        &fx.config_path(),
-        &[],
-        Some(client_tls(&pki.server_ca.pem, Some(&gateway))),
-    )
-    .await;
+    let served = pki.serve_as(&fx, GATEWAY_ID).await;
 
     let out = is_authorized(&served.channel, CHECKOUT).await;
     assert_eq!(out.decision, pb::Decision::Allow as i32, "{out:?}");
@@ -290,12 +305,7 @@ async fn only_allowed_mtls_callers_may_assert_a_workload_identity() {
     assert_eq!(line["credential"], "workload");
 
     // Another client of the same CA is authenticated, but may not assert.
-    let other = connect(
-        served.addr,
-        client_tls(&pki.server_ca.pem, Some(&pki.client(CHECKOUT))),
-    )
-    .await
-    .unwrap();
+    let other = pki.connect_as(served.addr, CHECKOUT).await;
     let out = is_authorized(&other, CHECKOUT).await;
     assert_eq!(out.decision, pb::Decision::Deny as i32);
     assert_eq!(out.reason, "untrusted_caller");
@@ -426,19 +436,8 @@ async fn policies_see_the_caller_and_the_decision_cache_keeps_callers_apart() {
         ),
     )
     .unwrap();
-    let envoy = pki.client(ENVOY_ID);
-    let served = Served::start_tls(
-        &fx.config_path(),
-        &[],
-        Some(client_tls(&pki.server_ca.pem, Some(&envoy))),
-    )
-    .await;
-    let other = connect(
-        served.addr,
-        client_tls(&pki.server_ca.pem, Some(&pki.client(GATEWAY_ID))),
-    )
-    .await
-    .unwrap();
+    let served = pki.serve_as(&fx, ENVOY_ID).await;
+    let other = pki.connect_as(served.addr, GATEWAY_ID).await;
     let token = fx.es256().token("alice", &["orders:read"], &[]);
     for _ in 0..2 {
         let out = check_on(&other, &token).await.unwrap();
