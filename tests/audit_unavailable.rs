@@ -13,20 +13,6 @@ use common::*;
 use portcullis::audit::AuditLog;
 use portcullis::engine::Engine;
 use portcullis::server;
-use tonic_health::pb::HealthCheckRequest;
-use tonic_health::pb::health_client::HealthClient;
-
-/// The health status of `service` (1 SERVING, 2 NOT_SERVING).
-async fn health(server: &TestServer, service: &str) -> i32 {
-    HealthClient::new(server.channel.clone())
-        .check(HealthCheckRequest {
-            service: service.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .status
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_audit_sink_turns_health_not_serving_and_checks_fail_closed() {
@@ -43,7 +29,11 @@ async fn a_failing_audit_sink_turns_health_not_serving_and_checks_fail_closed() 
         .install(Engine::from_config(&fx.config()).unwrap())
         .await;
     let server = TestServer::connect(running).await;
-    assert_eq!(health(&server, "").await, 1, "SERVING before any write");
+    assert_eq!(
+        health_of(&server.channel, "").await,
+        1,
+        "SERVING before any write"
+    );
     let token = fx.es256().token("alice", &["orders:read"], &[]);
 
     // The first check is taken (nothing failed yet); its line's write fails.
@@ -57,7 +47,7 @@ async fn a_failing_audit_sink_turns_health_not_serving_and_checks_fail_closed() 
     // Health follows the writer (polled with a generous deadline: this waits
     // for an event, it does not time it).
     let deadline = Instant::now() + Duration::from_secs(30);
-    while health(&server, "").await != 2 {
+    while health_of(&server.channel, "").await != 2 {
         assert!(Instant::now() < deadline, "health never became NOT_SERVING");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -65,7 +55,7 @@ async fn a_failing_audit_sink_turns_health_not_serving_and_checks_fail_closed() 
         server::AUTHORIZATION_SERVICE,
         portcullis::authorizer::AUTHORIZER_SERVICE,
     ] {
-        assert_eq!(health(&server, service).await, 2, "{service}");
+        assert_eq!(health_of(&server.channel, service).await, 2, "{service}");
     }
 
     // Checks now fail closed: no decision without its audit line.

@@ -436,26 +436,6 @@ async fn per_route_dry_run_and_a_route_with_ext_authz_disabled() {
 // ---------------------------------------------------------------------------
 // Failing closed.
 
-/// A second issuer whose remote JWKS the IdP will not serve: Portcullis stays
-/// NOT_SERVING (waiting for every issuer's keys) until the IdP comes back.
-fn waiting_for_keys(fx: &Fixture, idp: &TestIdp) {
-    idp.set_down(true);
-    fx.append_config(&format!(
-        r#"
-[[issuers]]
-issuer = "{}"
-audiences = ["orders-api"]
-jwks_uri = "{}"
-[issuers.remote]
-ca_file = "{}"
-refresh_min = "1s"
-"#,
-        idp.issuer(),
-        idp.jwks_uri(),
-        idp.ca_file().display()
-    ));
-}
-
 /// Portcullis not yet SERVING answers 503 itself; Portcullis gone makes
 /// Envoy answer its `status_on_error` (503 here, 403 by default). Never a
 /// pass-through.

@@ -8,36 +8,17 @@ use common::idp::{Endpoint, TestIdp};
 use common::*;
 use serde_json::{Value, json};
 
-fn jwks(keys: &[&TestKey]) -> Value {
-    json!({ "keys": keys.iter().map(|k| k.public_jwk()).collect::<Vec<_>>() })
-}
-
-/// Adds the IdP as an issuer found by discovery; `extra` goes in its table.
-fn remote_issuer(fx: &Fixture, idp: &TestIdp, extra: &str) {
-    fx.append_config(&format!(
-        r#"
-[[issuers]]
-issuer = "{}"
-audiences = ["orders-api"]
-discovery = true
-{extra}
-[issuers.remote]
-ca_file = "{}"
-refresh = "1s"
-refresh_min = "1s"
-"#,
-        idp.issuer(),
-        idp.ca_file().display()
-    ));
-}
+/// `[issuers.remote]` settings that refresh the keys every second.
+const REFRESH_EVERY_SECOND: &str = "refresh = \"1s\"\nrefresh_min = \"1s\"";
 
 /// Introspection at the IdP with client credentials written to the fixture.
 fn introspecting_issuer(fx: &Fixture, idp: &TestIdp) {
     idp.set_client_credentials("portcullis", "s3cret");
     std::fs::write(fx.path("client-secret"), "s3cret\n").unwrap();
-    remote_issuer(
+    add_discovery_issuer(
         fx,
         idp,
+        REFRESH_EVERY_SECOND,
         &format!(
             "[issuers.introspection]\nclient_id = \"portcullis\"\nclient_secret_file = \"{}\"\n",
             fx.path("client-secret").display()
@@ -108,7 +89,7 @@ async fn extreme_time_claims_from_introspection_are_refused() {
     let idp = TestIdp::start().await;
     let fx = Fixture::new();
     introspecting_issuer(&fx, &idp);
-    idp.set_jwks(jwks(&[&TestKey::es256()]));
+    idp.set_jwks(jwks_of(&[&TestKey::es256()]));
     let (server, _tasks) = fx.serve_with_background().await;
     let answer = |changes: Value| {
         let mut answer = json!({"active": true, "sub": "svc", "scope": "orders:read",
@@ -137,20 +118,6 @@ async fn extreme_time_claims_from_introspection_are_refused() {
     assert_eq!(decide(&fx, &server, "fine").await.0, 200);
 }
 
-/// Failed key fetches of the remote issuer of the engine in force.
-fn fetch_failures(server: &TestServer) -> u64 {
-    let engine = server.running.state().engine().unwrap();
-    engine
-        .issuers()
-        .iter()
-        .find(|i| i.keys.is_remote())
-        .unwrap()
-        .keys
-        .stats
-        .failures
-        .load(std::sync::atomic::Ordering::Relaxed)
-}
-
 /// A JWKS larger than 1 MiB (streamed, no `Content-Length`) is a failed
 /// fetch: the last good keys stay, the oversized set's keys are not used. A
 /// set just under the limit is read.
@@ -158,9 +125,9 @@ fn fetch_failures(server: &TestServer) -> u64 {
 async fn an_oversized_jwks_is_a_failed_fetch_and_the_last_good_keys_stay() {
     let idp = TestIdp::start().await;
     let (old, new) = (TestKey::es256(), TestKey::es256());
-    idp.set_jwks(jwks(&[&old]));
+    idp.set_jwks(jwks_of(&[&old]));
     let fx = Fixture::new();
-    remote_issuer(&fx, &idp, "");
+    add_discovery_issuer(&fx, &idp, REFRESH_EVERY_SECOND, "");
     let (server, _tasks) = fx.serve_with_background().await;
     let token = |key: &TestKey| {
         let mut claims = claims("alice", &["orders:read"], &[]);
@@ -169,11 +136,11 @@ async fn an_oversized_jwks_is_a_failed_fetch_and_the_last_good_keys_stay() {
     };
     assert_eq!(decide(&fx, &server, &token(&old)).await.0, 200);
 
-    idp.set_jwks(jwks(&[&new]));
+    idp.set_jwks(jwks_of(&[&new]));
     idp.set_padding(Endpoint::Jwks, Some(2 * 1024 * 1024));
-    let failures = fetch_failures(&server);
+    let failures = remote_fetch_failures(&server.running.state().engine().unwrap());
     wait_for("two failed refreshes", || {
-        fetch_failures(&server) >= failures + 2
+        remote_fetch_failures(&server.running.state().engine().unwrap()) >= failures + 2
     })
     .await;
     assert_eq!(decide(&fx, &server, &token(&old)).await.0, 200);
@@ -198,23 +165,13 @@ async fn an_oversized_jwks_is_a_failed_fetch_and_the_last_good_keys_stay() {
 #[tokio::test]
 async fn an_oversized_discovery_document_is_a_failed_fetch() {
     let idp = TestIdp::start().await;
-    idp.set_jwks(jwks(&[&TestKey::es256()]));
+    idp.set_jwks(jwks_of(&[&TestKey::es256()]));
     idp.set_padding(Endpoint::Discovery, Some(2 * 1024 * 1024));
     let fx = Fixture::new();
-    remote_issuer(&fx, &idp, "");
+    add_discovery_issuer(&fx, &idp, REFRESH_EVERY_SECOND, "");
     let engine = portcullis::engine::Engine::from_config(&fx.config()).unwrap();
     let tasks = engine.spawn_background();
-    let failures = || {
-        engine
-            .issuers()
-            .iter()
-            .find(|i| i.keys.is_remote())
-            .unwrap()
-            .keys
-            .stats
-            .failures
-            .load(std::sync::atomic::Ordering::Relaxed)
-    };
+    let failures = || remote_fetch_failures(&engine);
     wait_for("a failed discovery", || failures() >= 1).await;
     assert!(!engine.is_ready());
     assert_eq!(idp.jwks_fetches(), 0, "no jwks_uri was taken from it");
@@ -230,7 +187,7 @@ async fn an_oversized_introspection_answer_fails_closed() {
     let idp = TestIdp::start().await;
     let fx = Fixture::new();
     introspecting_issuer(&fx, &idp);
-    idp.set_jwks(jwks(&[&TestKey::es256()]));
+    idp.set_jwks(jwks_of(&[&TestKey::es256()]));
     let (server, _tasks) = fx.serve_with_background().await;
     let active = json!({"active": true, "sub": "svc", "scope": "orders:read",
         "aud": "orders-api", "iat": now(), "exp": now() + 300});

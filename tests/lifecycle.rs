@@ -7,26 +7,13 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::*;
-use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
-use tonic_health::pb::health_client::HealthClient;
 use tonic_reflection::pb::v1::ServerReflectionRequest;
 use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
 use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
 use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
 
 const AUTHZ: &str = "envoy.service.auth.v3.Authorization";
-
-async fn health(channel: &tonic::transport::Channel, service: &str) -> i32 {
-    HealthClient::new(channel.clone())
-        .check(HealthCheckRequest {
-            service: service.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .status
-}
 
 #[tokio::test]
 async fn health_is_not_serving_until_policies_and_keys_load() {
@@ -37,7 +24,7 @@ async fn health_is_not_serving_until_policies_and_keys_load() {
 
     for service in ["", AUTHZ] {
         assert_eq!(
-            health(&server.channel, service).await,
+            health_of(&server.channel, service).await,
             ServingStatus::NotServing as i32
         );
     }
@@ -57,7 +44,7 @@ async fn health_is_not_serving_until_policies_and_keys_load() {
         .await;
     for service in ["", AUTHZ] {
         assert_eq!(
-            health(&server.channel, service).await,
+            health_of(&server.channel, service).await,
             ServingStatus::Serving as i32
         );
     }
@@ -91,7 +78,7 @@ async fn drain_reports_not_serving_while_checks_are_still_answered() {
     let probe = async {
         // Drain has begun once health says so; checks are still allowed.
         for attempt in 0.. {
-            if health(&server.channel, AUTHZ).await == ServingStatus::NotServing as i32 {
+            if health_of(&server.channel, AUTHZ).await == ServingStatus::NotServing as i32 {
                 break;
             }
             assert!(attempt < 200, "health never turned NOT_SERVING");
@@ -122,7 +109,7 @@ async fn drain_reports_not_serving_while_checks_are_still_answered() {
             .await
     );
     assert_eq!(
-        health(&other.channel, AUTHZ).await,
+        health_of(&other.channel, AUTHZ).await,
         ServingStatus::NotServing as i32
     );
 }
@@ -317,7 +304,9 @@ async fn quickstart_binary_serves_and_stops_gracefully_on_sigterm() {
             let endpoint =
                 tonic::transport::Channel::from_shared(format!("http://{listen}")).unwrap();
             match endpoint.connect().await {
-                Ok(channel) if health(&channel, AUTHZ).await == ServingStatus::Serving as i32 => {
+                Ok(channel)
+                    if health_of(&channel, AUTHZ).await == ServingStatus::Serving as i32 =>
+                {
                     break channel;
                 }
                 _ if attempt < 200 => {
@@ -387,26 +376,6 @@ async fn quickstart_binary_serves_and_stops_gracefully_on_sigterm() {
         .map(Result::unwrap)
         .collect();
     assert!(stderr.iter().any(|l| l.contains("stopped")), "{stderr:?}");
-}
-
-/// A fixture whose second issuer's remote JWKS never answers (the identity
-/// provider is down), so `serve` stays NOT_SERVING, waiting for its keys.
-fn waiting_for_keys(fx: &Fixture, idp: &idp::TestIdp) {
-    idp.set_down(true);
-    fx.append_config(&format!(
-        r#"
-[[issuers]]
-issuer = "{}"
-audiences = ["orders-api"]
-jwks_uri = "{}"
-[issuers.remote]
-ca_file = "{}"
-refresh_min = "1s"
-"#,
-        idp.issuer(),
-        idp.jwks_uri(),
-        idp.ca_file().display()
-    ));
 }
 
 /// Whether a log line's message starts with `prefix`.

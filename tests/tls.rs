@@ -95,13 +95,8 @@ async fn mtls_admits_only_clients_of_the_client_ca_and_records_the_caller() {
     let fx = Fixture::new();
     let pki = Pki::new(&fx);
     fx.append_config(&tls_config(true));
+    let served = pki.serve_as(&fx, ENVOY_ID).await;
     let envoy = pki.client(ENVOY_ID);
-    let served = Served::start_tls(
-        &fx.config_path(),
-        &[],
-        Some(client_tls(&pki.server_ca.pem, Some(&envoy))),
-    )
-    .await;
     let token = fx.es256().token("alice", &["orders:read"], &[]);
 
     let out = check_on(&served.channel, &token).await.unwrap();
@@ -169,13 +164,8 @@ async fn certificates_rotate_under_traffic_without_a_dropped_request() {
     let fx = Fixture::new();
     let pki = Pki::new(&fx);
     fx.append_config(&tls_config(true));
+    let served = pki.serve_as(&fx, ENVOY_ID).await;
     let envoy = pki.client(ENVOY_ID);
-    let served = Served::start_tls(
-        &fx.config_path(),
-        &[],
-        Some(client_tls(&pki.server_ca.pem, Some(&envoy))),
-    )
-    .await;
     let token = fx.es256().token("alice", &["orders:read"], &[]);
 
     let stop = Arc::new(AtomicBool::new(false));

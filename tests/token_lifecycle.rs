@@ -10,32 +10,10 @@ use common::*;
 use portcullis::engine::Engine;
 use serde_json::{Value, json};
 
-fn jwks(keys: &[&TestKey]) -> Value {
-    json!({ "keys": keys.iter().map(|k| k.public_jwk()).collect::<Vec<_>>() })
-}
-
 fn idp_claims(idp: &TestIdp, sub: &str) -> Value {
     let mut claims = claims(sub, &["orders:read"], &[]);
     claims["iss"] = json!(idp.issuer());
     claims
-}
-
-/// Adds the IdP as an issuer found by OpenID Connect discovery.
-fn remote_issuer(fx: &Fixture, idp: &TestIdp, remote: &str, extra: &str) {
-    fx.append_config(&format!(
-        r#"
-[[issuers]]
-issuer = "{}"
-audiences = ["orders-api"]
-discovery = true
-{extra}
-[issuers.remote]
-ca_file = "{}"
-{remote}
-"#,
-        idp.issuer(),
-        idp.ca_file().display()
-    ));
 }
 
 async fn status(server: &TestServer, token: &str) -> (i32, String) {
@@ -50,9 +28,9 @@ async fn status(server: &TestServer, token: &str) -> (i32, String) {
 async fn keys_rotate_without_restart() {
     let idp = TestIdp::start().await;
     let (old, new) = (TestKey::es256(), TestKey::rs256());
-    idp.set_jwks(jwks(&[&old]));
+    idp.set_jwks(jwks_of(&[&old]));
     let fx = Fixture::new();
-    remote_issuer(&fx, &idp, "refresh = \"1s\"\nrefresh_min = \"1s\"", "");
+    add_discovery_issuer(&fx, &idp, "refresh = \"1s\"\nrefresh_min = \"1s\"", "");
     let (server, _tasks) = fx.serve_with_background().await;
 
     assert_eq!(
@@ -63,7 +41,7 @@ async fn keys_rotate_without_restart() {
     );
 
     // The IdP publishes a new key: accepted on its first use (unknown-kid refresh).
-    idp.set_jwks(jwks(&[&old, &new]));
+    idp.set_jwks(jwks_of(&[&old, &new]));
     assert_eq!(
         status(&server, &new.sign(&idp_claims(&idp, "alice")))
             .await
@@ -72,7 +50,7 @@ async fn keys_rotate_without_restart() {
     );
 
     // The IdP retires the old key: refused once a refresh has seen that.
-    idp.set_jwks(jwks(&[&new]));
+    idp.set_jwks(jwks_of(&[&new]));
     let fetched = idp.jwks_fetches();
     wait_for("a refresh after retirement", || {
         idp.jwks_fetches() > fetched + 1
@@ -93,9 +71,9 @@ async fn keys_rotate_without_restart() {
 async fn a_burst_of_unknown_kids_makes_a_handful_of_fetches() {
     let idp = TestIdp::start().await;
     let known = TestKey::es256();
-    idp.set_jwks(jwks(&[&known]));
+    idp.set_jwks(jwks_of(&[&known]));
     let fx = Fixture::new();
-    remote_issuer(&fx, &idp, "refresh = \"1h\"\nrefresh_min = \"30s\"", "");
+    add_discovery_issuer(&fx, &idp, "refresh = \"1h\"\nrefresh_min = \"30s\"", "");
     let (server, _tasks) = fx.serve_with_background().await;
     let before = idp.jwks_fetches();
 
@@ -128,9 +106,9 @@ async fn a_burst_of_unknown_kids_makes_a_handful_of_fetches() {
 async fn an_outage_keeps_the_last_good_keys_and_startup_waits_for_keys() {
     let idp = TestIdp::start().await;
     let key = TestKey::es256();
-    idp.set_jwks(jwks(&[&key]));
+    idp.set_jwks(jwks_of(&[&key]));
     let fx = Fixture::new();
-    remote_issuer(&fx, &idp, "refresh = \"1s\"\nrefresh_min = \"1s\"", "");
+    add_discovery_issuer(&fx, &idp, "refresh = \"1s\"\nrefresh_min = \"1s\"", "");
     let (server, _tasks) = fx.serve_with_background().await;
 
     idp.set_down(true);
@@ -181,7 +159,7 @@ async fn opaque_tokens_are_introspected_cached_and_fail_closed() {
     idp.set_client_credentials("portcullis", "s3cret");
     let fx = Fixture::new();
     std::fs::write(fx.path("client-secret"), "s3cret\n").unwrap();
-    remote_issuer(
+    add_discovery_issuer(
         &fx,
         &idp,
         "",
@@ -190,7 +168,7 @@ async fn opaque_tokens_are_introspected_cached_and_fail_closed() {
             fx.path("client-secret").display()
         ),
     );
-    idp.set_jwks(jwks(&[&TestKey::es256()]));
+    idp.set_jwks(jwks_of(&[&TestKey::es256()]));
     let (server, _tasks) = fx.serve_with_background().await;
     let now = now();
     idp.set_introspection(

@@ -456,3 +456,73 @@ pub async fn wait_for(what: &str, mut condition: impl FnMut() -> bool) {
     }
     panic!("timed out waiting for {what}");
 }
+
+/// A JWKS document holding the public keys of `keys`.
+pub fn jwks_of(keys: &[&TestKey]) -> Value {
+    json!({ "keys": keys.iter().map(|k| k.public_jwk()).collect::<Vec<_>>() })
+}
+
+/// Adds `idp` as an issuer found by OpenID Connect discovery: `extra` goes
+/// in its `[[issuers]]` table, `remote` in its `[issuers.remote]` table.
+pub fn add_discovery_issuer(fx: &Fixture, idp: &idp::TestIdp, remote: &str, extra: &str) {
+    fx.append_config(&format!(
+        r#"
+[[issuers]]
+issuer = "{}"
+audiences = ["orders-api"]
+discovery = true
+{extra}
+[issuers.remote]
+ca_file = "{}"
+{remote}
+"#,
+        idp.issuer(),
+        idp.ca_file().display()
+    ));
+}
+
+/// Takes `idp` down and adds it as a second issuer with a remote JWKS, so
+/// `serve` stays NOT_SERVING, waiting for every issuer's keys, until the IdP
+/// comes back.
+pub fn waiting_for_keys(fx: &Fixture, idp: &idp::TestIdp) {
+    idp.set_down(true);
+    fx.append_config(&format!(
+        r#"
+[[issuers]]
+issuer = "{}"
+audiences = ["orders-api"]
+jwks_uri = "{}"
+[issuers.remote]
+ca_file = "{}"
+refresh_min = "1s"
+"#,
+        idp.issuer(),
+        idp.jwks_uri(),
+        idp.ca_file().display()
+    ));
+}
+
+/// What gRPC health says of `service` over `channel` (1 SERVING, 2 NOT_SERVING).
+pub async fn health_of(channel: &Channel, service: &str) -> i32 {
+    tonic_health::pb::health_client::HealthClient::new(channel.clone())
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: service.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+}
+
+/// Failed key fetches of `engine`'s (first) remote issuer.
+pub fn remote_fetch_failures(engine: &Engine) -> u64 {
+    engine
+        .issuers()
+        .iter()
+        .find(|i| i.keys.is_remote())
+        .unwrap()
+        .keys
+        .stats
+        .failures
+        .load(std::sync::atomic::Ordering::Relaxed)
+}
