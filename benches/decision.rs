@@ -200,6 +200,7 @@ fn benches(c: &mut Criterion) {
                 rt.block_on(
                     setup
                         .engine
+                        .authenticator()
                         .issuers()
                         .verify_with_window(black_box(token), now_s),
                 )

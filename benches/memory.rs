@@ -15,9 +15,9 @@ mod policy_gen;
 use std::sync::Arc;
 
 use cedar_policy::Authorizer;
+use portcullis::authz::decision_cache::DecisionCache;
 use portcullis::authz::evaluate;
 use portcullis::authz::policy_store::PolicyStore;
-use portcullis::cache::Caches;
 use portcullis::config::CacheConfig;
 
 /// A `kB` line of `/proc/self/status`, in MiB.
@@ -58,7 +58,7 @@ fn main() {
         loaded - baseline
     );
 
-    let caches = Caches::new(&CacheConfig {
+    let caches = DecisionCache::new(&CacheConfig {
         decision_max_bytes: 1 << 30,
         ..CacheConfig::default()
     });
@@ -72,9 +72,9 @@ fn main() {
                 .as_ref()
                 .try_into()
                 .unwrap();
-        caches.remember_decision(key, Arc::new(outcome));
+        caches.insert(key, Arc::new(outcome));
     }
-    let (_, cached) = caches.sizes();
+    let cached = caches.len();
     let filled = status_mib("VmHWM:");
     println!(
         "{cached} decisions cached: peak RSS {filled:.0} MiB ({:+.0} MiB over the loaded set)",

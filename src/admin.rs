@@ -20,8 +20,9 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status};
 
 use crate::config::Secret;
+use crate::reload::RunningConfig;
 use crate::revocation::{self, RevocationError, RevocationStore, Target, unix_now};
-use crate::server::ServerState;
+use crate::state::ServerState;
 
 /// The generated admin API types, client and server.
 #[allow(missing_docs, clippy::all, clippy::pedantic)]
@@ -130,16 +131,16 @@ impl tonic::service::Interceptor for AdminAuth {
 pub struct AdminService {
     store: Arc<RevocationStore>,
     state: Arc<ServerState>,
-    config: crate::config::Config,
+    config: Arc<RunningConfig>,
 }
 
 impl AdminService {
-    /// A service over `store`, reporting (and reloading, with `config`'s policy
-    /// folder) the engine installed in `state`.
+    /// A service over `store`, reporting (and reloading, with `config`) the
+    /// engine installed in `state`.
     pub fn new(
         store: Arc<RevocationStore>,
         state: Arc<ServerState>,
-        config: crate::config::Config,
+        config: Arc<RunningConfig>,
     ) -> AdminService {
         AdminService {
             store,
@@ -275,10 +276,16 @@ impl Admin for AdminService {
                 .and_then(|e| e.clone())
                 .unwrap_or_default(),
             credential_verifications: self.state.engine().map_or(0, |e| {
-                e.credential_counters().credentials.load(Ordering::Relaxed)
+                e.authenticator()
+                    .counters()
+                    .credentials
+                    .load(Ordering::Relaxed)
             }),
             signature_verifications: self.state.engine().map_or(0, |e| {
-                e.credential_counters().signatures.load(Ordering::Relaxed)
+                e.authenticator()
+                    .counters()
+                    .signatures
+                    .load(Ordering::Relaxed)
             }),
         }))
     }
@@ -418,9 +425,29 @@ pub async fn start_with_tls(
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|source| AdminError::Bind { addr, source })?;
-    let local_addr = listener
-        .local_addr()
-        .map_err(|source| AdminError::Bind { addr, source })?;
+    start_on(
+        listener,
+        token,
+        store,
+        state,
+        Arc::new(RunningConfig::fixed(config)),
+        tls,
+    )
+}
+
+/// [`start_with_tls`] on a listener the caller bound.
+pub fn start_on(
+    listener: TcpListener,
+    token: &Secret,
+    store: Arc<RevocationStore>,
+    state: Arc<ServerState>,
+    config: Arc<RunningConfig>,
+    tls: Option<Arc<crate::tls::ServerTls>>,
+) -> Result<RunningAdmin, AdminError> {
+    let local_addr = listener.local_addr().map_err(|source| AdminError::Bind {
+        addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+        source,
+    })?;
     let auth = AdminAuth::new(token);
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)

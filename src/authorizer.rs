@@ -25,7 +25,7 @@ use crate::authn::credential::PresentedCredential;
 use crate::authz::mapping::{DirectEntity, DirectError, DirectRequest};
 use crate::decision::Decision;
 use crate::engine::Engine;
-use crate::server::ServerState;
+use crate::state::ServerState;
 use crate::telemetry::traces::{RequestSpan, remote_parent};
 use crate::tls::PeerInfo;
 
@@ -164,13 +164,19 @@ impl Authorizer for AuthorizerService {
         direct.caller = caller.clone();
         let engine = self.engine()?;
         // No decision that cannot be logged (fail closed).
-        self.state.audit_ready().await?;
+        self.state
+            .audit_ready()
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
         let credential = presented(
             request.credential.as_ref(),
-            engine.may_assert_workload(caller.as_deref()),
+            engine
+                .authenticator()
+                .may_assert_workload(caller.as_deref()),
         );
         let authentication = engine
-            .authenticate_credential(credential, unix_now())
+            .authenticator()
+            .authenticate(credential, unix_now())
             .instrument(span.span().clone())
             .await;
         let mut decision = span
@@ -219,14 +225,20 @@ impl Authorizer for AuthorizerService {
         }
         let engine = self.engine()?;
         // No decision that cannot be logged (fail closed).
-        self.state.audit_ready().await?;
+        self.state
+            .audit_ready()
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
         // The credential stage runs once for the whole batch.
         let credential = presented(
             request.credential.as_ref(),
-            engine.may_assert_workload(caller.as_deref()),
+            engine
+                .authenticator()
+                .may_assert_workload(caller.as_deref()),
         );
         let authentication = engine
-            .authenticate_credential(credential, unix_now())
+            .authenticator()
+            .authenticate(credential, unix_now())
             .instrument(batch_span.span().clone())
             .await;
         // Decide every request before accounting for any: an invalid one fails

@@ -11,16 +11,13 @@ use std::time::{Duration, UNIX_EPOCH};
 use anyhow::{Context as _, bail};
 use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
 
-use crate::admin::{self, pb};
+use crate::admin::pb;
 use crate::attributes::{HttpRequest, parse_source_ip};
-use crate::audit::AuditLog;
 use crate::authn::api_key::{NewKey, create_key};
 use crate::authn::mint::{MintRequest, SigningKey};
 use crate::config::{Config, Secret};
 use crate::engine::Engine;
-use crate::revocation::RevocationStore;
 use crate::server;
-use crate::telemetry::metrics;
 
 /// Portcullis: an Envoy ext_authz server enforcing JWT bearer tokens with Cedar policies.
 #[derive(Debug, Parser)]
@@ -393,187 +390,10 @@ fn load_engine(config: &Config) -> anyhow::Result<Engine> {
 async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     // First, and one listener for every phase: a SIGTERM at any point from here
     // on is kept until a phase awaits it, never lost nor fatal.
-    let mut signals = server::ShutdownSignals::new()?;
-    let config = Config::load(&args.config.config)?;
-    let listen = args.listen.unwrap_or(config.server.listen);
-    let audit = match &config.audit.file {
-        Some(path) => AuditLog::file(path)
-            .with_context(|| format!("cannot open audit file {}", path.display()))?,
-        None => AuditLog::stdout(),
-    }
-    .batched(config.audit.flush_interval())
-    .context("cannot start the audit writer")?;
-    if let Some(admin) = &config.admin
-        && admin.listen == listen
-        && listen.port() != 0
-    {
-        bail!("[admin] listen must differ from the Envoy-facing listener, both are {listen}");
-    }
-    let admin_token = match &config.admin {
-        Some(admin) => Some(
-            admin
-                .resolve_token()
-                .map_err(|e| anyhow::anyhow!("invalid [admin] configuration: {e}"))?,
-        ),
-        None => None,
-    };
-    // Certificates are read before anything listens: a bad file stops the start.
-    let load_tls = |tls: Option<&crate::config::TlsConfig>, section: &str| {
-        tls.map(|t| {
-            crate::tls::ServerTls::load(t).with_context(|| format!("cannot load [{section}]"))
-        })
-        .transpose()
-    };
-    let server_tls = load_tls(config.server.tls.as_ref(), "server.tls")?;
-    let admin_tls = load_tls(
-        config.admin.as_ref().and_then(|a| a.tls.as_ref()),
-        "admin.tls",
-    )?;
-    let tls_watchers: Vec<_> = [(&server_tls, "grpc"), (&admin_tls, "admin")]
-        .into_iter()
-        .filter_map(|(tls, name)| tls.clone().map(|t| t.watch(name)))
-        .collect();
-    let running = server::start_with_tls(listen, audit, server_tls.clone()).await?;
-    tracing::info!(
-        addr = %running.local_addr(),
-        tls = server_tls.is_some(),
-        mtls = server_tls.as_ref().is_some_and(|t| t.requires_client_certificates()),
-        "listening (NOT_SERVING until policies and keys load)"
-    );
-    let metrics = match config.telemetry.metrics_listen {
-        Some(addr) => match metrics::serve(addr, running.state().clone()).await {
-            Ok(metrics) => {
-                tracing::info!(addr = %metrics.local_addr(), "metrics endpoint listening (GET /metrics)");
-                Some(metrics)
-            }
-            Err(e) => {
-                running.shutdown(config.server.shutdown_grace).await?;
-                return Err(e.into());
-            }
-        },
-        None => None,
-    };
-
-    let engine = {
-        let config = config.clone();
-        tokio::task::spawn_blocking(move || Engine::from_config(&config)).await?
-    };
-    let engine = match engine {
-        Ok(engine) => engine,
-        Err(e) => {
-            for problem in &e.problems {
-                tracing::error!("{problem}");
-            }
-            running.shutdown(config.server.shutdown_grace).await?;
-            bail!(
-                "refusing to serve: {} problem(s) in the configuration",
-                e.problems.len()
-            );
-        }
-    };
-    for warning in &engine.policies().warnings {
-        tracing::warn!("{warning}");
-    }
-    // Remote keys refresh in the background for the life of the process; health
-    // stays NOT_SERVING until every issuer has a key set.
-    let background = engine.spawn_background();
-    let mut waited = 0u32;
-    while !engine.is_ready() {
-        if waited.is_multiple_of(50) {
-            tracing::warn!("waiting for the keys of every issuer (NOT_SERVING meanwhile)");
-        }
-        waited += 1;
-        tokio::select! {
-            _ = tokio::time::sleep(std::time::Duration::from_millis(100)) => {}
-            _ = signals.recv() => {
-                background.iter().for_each(|t| t.abort());
-                running.shutdown(config.server.shutdown_grace).await?;
-                return Ok(ExitCode::SUCCESS);
-            }
-        }
-    }
-
-    // Revocations: the journal, and Redis in shared mode (which may wait for it).
-    let store = tokio::select! {
-        store = RevocationStore::open(&config.revocation, config.token_lifetimes()) => store,
-        _ = signals.recv() => {
-            tracing::info!("shutting down before the revocation store was ready");
-            running.shutdown(config.server.shutdown_grace).await?;
-            return Ok(ExitCode::SUCCESS);
-        }
-    };
-    let store = match store {
-        Ok(store) => store,
-        Err(e) => {
-            running.shutdown(config.server.shutdown_grace).await?;
-            return Err(e).context("cannot open the revocation store");
-        }
-    };
-    let admin = match (&config.admin, &admin_token) {
-        (Some(admin), Some(token)) => {
-            match admin::start_with_tls(
-                admin.listen,
-                token,
-                store.clone(),
-                running.state().clone(),
-                config.clone(),
-                admin_tls.clone(),
-            )
-            .await
-            {
-                Ok(admin) => {
-                    tracing::info!(addr = %admin.local_addr(), "admin API listening");
-                    Some(admin)
-                }
-                Err(e) => {
-                    store.shutdown().await;
-                    running.shutdown(config.server.shutdown_grace).await?;
-                    return Err(e.into());
-                }
-            }
-        }
-        _ => None,
-    };
-
-    tracing::info!(
-        policies = engine.policies().len(),
-        dir = %config.policies.dir.display(),
-        "policies and keys loaded; SERVING"
-    );
-    running
-        .state()
-        .install(engine.with_revocations(store.clone()))
-        .await;
-    let watcher = tokio::spawn(crate::reload::watch(
-        running.state().clone(),
-        config.clone(),
-        config.policies.watch_interval,
-    ));
-
-    signals.recv().await;
-    watcher.abort();
-    tls_watchers.iter().for_each(|t| t.abort());
-    let drain = config.server.drain_period;
-    tracing::info!(
-        drain_period = ?drain,
-        "shutting down: NOT_SERVING, still answering checks for the drain period (a second signal ends it)"
-    );
-    if running.drain(drain, signals.recv()).await {
-        tracing::info!("drain cut short by a second signal");
-    }
-    tracing::info!("drained: closing the listener, finishing in-flight checks");
-    if let Some(admin) = admin
-        && let Err(e) = admin.shutdown(config.server.shutdown_grace).await
-    {
-        tracing::warn!(error = %e, "admin listener did not stop cleanly");
-    }
-    running.shutdown(config.server.shutdown_grace).await?;
-    if let Some(metrics) = metrics {
-        metrics.shutdown().await;
-    }
-    background.iter().for_each(|t| t.abort());
-    store.shutdown().await;
-    tracing::info!("stopped");
+    let shutdown = crate::serve::Shutdown::from_signals(server::ShutdownSignals::new()?);
+    let config = crate::reload::RunningConfig::load(&args.config.config)?;
+    let listeners = crate::serve::Listeners::bind(&config.current(), args.listen).await?;
+    crate::serve::serve(config, listeners, shutdown).await?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -872,7 +692,7 @@ async fn validate(path: &Path) -> anyhow::Result<ExitCode> {
     };
     match Engine::from_config(&config) {
         Ok(engine) => {
-            let fetch_problems = engine.fetch_remote_keys_once().await;
+            let fetch_problems = engine.authenticator().fetch_remote_keys_once().await;
             for problem in &fetch_problems {
                 eprintln!("error: {problem}");
             }
@@ -943,7 +763,7 @@ async fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
     };
     let config = Config::load(&path)?;
     let engine = load_engine(&config)?;
-    for problem in engine.fetch_remote_keys_once().await {
+    for problem in engine.authenticator().fetch_remote_keys_once().await {
         eprintln!("warning: {problem}");
     }
     let explain = args.explain;
@@ -1135,6 +955,7 @@ async fn policy_test(path: &Path) -> anyhow::Result<ExitCode> {
     let engine = load_engine(&config)?;
     let key = crate::policy_tests::test_signing_key()?;
     engine
+        .authenticator()
         .trust_test_key(&key)
         .map_err(|e| anyhow::anyhow!("cannot trust the test key: {e}"))?;
     let report = crate::policy_tests::run(&engine, &key, &config.policies.dir).await?;

@@ -1143,151 +1143,28 @@ impl Config {
         }
         let mut seen = std::collections::HashSet::new();
         for (i, issuer) in self.issuers.iter().enumerate() {
-            if issuer.issuer.is_empty() {
-                return Err(format!("issuers[{i}].issuer must not be empty"));
-            }
-            if !seen.insert(issuer.issuer.as_str()) {
+            if !issuer.issuer.is_empty() && !seen.insert(issuer.issuer.as_str()) {
                 return Err(format!(
                     "issuers[{i}].issuer {:?} is configured twice",
                     issuer.issuer
                 ));
             }
-            if issuer.audiences.is_empty() || issuer.audiences.iter().any(String::is_empty) {
-                return Err(format!(
-                    "issuers[{i}].audiences must list at least one non-empty audience"
-                ));
-            }
-            if issuer.max_token_lifetime.is_zero() {
-                return Err(format!(
-                    "issuers[{i}].max_token_lifetime must be greater than zero"
-                ));
-            }
-            if issuer.roles_claim.is_empty() {
-                return Err(format!("issuers[{i}].roles_claim must not be empty"));
-            }
-            let sources = usize::from(issuer.jwks_file.is_some())
-                + usize::from(issuer.jwks_uri.is_some())
-                + usize::from(issuer.discovery);
-            if sources > 1 {
-                return Err(format!(
-                    "issuers[{i}]: give one of jwks_file, jwks_uri or discovery = true, not several"
-                ));
-            }
-            if sources == 0 && issuer.introspection.is_none() {
-                return Err(format!(
-                    "issuers[{i}]: keys are needed: set jwks_file, jwks_uri or discovery = true (or configure introspection)"
-                ));
-            }
-            if let Some(uri) = &issuer.jwks_uri
-                && !uri.starts_with("https://")
-            {
-                return Err(format!(
-                    "issuers[{i}].jwks_uri must be an https:// URL, found {uri:?}"
-                ));
-            }
-            if issuer.discovery && !issuer.issuer.starts_with("https://") {
-                return Err(format!(
-                    "issuers[{i}]: discovery needs an https:// issuer, found {:?}",
-                    issuer.issuer
-                ));
-            }
-            for alg in &issuer.algorithms {
-                if !default_algorithms().contains(alg) {
-                    return Err(format!(
-                        "issuers[{i}].algorithms: {alg:?} is not accepted (allowed: {})",
-                        default_algorithms().join(", ")
-                    ));
-                }
-            }
-            if issuer.algorithms.is_empty() {
-                return Err(format!("issuers[{i}].algorithms must not be empty"));
-            }
-            check_entity_type(&issuer.principal_type)
-                .map_err(|e| format!("issuers[{i}].principal_type: {e}"))?;
-            let remote = &issuer.remote;
-            if remote.refresh_min > remote.refresh_max {
-                return Err(format!(
-                    "issuers[{i}].remote: refresh_min must not exceed refresh_max"
-                ));
-            }
-            if let Some(introspection) = &issuer.introspection {
-                if introspection.endpoint.is_none() && !issuer.discovery {
-                    return Err(format!(
-                        "issuers[{i}].introspection.endpoint is required without discovery"
-                    ));
-                }
-                if let Some(endpoint) = &introspection.endpoint
-                    && !endpoint.starts_with("https://")
-                {
-                    return Err(format!(
-                        "issuers[{i}].introspection.endpoint must be an https:// URL, found {endpoint:?}"
-                    ));
-                }
-                if introspection.client_secret_file.is_none()
-                    && introspection.client_secret_env.is_none()
-                {
-                    return Err(format!(
-                        "issuers[{i}].introspection needs client_secret_file or client_secret_env"
-                    ));
-                }
-                if introspection.max_concurrent == 0 {
-                    return Err(format!(
-                        "issuers[{i}].introspection.max_concurrent must be at least 1"
-                    ));
-                }
-            }
+            issuer.check(i)?;
         }
         self.check_introspection_routing()?;
         for (i, route) in self.routes.iter().enumerate() {
-            let method_ok =
-                !route.method.is_empty() && route.method.bytes().all(|b| b.is_ascii_uppercase());
-            if !method_ok {
-                return Err(format!(
-                    "routes[{i}].method must be an upper-case HTTP method such as \"GET\", found {:?}",
-                    route.method
-                ));
-            }
-            if !route.path.starts_with('/') {
-                return Err(format!(
-                    "routes[{i}].path must start with '/', found {:?}",
-                    route.path
-                ));
-            }
+            route.check(i)?;
         }
         if let Some(api_keys) = &self.api_keys {
-            check_entity_type(&api_keys.principal_type)
-                .map_err(|e| format!("api_keys.principal_type: {e}"))?;
-            if let Some(header) = &api_keys.header
-                && (header.is_empty() || header.bytes().any(|b| b.is_ascii_uppercase()))
-            {
-                return Err(format!(
-                    "api_keys.header must be a lower-case header name, found {header:?}"
-                ));
-            }
+            api_keys.check()?;
         }
         if let Some(workload) = &self.workload {
-            check_entity_type(&workload.principal_type)
-                .map_err(|e| format!("workload.principal_type: {e}"))?;
-            if workload.trust_domains.is_empty() {
-                return Err("workload.trust_domains must list at least one trust domain".into());
-            }
-            if let Some(i) = workload
-                .asserting_callers
-                .iter()
-                .position(|c| c.trim().is_empty())
-            {
-                return Err(format!("workload.asserting_callers[{i}] is empty"));
-            }
             let mtls = self
                 .server
                 .tls
                 .as_ref()
                 .is_some_and(|t| t.client_ca_file.is_some());
-            if !workload.asserting_callers.is_empty() && !mtls {
-                return Err("workload.asserting_callers needs mTLS on the listener: \
-                     [server.tls] with client_ca_file"
-                    .into());
-            }
+            workload.check(mtls)?;
         }
         if let Some(tls) = &self.server.tls {
             tls.check("server.tls")?;
@@ -1325,18 +1202,7 @@ impl Config {
                 "response.subject_header must be a lower-case header name, found {header:?}"
             ));
         }
-        let prefix = &self.revocation.redis_prefix;
-        if prefix.is_empty() || prefix.chars().any(|c| c.is_whitespace()) {
-            return Err(format!(
-                "revocation.redis_prefix must be non-empty without whitespace, found {prefix:?}"
-            ));
-        }
-        if self.revocation.max_entries == 0 {
-            return Err("revocation.max_entries must be at least 1".into());
-        }
-        if self.revocation.max_pending_writes == 0 {
-            return Err("revocation.max_pending_writes must be at least 1".into());
-        }
+        self.revocation.check()?;
         if let Some(admin) = &self.admin {
             let set = [
                 admin.token.is_some(),
@@ -1354,6 +1220,179 @@ impl Config {
             }
         }
         self.telemetry.check(&self.server.listen)
+    }
+}
+
+impl IssuerConfig {
+    /// The checks of one `[[issuers]]` entry, the `i`-th.
+    fn check(&self, i: usize) -> Result<(), String> {
+        if self.issuer.is_empty() {
+            return Err(format!("issuers[{i}].issuer must not be empty"));
+        }
+        if self.audiences.is_empty() || self.audiences.iter().any(String::is_empty) {
+            return Err(format!(
+                "issuers[{i}].audiences must list at least one non-empty audience"
+            ));
+        }
+        if self.max_token_lifetime.is_zero() {
+            return Err(format!(
+                "issuers[{i}].max_token_lifetime must be greater than zero"
+            ));
+        }
+        if self.roles_claim.is_empty() {
+            return Err(format!("issuers[{i}].roles_claim must not be empty"));
+        }
+        let sources = usize::from(self.jwks_file.is_some())
+            + usize::from(self.jwks_uri.is_some())
+            + usize::from(self.discovery);
+        if sources > 1 {
+            return Err(format!(
+                "issuers[{i}]: give one of jwks_file, jwks_uri or discovery = true, not several"
+            ));
+        }
+        if sources == 0 && self.introspection.is_none() {
+            return Err(format!(
+                "issuers[{i}]: keys are needed: set jwks_file, jwks_uri or discovery = true (or configure introspection)"
+            ));
+        }
+        if let Some(uri) = &self.jwks_uri
+            && !uri.starts_with("https://")
+        {
+            return Err(format!(
+                "issuers[{i}].jwks_uri must be an https:// URL, found {uri:?}"
+            ));
+        }
+        if self.discovery && !self.issuer.starts_with("https://") {
+            return Err(format!(
+                "issuers[{i}]: discovery needs an https:// issuer, found {:?}",
+                self.issuer
+            ));
+        }
+        for alg in &self.algorithms {
+            if !default_algorithms().contains(alg) {
+                return Err(format!(
+                    "issuers[{i}].algorithms: {alg:?} is not accepted (allowed: {})",
+                    default_algorithms().join(", ")
+                ));
+            }
+        }
+        if self.algorithms.is_empty() {
+            return Err(format!("issuers[{i}].algorithms must not be empty"));
+        }
+        check_entity_type(&self.principal_type)
+            .map_err(|e| format!("issuers[{i}].principal_type: {e}"))?;
+        let remote = &self.remote;
+        if remote.refresh_min > remote.refresh_max {
+            return Err(format!(
+                "issuers[{i}].remote: refresh_min must not exceed refresh_max"
+            ));
+        }
+        if let Some(introspection) = &self.introspection {
+            if introspection.endpoint.is_none() && !self.discovery {
+                return Err(format!(
+                    "issuers[{i}].introspection.endpoint is required without discovery"
+                ));
+            }
+            if let Some(endpoint) = &introspection.endpoint
+                && !endpoint.starts_with("https://")
+            {
+                return Err(format!(
+                    "issuers[{i}].introspection.endpoint must be an https:// URL, found {endpoint:?}"
+                ));
+            }
+            if introspection.client_secret_file.is_none()
+                && introspection.client_secret_env.is_none()
+            {
+                return Err(format!(
+                    "issuers[{i}].introspection needs client_secret_file or client_secret_env"
+                ));
+            }
+            if introspection.max_concurrent == 0 {
+                return Err(format!(
+                    "issuers[{i}].introspection.max_concurrent must be at least 1"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl RouteConfig {
+    /// The checks of one `[[routes]]` entry, the `i`-th.
+    fn check(&self, i: usize) -> Result<(), String> {
+        let route = self;
+        let method_ok =
+            !route.method.is_empty() && route.method.bytes().all(|b| b.is_ascii_uppercase());
+        if !method_ok {
+            return Err(format!(
+                "routes[{i}].method must be an upper-case HTTP method such as \"GET\", found {:?}",
+                route.method
+            ));
+        }
+        if !route.path.starts_with('/') {
+            return Err(format!(
+                "routes[{i}].path must start with '/', found {:?}",
+                route.path
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl ApiKeysConfig {
+    fn check(&self) -> Result<(), String> {
+        check_entity_type(&self.principal_type)
+            .map_err(|e| format!("api_keys.principal_type: {e}"))?;
+        if let Some(header) = &self.header
+            && (header.is_empty() || header.bytes().any(|b| b.is_ascii_uppercase()))
+        {
+            return Err(format!(
+                "api_keys.header must be a lower-case header name, found {header:?}"
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl WorkloadConfig {
+    /// `mtls`: the listener asks for client certificates.
+    fn check(&self, mtls: bool) -> Result<(), String> {
+        check_entity_type(&self.principal_type)
+            .map_err(|e| format!("workload.principal_type: {e}"))?;
+        if self.trust_domains.is_empty() {
+            return Err("workload.trust_domains must list at least one trust domain".into());
+        }
+        if let Some(i) = self
+            .asserting_callers
+            .iter()
+            .position(|c| c.trim().is_empty())
+        {
+            return Err(format!("workload.asserting_callers[{i}] is empty"));
+        }
+        if !self.asserting_callers.is_empty() && !mtls {
+            return Err("workload.asserting_callers needs mTLS on the listener: \
+                 [server.tls] with client_ca_file"
+                .into());
+        }
+        Ok(())
+    }
+}
+
+impl RevocationConfig {
+    fn check(&self) -> Result<(), String> {
+        let prefix = &self.redis_prefix;
+        if prefix.is_empty() || prefix.chars().any(|c| c.is_whitespace()) {
+            return Err(format!(
+                "revocation.redis_prefix must be non-empty without whitespace, found {prefix:?}"
+            ));
+        }
+        if self.max_entries == 0 {
+            return Err("revocation.max_entries must be at least 1".into());
+        }
+        if self.max_pending_writes == 0 {
+            return Err("revocation.max_pending_writes must be at least 1".into());
+        }
+        Ok(())
     }
 }
 

@@ -23,7 +23,7 @@ use crate::authn::TokenError;
 use crate::authn::workload::spiffe_id_from_certificate;
 use crate::config::ResponseConfig;
 use crate::decision::{BadRequest, Decision, DenyReason, Verdict};
-use crate::server::ServerState;
+use crate::state::ServerState;
 use crate::telemetry::traces::{RequestSpan, remote_parent};
 use tracing::Instrument as _;
 
@@ -307,7 +307,10 @@ impl Authorization for CheckService {
         request: tonic::Request<CheckRequest>,
     ) -> Result<tonic::Response<CheckResponse>, tonic::Status> {
         // No decision that cannot be logged (fail closed).
-        self.state.audit_ready().await?;
+        self.state
+            .audit_ready()
+            .await
+            .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
         let (metadata, extensions, check) = request.into_parts();
         let caller = extensions
             .get::<crate::tls::PeerInfo>()
@@ -354,7 +357,7 @@ impl Authorization for CheckService {
                 &decision,
                 engine.response_config(),
                 engine.realm(),
-                engine.api_key_header(),
+                engine.authenticator().api_key_header(),
             ),
             // Not loaded yet: a 503 Envoy passes on (health is NOT_SERVING meanwhile).
             None => check_response(&decision, &ResponseConfig::default(), "", None),

@@ -271,6 +271,7 @@ fn build_request(engine: &Engine, key: &SigningKey, case: &Case) -> Result<HttpR
     }
     if let Some(claims) = &case.claims {
         let issuer = engine
+            .authenticator()
             .issuers()
             .iter()
             .min_by(|a, b| a.issuer.cmp(&b.issuer))

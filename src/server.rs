@@ -12,25 +12,23 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwapOption;
 use envoy_types::pb::envoy::service::auth::v3::authorization_server::AuthorizationServer;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tonic_health::ServingStatus;
-use tonic_health::server::HealthReporter;
 
 use crate::audit::AuditLog;
 use crate::authorizer::{AUTHORIZER_SERVICE, AuthorizerService};
-use crate::decision::Decision;
-use crate::engine::Engine;
 use crate::ext_authz::CheckService;
-use crate::telemetry::metrics::Metrics;
-use crate::telemetry::traces::RequestSpan;
+pub use crate::state::ServerState;
 use crate::tls::ServerTls;
 
 /// The fully qualified name of Envoy's authorization service, as health reports it.
 pub const AUTHORIZATION_SERVICE: &str = "envoy.service.auth.v3.Authorization";
+
+/// What health reports on: the server as a whole and each decision service.
+const HEALTH_SERVICES: &[&str] = &["", AUTHORIZATION_SERVICE, AUTHORIZER_SERVICE];
 
 /// Encoded descriptors of Envoy's ext_authz protos, compiled by `build.rs`.
 const ENVOY_AUTH_DESCRIPTORS: &[u8] =
@@ -59,106 +57,6 @@ pub enum ServerError {
     /// The server task panicked or was cancelled.
     #[error("server task: {0}")]
     Task(String),
-}
-
-/// State shared by the services: the current engine, the audit log, metrics
-/// and health.
-#[derive(Debug)]
-pub struct ServerState {
-    engine: ArcSwapOption<Engine>,
-    audit: AuditLog,
-    health: HealthReporter,
-    reloads: crate::reload::ReloadStats,
-    metrics: Metrics,
-    /// Set by a drain or shutdown: health stays NOT_SERVING from then on.
-    draining: std::sync::atomic::AtomicBool,
-}
-
-impl ServerState {
-    /// The engine in force, or `None` before one is installed.
-    pub fn engine(&self) -> Option<Arc<Engine>> {
-        self.engine.load_full()
-    }
-
-    /// What policy reloads have done.
-    pub fn reload_stats(&self) -> &crate::reload::ReloadStats {
-        &self.reloads
-    }
-
-    /// The decision log.
-    pub fn audit(&self) -> &AuditLog {
-        &self.audit
-    }
-
-    /// The metrics counted on the request path.
-    pub fn metrics(&self) -> &Metrics {
-        &self.metrics
-    }
-
-    /// Accounts for a final decision, in one place for every front end (ext_authz
-    /// `Check` and any other service deciding with the engine): the audit line
-    /// (with the trace ids), the metrics, and the request span's attributes are
-    /// all derived from the same `decision`, so they cannot disagree.
-    pub fn account(&self, decision: &Decision, http_status: u16, span: &RequestSpan) {
-        self.audit.record_traced(decision, http_status, &span.ids());
-        self.metrics.record_decision(decision);
-        span.record_decision(decision, http_status);
-    }
-
-    /// Publishes `engine` to new checks and reports SERVING (unless the audit
-    /// log cannot take decisions, see [`ServerState::audit_ready`]).
-    pub async fn install(&self, engine: Engine) {
-        self.engine.store(Some(Arc::new(engine)));
-        self.refresh_health().await;
-    }
-
-    /// Fails closed when the audit log cannot record the decision about to be
-    /// made (its writer stopped, its sink is failing, or it is too far behind
-    /// after a bounded, asynchronous wait): the request is answered
-    /// `UNAVAILABLE` with `audit_unavailable` and no decision is made. Awaited
-    /// by every front end before it decides.
-    pub async fn audit_ready(&self) -> Result<(), tonic::Status> {
-        self.audit
-            .ready()
-            .await
-            .map_err(|e| tonic::Status::unavailable(e.to_string()))
-    }
-
-    /// SERVING when an engine is installed, the server is not draining and
-    /// the audit writer is up; NOT_SERVING otherwise.
-    async fn refresh_health(&self) {
-        let serving = self.engine.load().is_some()
-            && !self.draining.load(std::sync::atomic::Ordering::SeqCst)
-            && self.audit.stats().writer_up;
-        self.set_health(if serving {
-            ServingStatus::Serving
-        } else {
-            ServingStatus::NotServing
-        })
-        .await;
-    }
-
-    /// Stops reporting SERVING for good (drain, shutdown).
-    async fn stop_serving(&self) {
-        self.draining
-            .store(true, std::sync::atomic::Ordering::SeqCst);
-        self.set_health(ServingStatus::NotServing).await;
-    }
-
-    /// Publishes a reloaded engine atomically: new checks use it, checks in
-    /// flight finish on the engine they started with. Health is unchanged.
-    pub fn replace_engine(&self, engine: Engine) {
-        if let Some(previous) = self.engine.swap(Some(Arc::new(engine))) {
-            // Its caches go with it; their counters stay in the totals.
-            self.metrics.retire_engine(&previous);
-        }
-    }
-
-    async fn set_health(&self, status: ServingStatus) {
-        for service in ["", AUTHORIZATION_SERVICE, AUTHORIZER_SERVICE] {
-            self.health.set_service_status(service, status).await;
-        }
-    }
 }
 
 /// A running server.
@@ -256,24 +154,27 @@ pub async fn start_with_tls(
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|source| ServerError::Bind { addr, source })?;
-    let local_addr = listener
-        .local_addr()
-        .map_err(|source| ServerError::Bind { addr, source })?;
+    start_on(listener, audit, tls).await
+}
+
+/// [`start_with_tls`] on a listener the caller bound.
+pub async fn start_on(
+    listener: TcpListener,
+    audit: AuditLog,
+    tls: Option<Arc<ServerTls>>,
+) -> Result<RunningServer, ServerError> {
+    let local_addr = listener.local_addr().map_err(|source| ServerError::Bind {
+        addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+        source,
+    })?;
 
     let (health, health_service) = tonic_health::server::health_reporter();
-    let state = Arc::new(ServerState {
-        engine: ArcSwapOption::empty(),
-        audit,
-        health,
-        reloads: Default::default(),
-        metrics: Metrics::default(),
-        draining: Default::default(),
-    });
+    let state = Arc::new(ServerState::new(audit, health, HEALTH_SERVICES));
     state.set_health(ServingStatus::NotServing).await;
     // The health hook of the audit log: a writer that stops or a sink that
     // fails turns every service NOT_SERVING, and back when it writes again.
     // Holds the state weakly: the task ends with it.
-    let mut writer_up = state.audit.writer_up();
+    let mut writer_up = state.audit().writer_up();
     let watched = Arc::downgrade(&state);
     tokio::spawn(async move {
         while writer_up.changed().await.is_ok() {

@@ -73,7 +73,7 @@ async fn a_failing_audit_sink_turns_health_not_serving_and_checks_fail_closed() 
     );
 
     let state = server.running.state().clone();
-    let metrics = state.metrics().render(&state);
+    let metrics = state.render_metrics();
     assert!(
         metrics.contains("portcullis_audit_writer_up 0"),
         "{metrics}"

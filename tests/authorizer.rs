@@ -33,7 +33,7 @@ impl Instance {
     /// rendering it uses), e.g. `portcullis_signature_verifications_total`.
     fn metric(&self, sample: &str) -> f64 {
         let state = self.served.server.running.state();
-        let text = state.metrics().render(state);
+        let text = state.render_metrics();
         text.lines()
             .find_map(|line| {
                 let (name, value) = line.rsplit_once(' ')?;

@@ -217,10 +217,11 @@ async fn caches_never_change_a_decision() {
     assert!(revoked > 100, "only {revoked} revoked decisions");
     // The caches were really used, or the comparison proves nothing.
     use std::sync::atomic::Ordering::Relaxed;
-    let stats = &a_cached.caches().stats;
-    assert!(stats.token_hits.load(Relaxed) > 500, "{:?}", stats);
-    assert!(stats.decision_hits.load(Relaxed) > 200, "{:?}", stats);
-    assert_eq!(a_plain.caches().stats.token_hits.load(Relaxed), 0);
+    let token_hits = |e: &Engine| e.authenticator().token_cache().hits.load(Relaxed);
+    let decision_hits = a_cached.evaluator().decision_cache().hits.load(Relaxed);
+    assert!(token_hits(&a_cached) > 500, "{}", token_hits(&a_cached));
+    assert!(decision_hits > 200, "{decision_hits}");
+    assert_eq!(token_hits(&a_plain), 0);
 }
 
 /// The same for direct (`IsAuthorized`) requests: random identities, actions,
@@ -276,8 +277,8 @@ async fn caches_never_change_a_direct_decision() {
             entities: Vec::new(),
         };
         let credential = portcullis::authn::credential::PresentedCredential::Bearer(token);
-        let a = cached.authenticate_credential(credential, now).await;
-        let b = uncached.authenticate_credential(credential, now).await;
+        let a = cached.authenticator().authenticate(credential, now).await;
+        let b = uncached.authenticator().authenticate(credential, now).await;
         let a = cached.decide_direct(&a, &request).unwrap();
         let b = uncached.decide_direct(&b, &request).unwrap();
         assert_eq!(
@@ -293,9 +294,9 @@ async fn caches_never_change_a_direct_decision() {
     );
     assert!(
         cached
-            .caches()
-            .stats
-            .decision_hits
+            .evaluator()
+            .decision_cache()
+            .hits
             .load(std::sync::atomic::Ordering::Relaxed)
             > 0
     );
@@ -309,9 +310,9 @@ async fn caches_never_change_a_direct_decision() {
 async fn decisions_are_shared_across_context_fields_no_policy_reads() {
     let hits = |engine: &Engine| {
         engine
-            .caches()
-            .stats
-            .decision_hits
+            .evaluator()
+            .decision_cache()
+            .hits
             .load(std::sync::atomic::Ordering::Relaxed)
     };
     let request = |token: &str, path: &str, host: &str, ip: &str| {

@@ -170,13 +170,16 @@ async fn an_oversized_discovery_document_is_a_failed_fetch() {
     let fx = Fixture::new();
     add_discovery_issuer(&fx, &idp, REFRESH_EVERY_SECOND, "");
     let engine = portcullis::engine::Engine::from_config(&fx.config()).unwrap();
-    let tasks = engine.spawn_background();
+    let tasks = engine.authenticator().spawn_background();
     let failures = || remote_fetch_failures(&engine);
     wait_for("a failed discovery", || failures() >= 1).await;
-    assert!(!engine.is_ready());
+    assert!(!engine.authenticator().is_ready());
     assert_eq!(idp.jwks_fetches(), 0, "no jwks_uri was taken from it");
     idp.set_padding(Endpoint::Discovery, None);
-    wait_for("keys once discovery is normal", || engine.is_ready()).await;
+    wait_for("keys once discovery is normal", || {
+        engine.authenticator().is_ready()
+    })
+    .await;
     tasks.iter().for_each(|t| t.abort());
 }
 

@@ -28,7 +28,7 @@ async fn a_hundred_swaps_under_load_never_mix_sets_or_fail_a_call() {
     std::fs::write(&policy_file, SET_A).unwrap();
     let server = fx.serve().await;
     let state = server.running.state().clone();
-    let config = fx.config();
+    let config = portcullis::reload::RunningConfig::fixed(fx.config());
     let token = fx.es256().token("alice", &["orders:read"], &[]);
 
     // Expected outcome per digest of each set that ever served.
@@ -115,10 +115,11 @@ async fn the_folder_is_watched() {
     std::fs::write(&policy_file, SET_A).unwrap();
     let server = fx.serve().await;
     let state = server.running.state().clone();
+    let mut config = fx.config();
+    config.policies.watch_interval = std::time::Duration::from_millis(50);
     let watcher = tokio::spawn(portcullis::reload::watch(
         state.clone(),
-        fx.config(),
-        std::time::Duration::from_millis(50),
+        std::sync::Arc::new(portcullis::reload::RunningConfig::fixed(config)),
     ));
     let stats = state.reload_stats();
     let token = fx.es256().token("alice", &["orders:read"], &[]);

@@ -114,6 +114,7 @@ async fn an_outage_keeps_the_last_good_keys_and_startup_waits_for_keys() {
     idp.set_down(true);
     let engine = server.running.state().engine().unwrap();
     let issuer = engine
+        .authenticator()
         .issuers()
         .iter()
         .find(|i| i.keys.is_remote())
@@ -141,15 +142,15 @@ async fn an_outage_keeps_the_last_good_keys_and_startup_waits_for_keys() {
 
     // A new instance starting during the outage is not ready (health NOT_SERVING).
     let fresh = Engine::from_config(&fx.config()).unwrap();
-    let tasks = fresh.spawn_background();
+    let tasks = fresh.authenticator().spawn_background();
     let attempts = idp.jwks_fetches() + idp.discovery_fetches();
     wait_for("a fetch attempt", || {
         idp.jwks_fetches() + idp.discovery_fetches() > attempts
     })
     .await;
-    assert!(!fresh.is_ready());
+    assert!(!fresh.authenticator().is_ready());
     idp.set_down(false);
-    wait_for("keys after the outage", || fresh.is_ready()).await;
+    wait_for("keys after the outage", || fresh.authenticator().is_ready()).await;
     tasks.iter().for_each(|t| t.abort());
 }
 

@@ -1,5 +1,8 @@
 //! Authentication: from the request's credential to a verified identity.
 //!
+//! - [`authenticator`] is the stage itself: credential choice, verification,
+//!   the lifetime rules, the revocation check, counters;
+//! - [`token_cache`] keeps verified tokens so a token is verified once;
 //! - [`credential`] extracts the bearer token from the request headers;
 //! - [`jwks`] parses an issuer's public keys, each pinned to one algorithm;
 //! - [`keys`] keeps them: a local file, or a remote JWKS refreshed in the background;
@@ -10,6 +13,7 @@
 //! - [`mint`] signs development tokens (for trying things out only).
 
 pub mod api_key;
+pub mod authenticator;
 pub mod claims;
 pub mod credential;
 pub mod introspection;
@@ -17,6 +21,7 @@ pub mod jwks;
 pub mod jwt;
 pub mod keys;
 pub mod mint;
+pub mod token_cache;
 pub mod workload;
 
 /// Largest accepted token, checked before any parsing.

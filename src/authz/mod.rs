@@ -1,7 +1,19 @@
 //! Authorization: routes, the Cedar mapping, the policy folder, its index and
 //! evaluation.
+//!
+//! - [`evaluator`] is the stage itself: route, facts, decision key, decision
+//!   cache, Cedar request, sliced evaluation;
+//! - [`routes`] matches method and path to an action;
+//! - [`mapping`] builds the Cedar request and the decision key from one field list;
+//! - [`conformance`] checks at load that every request we build fits the schema;
+//! - [`policy_store`] loads the policy folder; [`index`] slices it per request;
+//! - [`context_reads`] finds what the policies read of the context;
+//! - [`decision_cache`] keeps outcomes by decision key.
 
+pub mod conformance;
 pub mod context_reads;
+pub mod decision_cache;
+pub mod evaluator;
 pub mod index;
 pub mod mapping;
 pub mod policy_store;

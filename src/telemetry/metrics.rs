@@ -27,10 +27,11 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+use crate::audit::AuditLog;
 use crate::decision::Decision;
 use crate::engine::Engine;
+use crate::reload::ReloadStats;
 use crate::revocation::RedisState;
-use crate::server::ServerState;
 
 /// The content type of the OpenMetrics text exposition.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -42,9 +43,10 @@ type DecisionLabels = [(&'static str, &'static str); 2];
 pub struct Metrics {
     decisions: Family<DecisionLabels, Counter>,
     check_duration: Histogram,
-    /// Cache counters of engines replaced by a reload (token hits, token
-    /// misses, decision hits, decision misses), so the totals never go back.
-    retired_caches: [AtomicU64; 4],
+    /// Decision-cache counters of engines replaced by a reload (hits,
+    /// misses), so the totals never go back. (The token cache belongs to the
+    /// credential stage, which reloaded engines share: its counters live on.)
+    retired_decisions: [AtomicU64; 2],
 }
 
 impl Default for Metrics {
@@ -53,7 +55,7 @@ impl Default for Metrics {
             decisions: Family::default(),
             // 50 µs to ~1.6 s.
             check_duration: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
-            retired_caches: Default::default(),
+            retired_decisions: Default::default(),
         }
     }
 }
@@ -68,22 +70,22 @@ impl Metrics {
         self.check_duration.observe(decision.elapsed.as_secs_f64());
     }
 
-    /// Keeps the cache counters of an engine a reload replaced.
+    /// Keeps the decision-cache counters of an engine a reload replaced.
     pub fn retire_engine(&self, engine: &Engine) {
-        let stats = &engine.caches().stats;
-        let counters = [
-            &stats.token_hits,
-            &stats.token_misses,
-            &stats.decision_hits,
-            &stats.decision_misses,
-        ];
-        for (total, counter) in self.retired_caches.iter().zip(counters) {
+        let decisions = engine.evaluator().decision_cache();
+        let counters = [&decisions.hits, &decisions.misses];
+        for (total, counter) in self.retired_decisions.iter().zip(counters) {
             total.fetch_add(counter.load(Ordering::Relaxed), Ordering::Relaxed);
         }
     }
 
     /// The OpenMetrics text of every metric, now.
-    pub fn render(&self, state: &ServerState) -> String {
+    pub fn render(
+        &self,
+        engine: Option<&Engine>,
+        audit: &AuditLog,
+        reloads: &ReloadStats,
+    ) -> String {
         let mut registry = Registry::with_prefix("portcullis");
         registry.register(
             "decisions",
@@ -96,8 +98,7 @@ impl Metrics {
             Unit::Seconds,
             self.check_duration.clone(),
         );
-        let engine = state.engine();
-        register_state(&mut registry, self, state, engine.as_deref());
+        register_state(&mut registry, self, engine, audit, reloads);
         let mut text = String::new();
         if let Err(e) = encode(&mut text, &registry) {
             tracing::error!(error = %e, "cannot encode metrics");
@@ -122,15 +123,16 @@ fn gauge(value: i64) -> Gauge {
 fn register_state(
     registry: &mut Registry,
     metrics: &Metrics,
-    state: &ServerState,
     engine: Option<&Engine>,
+    audit: &AuditLog,
+    reloads: &ReloadStats,
 ) {
     registry.register(
         "ready",
         "1 when policies and keys are loaded and checks are decided",
         gauge(i64::from(engine.is_some())),
     );
-    let audit = state.audit().stats();
+    let audit = audit.stats();
     registry.register(
         "audit_writer_up",
         "1 while the audit writer runs and its last write succeeded; 0 while checks are refused with audit_unavailable",
@@ -151,7 +153,6 @@ fn register_state(
         "Requests refused (UNAVAILABLE, audit_unavailable) because the audit log could not take their decision",
         counter(audit.refused),
     );
-    let reloads = state.reload_stats();
     registry.register(
         "policy_reloads",
         "Policy sets swapped in by a reload",
@@ -172,7 +173,7 @@ fn register_state(
     );
 
     // Shared by an engine and the engines reloaded from it: process totals.
-    let verifications = engine.credential_counters();
+    let verifications = engine.authenticator().counters();
     registry.register(
         "credential_verifications",
         "Runs of the credential stage (one per Check or IsAuthorized call, one per BatchIsAuthorized call whatever its size)",
@@ -184,14 +185,21 @@ fn register_state(
         counter(verifications.signatures.load(Ordering::Relaxed)),
     );
 
-    let stats = &engine.caches().stats;
+    let tokens = engine.authenticator().token_cache();
+    let decisions = engine.evaluator().decision_cache();
     let live = [
-        stats.token_hits.load(Ordering::Relaxed),
-        stats.token_misses.load(Ordering::Relaxed),
-        stats.decision_hits.load(Ordering::Relaxed),
-        stats.decision_misses.load(Ordering::Relaxed),
+        tokens.hits.load(Ordering::Relaxed),
+        tokens.misses.load(Ordering::Relaxed),
+        decisions.hits.load(Ordering::Relaxed),
+        decisions.misses.load(Ordering::Relaxed),
     ];
-    let total = |i: usize| live[i] + metrics.retired_caches[i].load(Ordering::Relaxed);
+    let retired = [
+        0,
+        0,
+        metrics.retired_decisions[0].load(Ordering::Relaxed),
+        metrics.retired_decisions[1].load(Ordering::Relaxed),
+    ];
+    let total = |i: usize| live[i] + retired[i];
     let hits = Family::<[(&'static str, &'static str); 1], Counter>::default();
     let misses = Family::<[(&'static str, &'static str); 1], Counter>::default();
     hits.get_or_create(&[("cache", "token")]).inc_by(total(0));
@@ -207,7 +215,12 @@ fn register_state(
     let refreshes = Family::<[(&'static str, String); 1], Counter>::default();
     let failures = Family::<[(&'static str, String); 1], Counter>::default();
     let unknown_kid = Family::<[(&'static str, String); 1], Counter>::default();
-    for issuer in engine.issuers().iter().filter(|i| i.keys.is_remote()) {
+    for issuer in engine
+        .authenticator()
+        .issuers()
+        .iter()
+        .filter(|i| i.keys.is_remote())
+    {
         let labels = [("issuer", issuer.issuer.clone())];
         let keys = &issuer.keys.stats;
         refreshes
@@ -236,7 +249,7 @@ fn register_state(
         unknown_kid,
     );
 
-    let Some(store) = engine.revocations() else {
+    let Some(store) = engine.authenticator().revocations() else {
         return;
     };
     let status = store.status();
@@ -347,19 +360,35 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// scrape's is a few hundred bytes.
 pub const MAX_REQUEST_HEAD_BYTES: usize = 16 * 1024;
 
+/// What the metrics endpoint renders ([`crate::state::ServerState`] in the
+/// server).
+pub trait MetricsSource: Send + Sync {
+    /// The OpenMetrics text of every metric, now.
+    fn render_metrics(&self) -> String;
+}
+
 /// Serves `GET /metrics` for `state` on `addr` (HTTP/1.1, no TLS: bind it to
 /// an address only the scraper reaches), within [`MAX_CONNECTIONS`],
 /// [`HEADER_READ_TIMEOUT`] and [`MAX_REQUEST_HEAD_BYTES`].
 pub async fn serve(
     addr: SocketAddr,
-    state: Arc<ServerState>,
+    state: Arc<dyn MetricsSource>,
 ) -> Result<MetricsServer, MetricsError> {
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|source| MetricsError::Bind { addr, source })?;
-    let local_addr = listener
-        .local_addr()
-        .map_err(|source| MetricsError::Bind { addr, source })?;
+    serve_on(listener, state)
+}
+
+/// [`serve`] on a listener the caller bound.
+pub fn serve_on(
+    listener: TcpListener,
+    state: Arc<dyn MetricsSource>,
+) -> Result<MetricsServer, MetricsError> {
+    let local_addr = listener.local_addr().map_err(|source| MetricsError::Bind {
+        addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+        source,
+    })?;
     let (tx, mut rx) = oneshot::channel::<()>();
     let task = tokio::spawn(async move {
         let mut connections = tokio::task::JoinSet::new();
@@ -388,7 +417,7 @@ pub async fn serve(
                 let _slot = slot;
                 let service = hyper::service::service_fn(move |request| {
                     let state = state.clone();
-                    async move { Ok::<_, Infallible>(respond(&request, &state)) }
+                    async move { Ok::<_, Infallible>(respond(&request, state.as_ref())) }
                 });
                 // A scraper that hangs up mid-response is not our problem.
                 let _ = hyper::server::conn::http1::Builder::new()
@@ -410,7 +439,7 @@ pub async fn serve(
     })
 }
 
-fn respond<B>(request: &Request<B>, state: &ServerState) -> Response<Full<Bytes>> {
+fn respond<B>(request: &Request<B>, state: &dyn MetricsSource) -> Response<Full<Bytes>> {
     let reply = |status: StatusCode, content_type: &str, body: String| {
         let mut response = Response::new(Full::new(Bytes::from(body)));
         *response.status_mut() = status;
@@ -422,9 +451,7 @@ fn respond<B>(request: &Request<B>, state: &ServerState) -> Response<Full<Bytes>
         response
     };
     match (request.method(), request.uri().path()) {
-        (&Method::GET, "/metrics") => {
-            reply(StatusCode::OK, CONTENT_TYPE, state.metrics().render(state))
-        }
+        (&Method::GET, "/metrics") => reply(StatusCode::OK, CONTENT_TYPE, state.render_metrics()),
         (_, "/metrics") => reply(
             StatusCode::METHOD_NOT_ALLOWED,
             "text/plain",

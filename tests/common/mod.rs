@@ -438,8 +438,8 @@ impl Fixture {
     pub async fn serve_with_background(&self) -> (TestServer, Vec<tokio::task::JoinHandle<()>>) {
         let running = self.serve_unloaded().await;
         let engine = Engine::from_config(&self.config()).unwrap();
-        let tasks = engine.spawn_background();
-        wait_for("engine ready", || engine.is_ready()).await;
+        let tasks = engine.authenticator().spawn_background();
+        wait_for("engine ready", || engine.authenticator().is_ready()).await;
         running.state().install(engine).await;
         (TestServer::connect(running).await, tasks)
     }
@@ -517,6 +517,7 @@ pub async fn health_of(channel: &Channel, service: &str) -> i32 {
 /// Failed key fetches of `engine`'s (first) remote issuer.
 pub fn remote_fetch_failures(engine: &Engine) -> u64 {
     engine
+        .authenticator()
         .issuers()
         .iter()
         .find(|i| i.keys.is_remote())

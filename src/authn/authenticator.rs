@@ -1,0 +1,415 @@
+//! The credential stage: from what a request presents to a verified,
+//! unrevoked identity.
+//!
+//! ```text
+//! presented credential ─▶ verify (token cache, JWT / API key / introspection / workload) ─▶ revocation ─▶ Authentication
+//! ```
+//! One [`Authenticator`] is built at start from the issuers, API keys and
+//! workload settings, and shared by every engine a policy reload builds: keys,
+//! the verified-token cache, the revocation store and the counters outlive a
+//! policy change.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
+use tracing::field::Empty;
+
+use super::api_key::{ReloadingApiKeyStore, is_api_key};
+use super::credential::{PresentedCredential, bearer_token};
+use super::introspection::{self, token_digest};
+use super::jwks::VerificationKey;
+use super::jwt::{Issuer, IssuerSet};
+use super::mint::SigningKey;
+use super::token_cache::{CachedToken, TokenCache};
+use super::workload::WorkloadIdentities;
+use super::{MAX_TOKEN_BYTES, TokenError, VerifiedToken};
+use crate::attributes::HttpRequest;
+use crate::config::{ApiKeysConfig, Config};
+use crate::revocation::RevocationStore;
+
+/// The API key store and its settings.
+#[derive(Debug)]
+struct ApiKeys {
+    store: Arc<ReloadingApiKeyStore>,
+    settings: ApiKeysConfig,
+}
+
+/// How often credentials were verified, over the process's life.
+#[derive(Debug, Default)]
+pub struct CredentialCounters {
+    /// Runs of the credential stage (one per `Check`, one per `IsAuthorized`,
+    /// one per `BatchIsAuthorized` whatever its size, one per `explain`).
+    pub credentials: AtomicU64,
+    /// JWT signatures actually verified (verified-token cache misses).
+    pub signatures: AtomicU64,
+}
+
+/// What the credential stage established; computed once per call and shared
+/// by every decision of a batch.
+#[derive(Debug, Clone)]
+pub struct Authentication {
+    /// The verified identity; also kept when it is revoked, for the audit line.
+    /// Shared with the verified-token cache, not copied out of it.
+    pub token: Option<Arc<VerifiedToken>>,
+    /// Why the credential is refused, if it is.
+    pub refusal: Option<TokenError>,
+}
+
+/// Verifies credentials: trusted issuers and their keys, API keys, workload
+/// identities, the verified-token cache and the revocation check.
+#[derive(Debug)]
+pub struct Authenticator {
+    issuers: IssuerSet,
+    api_keys: Option<ApiKeys>,
+    workload: Option<WorkloadIdentities>,
+    tokens: TokenCache,
+    /// Set once, when the store is opened (the offline commands have none).
+    revocations: OnceLock<Arc<RevocationStore>>,
+    counters: CredentialCounters,
+    /// Stops the background work of [`Self::spawn_background`] when this
+    /// authenticator is dropped (replaced by a configuration reload).
+    background: CancellationToken,
+}
+
+impl Drop for Authenticator {
+    fn drop(&mut self) {
+        self.background.cancel();
+    }
+}
+
+impl Authenticator {
+    /// Loads the issuers (local keys; remote ones are fetched by
+    /// [`Self::spawn_background`]), the API key file and the workload settings
+    /// of `config`. Every problem is returned, one line each.
+    pub fn from_config(config: &Config) -> Result<Authenticator, Vec<String>> {
+        let mut problems = Vec::new();
+        let mut issuers = Vec::new();
+        for issuer in &config.issuers {
+            match Issuer::from_config(issuer) {
+                Ok(loaded) => issuers.push(loaded),
+                Err(e) => problems.push(format!("issuer {}: {e}", issuer.issuer)),
+            }
+        }
+        let api_keys = match &config.api_keys {
+            None => None,
+            Some(settings) => match ReloadingApiKeyStore::load(&settings.file) {
+                Ok(store) => Some(ApiKeys {
+                    store: Arc::new(store),
+                    settings: settings.clone(),
+                }),
+                Err(e) => {
+                    problems.push(format!("api_keys: {e}"));
+                    None
+                }
+            },
+        };
+        if !problems.is_empty() {
+            return Err(problems);
+        }
+        Ok(Authenticator {
+            issuers: IssuerSet::new(issuers),
+            api_keys,
+            workload: config
+                .workload
+                .as_ref()
+                .map(WorkloadIdentities::from_config),
+            tokens: TokenCache::new(&config.cache),
+            revocations: OnceLock::new(),
+            counters: CredentialCounters::default(),
+            background: CancellationToken::new(),
+        })
+    }
+
+    /// Checks every authenticated credential against `store` from now on.
+    /// Only the first store given is used (one per process).
+    pub fn set_revocations(&self, store: Arc<RevocationStore>) {
+        if self.revocations.set(store).is_err() {
+            tracing::debug!("revocation store already set; keeping the first");
+        }
+    }
+
+    /// The revocation store checked after authentication, if any.
+    pub fn revocations(&self) -> Option<&Arc<RevocationStore>> {
+        self.revocations.get()
+    }
+
+    /// Starts the background work: refreshing remote keys, watching the API
+    /// key file. It stops when this authenticator is dropped, or when the
+    /// handles are aborted.
+    pub fn spawn_background(&self) -> Vec<tokio::task::JoinHandle<()>> {
+        let until_dropped = |work: std::pin::Pin<Box<dyn Future<Output = ()> + Send>>| {
+            let dropped = self.background.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = work => {}
+                    _ = dropped.cancelled() => {}
+                }
+            })
+        };
+        let mut tasks: Vec<_> = self
+            .issuers
+            .iter()
+            .filter(|i| i.keys.is_remote())
+            .map(|i| until_dropped(Box::pin(i.keys.clone().refresh_forever())))
+            .collect();
+        if let Some(keys) = &self.api_keys {
+            let watch = keys.store.spawn_watch(keys.settings.reload_interval);
+            tasks.push(until_dropped(Box::pin(async move {
+                let abort = watch.abort_handle();
+                // Dropping this future (cancellation) must stop the watch too.
+                let _stop = AbortOnDrop(abort);
+                let _ = watch.await;
+            })));
+        }
+        tasks
+    }
+
+    /// The issuers still without keys (what a start or a reload waits for).
+    pub fn issuers_without_keys(&self) -> Vec<String> {
+        self.issuers
+            .iter()
+            .filter(|i| i.keys.is_remote() && !i.keys.is_ready())
+            .map(|i| i.issuer.clone())
+            .collect()
+    }
+
+    /// Continues the counters of `previous` (replaced by a configuration
+    /// reload), so that they count over the process's life.
+    pub fn continue_counters(&self, previous: &Authenticator) {
+        let carry = |to: &AtomicU64, from: &AtomicU64| {
+            to.fetch_add(from.load(Ordering::Relaxed), Ordering::Relaxed);
+        };
+        carry(&self.counters.credentials, &previous.counters.credentials);
+        carry(&self.counters.signatures, &previous.counters.signatures);
+        carry(&self.tokens.hits, &previous.tokens.hits);
+        carry(&self.tokens.misses, &previous.tokens.misses);
+    }
+
+    /// True when every issuer has keys: the engine may then serve.
+    pub fn is_ready(&self) -> bool {
+        self.issuers.keys_ready()
+    }
+
+    /// Makes every issuer trust `key` (for `portcullis test` only: it signs the
+    /// test cases' tokens with a throw-away key; `serve` never calls this).
+    pub fn trust_test_key(&self, key: &SigningKey) -> Result<(), String> {
+        let jwk = &key.public_jwks().keys[0];
+        let decoding = jsonwebtoken::DecodingKey::from_jwk(jwk).map_err(|e| e.to_string())?;
+        for issuer in self.issuers.iter() {
+            issuer.keys.add_key(
+                key.kid(),
+                VerificationKey {
+                    algorithm: jsonwebtoken::Algorithm::ES256,
+                    key: decoding.clone(),
+                },
+            );
+        }
+        Ok(())
+    }
+
+    /// The header API keys may arrive in, if configured.
+    pub fn api_key_header(&self) -> Option<&str> {
+        self.api_keys.as_ref()?.settings.header.as_deref()
+    }
+
+    /// Whether the mTLS caller `caller` may assert a workload identity in a
+    /// direct request (`[workload] asserting_callers`).
+    pub fn may_assert_workload(&self, caller: Option<&str>) -> bool {
+        self.workload.as_ref().is_some_and(|w| w.may_assert(caller))
+    }
+
+    /// The request's mTLS peer identity when it is in a trusted trust domain
+    /// (only such an identity reaches the policies).
+    pub fn trusted_peer<'a>(&self, http: &'a HttpRequest) -> Option<&'a str> {
+        let peer = http.peer_principal.as_deref()?;
+        self.workload.as_ref()?.identity(peer).map(|_| peer)
+    }
+
+    /// The trusted issuers (for key refresh and readiness).
+    pub fn issuers(&self) -> &IssuerSet {
+        &self.issuers
+    }
+
+    /// Fetches the keys of every remote issuer once (for the offline commands).
+    pub async fn fetch_remote_keys_once(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        for issuer in self.issuers.iter().filter(|i| i.keys.is_remote()) {
+            if let Err(e) = issuer.keys.refresh().await {
+                problems.push(format!("issuer {}: {e}", issuer.issuer));
+            }
+        }
+        problems
+    }
+
+    /// The verified-token cache (statistics, tests).
+    pub fn token_cache(&self) -> &TokenCache {
+        &self.tokens
+    }
+
+    /// Credential and signature verification counts.
+    pub fn counters(&self) -> &CredentialCounters {
+        &self.counters
+    }
+
+    /// The credential of an HTTP request, in order: `Authorization: Bearer` (a
+    /// JWT, an API key, or an opaque token to introspect), the API-key header,
+    /// then (on routes that allow it, with no credential at all) the mTLS
+    /// peer's workload identity.
+    pub fn presented_credential<'a>(
+        &self,
+        http: &'a HttpRequest,
+        allow_workload: bool,
+    ) -> Result<PresentedCredential<'a>, TokenError> {
+        let api_key_header = self.api_key_header().and_then(|name| http.header(name));
+        match (bearer_token(http.header("authorization")), api_key_header) {
+            (Ok(token), _) => Ok(PresentedCredential::Bearer(token)),
+            (Err(TokenError::Missing), Some(key)) => Ok(PresentedCredential::ApiKey(key.trim())),
+            (Err(TokenError::Missing), None) => Ok(match &http.peer_principal {
+                Some(peer) if allow_workload => PresentedCredential::Workload(peer),
+                _ => PresentedCredential::None,
+            }),
+            (Err(e), _) => Err(e),
+        }
+    }
+
+    /// The whole stage, shared by `Check` and `IsAuthorized`: verifies the
+    /// credential (through the verified-token cache), then checks revocation,
+    /// right after authentication and before anything else uses the identity
+    /// (and before any cached decision).
+    pub async fn authenticate(
+        &self,
+        credential: PresentedCredential<'_>,
+        now: i64,
+    ) -> Authentication {
+        let token = match self.verify(credential, now).await {
+            Ok(token) => token,
+            Err(refusal) => {
+                return Authentication {
+                    token: None,
+                    refusal: Some(refusal),
+                };
+            }
+        };
+        let revoked = self
+            .revocations()
+            .is_some_and(|revocations| revocations.check(&token, now).is_err());
+        Authentication {
+            token: Some(token),
+            refusal: revoked.then_some(TokenError::Revoked),
+        }
+    }
+
+    /// Verifies a credential, whichever way it arrived, without the revocation
+    /// check (for `explain`, which reports what the decision already did).
+    pub async fn verify(
+        &self,
+        credential: PresentedCredential<'_>,
+        now: i64,
+    ) -> Result<Arc<VerifiedToken>, TokenError> {
+        self.counters.credentials.fetch_add(1, Ordering::Relaxed);
+        let token = match credential {
+            PresentedCredential::None => return Err(TokenError::Missing),
+            PresentedCredential::Refused(e) => return Err(e),
+            PresentedCredential::Workload(peer) => {
+                // Only a trust domain the configuration names is an identity.
+                return self
+                    .workload
+                    .as_ref()
+                    .and_then(|workload| workload.identity(peer))
+                    .map(Arc::new)
+                    .ok_or(TokenError::Missing);
+            }
+            PresentedCredential::ApiKey(key) => return self.verify_api_key(key, now).map(Arc::new),
+            PresentedCredential::Bearer(token) => token,
+        };
+        // Checked before any parsing (bearer_token did for Check; IsAuthorized
+        // hands the value over directly).
+        if token.len() > MAX_TOKEN_BYTES {
+            return Err(TokenError::TooLarge);
+        }
+        if is_api_key(token) {
+            return self.verify_api_key(token, now).map(Arc::new);
+        }
+        if is_jwt_shaped(token) {
+            return self.verify_jwt(token, now).await;
+        }
+        // An opaque token names no issuer: its prefix picks the one issuer that
+        // introspects it (or the only introspecting issuer takes them all).
+        // Never several: one issuer's tokens are not shown to another. A token
+        // no issuer claims is refused without a call, and the reason says
+        // nothing about which issuers exist.
+        let introspectors = self.issuers.introspectors();
+        let Some(introspector) = introspection::select(&introspectors, token) else {
+            return Err(TokenError::Malformed);
+        };
+        introspector.introspect(token, now).await.map(Arc::new)
+    }
+
+    /// JWT verification through the verified-token cache.
+    async fn verify_jwt(&self, token: &str, now: i64) -> Result<Arc<VerifiedToken>, TokenError> {
+        let digest = token_digest(token);
+        let lookup = tracing::debug_span!("cache_lookup", cache = "token", hit = Empty);
+        let hit = lookup.in_scope(|| {
+            self.tokens
+                .get(&digest, now, |iss| self.issuers.key_generation(iss))
+        });
+        lookup.record("hit", hit.is_some());
+        // On the request's span (the caller of `run`), for its attributes.
+        tracing::Span::current().record("token_cache_hit", hit.is_some());
+        if let Some(hit) = hit {
+            return Ok(hit);
+        }
+        self.counters.signatures.fetch_add(1, Ordering::Relaxed);
+        let (verified, window) = self
+            .issuers
+            .verify_with_window(token, now)
+            .instrument(tracing::debug_span!("verify_token", credential = "jwt"))
+            .await?;
+        let verified = Arc::new(verified);
+        self.tokens.insert(
+            digest,
+            CachedToken {
+                token: verified.clone(),
+                key_generation: window.key_generation,
+                valid_from: window.from,
+                valid_until: window.until,
+            },
+        );
+        Ok(verified)
+    }
+
+    fn verify_api_key(&self, key: &str, now: i64) -> Result<VerifiedToken, TokenError> {
+        let _span = tracing::debug_span!("verify_token", credential = "api_key").entered();
+        let Some(api_keys) = &self.api_keys else {
+            return Err(TokenError::UnknownApiKey);
+        };
+        if key.len() > MAX_TOKEN_BYTES {
+            return Err(TokenError::TooLarge);
+        }
+        let identity = api_keys.store.verify(key, now)?;
+        // Short life applies to keys too: no expiry, or too long a one, is refused.
+        let max = api_keys.settings.max_lifetime.as_secs() as i64;
+        match identity.expires {
+            Some(expires) if expires - identity.created <= max => {}
+            _ => return Err(TokenError::LifetimeTooLong),
+        }
+        Ok(identity.into_verified(&api_keys.settings.principal_type))
+    }
+}
+
+/// Three dot-separated parts: a JWS compact serialization.
+fn is_jwt_shaped(token: &str) -> bool {
+    token.bytes().filter(|b| *b == b'.').count() == 2
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
