@@ -16,7 +16,7 @@
 pub mod journal;
 pub mod redis;
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -220,79 +220,159 @@ pub struct Revoked {
     pub kind: &'static str,
 }
 
+/// A key of the index: shared, so that copying an index node (persistent maps
+/// copy the nodes on the path they change) costs a reference count, not an
+/// allocation.
+type Key = Arc<str>;
+
+/// The values of one key: a multiset (two entries may match the same key),
+/// shared between snapshots until a writer changes that key.
+type Values<T> = Arc<Vec<T>>;
+
+/// A persistent map: cloning it is O(1) and an insert or removal copies only
+/// the O(log n) nodes on its path, sharing the rest with the older snapshots.
+type Map<T> = imbl::HashMap<Key, Values<T>>;
+
 /// The immutable lookup structure the request path reads.
-#[derive(Debug, Default)]
+///
+/// Writers never rebuild it: they clone the published index (O(1)), apply their
+/// changes to the clone ([`Index::add`], [`Index::remove`], O(log n) each) and
+/// publish the clone.
+#[derive(Debug, Default, Clone)]
 struct Index {
     /// jti → (issuer or any, expiry).
-    jti: HashMap<String, Vec<(Option<String>, i64)>>,
+    jti: Map<(Option<Key>, i64)>,
     /// sub → (cut-off, expiry).
-    sub: HashMap<String, Vec<(i64, i64)>>,
-    /// kid → expiry.
-    kid: HashMap<String, i64>,
-    /// client id → expiry.
-    client: HashMap<String, i64>,
-    /// API key id → expiry.
-    api_key: HashMap<String, i64>,
-    /// Earliest expiry, for the sweeper.
+    sub: Map<(i64, i64)>,
+    /// kid → expiries, ascending: the last one decides.
+    kid: Map<i64>,
+    /// client id → expiries, ascending.
+    client: Map<i64>,
+    /// API key id → expiries, ascending.
+    api_key: Map<i64>,
+    /// Earliest expiry, for the sweeper. [`Index::add`] keeps it; after a
+    /// removal the writer sets it from its expiry order.
     next_expiry: Option<i64>,
 }
 
+/// Adds `value` to the values of `key`.
+fn push_value<T: Clone>(map: &mut Map<T>, key: &str, value: T) {
+    match map.get_mut(key) {
+        Some(values) => Arc::make_mut(values).push(value),
+        None => {
+            map.insert(Key::from(key), Arc::new(vec![value]));
+        }
+    }
+}
+
+/// Adds `exp` to the ascending expiries of `key`.
+fn push_expiry(map: &mut Map<i64>, key: &str, exp: i64) {
+    match map.get_mut(key) {
+        Some(values) => {
+            let values = Arc::make_mut(values);
+            let at = values.partition_point(|e| *e <= exp);
+            values.insert(at, exp);
+        }
+        None => {
+            map.insert(Key::from(key), Arc::new(vec![exp]));
+        }
+    }
+}
+
+/// Removes one occurrence of a value of `key` matching `is`, and the key with
+/// its last value. The order of the others is kept (the expiries stay sorted).
+fn remove_value<T: Clone>(map: &mut Map<T>, key: &str, is: impl Fn(&T) -> bool) {
+    let Some(values) = map.get(key) else { return };
+    let Some(at) = values.iter().position(is) else {
+        return;
+    };
+    if values.len() == 1 {
+        map.remove(key);
+    } else if let Some(values) = map.get_mut(key) {
+        Arc::make_mut(values).remove(at);
+    }
+}
+
 impl Index {
+    /// An index of `entries`, built by adding them one by one.
+    #[cfg(test)]
     fn build<'a>(entries: impl Iterator<Item = &'a Revocation>) -> Index {
         let mut index = Index::default();
-        let keep_latest = |map: &mut HashMap<String, i64>, key: &str, exp: i64| {
-            let slot = map.entry(key.to_owned()).or_insert(exp);
-            *slot = (*slot).max(exp);
-        };
         for entry in entries {
-            let exp = entry.expires_at;
-            index.next_expiry = Some(index.next_expiry.map_or(exp, |n| n.min(exp)));
-            match &entry.target {
-                Target::Token { jti, issuer } => index
-                    .jti
-                    .entry(jti.clone())
-                    .or_default()
-                    .push((issuer.clone(), exp)),
-                Target::Subject { sub, issued_before } => index
-                    .sub
-                    .entry(sub.clone())
-                    .or_default()
-                    .push((*issued_before, exp)),
-                Target::Key { kid } => keep_latest(&mut index.kid, kid, exp),
-                Target::Client { client_id } => keep_latest(&mut index.client, client_id, exp),
-                Target::ApiKey { api_key_id } => keep_latest(&mut index.api_key, api_key_id, exp),
-            }
+            index.add(entry);
         }
         index
     }
 
+    /// Adds `entry`: O(log n).
+    fn add(&mut self, entry: &Revocation) {
+        let exp = entry.expires_at;
+        self.next_expiry = Some(self.next_expiry.map_or(exp, |n| n.min(exp)));
+        match &entry.target {
+            Target::Token { jti, issuer } => {
+                push_value(&mut self.jti, jti, (issuer.as_deref().map(Key::from), exp))
+            }
+            Target::Subject { sub, issued_before } => {
+                push_value(&mut self.sub, sub, (*issued_before, exp))
+            }
+            Target::Key { kid } => push_expiry(&mut self.kid, kid, exp),
+            Target::Client { client_id } => push_expiry(&mut self.client, client_id, exp),
+            Target::ApiKey { api_key_id } => push_expiry(&mut self.api_key, api_key_id, exp),
+        }
+    }
+
+    /// Removes one occurrence of what [`Index::add`] added for `entry`:
+    /// O(log n). Leaves `next_expiry` to the caller.
+    fn remove(&mut self, entry: &Revocation) {
+        let exp = entry.expires_at;
+        match &entry.target {
+            Target::Token { jti, issuer } => remove_value(&mut self.jti, jti, |(i, e)| {
+                *e == exp && i.as_deref() == issuer.as_deref()
+            }),
+            Target::Subject { sub, issued_before } => {
+                remove_value(&mut self.sub, sub, |(cutoff, e)| {
+                    *e == exp && cutoff == issued_before
+                })
+            }
+            Target::Key { kid } => remove_value(&mut self.kid, kid, |e| *e == exp),
+            Target::Client { client_id } => {
+                remove_value(&mut self.client, client_id, |e| *e == exp)
+            }
+            Target::ApiKey { api_key_id } => {
+                remove_value(&mut self.api_key, api_key_id, |e| *e == exp)
+            }
+        }
+    }
+
     fn check(&self, token: &VerifiedToken, now: i64) -> Result<(), Revoked> {
         let live = |exp: &i64| *exp > now;
+        let latest_live = |expiries: &Values<i64>| expiries.last().is_some_and(live);
         if let Some(jti) = &token.jti
-            && let Some(rules) = self.jti.get(jti)
+            && let Some(rules) = self.jti.get(jti.as_str())
             && rules.iter().any(|(issuer, exp)| {
                 live(exp) && issuer.as_deref().is_none_or(|iss| iss == token.issuer)
             })
         {
             return Err(Revoked { kind: "jti" });
         }
-        if let Some(rules) = self.sub.get(&token.subject)
+        if let Some(rules) = self.sub.get(token.subject.as_str())
             && rules
                 .iter()
                 .any(|(cutoff, exp)| live(exp) && token.issued_at <= *cutoff)
         {
             return Err(Revoked { kind: "sub" });
         }
-        if !token.key_id.is_empty() && self.kid.get(&token.key_id).is_some_and(live) {
+        if !token.key_id.is_empty() && self.kid.get(token.key_id.as_str()).is_some_and(latest_live)
+        {
             return Err(Revoked { kind: "kid" });
         }
         if let Some(client) = &token.client_id
-            && self.client.get(client).is_some_and(live)
+            && self.client.get(client.as_str()).is_some_and(latest_live)
         {
             return Err(Revoked { kind: "client" });
         }
         if let Some(id) = &token.api_key_id
-            && self.api_key.get(id).is_some_and(live)
+            && self.api_key.get(id.as_str()).is_some_and(latest_live)
         {
             return Err(Revoked { kind: "api_key" });
         }
@@ -393,10 +473,70 @@ impl Default for RevocationStats {
     }
 }
 
-/// The mutable side: every entry by its line, behind a lock writers take.
+/// The mutable side: every entry by its line, and the lines in expiry order,
+/// behind a lock writers take.
 #[derive(Debug, Default)]
 struct Entries {
-    by_line: HashMap<String, Revocation>,
+    by_line: HashMap<Key, Revocation>,
+    /// (expiry, line) of every entry: the sweep takes the expired ones from
+    /// the front, without visiting the others.
+    by_expiry: BTreeSet<(i64, Key)>,
+}
+
+impl Entries {
+    fn len(&self) -> usize {
+        self.by_line.len()
+    }
+
+    fn contains(&self, line: &str) -> bool {
+        self.by_line.contains_key(line)
+    }
+
+    /// Adds `entry` here and to `index` unless its line is known; true if it
+    /// was new. O(log n).
+    fn add(&mut self, index: &mut Index, line: &str, entry: Revocation) -> bool {
+        if self.by_line.contains_key(line) {
+            return false;
+        }
+        let line = Key::from(line);
+        index.add(&entry);
+        self.by_expiry.insert((entry.expires_at, line.clone()));
+        self.by_line.insert(line, entry);
+        true
+    }
+
+    /// Removes the entries expired at `now` here and from `index`; returns how
+    /// many. O(log n) per entry removed; nothing else is visited.
+    fn sweep(&mut self, index: &mut Index, now: i64) -> usize {
+        let mut removed = 0;
+        while let Some((exp, _)) = self.by_expiry.first()
+            && *exp <= now
+        {
+            let Some((_, line)) = self.by_expiry.pop_first() else {
+                break;
+            };
+            if let Some(entry) = self.by_line.remove(&line) {
+                index.remove(&entry);
+                removed += 1;
+            }
+        }
+        index.next_expiry = self.next_expiry();
+        removed
+    }
+
+    /// Entries in force at `now`: all but those expired and not swept yet
+    /// (visits only these).
+    fn in_force(&self, now: i64) -> usize {
+        let expired = self
+            .by_expiry
+            .range(..(now.saturating_add(1), Key::from("")))
+            .count();
+        self.len() - expired
+    }
+
+    fn next_expiry(&self) -> Option<i64> {
+        self.by_expiry.first().map(|(exp, _)| *exp)
+    }
 }
 
 /// The revocation set of one instance: checked on every request, written by the
@@ -480,9 +620,11 @@ impl RevocationStore {
                 "the journal holds more revocations than [revocation] max_entries: all are enforced, new local revocations are refused until entries expire"
             );
         }
-        let entries = Entries {
-            by_line: replay.entries.into_iter().collect(),
-        };
+        let mut entries = Entries::default();
+        let mut index = Index::default();
+        for (line, entry) in replay.entries {
+            entries.add(&mut index, &line, entry);
+        }
         let (stop, _) = watch::channel(false);
         let journal = Arc::new(Mutex::new(journal));
         let (remote_journal, remote_lines) = mpsc::channel(REMOTE_JOURNAL_BATCHES);
@@ -492,7 +634,7 @@ impl RevocationStore {
             stop.subscribe(),
         ));
         let store = Arc::new(RevocationStore {
-            snapshot: ArcSwap::from_pointee(Index::build(entries.by_line.values())),
+            snapshot: ArcSwap::from_pointee(index),
             entries: Mutex::new(entries),
             journal,
             remote_journal,
@@ -551,72 +693,139 @@ impl RevocationStore {
         token_exp: Option<i64>,
         reason: String,
     ) -> Result<Revoke, RevocationError> {
-        target.validate()?;
+        let mut done = self.revoke_many(vec![(target, token_exp)], reason).await?;
+        done.pop()
+            .ok_or_else(|| RevocationError::Task("revoke: no entry applied".into()))
+    }
+
+    /// Revokes every target (each with its token's `exp` when known) as
+    /// [`Self::revoke`] does one, all or nothing: the entries are put in force
+    /// together (one snapshot published), journaled with one append and one
+    /// fsync, and written to Redis each. Returns one [`Revoke`] per target, in
+    /// order.
+    ///
+    /// Refused, with nothing applied, when one target is invalid, when the new
+    /// entries would bring more than `[revocation] max_entries` in force
+    /// ([`RevocationError::Full`]), or, in shared mode, when the Redis queue
+    /// has no room for all of them ([`RevocationError::QueueFull`]).
+    pub async fn revoke_many(
+        self: &Arc<Self>,
+        targets: Vec<(Target, Option<i64>)>,
+        reason: String,
+    ) -> Result<Vec<Revoke>, RevocationError> {
+        for (target, _) in &targets {
+            target.validate()?;
+        }
         if reason.len() > MAX_REASON_BYTES {
             return Err(RevocationError::Invalid(format!(
                 "reason is longer than {MAX_REASON_BYTES} bytes"
             )));
         }
-        let now = unix_now();
-        let revocation = Revocation {
-            expires_at: self.lifetimes.expiry(&target, now, token_exp),
-            target,
-            created_at: now,
-            reason,
-        };
-        if revocation.expires_at <= now {
-            return Err(RevocationError::Invalid(
-                "no token it matches can still be valid".into(),
-            ));
+        if targets.is_empty() {
+            return Ok(Vec::new());
         }
-        let line = revocation.to_line();
-        // A place in the Redis queue first, then the cap: a refusal leaves
-        // nothing applied, queued or journaled.
-        let slot = match &self.sync {
-            Some(sync) => Some(sync.reserve(now).inspect_err(|_| {
-                self.stats
-                    .refused_queue_full
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            })?),
+        let now = unix_now();
+        let mut revocations = Vec::with_capacity(targets.len());
+        for (target, token_exp) in targets {
+            let revocation = Revocation {
+                expires_at: self.lifetimes.expiry(&target, now, token_exp),
+                target,
+                created_at: now,
+                reason: reason.clone(),
+            };
+            if revocation.expires_at <= now {
+                return Err(RevocationError::Invalid(
+                    "no token it matches can still be valid".into(),
+                ));
+            }
+            revocations.push(revocation);
+        }
+        let lines: Vec<String> = revocations.iter().map(Revocation::to_line).collect();
+        // Places in the Redis queue first, then the cap: a refusal leaves
+        // nothing applied, queued or journaled (unused places are given back).
+        let slots = match &self.sync {
+            Some(sync) => Some(
+                revocations
+                    .iter()
+                    .map(|_| sync.reserve(now))
+                    .collect::<Result<Vec<_>, _>>()
+                    .inspect_err(|_| {
+                        self.stats
+                            .refused_queue_full
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    })?,
+            ),
             None => None,
         };
         // Enforce first, then persist, then share.
-        let fresh = self.insert_local(line.clone(), revocation.clone(), now)?;
+        let fresh = self.insert_local(lines.iter().map(String::as_str).zip(&revocations), now)?;
         self.stats
             .applied_local
-            .fetch_add(u64::from(fresh), std::sync::atomic::Ordering::Relaxed);
+            .fetch_add(fresh as u64, std::sync::atomic::Ordering::Relaxed);
         // The journal (local durability) and Redis (every instance) in parallel:
         // propagation does not wait on the local fsync.
-        let journal = self.append_journal(vec![line.clone()]);
+        let journal = self.append_journal(lines.clone());
         let share = async {
-            match (&self.sync, slot) {
-                (Some(sync), Some(slot)) => sync.write(slot, line, revocation.expires_at).await,
-                _ => false,
+            match (&self.sync, slots) {
+                (Some(sync), Some(slots)) => {
+                    futures_util::future::join_all(
+                        slots.into_iter().zip(lines).zip(&revocations).map(
+                            |((slot, line), revocation)| {
+                                sync.write(slot, line, revocation.expires_at)
+                            },
+                        ),
+                    )
+                    .await
+                }
+                _ => vec![false; revocations.len()],
             }
         };
         let (journaled, synced) = tokio::join!(journal, share);
         journaled?;
-        Ok(Revoke { revocation, synced })
+        Ok(revocations
+            .into_iter()
+            .zip(synced)
+            .map(|(revocation, synced)| Revoke { revocation, synced })
+            .collect())
     }
 
-    /// Adds a local entry unless `[revocation] max_entries` are in force
-    /// (after dropping the expired ones); true if it was new.
-    fn insert_local(
+    /// The published index, to be changed and published again by a writer
+    /// holding the entries lock. O(1): the copy shares every node.
+    fn current_index(&self) -> Index {
+        Index::clone(&self.snapshot.load())
+    }
+
+    /// Publishes `index`; the caller holds the entries lock it was made under.
+    fn publish(&self, index: Index) {
+        self.snapshot.store(Arc::new(index));
+    }
+
+    /// Adds local entries, all or none: refused when the new ones would bring
+    /// more than `[revocation] max_entries` in force (after dropping the
+    /// expired ones). Returns how many were new.
+    fn insert_local<'a>(
         &self,
-        line: String,
-        entry: Revocation,
+        batch: impl Iterator<Item = (&'a str, &'a Revocation)> + Clone,
         now: i64,
-    ) -> Result<bool, RevocationError> {
+    ) -> Result<usize, RevocationError> {
         let mut entries = lock(&self.entries);
-        if entries.by_line.contains_key(&line) {
-            return Ok(false);
+        let mut new_lines = std::collections::HashSet::new();
+        for (line, _) in batch.clone() {
+            if !entries.contains(line) {
+                new_lines.insert(line);
+            }
         }
-        if entries.by_line.len() >= self.max_entries {
+        if new_lines.is_empty() {
+            return Ok(0);
+        }
+        let mut index = self.current_index();
+        if entries.len() + new_lines.len() > self.max_entries {
             // Expired entries do not count: sweep them now, not at the next tick.
-            entries.by_line.retain(|_, e| e.expires_at > now);
-            self.snapshot
-                .store(Arc::new(Index::build(entries.by_line.values())));
-            if entries.by_line.len() >= self.max_entries {
+            let swept = entries.sweep(&mut index, now);
+            if entries.len() + new_lines.len() > self.max_entries {
+                if swept > 0 {
+                    self.publish(index);
+                }
                 drop(entries);
                 self.stats
                     .refused_full
@@ -630,34 +839,35 @@ impl RevocationStore {
                 });
             }
         }
-        entries.by_line.insert(line, entry);
-        self.snapshot
-            .store(Arc::new(Index::build(entries.by_line.values())));
-        Ok(true)
+        let mut fresh = 0;
+        for (line, entry) in batch {
+            fresh += usize::from(entries.add(&mut index, line, entry.clone()));
+        }
+        self.publish(index);
+        Ok(fresh)
     }
 
     /// Adds entries not known yet (from Redis); returns the lines that were
     /// new. Never refuses: past `[revocation] max_entries` they are still
     /// enforced (dropping a revocation another instance enforces is worse
-    /// than the memory), counted and reported.
+    /// than the memory), counted and reported. One snapshot is published for
+    /// the whole batch.
     fn insert(&self, batch: Vec<(String, Revocation)>) -> Vec<String> {
         let mut entries = lock(&self.entries);
         let mut fresh = Vec::new();
         let mut over_cap = 0u64;
+        let mut index = self.current_index();
         for (line, entry) in batch {
-            if !entries.by_line.contains_key(&line) {
-                if entries.by_line.len() >= self.max_entries {
-                    over_cap += 1;
-                }
-                entries.by_line.insert(line.clone(), entry);
+            let full = entries.len() >= self.max_entries;
+            if entries.add(&mut index, &line, entry) {
+                over_cap += u64::from(full);
                 fresh.push(line);
             }
         }
         if !fresh.is_empty() {
-            self.snapshot
-                .store(Arc::new(Index::build(entries.by_line.values())));
+            self.publish(index);
         }
-        let in_force = entries.by_line.len();
+        let in_force = entries.len();
         drop(entries);
         if over_cap > 0 {
             let before = self
@@ -674,6 +884,29 @@ impl RevocationStore {
             }
         }
         fresh
+    }
+
+    /// Puts `entries` in force in memory only, as entries from Redis are
+    /// (never refused for the cap), without journaling or sharing them; returns
+    /// how many were new. For benchmarks that fill the store: not an API.
+    #[doc(hidden)]
+    pub fn insert_in_memory(&self, entries: Vec<Revocation>) -> usize {
+        let batch = entries
+            .into_iter()
+            .map(|entry| (entry.to_line(), entry))
+            .collect();
+        self.insert(batch).len()
+    }
+
+    /// The in-memory part of [`Self::revoke`] for one entry (the cap, the
+    /// index update and its publication), without the journal or Redis; true if
+    /// it was new. For benchmarks: not an API.
+    #[doc(hidden)]
+    pub fn insert_local_in_memory(&self, entry: Revocation) -> Result<bool, RevocationError> {
+        let line = entry.to_line();
+        let now = unix_now();
+        self.insert_local(std::iter::once((line.as_str(), &entry)), now)
+            .map(|fresh| fresh > 0)
     }
 
     /// Applies entries received from Redis (lines as stored there): unknown,
@@ -758,11 +991,13 @@ impl RevocationStore {
         lock(&self.entries)
             .by_line
             .iter()
-            .map(|(line, entry)| (line.clone(), entry.expires_at))
+            .map(|(line, entry)| (line.to_string(), entry.expires_at))
             .collect()
     }
 
-    /// Drops entries expired at `now`; returns how many.
+    /// Drops entries expired at `now`; returns how many. Visits only those
+    /// (in expiry order), each removed from a copy of the index that is then
+    /// published: nothing is rebuilt.
     pub fn sweep(&self, now: i64) -> usize {
         if self
             .snapshot
@@ -773,12 +1008,29 @@ impl RevocationStore {
             return 0;
         }
         let mut entries = lock(&self.entries);
-        let before = entries.by_line.len();
-        entries.by_line.retain(|_, entry| entry.expires_at > now);
-        let removed = before - entries.by_line.len();
-        self.snapshot
-            .store(Arc::new(Index::build(entries.by_line.values())));
+        let mut index = self.current_index();
+        let removed = entries.sweep(&mut index, now);
+        if removed > 0 {
+            self.publish(index);
+        }
         removed
+    }
+
+    /// Changes the expiry of the entry stored as `line` (in the entries, the
+    /// expiry order and the index), as if it had been made so.
+    #[cfg(test)]
+    fn set_expiry_for_test(&self, line: &str, expires_at: i64) {
+        let mut entries = lock(&self.entries);
+        let mut index = self.current_index();
+        let mut entry = entries.by_line.remove(line).expect("a stored line");
+        entries
+            .by_expiry
+            .remove(&(entry.expires_at, Key::from(line)));
+        index.remove(&entry);
+        entry.expires_at = expires_at;
+        entries.add(&mut index, line, entry);
+        index.next_expiry = entries.next_expiry();
+        self.publish(index);
     }
 
     /// The entries in force, oldest first.
@@ -801,17 +1053,12 @@ impl RevocationStore {
     }
 
     fn status_count(&self) -> usize {
-        lock(&self.entries).by_line.len()
+        lock(&self.entries).len()
     }
 
     /// Counts and the Redis link, for the admin API.
     pub fn status(&self) -> StoreStatus {
-        let now = unix_now();
-        let revocations = lock(&self.entries)
-            .by_line
-            .values()
-            .filter(|r| r.expires_at > now)
-            .count();
+        let revocations = lock(&self.entries).in_force(unix_now());
         StoreStatus {
             revocations,
             mode: if self.sync.is_some() {
@@ -1146,11 +1393,13 @@ mod tests {
         );
 
         // An entry that expired since the last sweep does not count.
-        {
-            let mut entries = lock(&reopened.entries);
-            let line = entries.by_line.keys().next().unwrap().clone();
-            entries.by_line.get_mut(&line).unwrap().expires_at = unix_now() - 1;
-        }
+        let line = lock(&reopened.entries)
+            .by_line
+            .keys()
+            .next()
+            .unwrap()
+            .clone();
+        reopened.set_expiry_for_test(&line, unix_now() - 1);
         reopened
             .revoke(kid("k3"), None, String::new())
             .await
@@ -1300,5 +1549,461 @@ mod tests {
         sync.poison_pending_for_test();
         assert!(!sync.write(slot, "line".into(), unix_now() + 60).await);
         assert_eq!(sync.pending(), 1);
+    }
+
+    /// The test oracle: every entry looked at in turn, in the order of the
+    /// kinds the index checks.
+    fn naive_check<'a>(
+        entries: impl Iterator<Item = &'a Revocation> + Clone,
+        token: &VerifiedToken,
+        now: i64,
+    ) -> Result<(), Revoked> {
+        let hit = |kind: &str| {
+            entries.clone().any(|e| {
+                e.expires_at > now
+                    && e.target.kind() == kind
+                    && match &e.target {
+                        Target::Token { jti, issuer } => {
+                            token.jti.as_deref() == Some(jti.as_str())
+                                && issuer.as_deref().is_none_or(|i| i == token.issuer)
+                        }
+                        Target::Subject { sub, issued_before } => {
+                            *sub == token.subject && token.issued_at <= *issued_before
+                        }
+                        Target::Key { kid } => !token.key_id.is_empty() && *kid == token.key_id,
+                        Target::Client { client_id } => {
+                            token.client_id.as_deref() == Some(client_id.as_str())
+                        }
+                        Target::ApiKey { api_key_id } => {
+                            token.api_key_id.as_deref() == Some(api_key_id.as_str())
+                        }
+                    }
+            })
+        };
+        for kind in ["jti", "sub", "kid", "client", "api_key"] {
+            if hit(kind) {
+                return Err(Revoked {
+                    kind: match kind {
+                        "jti" => "jti",
+                        "sub" => "sub",
+                        "kid" => "kid",
+                        "client" => "client",
+                        _ => "api_key",
+                    },
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// A small deterministic generator (xorshift64*), so that a failure
+    /// reproduces.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        }
+
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+
+        fn pick<'a>(&mut self, of: &[&'a str]) -> &'a str {
+            of[self.below(of.len() as u64) as usize]
+        }
+    }
+
+    const JTIS: [&str; 4] = ["j0", "j1", "j2", "j3"];
+    const ISSUERS: [&str; 2] = ["https://a", "https://b"];
+    const SUBS: [&str; 3] = ["s0", "s1", "s2"];
+    const IDS: [&str; 3] = ["x0", "x1", "x2"];
+
+    /// Few keys and close expiries, so that entries share keys and expiries.
+    fn random_entry(rng: &mut Rng, now: i64) -> Revocation {
+        let target = match rng.below(6) {
+            0 | 1 => Target::Token {
+                jti: rng.pick(&JTIS).into(),
+                issuer: match rng.below(3) {
+                    0 => None,
+                    _ => Some(rng.pick(&ISSUERS).into()),
+                },
+            },
+            2 => Target::Subject {
+                sub: rng.pick(&SUBS).into(),
+                issued_before: 1000 + rng.below(4) as i64 * 10,
+            },
+            3 => Target::Key {
+                kid: rng.pick(&IDS).into(),
+            },
+            4 => Target::Client {
+                client_id: rng.pick(&IDS).into(),
+            },
+            _ => Target::ApiKey {
+                api_key_id: rng.pick(&IDS).into(),
+            },
+        };
+        Revocation {
+            target,
+            created_at: now,
+            expires_at: now + 1 + rng.below(20) as i64,
+            reason: format!("r{}", rng.below(3)),
+        }
+    }
+
+    /// Every combination of the keys above, for the probes.
+    fn probe_tokens() -> Vec<VerifiedToken> {
+        let mut tokens = Vec::new();
+        for jti in [None, Some("j0"), Some("j1"), Some("j3")] {
+            for issuer in ISSUERS {
+                for (sub, iat) in [("s0", 1000), ("s1", 1015), ("s2", 1030), ("s0", 1031)] {
+                    for id in ["x0", "x1", "x2", "none"] {
+                        let mut t = token();
+                        t.jti = jti.map(Into::into);
+                        t.issuer = issuer.into();
+                        t.subject = sub.into();
+                        t.issued_at = iat;
+                        t.key_id = if id == "x2" { String::new() } else { id.into() };
+                        t.client_id = (id != "x0").then(|| id.into());
+                        t.api_key_id = (id != "x1").then(|| id.into());
+                        tokens.push(t);
+                    }
+                }
+            }
+        }
+        tokens
+    }
+
+    fn assert_same_as_oracles(entries: &Entries, index: &Index, now: i64, step: usize) {
+        let rebuilt = Index::build(entries.by_line.values());
+        assert_eq!(
+            index.next_expiry,
+            entries.by_line.values().map(|e| e.expires_at).min(),
+            "next_expiry, step {step}"
+        );
+        assert_eq!(entries.by_expiry.len(), entries.by_line.len());
+        for token in probe_tokens() {
+            for at in [now, now + 1, now + 5, now + 12, now + 25] {
+                let expected = naive_check(entries.by_line.values(), &token, at);
+                assert_eq!(
+                    index.check(&token, at),
+                    expected,
+                    "incremental index vs linear check, step {step}, at {at}, {token:?}"
+                );
+                assert_eq!(
+                    rebuilt.check(&token, at),
+                    expected,
+                    "rebuilt index vs linear check, step {step}"
+                );
+            }
+        }
+    }
+
+    /// The incremental index answers every check as a linear scan of the
+    /// entries (and a full rebuild) does, over random inserts and sweeps; an
+    /// older snapshot keeps answering as it did when it was published.
+    #[test]
+    fn the_incremental_index_matches_a_full_rebuild_over_random_inserts_and_sweeps() {
+        let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+        let mut entries = Entries::default();
+        let mut index = Index::default();
+        let mut now = 10_000;
+        let mut kept: Option<(Index, Vec<Revocation>, i64)> = None;
+        for step in 0..400 {
+            match rng.below(10) {
+                // A batch of inserts on one copy (as from Redis).
+                0..=5 => {
+                    let mut next = index.clone();
+                    for _ in 0..1 + rng.below(4) {
+                        let entry = random_entry(&mut rng, now);
+                        entries.add(&mut next, &entry.to_line(), entry);
+                    }
+                    index = next;
+                }
+                // Time passes and the sweeper runs.
+                6..=8 => {
+                    now += rng.below(6) as i64;
+                    let mut next = index.clone();
+                    let before = entries.len();
+                    let removed = entries.sweep(&mut next, now);
+                    assert_eq!(before - removed, entries.len());
+                    assert!(entries.by_line.values().all(|e| e.expires_at > now));
+                    index = next;
+                }
+                // A line already known changes nothing.
+                _ => {
+                    if let Some(entry) = entries.by_line.values().next().cloned() {
+                        let mut next = index.clone();
+                        assert!(!entries.add(&mut next, &entry.to_line(), entry));
+                        index = next;
+                    }
+                }
+            }
+            assert_same_as_oracles(&entries, &index, now, step);
+            if step % 50 == 0 {
+                if let Some((old, old_entries, at)) = &kept {
+                    for token in probe_tokens() {
+                        assert_eq!(
+                            old.check(&token, *at),
+                            naive_check(old_entries.iter(), &token, *at),
+                            "an older snapshot changed"
+                        );
+                    }
+                }
+                kept = Some((
+                    index.clone(),
+                    entries.by_line.values().cloned().collect(),
+                    now,
+                ));
+            }
+        }
+        // Everything expires: the index is empty again.
+        entries.sweep(&mut index, i64::MAX);
+        assert!(entries.by_line.is_empty() && entries.by_expiry.is_empty());
+        assert!(index.jti.is_empty() && index.sub.is_empty());
+        assert!(index.kid.is_empty() && index.client.is_empty() && index.api_key.is_empty());
+        assert_eq!(index.next_expiry, None);
+    }
+
+    fn at(target: Target, expires_at: i64) -> Revocation {
+        Revocation {
+            target,
+            created_at: 1000,
+            expires_at,
+            reason: String::new(),
+        }
+    }
+
+    fn add_all(entries: &mut Entries, index: &mut Index, all: &[Revocation]) {
+        for entry in all {
+            assert!(entries.add(index, &entry.to_line(), entry.clone()));
+        }
+    }
+
+    /// Sweeping one of two entries of the same `jti` (different issuers)
+    /// removes just that one.
+    #[test]
+    fn sweeping_one_of_two_jti_entries_keeps_the_other_issuer() {
+        let jti = |issuer: &str| Target::Token {
+            jti: "j1".into(),
+            issuer: Some(issuer.into()),
+        };
+        let (mut entries, mut index) = (Entries::default(), Index::default());
+        add_all(
+            &mut entries,
+            &mut index,
+            &[at(jti("https://a"), 2000), at(jti("https://b"), 3000)],
+        );
+        let before = index.clone();
+        assert_eq!(entries.sweep(&mut index, 2000), 1);
+        assert_eq!(
+            index.jti.get("j1").map(|v| v.as_slice()),
+            Some(&[(Some(Key::from("https://b")), 3000)][..])
+        );
+        assert_eq!(index.next_expiry, Some(3000));
+        let mut t = token();
+        t.issuer = "https://a".into();
+        assert_eq!(index.check(&t, 1500), Ok(()), "removed");
+        assert!(
+            before.check(&t, 1500).is_err(),
+            "the older snapshot kept it"
+        );
+        t.issuer = "https://b".into();
+        assert_eq!(index.check(&t, 2500).unwrap_err().kind, "jti");
+        assert_eq!(entries.sweep(&mut index, 3000), 1);
+        assert!(index.jti.is_empty());
+    }
+
+    /// Two cut-offs for one subject, the later cut-off expiring first: after
+    /// it is swept, the earlier one still applies.
+    #[test]
+    fn a_subject_keeps_its_earlier_cutoff_when_the_later_one_expires_first() {
+        let sub = |cutoff| Target::Subject {
+            sub: "alice".into(),
+            issued_before: cutoff,
+        };
+        let (mut entries, mut index) = (Entries::default(), Index::default());
+        add_all(
+            &mut entries,
+            &mut index,
+            &[at(sub(1000), 5000), at(sub(2000), 3000)],
+        );
+        let mut t = token();
+        t.issued_at = 1500;
+        assert_eq!(index.check(&t, 2500).unwrap_err().kind, "sub");
+        assert_eq!(entries.sweep(&mut index, 3000), 1);
+        assert_eq!(
+            index.sub.get("alice").map(|v| v.as_slice()),
+            Some(&[(1000, 5000)][..])
+        );
+        assert_eq!(index.next_expiry, Some(5000));
+        assert_eq!(index.check(&t, 2500), Ok(()), "the 2000 cut-off is gone");
+        t.issued_at = 900;
+        assert_eq!(index.check(&t, 3500).unwrap_err().kind, "sub");
+        assert_eq!(entries.sweep(&mut index, 5000), 1);
+        assert!(index.sub.is_empty());
+        assert_eq!(index.next_expiry, None);
+    }
+
+    /// A key revoked again with a later expiry stays revoked when the first
+    /// entry expires; and the same for clients and API keys.
+    #[test]
+    fn a_key_revoked_again_stays_revoked_when_the_earlier_entry_expires() {
+        for target in [
+            kid("k1"),
+            Target::Client {
+                client_id: "web".into(),
+            },
+            Target::ApiKey {
+                api_key_id: "ak1".into(),
+            },
+        ] {
+            let (mut entries, mut index) = (Entries::default(), Index::default());
+            add_all(
+                &mut entries,
+                &mut index,
+                &[at(target.clone(), 5000), at(target.clone(), 3000)],
+            );
+            let mut t = token();
+            t.api_key_id = Some("ak1".into());
+            let kind = target.kind();
+            let map = |index: &Index| match kind {
+                "kid" => index.kid.clone(),
+                "client" => index.client.clone(),
+                _ => index.api_key.clone(),
+            };
+            assert_eq!(
+                map(&index).values().next().map(|v| v.to_vec()),
+                Some(vec![3000, 5000])
+            );
+            assert_eq!(entries.sweep(&mut index, 3000), 1);
+            assert_eq!(
+                map(&index).values().next().map(|v| v.to_vec()),
+                Some(vec![5000])
+            );
+            assert_eq!(index.check(&t, 3500).unwrap_err().kind, kind);
+            assert_eq!(entries.sweep(&mut index, 5000), 1);
+            assert!(map(&index).is_empty());
+            assert_eq!(index.check(&t, 3500), Ok(()));
+        }
+    }
+
+    /// The same line twice (a duplicate) and two lines with the same target
+    /// and expiry (different reasons): a sweep removes each occurrence once.
+    #[test]
+    fn equal_entries_under_different_lines_are_counted_apart() {
+        let (mut entries, mut index) = (Entries::default(), Index::default());
+        let first = at(kid("k1"), 3000);
+        let mut second = first.clone();
+        second.reason = "again".into();
+        assert!(entries.add(&mut index, &first.to_line(), first.clone()));
+        assert!(!entries.add(&mut index, &first.to_line(), first.clone()));
+        assert!(entries.add(&mut index, &second.to_line(), second));
+        assert_eq!(
+            index.kid.get("k1").map(|v| v.to_vec()),
+            Some(vec![3000, 3000])
+        );
+        assert_eq!(entries.in_force(2999), 2);
+        assert_eq!(entries.in_force(3000), 0);
+        assert_eq!(entries.sweep(&mut index, 3000), 2);
+        assert!(index.kid.is_empty());
+    }
+
+    /// `revoke_many` applies every target with one journal append, or none
+    /// when the cap would be passed.
+    #[tokio::test]
+    async fn revoke_many_applies_all_targets_or_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store_with(&dir, |c| c.max_entries = 3).await;
+        assert!(
+            store
+                .revoke_many(Vec::new(), String::new())
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        let done = store
+            .revoke_many(
+                vec![(kid("k1"), None), (kid("k2"), None)],
+                "compromised".into(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(done.len(), 2);
+        assert_eq!(done[1].revocation.target, kid("k2"));
+        assert!(
+            done.iter()
+                .all(|d| !d.synced && d.revocation.reason == "compromised")
+        );
+        let mut t = token();
+        for k in ["k1", "k2"] {
+            t.key_id = k.into();
+            assert_eq!(store.check(&t, unix_now()).unwrap_err().kind, "kid");
+        }
+        // Two more would make four in force: neither is applied.
+        let err = store
+            .revoke_many(vec![(kid("k3"), None), (kid("k4"), None)], String::new())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, RevocationError::Full { max_entries: 3 }),
+            "{err}"
+        );
+        t.key_id = "k3".into();
+        assert!(store.check(&t, unix_now()).is_ok());
+        // An invalid target refuses the whole batch.
+        assert!(matches!(
+            store
+                .revoke_many(vec![(kid("k3"), None), (kid(""), None)], String::new())
+                .await,
+            Err(RevocationError::Invalid(_))
+        ));
+        assert_eq!(store.list().len(), 2);
+        assert_eq!(
+            store
+                .stats
+                .applied_local
+                .load(std::sync::atomic::Ordering::Relaxed),
+            2
+        );
+        store.shutdown().await;
+        drop(store);
+        let reopened = store_with(&dir, |c| c.max_entries = 3).await;
+        assert_eq!(reopened.list().len(), 2, "both journaled");
+        reopened.shutdown().await;
+    }
+
+    /// Through the store: the sweep drops only expired entries, the status
+    /// counts only entries in force, and the snapshot follows.
+    #[tokio::test]
+    async fn the_store_sweeps_only_expired_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store_with(&dir, |_| {}).await;
+        let now = unix_now();
+        let entries: Vec<Revocation> = (0..10)
+            .map(|i| Revocation {
+                target: kid(&format!("k{i}")),
+                created_at: now,
+                expires_at: now + 100 + i,
+                reason: String::new(),
+            })
+            .collect();
+        assert_eq!(store.insert_in_memory(entries.clone()), 10);
+        assert_eq!(store.insert_in_memory(entries), 0, "known lines");
+        assert_eq!(store.sweep(now + 99), 0);
+        assert_eq!(store.sweep(now + 104), 5);
+        assert_eq!(store.snapshot.load().next_expiry, Some(now + 105));
+        assert_eq!(store.status_count(), 5);
+        let mut t = token();
+        t.key_id = "k4".into();
+        assert!(store.check(&t, now + 50).is_ok(), "swept");
+        t.key_id = "k5".into();
+        assert!(store.check(&t, now + 50).is_err());
+        assert_eq!(store.sweep(i64::MAX), 5);
+        assert_eq!(store.snapshot.load().next_expiry, None);
+        store.shutdown().await;
     }
 }
