@@ -33,6 +33,10 @@ use portcullis::authn::{CredentialKind, VerifiedToken};
 use portcullis::config::{Lifetimes, RevocationConfig};
 use portcullis::revocation::{Revocation, RevocationStore, Target, unix_now};
 
+// The allocator of the server binary (src/main.rs).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Entries in force measured; `cargo test --benches` runs only small ones.
 fn sizes() -> Vec<usize> {
     if std::env::args().any(|a| a == "--bench") {

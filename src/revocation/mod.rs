@@ -6,8 +6,11 @@
 //! - every [`Revocation`] carries the time after which no token it matches can
 //!   still be valid, and is dropped then, so the set does not grow forever;
 //! - [`RevocationStore`] holds the set. Requests read an immutable snapshot
-//!   (`arc-swap`), so the check never takes a lock or waits on I/O; writers build
-//!   a new snapshot and publish it atomically;
+//!   (`arc-swap`), so the check never takes a lock or waits on I/O; writers copy
+//!   the snapshot (persistent `imbl` maps: O(1), sharing every node), apply
+//!   their change (O(log n) per entry, never a rebuild) and publish the copy
+//!   atomically. Expired entries are found through an expiry order, so a sweep
+//!   visits only them;
 //! - [`journal`] persists every entry to an append-only file (fsync per write),
 //!   replayed and compacted on start: the embedded mode, and the local copy in
 //!   shared mode;
@@ -16,7 +19,7 @@
 pub mod journal;
 pub mod redis;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -225,9 +228,45 @@ pub struct Revoked {
 /// allocation.
 type Key = Arc<str>;
 
-/// The values of one key: a multiset (two entries may match the same key),
-/// shared between snapshots until a writer changes that key.
-type Values<T> = Arc<Vec<T>>;
+/// The values of one key: a multiset, since two entries may match the same
+/// key. Almost every key has one value, kept inline so that copying an index
+/// node touches no other memory for it; more are shared between snapshots
+/// until a writer changes that key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Values<T> {
+    One(T),
+    Many(Arc<Vec<T>>),
+}
+
+impl<T: Clone> Values<T> {
+    fn as_slice(&self) -> &[T] {
+        match self {
+            Values::One(value) => std::slice::from_ref(value),
+            Values::Many(values) => values,
+        }
+    }
+
+    /// Inserts `value` at `at` (0..=len).
+    fn insert(&mut self, at: usize, value: T) {
+        let mut values = match self {
+            Values::One(one) => vec![one.clone()],
+            Values::Many(many) => std::mem::take(Arc::make_mut(many)),
+        };
+        values.insert(at, value);
+        *self = Values::Many(Arc::new(values));
+    }
+
+    /// Removes the value at `at` of two or more.
+    fn remove(&mut self, at: usize) {
+        if let Values::Many(many) = self {
+            let values = Arc::make_mut(many);
+            values.remove(at);
+            if let [one] = values.as_slice() {
+                *self = Values::One(one.clone());
+            }
+        }
+    }
+}
 
 /// A persistent map: cloning it is O(1) and an insert or removal copies only
 /// the O(log n) nodes on its path, sharing the rest with the older snapshots.
@@ -258,9 +297,9 @@ struct Index {
 /// Adds `value` to the values of `key`.
 fn push_value<T: Clone>(map: &mut Map<T>, key: &str, value: T) {
     match map.get_mut(key) {
-        Some(values) => Arc::make_mut(values).push(value),
+        Some(values) => values.insert(values.as_slice().len(), value),
         None => {
-            map.insert(Key::from(key), Arc::new(vec![value]));
+            map.insert(Key::from(key), Values::One(value));
         }
     }
 }
@@ -268,13 +307,9 @@ fn push_value<T: Clone>(map: &mut Map<T>, key: &str, value: T) {
 /// Adds `exp` to the ascending expiries of `key`.
 fn push_expiry(map: &mut Map<i64>, key: &str, exp: i64) {
     match map.get_mut(key) {
-        Some(values) => {
-            let values = Arc::make_mut(values);
-            let at = values.partition_point(|e| *e <= exp);
-            values.insert(at, exp);
-        }
+        Some(values) => values.insert(values.as_slice().partition_point(|e| *e <= exp), exp),
         None => {
-            map.insert(Key::from(key), Arc::new(vec![exp]));
+            map.insert(Key::from(key), Values::One(exp));
         }
     }
 }
@@ -283,13 +318,14 @@ fn push_expiry(map: &mut Map<i64>, key: &str, exp: i64) {
 /// its last value. The order of the others is kept (the expiries stay sorted).
 fn remove_value<T: Clone>(map: &mut Map<T>, key: &str, is: impl Fn(&T) -> bool) {
     let Some(values) = map.get(key) else { return };
+    let values = values.as_slice();
     let Some(at) = values.iter().position(is) else {
         return;
     };
     if values.len() == 1 {
         map.remove(key);
     } else if let Some(values) = map.get_mut(key) {
-        Arc::make_mut(values).remove(at);
+        values.remove(at);
     }
 }
 
@@ -346,10 +382,10 @@ impl Index {
 
     fn check(&self, token: &VerifiedToken, now: i64) -> Result<(), Revoked> {
         let live = |exp: &i64| *exp > now;
-        let latest_live = |expiries: &Values<i64>| expiries.last().is_some_and(live);
+        let latest_live = |expiries: &Values<i64>| expiries.as_slice().last().is_some_and(live);
         if let Some(jti) = &token.jti
             && let Some(rules) = self.jti.get(jti.as_str())
-            && rules.iter().any(|(issuer, exp)| {
+            && rules.as_slice().iter().any(|(issuer, exp)| {
                 live(exp) && issuer.as_deref().is_none_or(|iss| iss == token.issuer)
             })
         {
@@ -357,6 +393,7 @@ impl Index {
         }
         if let Some(rules) = self.sub.get(token.subject.as_str())
             && rules
+                .as_slice()
                 .iter()
                 .any(|(cutoff, exp)| live(exp) && token.issued_at <= *cutoff)
         {
@@ -478,9 +515,12 @@ impl Default for RevocationStats {
 #[derive(Debug, Default)]
 struct Entries {
     by_line: HashMap<Key, Revocation>,
-    /// (expiry, line) of every entry: the sweep takes the expired ones from
-    /// the front, without visiting the others.
-    by_expiry: BTreeSet<(i64, Key)>,
+    /// Every entry's line by (expiry, order of arrival): the sweep takes the
+    /// expired ones from the front, without visiting the others. Keys of two
+    /// integers, so that ordering them never reads a line.
+    by_expiry: BTreeMap<(i64, u64), Key>,
+    /// The order of arrival of the next entry.
+    next_seq: u64,
 }
 
 impl Entries {
@@ -500,7 +540,9 @@ impl Entries {
         }
         let line = Key::from(line);
         index.add(&entry);
-        self.by_expiry.insert((entry.expires_at, line.clone()));
+        self.by_expiry
+            .insert((entry.expires_at, self.next_seq), line.clone());
+        self.next_seq += 1;
         self.by_line.insert(line, entry);
         true
     }
@@ -509,7 +551,7 @@ impl Entries {
     /// many. O(log n) per entry removed; nothing else is visited.
     fn sweep(&mut self, index: &mut Index, now: i64) -> usize {
         let mut removed = 0;
-        while let Some((exp, _)) = self.by_expiry.first()
+        while let Some(((exp, _), _)) = self.by_expiry.first_key_value()
             && *exp <= now
         {
             let Some((_, line)) = self.by_expiry.pop_first() else {
@@ -527,15 +569,12 @@ impl Entries {
     /// Entries in force at `now`: all but those expired and not swept yet
     /// (visits only these).
     fn in_force(&self, now: i64) -> usize {
-        let expired = self
-            .by_expiry
-            .range(..(now.saturating_add(1), Key::from("")))
-            .count();
+        let expired = self.by_expiry.range(..(now.saturating_add(1), 0)).count();
         self.len() - expired
     }
 
     fn next_expiry(&self) -> Option<i64> {
-        self.by_expiry.first().map(|(exp, _)| *exp)
+        self.by_expiry.first_key_value().map(|((exp, _), _)| *exp)
     }
 }
 
@@ -1025,7 +1064,7 @@ impl RevocationStore {
         let mut entry = entries.by_line.remove(line).expect("a stored line");
         entries
             .by_expiry
-            .remove(&(entry.expires_at, Key::from(line)));
+            .retain(|(exp, _), l| *exp != entry.expires_at || &**l != line);
         index.remove(&entry);
         entry.expires_at = expires_at;
         entries.add(&mut index, line, entry);
@@ -1876,12 +1915,12 @@ mod tests {
                 _ => index.api_key.clone(),
             };
             assert_eq!(
-                map(&index).values().next().map(|v| v.to_vec()),
+                map(&index).values().next().map(|v| v.as_slice().to_vec()),
                 Some(vec![3000, 5000])
             );
             assert_eq!(entries.sweep(&mut index, 3000), 1);
             assert_eq!(
-                map(&index).values().next().map(|v| v.to_vec()),
+                map(&index).values().next().map(|v| v.as_slice().to_vec()),
                 Some(vec![5000])
             );
             assert_eq!(index.check(&t, 3500).unwrap_err().kind, kind);
@@ -1903,7 +1942,7 @@ mod tests {
         assert!(!entries.add(&mut index, &first.to_line(), first.clone()));
         assert!(entries.add(&mut index, &second.to_line(), second));
         assert_eq!(
-            index.kid.get("k1").map(|v| v.to_vec()),
+            index.kid.get("k1").map(|v| v.as_slice().to_vec()),
             Some(vec![3000, 3000])
         );
         assert_eq!(entries.in_force(2999), 2);
