@@ -37,12 +37,7 @@ async fn served(
         .connect()
         .await
         .unwrap();
-    for _ in 0..600 {
-        if health_of(&channel, "").await == 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for_health(&channel, 1).await;
     (addresses, shutdown, task, AuthorizationClient::new(channel))
 }
 
@@ -66,14 +61,7 @@ async fn check(client: &AuthorizationClient<Channel>, token: &str) -> Outcome {
 }
 
 async fn metric(addr: std::net::SocketAddr, name: &str) -> f64 {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut text = String::new();
-    stream.read_to_string(&mut text).await.unwrap();
+    let text = scrape_metrics(addr).await;
     text.lines()
         .find_map(|line| {
             line.strip_prefix(name)

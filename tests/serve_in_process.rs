@@ -33,7 +33,7 @@ async fn serve_answers_checks_then_drains_and_stops_on_request() {
     config.server.drain_period = Duration::from_secs(600);
     let (addresses, shutdown, task) = serve::spawn(config).await.unwrap();
     let channel = channel(addresses.grpc).await;
-    wait_for_async_health(&channel, SERVING).await;
+    wait_for_health(&channel, SERVING).await;
 
     let token = fx.es256().token("alice", &["orders:read"], &[]);
     let mut client = AuthorizationClient::new(channel.clone());
@@ -54,12 +54,12 @@ async fn serve_answers_checks_then_drains_and_stops_on_request() {
     );
     assert_eq!(denied.http_status, 403);
     let metrics = addresses.metrics.expect("a metrics listener");
-    let scrape = http_get(metrics, "/metrics").await;
+    let scrape = scrape_metrics(metrics).await;
     assert!(scrape.contains("portcullis_decisions_total"), "{scrape}");
 
     // The first request drains: NOT_SERVING, checks still answered.
     shutdown.request();
-    wait_for_async_health(&channel, NOT_SERVING).await;
+    wait_for_health(&channel, NOT_SERVING).await;
     let during_drain = outcome(
         &client
             .check(envoy_request("GET", "/orders/7", Some(&token)))
@@ -89,20 +89,10 @@ async fn serve_answers_checks_then_drains_and_stops_on_request() {
 
 #[tokio::test]
 async fn a_stop_while_waiting_for_keys_ends_serve_cleanly() {
+    // An issuer whose keys never arrive: its IdP is down.
+    let idp = idp::TestIdp::start().await;
     let fx = Fixture::new();
-    // An issuer whose keys never arrive: nothing listens on this port.
-    let unused = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let dead = unused.local_addr().unwrap();
-    drop(unused);
-    fx.append_config(&format!(
-        r#"
-[[issuers]]
-issuer = "https://unreachable.test"
-audiences = ["orders-api"]
-jwks_uri = "https://{dead}/jwks.json"
-max_token_lifetime = "1h"
-"#
-    ));
+    waiting_for_keys(&fx, &idp);
     let (addresses, shutdown, task) = serve::spawn(fx.config()).await.unwrap();
     let channel = channel(addresses.grpc).await;
     assert_eq!(health_of(&channel, "").await, NOT_SERVING);
@@ -161,28 +151,4 @@ async fn the_admin_listener_may_not_share_the_grpc_address() {
         error.to_string().contains("[admin] listen must differ"),
         "{error}"
     );
-}
-
-async fn wait_for_async_health(channel: &Channel, status: i32) {
-    for _ in 0..600 {
-        if health_of(channel, "").await == status {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("health never became {status}");
-}
-
-async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    stream
-        .write_all(
-            format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes(),
-        )
-        .await
-        .unwrap();
-    let mut body = String::new();
-    stream.read_to_string(&mut body).await.unwrap();
-    body
 }

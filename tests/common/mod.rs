@@ -527,3 +527,27 @@ pub fn remote_fetch_failures(engine: &Engine) -> u64 {
         .failures
         .load(std::sync::atomic::Ordering::Relaxed)
 }
+
+/// Polls gRPC health (the whole server) until it reports `status`.
+pub async fn wait_for_health(channel: &Channel, status: i32) {
+    for _ in 0..600 {
+        if health_of(channel, "").await == status {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("health never became {status}");
+}
+
+/// The body of `GET /metrics` from the metrics endpoint at `addr`.
+pub async fn scrape_metrics(addr: std::net::SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut text = String::new();
+    stream.read_to_string(&mut text).await.unwrap();
+    text
+}
