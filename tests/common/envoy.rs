@@ -348,7 +348,11 @@ impl Envoy {
             .parse()
             .unwrap();
         for _ in 0..600 {
-            if let Some(addr) = envoy.listener_address().await {
+            // The address is reported while the listener still warms (its
+            // clusters' first health checks): wait until it accepts.
+            if let Some(addr) = envoy.listener_address().await
+                && TcpStream::connect(addr).await.is_ok()
+            {
                 envoy.listener = addr;
                 return envoy;
             }
