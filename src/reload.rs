@@ -75,6 +75,12 @@ pub enum ReloadError {
     /// configuration keeps serving.
     #[error("configuration change rejected, the previous configuration keeps serving:\n{0}")]
     Config(String),
+    /// The revocations in force could not be extended to longer token
+    /// lifetimes; the previous configuration keeps serving.
+    #[error(
+        "configuration change rejected, the previous configuration keeps serving: revocations could not be extended to the longer token lifetimes: {0}"
+    )]
+    Revocations(String),
     /// The loading task failed.
     #[error("reload task: {0}")]
     Task(String),
@@ -263,6 +269,16 @@ pub async fn reload_once(
             Ok(engine.generation() - 1)
         }
         Ok(engine) => {
+            // Longer token lifetimes need longer revocations, before the
+            // first token the new rules accept is checked.
+            if let Some(store) = engine.authenticator().revocations()
+                && let Err(e) = store.raise_lifetimes(after.config.token_lifetimes()).await
+            {
+                let error = ReloadError::Revocations(e.to_string());
+                tracing::error!("configuration change rejected: {error}");
+                record_failure(stats, &error);
+                return Err(error);
+            }
             let generation = engine.generation();
             tracing::info!(
                 generation,

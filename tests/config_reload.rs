@@ -184,3 +184,111 @@ async fn an_invalid_configuration_is_rejected_whole_and_the_running_one_serves_o
     shutdown.request();
     task.await.unwrap().unwrap();
 }
+
+/// A reload that lets tokens live longer keeps revocations in force for as
+/// long: an entry made before the change is extended, and one made after it
+/// gets the new horizon. Without this, a revoked 20-hour token would be let in
+/// again an hour after its revocation once `max_token_lifetime` was raised.
+#[tokio::test]
+async fn raising_token_lifetimes_by_reload_lengthens_revocations() {
+    use portcullis::admin::pb;
+    use portcullis::admin::pb::admin_client::AdminClient;
+    const ADMIN_TOKEN: &str = "0123456789abcdef0123456789abcdef";
+
+    let fx = Fixture::new();
+    fx.append_config(&format!(
+        "\n[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"{ADMIN_TOKEN}\"\n"
+    ));
+    let (addresses, shutdown, task, client) = served(&fx).await;
+    let mut admin = AdminClient::connect(format!("http://{}", addresses.admin.unwrap()))
+        .await
+        .unwrap();
+    fn authorized<T>(message: T) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        request.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {ADMIN_TOKEN}").parse().unwrap(),
+        );
+        request
+    }
+    let revoke_jti = |jti: &str| pb::RevokeRequest {
+        target: Some(pb::Target {
+            kind: Some(pb::target::Kind::Token(pb::TokenTarget {
+                jti: jti.into(),
+                issuer: String::new(),
+                expires_at: None,
+            })),
+        }),
+        reason: "test".into(),
+    };
+    let hour = 3600;
+    let made_before = admin
+        .revoke(authorized(revoke_jti("jti-before")))
+        .await
+        .unwrap()
+        .into_inner()
+        .revocation
+        .unwrap();
+    // The quickstart: 1 h lifetimes, 30 s leeway on both sides.
+    assert!(
+        made_before.expires_at <= now() + hour + 60 + 5,
+        "{made_before:?}"
+    );
+
+    edit_config(&fx, |text| {
+        assert!(text.contains("max_token_lifetime = \"1h\""));
+        text.replace(
+            "max_token_lifetime = \"1h\"",
+            "max_token_lifetime = \"24h\"",
+        )
+    });
+    let metrics = addresses.metrics.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while metric(metrics, "portcullis_policy_reloads_total").await < 1.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the change never applied"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let made_after = admin
+        .revoke(authorized(revoke_jti("jti-after")))
+        .await
+        .unwrap()
+        .into_inner()
+        .revocation
+        .unwrap();
+    assert!(made_after.expires_at >= now() + 24 * hour, "{made_after:?}");
+    let listed = admin
+        .list_revocations(authorized(pb::ListRevocationsRequest {}))
+        .await
+        .unwrap()
+        .into_inner()
+        .revocations;
+    let before_now = listed
+        .iter()
+        .filter(|r| format!("{:?}", r.target).contains("jti-before"))
+        .map(|r| r.expires_at)
+        .max()
+        .unwrap();
+    assert_eq!(before_now, made_before.expires_at + 23 * hour, "{listed:?}");
+
+    // A 20-hour token with the jti revoked before the change: the new rules
+    // accept its lifetime, the revocation still refuses it.
+    let mut claims = claims("alice", &["orders:read"], &[]);
+    let iat = now();
+    claims["iat"] = iat.into();
+    claims["exp"] = (iat + 20 * hour).into();
+    claims["jti"] = "jti-before".into();
+    let revoked = check(&client, &fx.es256().sign(&claims)).await;
+    assert_eq!(revoked.http_status, 401, "{revoked:?}");
+    assert_eq!(revoked.metadata["reason"], "revoked", "{revoked:?}");
+    claims["jti"] = "jti-other".into();
+    let allowed = check(&client, &fx.es256().sign(&claims)).await;
+    assert_eq!(allowed.http_status, 200, "{allowed:?}");
+
+    shutdown.request();
+    shutdown.request();
+    task.await.unwrap().unwrap();
+}

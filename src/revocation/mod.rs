@@ -19,7 +19,7 @@
 pub mod journal;
 pub mod redis;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -193,23 +193,43 @@ impl Lifetimes {
         (self.max_lifetime + 2 * self.leeway).as_secs() as i64
     }
 
+    /// How far past its reference time (the subject's cut-off, or the time
+    /// it was made) an entry for `target` is kept when the token's `exp` is
+    /// not known.
+    fn horizon(&self, target: &Target) -> i64 {
+        let leeway = self.leeway.as_secs() as i64;
+        match target {
+            Target::Subject { .. } => self.max_ttl() - leeway,
+            Target::ApiKey { .. } => {
+                let api_key = (self.api_key_lifetime + self.leeway).as_secs() as i64;
+                api_key.max(self.max_ttl())
+            }
+            _ => self.max_ttl(),
+        }
+    }
+
+    /// Each field the larger of the two.
+    fn raised_to(&self, other: &Lifetimes) -> Lifetimes {
+        Lifetimes {
+            max_lifetime: self.max_lifetime.max(other.max_lifetime),
+            leeway: self.leeway.max(other.leeway),
+            api_key_lifetime: self.api_key_lifetime.max(other.api_key_lifetime),
+        }
+    }
+
     /// When an entry for `target`, made at `now`, may be dropped. `token_exp` is
     /// the token's `exp` when known (a `jti` revocation).
     pub fn expiry(&self, target: &Target, now: i64, token_exp: Option<i64>) -> i64 {
         let leeway = self.leeway.as_secs() as i64;
         match target {
             Target::Subject { issued_before, .. } => {
-                issued_before.saturating_add(self.max_ttl() - leeway)
+                issued_before.saturating_add(self.horizon(target))
             }
             Target::Token { .. } => match token_exp {
                 Some(exp) => exp.saturating_add(leeway).min(now + self.max_ttl()),
                 None => now + self.max_ttl(),
             },
-            Target::ApiKey { .. } => {
-                let api_key = (self.api_key_lifetime + self.leeway).as_secs() as i64;
-                now + api_key.max(self.max_ttl())
-            }
-            _ => now + self.max_ttl(),
+            _ => now.saturating_add(self.horizon(target)),
         }
     }
 }
@@ -590,7 +610,8 @@ pub struct RevocationStore {
     /// when the journal falls behind, the Redis session waits for it (the
     /// entries are enforced meanwhile) instead of queueing without limit.
     remote_journal: mpsc::Sender<Vec<String>>,
-    lifetimes: Lifetimes,
+    /// Raised (never lowered) by a reload that lets tokens live longer.
+    lifetimes: Mutex<Lifetimes>,
     /// `[revocation] max_entries`.
     max_entries: usize,
     sync: Option<redis::SyncHandle>,
@@ -677,7 +698,7 @@ impl RevocationStore {
             entries: Mutex::new(entries),
             journal,
             remote_journal,
-            lifetimes,
+            lifetimes: Mutex::new(lifetimes),
             max_entries: config.max_entries,
             sync,
             tasks: Mutex::new(Vec::new()),
@@ -764,10 +785,11 @@ impl RevocationStore {
             return Ok(Vec::new());
         }
         let now = unix_now();
+        let lifetimes = self.lifetimes();
         let mut revocations = Vec::with_capacity(targets.len());
         for (target, token_exp) in targets {
             let revocation = Revocation {
-                expires_at: self.lifetimes.expiry(&target, now, token_exp),
+                expires_at: lifetimes.expiry(&target, now, token_exp),
                 target,
                 created_at: now,
                 reason: reason.clone(),
@@ -826,6 +848,107 @@ impl RevocationStore {
             .zip(synced)
             .map(|(revocation, synced)| Revoke { revocation, synced })
             .collect())
+    }
+
+    /// Raises the lifetimes entries' expiries are computed from to `to`
+    /// (field by field; never lowered, since tokens accepted under the old
+    /// rules may still be valid), as a reload that lets tokens live longer
+    /// must. The entries in force are made again with their expiry moved by
+    /// as much as their horizon grew, in force at once, journaled and written
+    /// to Redis like any revocation, so that none is dropped while a token the
+    /// new rules accept could still match it. Returns how many were extended.
+    ///
+    /// Refused with nothing changed, in shared mode, when the Redis queue has
+    /// no room for them ([`RevocationError::QueueFull`]). A journal failure is
+    /// returned as an error with the longer entries in force.
+    pub async fn raise_lifetimes(
+        self: &Arc<Self>,
+        to: Lifetimes,
+    ) -> Result<usize, RevocationError> {
+        let before = self.lifetimes();
+        let after = before.raised_to(&to);
+        if after == before {
+            return Ok(0);
+        }
+        let now = unix_now();
+        let (lines, slots) = self.extend_in_force(before, after, now)?;
+        tracing::info!(
+            extended = lines.len(),
+            max_token_lifetime_secs = after.max_lifetime.as_secs(),
+            leeway_secs = after.leeway.as_secs(),
+            "token lifetimes raised: revocations in force extended to match"
+        );
+        let extended = lines.len();
+        let journal = self.append_journal(lines.iter().map(|(line, _)| line.clone()).collect());
+        let share = async {
+            if let (Some(sync), Some(slots)) = (&self.sync, slots) {
+                futures_util::future::join_all(
+                    slots
+                        .into_iter()
+                        .zip(lines)
+                        .map(|(slot, (line, expires_at))| sync.write(slot, line, expires_at)),
+                )
+                .await;
+            }
+        };
+        let (journaled, ()) = tokio::join!(journal, share);
+        journaled?;
+        Ok(extended)
+    }
+
+    /// The synchronous part of [`Self::raise_lifetimes`]: replaces the entries
+    /// in force whose horizon grows from `before` to `after` by longer ones,
+    /// publishes the index and records `after`. Returns the new lines with
+    /// their expiries, and their places in the Redis queue in shared mode.
+    #[allow(clippy::type_complexity)]
+    fn extend_in_force(
+        &self,
+        before: Lifetimes,
+        after: Lifetimes,
+        now: i64,
+    ) -> Result<(Vec<(String, i64)>, Option<Vec<redis::Slot<'_>>>), RevocationError> {
+        let mut entries = lock(&self.entries);
+        let longer: Vec<(Key, Revocation)> = entries
+            .by_line
+            .iter()
+            .filter(|(_, entry)| entry.expires_at > now)
+            .filter_map(|(line, entry)| {
+                let grows = after.horizon(&entry.target) - before.horizon(&entry.target);
+                (grows > 0).then(|| {
+                    let mut longer = entry.clone();
+                    longer.expires_at = entry.expires_at.saturating_add(grows);
+                    (line.clone(), longer)
+                })
+            })
+            .collect();
+        let slots = match &self.sync {
+            Some(sync) => Some(
+                longer
+                    .iter()
+                    .map(|_| sync.reserve(now))
+                    .collect::<Result<Vec<_>, _>>()?,
+            ),
+            None => None,
+        };
+        // Replaced in place: the number in force does not change, so the cap
+        // does not apply.
+        let mut index = self.current_index();
+        let replaced: HashSet<Key> = longer.iter().map(|(line, _)| line.clone()).collect();
+        entries.by_expiry.retain(|_, line| !replaced.contains(line));
+        let mut lines = Vec::with_capacity(longer.len());
+        for (old_line, entry) in longer {
+            if let Some(old) = entries.by_line.remove(&old_line) {
+                index.remove(&old);
+            }
+            let line = entry.to_line();
+            let expires_at = entry.expires_at;
+            entries.add(&mut index, &line, entry);
+            lines.push((line, expires_at));
+        }
+        index.next_expiry = entries.next_expiry();
+        self.publish(index);
+        *lock(&self.lifetimes) = after;
+        Ok((lines, slots))
     }
 
     /// The published index, to be changed and published again by a writer
@@ -1121,7 +1244,7 @@ impl RevocationStore {
 
     /// The token lifetimes entries' expiries are computed from.
     pub fn lifetimes(&self) -> Lifetimes {
-        self.lifetimes
+        *lock(&self.lifetimes)
     }
 
     /// Stops the sweeper and the Redis sync. Entries not yet written to Redis
