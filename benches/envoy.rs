@@ -559,7 +559,7 @@ fn jwt_rbac_filters(jwks: &str, jwt_cache: usize) -> Vec<Value> {
     ]
 }
 
-/// The ext_authz filter of README "Envoy" (gRPC v3, fail closed), with a 1 s
+/// The ext_authz filter of `docs/operations/envoy.md` (gRPC v3, fail closed), with a 1 s
 /// timeout instead of 0.25 s so a stall of this shared machine shows as
 /// latency rather than as a 403 that voids the run.
 fn ext_authz_filter() -> Value {

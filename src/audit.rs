@@ -26,7 +26,7 @@ use crate::telemetry::traces::TraceIds;
 ///   writer thread writes everything gathered every `interval`, in one system
 ///   call. A write per decision was the largest cost of a cached `Check`.
 ///
-/// What batched mode guarantees (the README, "Audit log", says the same):
+/// What batched mode guarantees (`docs/reference/audit-line.md` says the same):
 /// - deciding threads never wait on the sink: [`AuditLog::record_traced`]
 ///   only appends to memory. Back-pressure is [`AuditLog::ready`], awaited
 ///   (asynchronously, at most [`MAX_READY_WAIT`]) *before* a request is
@@ -639,8 +639,8 @@ fn write_batches(shared: &Shared, mut sink: Box<dyn Write + Send>, interval: Dur
     }
 }
 
-/// The audit record of a decision (every field is listed in the README,
-/// "Observability"), borrowed from the decision and serialized straight to the
+/// The audit record of a decision (every field is listed in
+/// `docs/reference/audit-line.md`), borrowed from the decision and serialized straight to the
 /// sink: no intermediate JSON tree on the request path.
 #[derive(serde::Serialize)]
 struct AuditRecord<'a> {

@@ -19,7 +19,7 @@ use crate::config::{Config, Secret};
 use crate::engine::Engine;
 use crate::server;
 
-/// Portcullis: an Envoy ext_authz server enforcing JWT bearer tokens with Cedar policies.
+/// Portcullis: an Envoy ext_authz server that verifies JWTs, opaque tokens, API keys and SPIFFE identities, then enforces Cedar policies.
 #[derive(Debug, Parser)]
 #[command(name = "portcullis", version, about)]
 pub struct Cli {
@@ -80,7 +80,7 @@ pub enum Command {
     Revocations(AdminArgs),
     /// Show a running server's revocation count, Redis link and policies.
     Status(AdminArgs),
-    /// Reload a running server's policy folder now (as SIGHUP does).
+    /// Reload a running server's configuration file and policy folder now (as SIGHUP does).
     Reload(AdminArgs),
     /// Route tools.
     #[command(subcommand)]

@@ -8,7 +8,7 @@ use portcullis::cli::{Cli, run};
 /// mimalloc instead of the system allocator: the request path allocates many
 /// small, short-lived objects across Tokio's worker threads, which glibc's
 /// malloc serves with lock and consolidation overhead (`cargo bench --bench
-/// load` measures the difference; the README has the figures).
+/// load` measures the difference; `docs/performance.md` has the figures).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

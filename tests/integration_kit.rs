@@ -292,10 +292,10 @@ fn the_envoy_config_parses_into_envoys_bootstrap() {
         |i: usize| &routes[i]["typed_per_filter_config"]["envoy.filters.http.ext_authz"];
     assert_eq!(routes[0]["match"]["path"], "/healthz");
     assert_eq!(per_route(0)["disabled"], true);
-    assert_eq!(
-        per_route(1)["check_settings"]["context_extensions"]["portcullis.mode"],
-        "enforce"
-    );
+    // The catch-all sets no `portcullis.mode`: that would override every
+    // route's `mode` in portcullis.toml (a `dry-run` route would enforce).
+    assert_eq!(routes[1]["match"]["prefix"], "/");
+    assert!(per_route(1).is_null(), "{}", routes[1]);
     let clusters = config["static_resources"]["clusters"].as_array().unwrap();
     let portcullis = clusters.iter().find(|c| c["name"] == "portcullis").unwrap();
     assert!(

@@ -5,7 +5,7 @@
 //!   its parents `Role::"<role>"` for each role claim value;
 //! - action `Action::"<lower-case method> <route template>"` (or the route's `action`);
 //! - resource `Application::"<application.name>"`;
-//! - context `{ http, path_params, token, workload? }` (see the README for the types).
+//! - context `{ http, path_params, token, workload? }` (see `docs/guides/policies/cedar-mapping.md` for the types).
 //!
 //! Services asking directly (`IsAuthorized`) name the action, resource, context
 //! and extra entities themselves: [`CedarMapping::build_direct`]. Their principal
