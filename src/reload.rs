@@ -1,4 +1,5 @@
-//! Hot reload: the policy folder and the configuration file are watched (and
+//! Hot reload: the policy folder, the configuration file and the issuers'
+//! local key files are watched (and
 //! SIGHUP or the admin `ReloadPolicies` call force a look); a change is parsed,
 //! strictly validated and indexed off the request path, then swapped in
 //! atomically. An invalid change is rejected as a whole: the last good set
@@ -7,8 +8,8 @@
 //! A change to the policy folder alone, or to the configuration's routes,
 //! application, response or policy settings, builds a new evaluator over the
 //! serving credential stage (its verified-token cache and keys stay warm). A
-//! change to `[[issuers]]`, `[api_keys]`, `[workload]` or `[cache]` builds the
-//! credential stage again too: its remote keys are fetched before the swap,
+//! change to `[[issuers]]`, `[api_keys]`, `[workload]` or `[cache]`, or to
+//! the content of a local `jwks_file`, builds the credential stage again too: its remote keys are fetched before the swap,
 //! and a reload whose keys do not arrive within [`KEYS_WAIT`] is rejected.
 //! `[server]`, `[admin]`, `[audit]`, `[revocation]` and `[telemetry]` hold
 //! listeners and connections made at start: a change to them is logged as
@@ -109,6 +110,25 @@ struct Running {
     config: Config,
     /// The file's text as TOML, to tell which sections a change touches.
     table: Option<toml::Table>,
+    /// The content of the issuers' local key files (`jwks_file`) when the
+    /// configuration was read: a change rebuilds the credential stage, so
+    /// that a key removed from the file is distrusted by a reload.
+    key_files: KeyFiles,
+}
+
+/// Each local key file with its content (`None` when unreadable).
+type KeyFiles = Vec<(PathBuf, Option<Vec<u8>>)>;
+
+fn key_files(config: &Config) -> KeyFiles {
+    config
+        .issuers
+        .iter()
+        .filter_map(|issuer| issuer.jwks_file.clone())
+        .map(|path| {
+            let content = std::fs::read(&path).ok();
+            (path, content)
+        })
+        .collect()
 }
 
 impl RunningConfig {
@@ -119,6 +139,7 @@ impl RunningConfig {
         Ok(RunningConfig {
             path: Some(path.to_owned()),
             running: Mutex::new(Running {
+                key_files: key_files(&config),
                 config,
                 table: Some(table),
             }),
@@ -131,6 +152,7 @@ impl RunningConfig {
         RunningConfig {
             path: None,
             running: Mutex::new(Running {
+                key_files: key_files(&config),
                 config,
                 table: None,
             }),
@@ -205,13 +227,33 @@ pub async fn reload_once(
     let current = state.current().ok_or(ReloadError::NotServing)?;
     let before = running.snapshot();
     let (change, after) = match running.path() {
-        None => (Change::Policies(before.config.clone()), before.clone()),
-        Some(path) => {
-            let path = path.to_owned();
-            let read = tokio::task::spawn_blocking(move || read(&path))
+        None => {
+            let config = before.config.clone();
+            let keys = tokio::task::spawn_blocking(move || key_files(&config))
                 .await
                 .map_err(|e| ReloadError::Task(e.to_string()))?;
-            let (config, table) = match read {
+            let change = if keys == before.key_files {
+                Change::Policies(before.config.clone())
+            } else {
+                Change::Everything(before.config.clone())
+            };
+            let after = Running {
+                key_files: keys,
+                ..before.clone()
+            };
+            (change, after)
+        }
+        Some(path) => {
+            let path = path.to_owned();
+            let read = tokio::task::spawn_blocking(move || {
+                read(&path).map(|(config, table)| {
+                    let keys = key_files(&config);
+                    (config, table, keys)
+                })
+            })
+            .await
+            .map_err(|e| ReloadError::Task(e.to_string()))?;
+            let (config, table, keys) = match read {
                 Ok(read) => read,
                 Err(e) => {
                     let error = ReloadError::Config(e.to_string());
@@ -228,21 +270,24 @@ pub async fn reload_once(
                     "configuration sections changed that are read only at start: restart to apply them"
                 );
             }
-            let change = if changed(&previous, &table, CREDENTIAL_SECTIONS).is_empty() {
-                Change::Policies(config.clone())
-            } else {
+            let credentials_changed = !changed(&previous, &table, CREDENTIAL_SECTIONS).is_empty()
+                || keys != before.key_files;
+            let change = if credentials_changed {
                 Change::Everything(config.clone())
+            } else {
+                Change::Policies(config.clone())
             };
             (
                 change,
                 Running {
                     config,
                     table: Some(table),
+                    key_files: keys,
                 },
             )
         }
     };
-    let text_changed = before.table != after.table;
+    let text_changed = before.table != after.table || before.key_files != after.key_files;
     let rebuilds = matches!(change, Change::Everything(_));
     let loaded = {
         let current = current.clone();
@@ -345,17 +390,26 @@ fn state_digest(state: &(impl EngineSlot + ?Sized)) -> Option<Arc<str>> {
     state.current().map(|e| e.policies().digest.clone())
 }
 
-/// Watches the policy folder and the configuration file (polling every
+/// Watches the policy folder, the configuration file and the issuers' local
+/// key files (polling every
 /// `[policies] watch_interval`, unless `[policies] watch = false`) and SIGHUP,
 /// reloading on each change. Runs until aborted.
 pub async fn watch(state: Arc<impl EngineSlot + ?Sized>, running: Arc<RunningConfig>) {
     let fingerprint = |running: &RunningConfig| {
         let config = running.current();
-        let file = running
-            .path()
-            .and_then(|p| std::fs::metadata(p).ok())
-            .map(|m| (m.len(), m.modified().ok()));
-        (folder_fingerprint(&config.policies.dir), file)
+        let stamp = |path: &Path| {
+            std::fs::metadata(path)
+                .ok()
+                .map(|m| (m.len(), m.modified().ok()))
+        };
+        let file = running.path().and_then(stamp);
+        let key_files: Vec<_> = config
+            .issuers
+            .iter()
+            .filter_map(|issuer| issuer.jwks_file.as_deref())
+            .map(stamp)
+            .collect();
+        (folder_fingerprint(&config.policies.dir), file, key_files)
     };
     let mut seen = fingerprint(&running);
     #[cfg(unix)]

@@ -292,3 +292,37 @@ async fn raising_token_lifetimes_by_reload_lengthens_revocations() {
     shutdown.request();
     task.await.unwrap().unwrap();
 }
+
+/// The issuers' local key files reload too: a key added to `jwks.json` is
+/// trusted, and a key removed from it (a leaked signing key) is refused,
+/// without a restart and without touching `portcullis.toml`.
+#[tokio::test]
+async fn a_changed_local_key_file_is_reloaded() {
+    let fx = Fixture::new();
+    let (_addresses, shutdown, task, client) = served(&fx).await;
+    let old = fx.es256();
+    let old_token = old.token("alice", &["orders:read"], &[]);
+    let new = TestKey::es256();
+    let new_token = new.token("alice", &["orders:read"], &[]);
+    assert_eq!(check(&client, &old_token).await.http_status, 200);
+    let refused = check(&client, &new_token).await;
+    assert_eq!(refused.http_status, 401, "{refused:?}");
+    assert_eq!(refused.metadata["reason"], "unknown_key", "{refused:?}");
+
+    // Rotate: the new key only. A rename, so no half-written file is read.
+    let staged = fx.path("jwks.json.new");
+    std::fs::write(&staged, jwks_of(&[&new]).to_string()).unwrap();
+    std::fs::rename(&staged, fx.path("jwks.json")).unwrap();
+
+    until(&client, &new_token, "the new key trusted", |o| {
+        o.http_status == 200
+    })
+    .await;
+    let old_now = check(&client, &old_token).await;
+    assert_eq!(old_now.http_status, 401, "{old_now:?}");
+    assert_eq!(old_now.metadata["reason"], "unknown_key", "{old_now:?}");
+
+    shutdown.request();
+    shutdown.request();
+    task.await.unwrap().unwrap();
+}
