@@ -70,18 +70,11 @@ impl std::fmt::Debug for AdminAuth {
     }
 }
 
-fn sha256(bytes: &[u8]) -> [u8; 32] {
-    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, bytes);
-    let mut out = [0u8; 32];
-    out.copy_from_slice(digest.as_ref());
-    out
-}
-
 impl AdminAuth {
     /// Accepts calls bearing `token`.
     pub fn new(token: &Secret) -> AdminAuth {
         AdminAuth {
-            digest: sha256(token.expose().as_bytes()),
+            digest: crate::digest::sha256(token.expose().as_bytes()),
         }
     }
 
@@ -100,7 +93,7 @@ impl AdminAuth {
         if !scheme.eq_ignore_ascii_case(b"bearer") {
             return false;
         }
-        bool::from(sha256(token.trim_ascii()).ct_eq(&self.digest))
+        bool::from(crate::digest::sha256(token.trim_ascii()).ct_eq(&self.digest))
     }
 }
 

@@ -21,6 +21,7 @@ pub mod authz;
 pub mod cli;
 pub mod config;
 pub mod decision;
+pub mod digest;
 pub mod engine;
 pub mod ext_authz;
 pub mod openapi;

@@ -180,19 +180,15 @@ fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
 }
 
 fn files_digest(files: &TlsConfig) -> Result<[u8; 32], TlsError> {
-    let mut context = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+    let mut digest = crate::digest::FieldDigest::default();
     for path in [Some(&files.cert_file), Some(&files.key_file)]
         .into_iter()
         .chain([files.client_ca_file.as_ref()])
         .flatten()
     {
-        let bytes = read(path)?;
-        context.update(&(bytes.len() as u64).to_be_bytes());
-        context.update(&bytes);
+        digest.field(&read(path)?);
     }
-    let mut digest = [0u8; 32];
-    digest.copy_from_slice(context.finish().as_ref());
-    Ok(digest)
+    Ok(digest.finish())
 }
 
 fn certificates(path: &Path, bytes: &[u8]) -> Result<Vec<CertificateDer<'static>>, TlsError> {

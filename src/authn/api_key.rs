@@ -42,7 +42,6 @@ use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
-use aws_lc_rs::digest::{SHA256, digest};
 use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq as _;
 
@@ -395,9 +394,7 @@ fn split_key(presented: &str) -> Option<(&str, &str)> {
 }
 
 fn sha256(text: &str) -> [u8; 32] {
-    let mut out = [0u8; 32];
-    out.copy_from_slice(digest(&SHA256, text.as_bytes()).as_ref());
-    out
+    crate::digest::sha256(text.as_bytes())
 }
 
 fn format_hash(digest: &[u8; 32]) -> String {

@@ -22,7 +22,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use aws_lc_rs::digest;
 use serde_json::Value;
 use tokio::sync::{OnceCell, Semaphore, SemaphorePermit};
 use tokio::time::Instant;
@@ -450,9 +449,7 @@ impl Introspector {
 
 /// SHA-256 of a credential: the only form in which one is kept.
 pub fn token_digest(token: &str) -> [u8; 32] {
-    let mut out = [0u8; 32];
-    out.copy_from_slice(digest::digest(&digest::SHA256, token.as_bytes()).as_ref());
-    out
+    crate::digest::sha256(token.as_bytes())
 }
 
 #[cfg(test)]

@@ -911,45 +911,7 @@ fn canonical_json(value: &Value) -> String {
 }
 
 /// Unambiguous hashing: every field is length-prefixed.
-struct DecisionKey(aws_lc_rs::digest::Context);
-
-impl Default for DecisionKey {
-    fn default() -> Self {
-        DecisionKey(aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256))
-    }
-}
-
-impl DecisionKey {
-    fn field(&mut self, bytes: &[u8]) {
-        self.0.update(&(bytes.len() as u64).to_be_bytes());
-        self.0.update(bytes);
-    }
-
-    fn option(&mut self, bytes: Option<&[u8]>) {
-        match bytes {
-            Some(bytes) => {
-                self.0.update(&[1]);
-                self.field(bytes);
-            }
-            None => self.0.update(&[0]),
-        }
-    }
-
-    fn list<'a>(&mut self, items: impl Iterator<Item = &'a [u8]>) {
-        let mut count = 0u64;
-        for item in items {
-            self.field(item);
-            count += 1;
-        }
-        self.0.update(&count.to_be_bytes());
-    }
-
-    fn finish(self) -> [u8; 32] {
-        let mut out = [0u8; 32];
-        out.copy_from_slice(self.0.finish().as_ref());
-        out
-    }
-}
+type DecisionKey = crate::digest::FieldDigest;
 
 fn string(s: &str) -> RestrictedExpression {
     RestrictedExpression::new_string(s.to_owned())

@@ -283,7 +283,7 @@ impl PolicyStore {
 }
 
 fn content_digest<'a>(dir: &Path, files: impl Iterator<Item = &'a SourceFile>) -> String {
-    let mut digest = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+    let mut digest = crate::digest::FieldDigest::default();
     let entities = dir.join(ENTITIES_FILE);
     let entities_text = std::fs::read(&entities).unwrap_or_default();
     let mut add = |name: &Path, bytes: &[u8]| {
@@ -291,10 +291,8 @@ fn content_digest<'a>(dir: &Path, files: impl Iterator<Item = &'a SourceFile>) -
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        digest.update(&(name.len() as u64).to_be_bytes());
-        digest.update(name.as_bytes());
-        digest.update(&(bytes.len() as u64).to_be_bytes());
-        digest.update(bytes);
+        digest.field(name.as_bytes());
+        digest.field(bytes);
     };
     for file in files {
         add(&file.path, file.text.as_bytes());
@@ -303,12 +301,7 @@ fn content_digest<'a>(dir: &Path, files: impl Iterator<Item = &'a SourceFile>) -
     let links = dir.join(LINKS_FILE);
     let links_text = std::fs::read(&links).unwrap_or_default();
     add(&links, &links_text);
-    digest
-        .finish()
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    hex::encode(digest.finish())
 }
 
 /// A cheap fingerprint of the policy folder (names, sizes, modification times),
