@@ -79,60 +79,177 @@ pub struct RequestFacts<'a> {
     pub caller: Option<&'a str>,
 }
 
-/// The context fields [`CedarMapping::build`] fills in that the decision key
-/// covers: those some policy can read (see [`super::context_reads`]). Worked
-/// out once per policy set, so the request path only tests booleans.
+/// Every attribute of the context that [`CedarMapping::build`] makes, in one
+/// list: the Cedar context and the decision key both walk [`CONTEXT_FIELDS`]
+/// and read each value through [`ContextField::value`], so the key covers
+/// exactly what a policy could read, and a field added here reaches both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ContextField {
+    Method,
+    Path,
+    Host,
+    Scheme,
+    SourceIp,
+    PathParams,
+    Iss,
+    Iat,
+    Exp,
+    Scopes,
+    Jti,
+    ClientId,
+    Workload,
+    Caller,
+}
+
+/// The context of a `Check` request, in the order it is built and hashed.
+const CONTEXT_FIELDS: [ContextField; 14] = [
+    ContextField::Method,
+    ContextField::Path,
+    ContextField::Host,
+    ContextField::Scheme,
+    ContextField::SourceIp,
+    ContextField::PathParams,
+    ContextField::Iss,
+    ContextField::Iat,
+    ContextField::Exp,
+    ContextField::Scopes,
+    ContextField::Jti,
+    ContextField::ClientId,
+    ContextField::Workload,
+    ContextField::Caller,
+];
+
+/// The records of the context that hold attributes of their own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Record {
+    /// `context.http`.
+    Http,
+    /// `context.token`.
+    Token,
+}
+
+/// A context attribute's value for one request, before it becomes a Cedar
+/// expression (or bytes of the decision key).
+enum FieldValue<'a> {
+    Str(&'a str),
+    Long(i64),
+    Ip(IpAddr),
+    Strings(&'a [String]),
+    Params(&'a [(String, String)]),
+    /// An optional attribute that this request does not have.
+    Absent,
+}
+
+impl ContextField {
+    /// Where the attribute sits in the context: its record (`http`,
+    /// `token`, or none for a top-level attribute) and its name.
+    fn place(self) -> (Option<Record>, &'static str) {
+        match self {
+            ContextField::Method => (Some(Record::Http), "method"),
+            ContextField::Path => (Some(Record::Http), "path"),
+            ContextField::Host => (Some(Record::Http), "host"),
+            ContextField::Scheme => (Some(Record::Http), "scheme"),
+            ContextField::SourceIp => (Some(Record::Http), "source_ip"),
+            ContextField::PathParams => (None, "path_params"),
+            ContextField::Iss => (Some(Record::Token), "iss"),
+            ContextField::Iat => (Some(Record::Token), "iat"),
+            ContextField::Exp => (Some(Record::Token), "exp"),
+            ContextField::Scopes => (Some(Record::Token), "scopes"),
+            ContextField::Jti => (Some(Record::Token), "jti"),
+            ContextField::ClientId => (Some(Record::Token), "client_id"),
+            ContextField::Workload => (None, "workload"),
+            ContextField::Caller => (None, "caller"),
+        }
+    }
+
+    /// Does a policy that reads what `reads` lists read this attribute?
+    fn read_by(self, reads: &ContextReads) -> bool {
+        match self.place() {
+            (Some(Record::Http), name) => reads.covers(&["http", name]),
+            (Some(Record::Token), name) => reads.covers(&["token", name]),
+            (None, name) => reads.covers(&[name]),
+        }
+    }
+
+    /// The attribute's value in a request. `workload` and `caller` are
+    /// already filtered to the actions whose context declares them.
+    fn value<'a>(
+        self,
+        token: &'a VerifiedToken,
+        facts: &RequestFacts<'a>,
+        workload: Option<&'a str>,
+        caller: Option<&'a str>,
+    ) -> FieldValue<'a> {
+        let http = facts.http;
+        let optional = |value: Option<&'a str>| value.map_or(FieldValue::Absent, FieldValue::Str);
+        match self {
+            ContextField::Method => FieldValue::Str(&http.method),
+            ContextField::Path => FieldValue::Str(http.path_without_query()),
+            ContextField::Host => FieldValue::Str(&http.host),
+            ContextField::Scheme => FieldValue::Str(&http.scheme),
+            ContextField::SourceIp => http.source_ip.map_or(FieldValue::Absent, FieldValue::Ip),
+            ContextField::PathParams => FieldValue::Params(facts.path_params),
+            ContextField::Iss => FieldValue::Str(&token.issuer),
+            ContextField::Iat => FieldValue::Long(token.issued_at),
+            ContextField::Exp => FieldValue::Long(token.expires_at),
+            ContextField::Scopes => FieldValue::Strings(&token.scopes),
+            ContextField::Jti => optional(token.jti.as_deref()),
+            ContextField::ClientId => optional(token.client_id.as_deref()),
+            ContextField::Workload => optional(workload),
+            ContextField::Caller => optional(caller),
+        }
+    }
+}
+
+impl FieldValue<'_> {
+    /// Adds the value to a decision key: presence first, so that an absent
+    /// attribute never hashes like a present one.
+    fn hash_into(&self, digest: &mut DecisionKey) {
+        match self {
+            FieldValue::Absent => digest.option(None),
+            FieldValue::Str(s) => digest.option(Some(s.as_bytes())),
+            FieldValue::Long(n) => digest.option(Some(&n.to_be_bytes())),
+            // The address's octets (4 or 16 bytes).
+            FieldValue::Ip(IpAddr::V4(ip)) => digest.option(Some(&ip.octets())),
+            FieldValue::Ip(IpAddr::V6(ip)) => digest.option(Some(&ip.octets())),
+            FieldValue::Strings(items) => {
+                digest.option(Some(&[]));
+                digest.list(items.iter().map(|s| s.as_bytes()));
+            }
+            FieldValue::Params(params) => {
+                digest.option(Some(&[]));
+                digest.list(
+                    params
+                        .iter()
+                        .flat_map(|(k, v)| [k.as_bytes(), v.as_bytes()]),
+                );
+            }
+        }
+    }
+}
+
+/// The context fields that the decision key covers: those some policy can
+/// read (see [`super::context_reads`]). Worked out once per policy set, so the
+/// request path only tests bits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KeyFields {
-    /// `http.method`.
-    pub method: bool,
-    /// `http.path`.
-    pub path: bool,
-    /// `http.host`.
-    pub host: bool,
-    /// `http.scheme`.
-    pub scheme: bool,
-    /// `http.source_ip` (and whether it is there).
-    pub source_ip: bool,
-    /// `workload` (and whether it is there).
-    pub workload: bool,
-    /// `caller` (and whether it is there).
-    pub caller: bool,
-    /// `path_params`, all of them.
-    pub path_params: bool,
-    /// `token.iss`.
-    pub iss: bool,
-    /// `token.iat`.
-    pub iat: bool,
-    /// `token.exp`.
-    pub exp: bool,
-    /// `token.scopes`.
-    pub scopes: bool,
-    /// `token.jti` (and whether it is there).
-    pub jti: bool,
-    /// `token.client_id` (and whether it is there).
-    pub client_id: bool,
+    /// Bit `i` set: `CONTEXT_FIELDS[i]` counts.
+    bits: u32,
 }
 
 impl KeyFields {
     /// The fields `reads` covers.
     pub fn of(reads: &ContextReads) -> KeyFields {
-        KeyFields {
-            method: reads.covers(&["http", "method"]),
-            path: reads.covers(&["http", "path"]),
-            host: reads.covers(&["http", "host"]),
-            scheme: reads.covers(&["http", "scheme"]),
-            source_ip: reads.covers(&["http", "source_ip"]),
-            workload: reads.covers(&["workload"]),
-            caller: reads.covers(&["caller"]),
-            path_params: reads.covers(&["path_params"]),
-            iss: reads.covers(&["token", "iss"]),
-            iat: reads.covers(&["token", "iat"]),
-            exp: reads.covers(&["token", "exp"]),
-            scopes: reads.covers(&["token", "scopes"]),
-            jti: reads.covers(&["token", "jti"]),
-            client_id: reads.covers(&["token", "client_id"]),
-        }
+        let bits = CONTEXT_FIELDS
+            .iter()
+            .enumerate()
+            .filter(|(_, field)| field.read_by(reads))
+            .fold(0, |bits, (i, _)| bits | 1 << i);
+        KeyFields { bits }
+    }
+
+    fn covers(&self, index: usize) -> bool {
+        self.bits & (1 << index) != 0
     }
 }
 
@@ -327,7 +444,8 @@ impl CedarMapping {
     /// decision cache's key). The identity (principal, roles) and the action
     /// always count; a context field counts when `fields` says a policy can
     /// read it. Which fields count is fixed for a policy set, and a decision
-    /// cache belongs to one. Keep in step with `build` and `context_pairs`.
+    /// cache belongs to one. The context fields come from the same list and
+    /// the same values as the context itself ([`CONTEXT_FIELDS`]).
     pub fn decision_key(
         &self,
         fields: &KeyFields,
@@ -342,65 +460,27 @@ impl CedarMapping {
         roles.dedup();
         digest.list(roles.iter().map(|r| r.as_bytes()));
         digest.field(facts.action.as_bytes());
-        let http = facts.http;
-        if fields.method {
-            digest.field(http.method.as_bytes());
-        }
-        if fields.path {
-            digest.field(http.path_without_query().as_bytes());
-        }
-        if fields.host {
-            digest.field(http.host.as_bytes());
-        }
-        if fields.scheme {
-            digest.field(http.scheme.as_bytes());
-        }
-        if fields.source_ip {
-            // The address's octets (4 or 16 bytes; none when absent).
-            match http.source_ip {
-                Some(IpAddr::V4(ip)) => digest.field(&ip.octets()),
-                Some(IpAddr::V6(ip)) => digest.field(&ip.octets()),
-                None => digest.field(&[]),
+        let (workload, caller) = self.optional_identities(&facts);
+        for (i, field) in CONTEXT_FIELDS.iter().enumerate() {
+            if fields.covers(i) {
+                field
+                    .value(token, &facts, workload, caller)
+                    .hash_into(&mut digest);
             }
         }
-        if fields.workload {
-            let workload = http
-                .peer_principal
-                .as_deref()
-                .filter(|_| self.workload_actions.contains(facts.action));
-            digest.option(workload.map(str::as_bytes));
-        }
-        if fields.caller {
-            let caller = self.caller_for(facts.caller, facts.action);
-            digest.option(caller.map(str::as_bytes));
-        }
-        if fields.path_params {
-            digest.list(
-                facts
-                    .path_params
-                    .iter()
-                    .flat_map(|(k, v)| [k.as_bytes(), v.as_bytes()]),
-            );
-        }
-        if fields.iss {
-            digest.field(token.issuer.as_bytes());
-        }
-        if fields.iat {
-            digest.field(&token.issued_at.to_be_bytes());
-        }
-        if fields.exp {
-            digest.field(&token.expires_at.to_be_bytes());
-        }
-        if fields.scopes {
-            digest.list(token.scopes.iter().map(|s| s.as_bytes()));
-        }
-        if fields.jti {
-            digest.option(token.jti.as_deref().map(str::as_bytes));
-        }
-        if fields.client_id {
-            digest.option(token.client_id.as_deref().map(str::as_bytes));
-        }
         digest.finish()
+    }
+
+    /// The trusted workload and the mTLS caller, each only for the actions
+    /// whose context type declares it.
+    fn optional_identities<'a>(
+        &self,
+        facts: &RequestFacts<'a>,
+    ) -> (Option<&'a str>, Option<&'a str>) {
+        let workload = facts
+            .workload
+            .filter(|_| self.workload_actions.contains(facts.action));
+        (workload, self.caller_for(facts.caller, facts.action))
     }
 
     /// The Cedar `ip("…")` expression of a source address, from the cache.
@@ -466,11 +546,8 @@ impl CedarMapping {
             }
         };
 
-        let workload = facts
-            .workload
-            .filter(|_| self.workload_actions.contains(facts.action));
-        let caller = self.caller_for(facts.caller, facts.action);
-        let context = Context::from_pairs(context_pairs(token, facts, workload, caller, |ip| {
+        let (workload, caller) = self.optional_identities(&facts);
+        let context = Context::from_pairs(context_pairs(token, &facts, workload, caller, |ip| {
             self.source_ip(ip)
         })?)
         .map_err(|e| MappingError::Request(e.to_string()))?;
@@ -925,61 +1002,37 @@ fn record(
 
 fn context_pairs(
     token: &VerifiedToken,
-    facts: RequestFacts<'_>,
+    facts: &RequestFacts<'_>,
     workload: Option<&str>,
     caller: Option<&str>,
-    source_ip: impl FnOnce(IpAddr) -> RestrictedExpression,
+    mut source_ip: impl FnMut(IpAddr) -> RestrictedExpression,
 ) -> Result<Vec<(String, RestrictedExpression)>, MappingError> {
-    let http = facts.http;
-    let mut http_attrs = vec![
-        ("method".to_owned(), string(&http.method)),
-        ("path".to_owned(), string(http.path_without_query())),
-        ("host".to_owned(), string(&http.host)),
-        ("scheme".to_owned(), string(&http.scheme)),
-    ];
-    if let Some(ip) = http.source_ip {
-        http_attrs.push(("source_ip".to_owned(), source_ip(ip)));
+    let mut http = Vec::new();
+    let mut token_attrs = Vec::new();
+    let mut pairs = Vec::new();
+    for field in CONTEXT_FIELDS {
+        let value = match field.value(token, facts, workload, caller) {
+            FieldValue::Absent => continue,
+            FieldValue::Str(s) => string(s),
+            FieldValue::Long(n) => RestrictedExpression::new_long(n),
+            FieldValue::Ip(ip) => source_ip(ip),
+            FieldValue::Strings(items) => {
+                RestrictedExpression::new_set(items.iter().map(|s| string(s)))
+            }
+            FieldValue::Params(params) => {
+                record(params.iter().map(|(k, v)| (k.clone(), string(v))).collect())?
+            }
+        };
+        let (record, name) = field.place();
+        let attribute = (name.to_owned(), value);
+        match record {
+            Some(Record::Http) => http.push(attribute),
+            Some(Record::Token) => token_attrs.push(attribute),
+            None => pairs.push(attribute),
+        }
     }
-
-    let params = facts
-        .path_params
-        .iter()
-        .map(|(k, v)| (k.clone(), string(v)))
-        .collect();
-
-    let mut token_attrs = vec![
-        ("iss".to_owned(), string(&token.issuer)),
-        (
-            "iat".to_owned(),
-            RestrictedExpression::new_long(token.issued_at),
-        ),
-        (
-            "exp".to_owned(),
-            RestrictedExpression::new_long(token.expires_at),
-        ),
-        (
-            "scopes".to_owned(),
-            RestrictedExpression::new_set(token.scopes.iter().map(|s| string(s))),
-        ),
-    ];
-    if let Some(jti) = &token.jti {
-        token_attrs.push(("jti".to_owned(), string(jti)));
-    }
-    if let Some(client_id) = &token.client_id {
-        token_attrs.push(("client_id".to_owned(), string(client_id)));
-    }
-
-    let mut pairs = vec![
-        ("http".to_owned(), record(http_attrs)?),
-        ("path_params".to_owned(), record(params)?),
-        ("token".to_owned(), record(token_attrs)?),
-    ];
-    if let Some(workload) = workload {
-        pairs.push(("workload".to_owned(), string(workload)));
-    }
-    if let Some(caller) = caller {
-        pairs.push(("caller".to_owned(), string(caller)));
-    }
+    pairs.push(("http".to_owned(), record(http)?));
+    pairs.push(("token".to_owned(), record(token_attrs)?));
     Ok(pairs)
 }
 
@@ -1011,6 +1064,118 @@ mod tests {
             key_id: "k1".into(),
             api_key_id: None,
             credential: crate::authn::CredentialKind::Jwt,
+        }
+    }
+
+    /// One field list: for each context attribute, a decision key that
+    /// covers it tells two requests apart that differ only there, and a key
+    /// that covers nothing does not; and the built context holds exactly the
+    /// attributes of [`CONTEXT_FIELDS`].
+    #[test]
+    fn the_decision_key_and_the_context_come_from_one_field_list() {
+        let mut mapping = CedarMapping::new("orders", ["User"]).unwrap();
+        mapping.enable_workload_context("get /orders");
+        mapping.enable_caller_context("get /orders");
+        let base_http = HttpRequest {
+            method: "GET".into(),
+            path: "/orders?x=1".into(),
+            host: "api.test".into(),
+            scheme: "https".into(),
+            source_ip: Some("192.0.2.1".parse().unwrap()),
+            ..Default::default()
+        };
+        let mut base_token = token("alice", &["admin"]);
+        base_token.jti = Some("j1".into());
+        base_token.client_id = Some("c1".into());
+        let params = vec![("id".to_owned(), "7".to_owned())];
+        let key = |fields: KeyFields,
+                   http: &HttpRequest,
+                   token: &VerifiedToken,
+                   params: &[(String, String)],
+                   workload: Option<&str>,
+                   caller: Option<&str>| {
+            let facts = RequestFacts {
+                http,
+                action: "get /orders",
+                path_params: params,
+                workload,
+                caller,
+            };
+            mapping.decision_key(&fields, token, facts)
+        };
+        for (i, field) in CONTEXT_FIELDS.iter().enumerate() {
+            let mut http = base_http.clone();
+            let mut token = base_token.clone();
+            let mut params = params.clone();
+            let (mut workload, mut caller) = (Some("spiffe://a/w"), Some("spiffe://a/c"));
+            match field {
+                ContextField::Method => http.method = "POST".into(),
+                ContextField::Path => http.path = "/orders/1".into(),
+                ContextField::Host => http.host = "other.test".into(),
+                ContextField::Scheme => http.scheme = "http".into(),
+                ContextField::SourceIp => http.source_ip = None,
+                ContextField::PathParams => params[0].1 = "8".into(),
+                ContextField::Iss => token.issuer = "https://other.test".into(),
+                ContextField::Iat => token.issued_at += 1,
+                ContextField::Exp => token.expires_at += 1,
+                ContextField::Scopes => token.scopes.push("orders:write".into()),
+                ContextField::Jti => token.jti = None,
+                ContextField::ClientId => token.client_id = Some("c2".into()),
+                ContextField::Workload => workload = None,
+                ContextField::Caller => caller = Some("spiffe://a/other"),
+            }
+            let only = KeyFields { bits: 1 << i };
+            let base = (Some("spiffe://a/w"), Some("spiffe://a/c"));
+            assert_ne!(
+                key(
+                    only,
+                    &base_http,
+                    &base_token,
+                    &[("id".into(), "7".into())],
+                    base.0,
+                    base.1
+                ),
+                key(only, &http, &token, &params, workload, caller),
+                "{field:?}"
+            );
+            let none = KeyFields { bits: 0 };
+            assert_eq!(
+                key(
+                    none,
+                    &base_http,
+                    &base_token,
+                    &[("id".into(), "7".into())],
+                    base.0,
+                    base.1
+                ),
+                key(none, &http, &token, &params, workload, caller),
+                "{field:?}"
+            );
+        }
+
+        let facts = RequestFacts {
+            http: &base_http,
+            action: "get /orders",
+            path_params: &params,
+            workload: Some("spiffe://a/w"),
+            caller: Some("spiffe://a/c"),
+        };
+        let pairs = context_pairs(&base_token, &facts, facts.workload, facts.caller, |ip| {
+            RestrictedExpression::new_ip(ip.to_string())
+        })
+        .unwrap();
+        let mut top: Vec<&str> = pairs.iter().map(|(name, _)| name.as_str()).collect();
+        top.sort_unstable();
+        assert_eq!(top, ["caller", "http", "path_params", "token", "workload"]);
+        let context = Context::from_pairs(pairs).unwrap();
+        let json = context.to_json_value().unwrap();
+        for field in CONTEXT_FIELDS {
+            let found = match field.place() {
+                (Some(Record::Http), name) => json["http"].get(name).is_some(),
+                (Some(Record::Token), name) => json["token"].get(name).is_some(),
+                (None, name) => json.get(name).is_some(),
+            };
+            assert!(found, "{field:?} missing from {json}");
         }
     }
 
