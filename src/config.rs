@@ -166,22 +166,30 @@ impl Default for CacheConfig {
 }
 
 /// A secret string (admin token, Redis URL with a password): never printed by
-/// `Debug`.
-#[derive(Clone, PartialEq, Eq, Deserialize)]
+/// `Debug`, and zeroed in memory when dropped (`secrecy`).
+#[derive(Clone, Deserialize)]
 #[serde(transparent)]
-pub struct Secret(String);
+pub struct Secret(secrecy::SecretString);
 
 impl Secret {
     /// Wraps a secret value.
     pub fn new(value: impl Into<String>) -> Secret {
-        Secret(value.into())
+        Secret(secrecy::SecretString::from(value.into()))
     }
 
     /// The value, for the one place that needs it.
     pub fn expose(&self) -> &str {
-        &self.0
+        secrecy::ExposeSecret::expose_secret(&self.0)
     }
 }
+
+impl PartialEq for Secret {
+    fn eq(&self, other: &Secret) -> bool {
+        self.expose() == other.expose()
+    }
+}
+
+impl Eq for Secret {}
 
 impl std::fmt::Debug for Secret {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -317,7 +325,7 @@ impl AdminConfig {
         if token.chars().any(|c| c.is_whitespace() || c.is_control()) {
             return Err("the admin token must not contain whitespace".into());
         }
-        Ok(Secret(token))
+        Ok(Secret::new(token))
     }
 }
 

@@ -396,24 +396,31 @@ impl IssuerKeys {
     }
 
     /// Refreshes forever on the period the server asks for; after a failure,
-    /// retries with capped exponential backoff (from 1 s to `refresh_min`).
+    /// retries with capped exponential backoff and jitter (from 1 s to
+    /// `refresh_min`, `backon`), so that instances do not retry in lock step.
     pub async fn refresh_forever(self: Arc<Self>) {
         let Some(remote) = &self.remote else {
             return;
         };
-        let mut backoff = Duration::from_secs(1);
+        let cap = remote.settings.refresh_min.max(Duration::from_secs(1));
+        let retries = || {
+            backon::BackoffBuilder::build(
+                backon::ExponentialBuilder::new()
+                    .with_min_delay(Duration::from_secs(1))
+                    .with_max_delay(cap)
+                    .with_jitter()
+                    .without_max_times(),
+            )
+        };
+        let mut backoff = retries();
         loop {
             let wait = match self.refresh().await {
                 Ok(period) => {
-                    backoff = Duration::from_secs(1);
+                    backoff = retries();
                     period
                 }
-                Err(_) => {
-                    let wait = backoff;
-                    backoff =
-                        (backoff * 2).min(remote.settings.refresh_min.max(Duration::from_secs(1)));
-                    wait
-                }
+                // Jitter adds up to the delay again, never past the cap.
+                Err(_) => backoff.next().unwrap_or(cap).min(cap),
             };
             tokio::time::sleep(wait).await;
         }

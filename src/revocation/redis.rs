@@ -213,7 +213,16 @@ enum End {
 
 /// The sync task: sessions, reconnecting forever with capped backoff.
 pub(super) async fn run(store: Weak<RevocationStore>, mut stop: watch::Receiver<bool>) {
-    let mut backoff = MIN_BACKOFF;
+    let retries = || {
+        backon::BackoffBuilder::build(
+            backon::ExponentialBuilder::new()
+                .with_min_delay(MIN_BACKOFF)
+                .with_max_delay(MAX_BACKOFF)
+                .with_jitter()
+                .without_max_times(),
+        )
+    };
+    let mut backoff = retries();
     let mut failures: u64 = 0;
     loop {
         let end = session(&store, &mut stop).await;
@@ -221,11 +230,14 @@ pub(super) async fn run(store: Weak<RevocationStore>, mut stop: watch::Receiver<
         let Some(sync) = live.sync.as_ref() else {
             return;
         };
+        // With jitter (up to the delay again, never past the cap), so that
+        // instances do not reconnect in lock step.
+        let delay = backoff.next().unwrap_or(MAX_BACKOFF).min(MAX_BACKOFF);
         match end {
             End::Stop => return,
             End::Lost { error, synced } => {
                 if synced {
-                    backoff = MIN_BACKOFF;
+                    backoff = retries();
                     failures = 0;
                     sync.set_state(RedisState::Disconnected);
                     tracing::warn!(%error, "lost Redis; revocations known stay enforced, new ones are queued; reconnecting");
@@ -233,29 +245,17 @@ pub(super) async fn run(store: Weak<RevocationStore>, mut stop: watch::Receiver<
                     failures += 1;
                     // Say it at once, then every tenth attempt, not every 5 seconds.
                     if failures == 1 || failures.is_multiple_of(10) {
-                        tracing::warn!(%error, attempts = failures, retry_in = ?backoff, "cannot reach Redis; retrying");
+                        tracing::warn!(%error, attempts = failures, retry_in = ?delay, "cannot reach Redis; retrying");
                     }
                 }
             }
         }
         drop(live);
-        let delay = backoff + jitter(backoff);
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             _ = stop.changed() => return,
         }
-        backoff = (backoff * 2).min(MAX_BACKOFF);
     }
-}
-
-/// Up to a quarter of `d`, so that instances do not reconnect in lock step.
-fn jitter(d: Duration) -> Duration {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|t| t.subsec_nanos())
-        .unwrap_or_default();
-    let quarter = (d.as_millis() as u64 / 4).max(1);
-    Duration::from_millis(u64::from(nanos) % quarter)
 }
 
 async fn timed<T>(
