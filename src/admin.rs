@@ -58,6 +58,15 @@ pub enum AdminError {
     Task(String),
 }
 
+/// Most targets one `RevokeBatch` call may carry; more are refused with
+/// INVALID_ARGUMENT. Large lists are sent in several calls (the CLI sends
+/// [`crate::cli::REVOKE_BATCH_SIZE`] at a time).
+pub const MAX_BATCH_TARGETS: usize = 10_000;
+
+/// Largest admin request accepted: a full `RevokeBatch` of identifiers at
+/// their longest fits (gRPC's default, 4 MiB, would not).
+pub const MAX_ADMIN_MESSAGE_BYTES: usize = 32 * 1024 * 1024;
+
 /// Checks the admin credential of every call.
 #[derive(Clone)]
 pub struct AdminAuth {
@@ -169,6 +178,17 @@ fn target_from_pb(target: Option<pb::Target>) -> Result<(Target, Option<i64>), S
     })
 }
 
+/// The gRPC status of a refused revocation.
+fn revocation_status(e: RevocationError) -> Status {
+    match e {
+        RevocationError::Invalid(_) => Status::invalid_argument(e.to_string()),
+        RevocationError::Full { .. } | RevocationError::QueueFull { .. } => {
+            Status::resource_exhausted(e.to_string())
+        }
+        _ => Status::internal(e.to_string()),
+    }
+}
+
 fn target_to_pb(target: &Target) -> pb::Target {
     use pb::target::Kind;
     let kind = match target {
@@ -211,13 +231,7 @@ impl Admin for AdminService {
             .store
             .revoke(target, token_exp, request.reason)
             .await
-            .map_err(|e| match e {
-                RevocationError::Invalid(_) => Status::invalid_argument(e.to_string()),
-                RevocationError::Full { .. } | RevocationError::QueueFull { .. } => {
-                    Status::resource_exhausted(e.to_string())
-                }
-                _ => Status::internal(e.to_string()),
-            })?;
+            .map_err(revocation_status)?;
         tracing::info!(
             kind,
             expires_at = done.revocation.expires_at,
@@ -227,6 +241,58 @@ impl Admin for AdminService {
         Ok(Response::new(pb::RevokeResponse {
             revocation: Some(revocation_to_pb(&done.revocation)),
             synced: done.synced,
+        }))
+    }
+
+    async fn revoke_batch(
+        &self,
+        request: Request<pb::RevokeBatchRequest>,
+    ) -> Result<Response<pb::RevokeBatchResponse>, Status> {
+        let request = request.into_inner();
+        let count = request.targets.len();
+        if count == 0 {
+            return Err(Status::invalid_argument("at least one target is required"));
+        }
+        if count > MAX_BATCH_TARGETS {
+            return Err(Status::invalid_argument(format!(
+                "{count} targets: at most {MAX_BATCH_TARGETS} per call; send them in several calls"
+            )));
+        }
+        // Every target is checked before any is applied; an error names the
+        // target by its index (the messages name fields, never their values).
+        let mut targets = Vec::with_capacity(count);
+        for (i, target) in request.targets.into_iter().enumerate() {
+            let at = |e: Status| Status::invalid_argument(format!("targets[{i}]: {}", e.message()));
+            let (target, token_exp) = target_from_pb(Some(target)).map_err(at)?;
+            self.store
+                .check_target(&target, token_exp)
+                .map_err(|e| at(revocation_status(e)))?;
+            targets.push((target, token_exp));
+        }
+        let done = self
+            .store
+            .revoke_many(targets, request.reason)
+            .await
+            .map_err(revocation_status)?;
+        let synced = done.iter().filter(|d| d.synced).count();
+        let queued = if self.store.mode() == revocation::Mode::Redis {
+            done.len() - synced
+        } else {
+            0
+        };
+        tracing::info!(
+            count = done.len(),
+            synced,
+            queued,
+            "revocations recorded (batch)"
+        );
+        Ok(Response::new(pb::RevokeBatchResponse {
+            revocations: done
+                .iter()
+                .map(|d| revocation_to_pb(&d.revocation))
+                .collect(),
+            synced: synced as u64,
+            queued: queued as u64,
         }))
     }
 
@@ -449,8 +515,9 @@ pub fn start_on(
     let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
     let router = tonic::transport::Server::builder()
         .add_service(InterceptedService::new(reflection, auth.clone()))
-        .add_service(AdminServer::with_interceptor(
-            AdminService::new(store, state, config),
+        .add_service(InterceptedService::new(
+            AdminServer::new(AdminService::new(store, state, config))
+                .max_decoding_message_size(MAX_ADMIN_MESSAGE_BYTES),
             auth,
         ));
     let incoming = crate::tls::incoming(listener, tls, "admin");

@@ -799,3 +799,379 @@ async fn with_redis_down_revokes_beyond_max_pending_writes_are_refused_never_los
     a.assert_revoked(&c2).await;
     a.stop().await;
 }
+
+impl Instance {
+    /// `RevokeBatch` of `kinds`, with the gRPC status when it is refused.
+    async fn try_revoke_batch(
+        &self,
+        kinds: Vec<Kind>,
+    ) -> Result<pb::RevokeBatchResponse, tonic::Status> {
+        let mut request = tonic::Request::new(pb::RevokeBatchRequest {
+            targets: kinds
+                .into_iter()
+                .map(|kind| pb::Target { kind: Some(kind) })
+                .collect(),
+            reason: "incident".into(),
+        });
+        authorize(&mut request, ADMIN_TOKEN);
+        self.admin()
+            .await
+            .revoke_batch(request)
+            .await
+            .map(tonic::Response::into_inner)
+    }
+}
+
+fn by_jti(id: &str) -> Kind {
+    Kind::Token(pb::TokenTarget {
+        jti: id.into(),
+        issuer: String::new(),
+        expires_at: None,
+    })
+}
+
+/// `RevokeBatch`: every target enforced; one invalid target refuses the
+/// whole call (naming its index, never its value) with nothing applied; more
+/// than the per-call cap is refused; the admin token is required.
+#[tokio::test]
+async fn a_batch_is_enforced_whole_or_not_at_all() {
+    let fx = Fixture::new();
+    let inst = start_instance(&instance_config(
+        &fx,
+        "a",
+        "[revocation]\ndata_dir = \"data\"",
+    ))
+    .await;
+    let (t1, id1) = token(fx.es256(), "alice", |_| {});
+    let (t2, id2) = token(fx.es256(), "bob", |_| {});
+    let (t3, _) = token(fx.es256(), "carol", |_| {});
+    let (c2, _) = token(fx.es256(), "dave", |c| c["client_id"] = Value::from("c2"));
+
+    // One invalid target: nothing applied, its index named, its value not.
+    let secret = "s3cr3t-".repeat(200);
+    let refused = inst
+        .try_revoke_batch(vec![by_jti(&id1), by_jti(""), by_jti(&secret)])
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    assert!(refused.message().starts_with("targets[1]:"), "{refused:?}");
+    let refused = inst
+        .try_revoke_batch(vec![by_jti(&id1), by_jti(&id2), by_jti(&secret)])
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    assert!(refused.message().starts_with("targets[2]:"), "{refused:?}");
+    assert!(!refused.message().contains("s3cr3t"), "{refused:?}");
+    let expired = Kind::Token(pb::TokenTarget {
+        jti: id2.clone(),
+        issuer: String::new(),
+        expires_at: Some(now() - 3600),
+    });
+    let refused = inst
+        .try_revoke_batch(vec![by_jti(&id1), expired])
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    assert!(refused.message().starts_with("targets[1]:"), "{refused:?}");
+    let refused = inst
+        .try_revoke_batch(vec![by_jti(&id1), Kind::ApiKeyId(String::new())])
+        .await
+        .unwrap_err();
+    assert!(refused.message().starts_with("targets[1]:"), "{refused:?}");
+    inst.assert_allowed(&t1).await;
+    assert!(inst.list().await.is_empty(), "nothing applied");
+
+    // The cap per call.
+    let too_many = (0..=10_000).map(|i| by_jti(&format!("j{i}"))).collect();
+    let refused = inst.try_revoke_batch(too_many).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    assert!(refused.message().contains("at most 10000"), "{refused:?}");
+    let refused = inst.try_revoke_batch(Vec::new()).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    assert!(inst.list().await.is_empty(), "nothing applied");
+
+    // The admin token is required.
+    let mut request = tonic::Request::new(pb::RevokeBatchRequest {
+        targets: vec![pb::Target {
+            kind: Some(by_jti(&id1)),
+        }],
+        reason: String::new(),
+    });
+    authorize(&mut request, "wrong-token-0123456789");
+    let refused = inst.admin().await.revoke_batch(request).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+    inst.assert_allowed(&t1).await;
+
+    // A good batch, at the cap: every target in force at once.
+    let exp = now() + 600;
+    let mut kinds = vec![
+        by_jti(&id1),
+        Kind::Token(pb::TokenTarget {
+            jti: id2,
+            issuer: ISSUER.into(),
+            expires_at: Some(exp),
+        }),
+        Kind::ClientId("c2".into()),
+    ];
+    kinds.extend((3..10_000).map(|i| by_jti(&format!("filler-{i}"))));
+    let done = inst.try_revoke_batch(kinds).await.unwrap();
+    assert_eq!(done.revocations.len(), 10_000);
+    assert_eq!((done.synced, done.queued), (0, 0), "embedded mode");
+    let leeway = fx.config().token_lifetimes().leeway.as_secs() as i64;
+    assert_eq!(done.revocations[1].expires_at, exp + leeway, "exp + leeway");
+    assert!(done.revocations.iter().all(|r| r.reason == "incident"));
+    inst.assert_revoked(&t1).await;
+    inst.assert_revoked(&t2).await;
+    inst.assert_revoked(&c2).await;
+    inst.assert_allowed(&t3).await;
+    assert_eq!(inst.list().await.len(), 10_000);
+    inst.stop().await;
+}
+
+/// Runs the binary with the admin token in its environment and `stdin`;
+/// returns its exit code, stdout and stderr.
+fn cli_with_stdin(args: &[&str], stdin: &str) -> (Option<i32>, String, String) {
+    use std::io::Write as _;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args(args)
+        .env("PORTCULLIS_ADMIN_TOKEN", ADMIN_TOKEN)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `portcullis revoke --from-file` against a running server: a bad line
+/// refuses the file (every bad line named) with nothing sent; a good file is
+/// sent in batches with progress; `-` reads standard input; a batch refused
+/// midway reports what was revoked before it and exits 2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_revokes_a_file_of_targets_in_batches() {
+    let fx = Fixture::new();
+    let inst = start_instance(&instance_config(
+        &fx,
+        "a",
+        "[revocation]\ndata_dir = \"data\"\nmax_entries = 4000",
+    ))
+    .await;
+    let admin = inst.admin.local_addr().to_string();
+    let (t1, id1) = token(fx.es256(), "alice", |_| {});
+    let (t2, id2) = token(fx.es256(), "bob", |_| {});
+    let (t3, _) = token(fx.es256(), "carol", |_| {});
+    let (c2, _) = token(fx.es256(), "dave", |c| c["client_id"] = Value::from("c2"));
+    let list = fx.path("targets.txt");
+    let list_arg = path_arg(&list);
+    let revoke = |file: &str, stdin: &str| {
+        cli_with_stdin(
+            &[
+                "revoke",
+                "--admin",
+                &admin,
+                "--from-file",
+                file,
+                "--reason",
+                "incident 42",
+            ],
+            stdin,
+        )
+    };
+
+    // Bad lines: all reported by number, nothing sent.
+    std::fs::write(
+        &list,
+        format!("jti {id1}\nbogus secret-value\njti {id2} exp=soon\n# fine\nkid\n"),
+    )
+    .unwrap();
+    let (code, _, stderr) = revoke(&list_arg, "");
+    assert_eq!(code, Some(2), "{stderr}");
+    for line in [
+        "line 2:",
+        "line 3:",
+        "line 5:",
+        "3 bad line(s)",
+        "nothing was revoked",
+    ] {
+        assert!(stderr.contains(line), "{line}: {stderr}");
+    }
+    assert!(
+        !stderr.contains("line 1:") && !stderr.contains("secret-value"),
+        "{stderr}"
+    );
+    assert!(inst.list().await.is_empty(), "nothing sent");
+    inst.assert_allowed(&t1).await;
+
+    // --from-file and a single target are exclusive.
+    let (code, _, _) = cli_with_stdin(
+        &[
+            "revoke",
+            "--admin",
+            &admin,
+            "--from-file",
+            &list_arg,
+            "--jti",
+            "x",
+        ],
+        "",
+    );
+    assert_eq!(code, Some(2));
+
+    // A target the server refuses is reported by its line; nothing applied.
+    std::fs::write(&list, format!("jti {id1}\n\njti {id2} exp=1\n")).unwrap();
+    let (code, _, stderr) = revoke(&list_arg, "");
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("(line 3)") && stderr.contains("0 of 2 target(s) were revoked"),
+        "{stderr}"
+    );
+    assert!(inst.list().await.is_empty(), "nothing applied");
+
+    // A good file: three batches, progress on stderr, a summary on stdout.
+    let mut text = format!(
+        "# incident 42\njti {id1}\njti {id2} issuer={ISSUER} exp={}\n\nclient c2   # the CI client\n",
+        now() + 600
+    );
+    for i in 3..2500 {
+        text.push_str(&format!("jti filler-{i}\n"));
+    }
+    std::fs::write(&list, text).unwrap();
+    let (code, stdout, stderr) = revoke(&list_arg, "");
+    assert_eq!(code, Some(0), "{stderr}");
+    for progress in [
+        "revoked 1000/2500",
+        "revoked 2000/2500",
+        "revoked 2500/2500",
+    ] {
+        assert!(stderr.contains(progress), "{stderr}");
+    }
+    assert!(stdout.contains("revoked:  2500 target(s)"), "{stdout}");
+    assert!(stdout.contains("embedded mode"), "{stdout}");
+    inst.assert_revoked(&t1).await;
+    inst.assert_revoked(&t2).await;
+    inst.assert_revoked(&c2).await;
+    inst.assert_allowed(&t3).await;
+    let entries = inst.list().await;
+    assert_eq!(entries.len(), 2500);
+    assert!(entries.iter().all(|e| e.reason == "incident 42"));
+
+    // Standard input.
+    let (code, stdout, stderr) = revoke("-", "sub carol\n");
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(
+        stdout.contains("revoked:  1 target(s) from standard input"),
+        "{stdout}"
+    );
+    assert!(stderr.is_empty(), "no progress for one batch: {stderr}");
+    inst.assert_revoked(&t3).await;
+
+    // Refused midway (max_entries = 4000): the first batch stays revoked.
+    let text: String = (0..2000).map(|i| format!("jti more-{i}\n")).collect();
+    std::fs::write(&list, text).unwrap();
+    let (code, _, stderr) = revoke(&list_arg, "");
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("1000 of 2000 target(s) were revoked before it")
+            && stderr.contains("ResourceExhausted"),
+        "{stderr}"
+    );
+    assert_eq!(inst.list().await.len(), 3501);
+    inst.stop().await;
+}
+
+/// Transactions Redis has run (`EXEC` calls), from `INFO commandstats`.
+fn exec_calls(redis: &RedisServer) -> i64 {
+    let info = redis.command(&["INFO", "commandstats"]).unwrap_or_default();
+    info.lines()
+        .find_map(|l| l.strip_prefix("cmdstat_exec:calls="))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// With Redis: a batch made on one instance is enforced on the other, written
+/// to Redis whole; with Redis down it is queued whole, and written once Redis
+/// is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_on_one_instance_is_enforced_by_the_other() {
+    let redis = RedisServer::start();
+    let proxy = TcpProxy::start(redis.port).await;
+    let fx = two_keys();
+    let a = start_instance(&instance_config(
+        &fx,
+        "a",
+        &shared("data-a", &proxy.url(), "wait"),
+    ))
+    .await;
+    let b = start_instance(&instance_config(
+        &fx,
+        "b",
+        &shared("data-b", &redis.url(), "wait"),
+    ))
+    .await;
+    let k1 = &fx.keys[0];
+    let (t1, id1) = token(k1, "alice", |_| {});
+    let (t2, id2) = token(k1, "bob", |_| {});
+    let (t3, _) = token(k1, "carol", |_| {});
+    let (by_kid, _) = token(&fx.keys[1], "erin", |_| {});
+
+    let mut kinds = vec![
+        by_jti(&id1),
+        by_jti(&id2),
+        Kind::KeyId(fx.keys[1].kid().to_owned()),
+    ];
+    kinds.extend((3..1000).map(|i| by_jti(&format!("filler-{i}"))));
+    let execs = exec_calls(&redis);
+    let done = a.try_revoke_batch(kinds).await.unwrap();
+    assert_eq!((done.synced, done.queued), (1000, 0), "written to Redis");
+    assert_eq!(redis.zcard(KEY), 1000);
+    assert_eq!(
+        exec_calls(&redis) - execs,
+        1,
+        "one MULTI/EXEC for the batch"
+    );
+    b.eventually_revoked(&t1).await;
+    b.eventually_revoked(&t2).await;
+    b.eventually_revoked(&by_kid).await;
+    b.assert_allowed(&t3).await;
+    b.eventually_status("holding the batch", |s| s.revocations == 1000)
+        .await;
+
+    // Redis unreachable from A: the batch is in force there and queued whole.
+    proxy.cut();
+    a.eventually_status("disconnected", |s| s.redis == "disconnected")
+        .await;
+    let done = a
+        .try_revoke_batch(vec![
+            Kind::Subject(pb::SubjectTarget {
+                sub: "carol".into(),
+                issued_before: None,
+            }),
+            by_jti("late-1"),
+        ])
+        .await
+        .unwrap();
+    assert_eq!((done.synced, done.queued), (0, 2), "queued");
+    a.assert_revoked(&t3).await;
+    assert_eq!(a.status().await.pending_writes, 2);
+    proxy.restore();
+    a.eventually_status("synced", |s| {
+        s.redis == "connected" && s.pending_writes == 0
+    })
+    .await;
+    b.eventually_revoked(&t3).await;
+    assert_eq!(redis.zcard(KEY), 1002);
+    a.stop().await;
+    b.stop().await;
+}

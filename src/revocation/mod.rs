@@ -621,6 +621,23 @@ pub struct RevocationStore {
     pub stats: RevocationStats,
 }
 
+/// Can `target` be revoked at `now`: acceptable identifiers, and an entry
+/// that would not be expired at once?
+fn revocable(
+    target: &Target,
+    token_exp: Option<i64>,
+    lifetimes: &Lifetimes,
+    now: i64,
+) -> Result<(), RevocationError> {
+    target.validate()?;
+    if lifetimes.expiry(target, now, token_exp) <= now {
+        return Err(RevocationError::Invalid(
+            "no token it matches can still be valid".into(),
+        ));
+    }
+    Ok(())
+}
+
 /// Seconds since the epoch.
 pub fn unix_now() -> i64 {
     SystemTime::now()
@@ -761,8 +778,9 @@ impl RevocationStore {
     /// Revokes every target (each with its token's `exp` when known) as
     /// [`Self::revoke`] does one, all or nothing: the entries are put in force
     /// together (one snapshot published), journaled with one append and one
-    /// fsync, and written to Redis each. Returns one [`Revoke`] per target, in
-    /// order.
+    /// fsync, and written to Redis in one transaction. Returns one [`Revoke`]
+    /// per target, in order; `synced` is the same for all (the batch is
+    /// confirmed by Redis, or queued, as a whole).
     ///
     /// Refused, with nothing applied, when one target is invalid, when the new
     /// entries would bring more than `[revocation] max_entries` in force
@@ -773,8 +791,10 @@ impl RevocationStore {
         targets: Vec<(Target, Option<i64>)>,
         reason: String,
     ) -> Result<Vec<Revoke>, RevocationError> {
-        for (target, _) in &targets {
-            target.validate()?;
+        let now = unix_now();
+        let lifetimes = self.lifetimes();
+        for (target, token_exp) in &targets {
+            revocable(target, *token_exp, &lifetimes, now)?;
         }
         if reason.len() > MAX_REASON_BYTES {
             return Err(RevocationError::Invalid(format!(
@@ -784,23 +804,15 @@ impl RevocationStore {
         if targets.is_empty() {
             return Ok(Vec::new());
         }
-        let now = unix_now();
-        let lifetimes = self.lifetimes();
-        let mut revocations = Vec::with_capacity(targets.len());
-        for (target, token_exp) in targets {
-            let revocation = Revocation {
+        let revocations: Vec<Revocation> = targets
+            .into_iter()
+            .map(|(target, token_exp)| Revocation {
                 expires_at: lifetimes.expiry(&target, now, token_exp),
                 target,
                 created_at: now,
                 reason: reason.clone(),
-            };
-            if revocation.expires_at <= now {
-                return Err(RevocationError::Invalid(
-                    "no token it matches can still be valid".into(),
-                ));
-            }
-            revocations.push(revocation);
-        }
+            })
+            .collect();
         let lines: Vec<String> = revocations.iter().map(Revocation::to_line).collect();
         // Places in the Redis queue first, then the cap: a refusal leaves
         // nothing applied, queued or journaled (unused places are given back).
@@ -826,28 +838,43 @@ impl RevocationStore {
         // The journal (local durability) and Redis (every instance) in parallel:
         // propagation does not wait on the local fsync.
         let journal = self.append_journal(lines.clone());
+        // The whole batch is queued at once and written to Redis in one
+        // MULTI/EXEC transaction (with whatever else is queued), not one
+        // round trip per entry.
         let share = async {
             match (&self.sync, slots) {
                 (Some(sync), Some(slots)) => {
-                    futures_util::future::join_all(
-                        slots.into_iter().zip(lines).zip(&revocations).map(
-                            |((slot, line), revocation)| {
-                                sync.write(slot, line, revocation.expires_at)
-                            },
-                        ),
+                    sync.write_many(
+                        slots,
+                        lines
+                            .into_iter()
+                            .zip(&revocations)
+                            .map(|(line, revocation)| (line, revocation.expires_at))
+                            .collect(),
                     )
                     .await
                 }
-                _ => vec![false; revocations.len()],
+                _ => false,
             }
         };
         let (journaled, synced) = tokio::join!(journal, share);
         journaled?;
         Ok(revocations
             .into_iter()
-            .zip(synced)
-            .map(|(revocation, synced)| Revoke { revocation, synced })
+            .map(|revocation| Revoke { revocation, synced })
             .collect())
+    }
+
+    /// Checks that `target` (with its token's `exp` when known) could be
+    /// revoked now, as [`Self::revoke_many`] checks each target before applying
+    /// any: its identifiers are acceptable and some token it matches can still
+    /// be valid. The error names the field, never its value.
+    pub fn check_target(
+        &self,
+        target: &Target,
+        token_exp: Option<i64>,
+    ) -> Result<(), RevocationError> {
+        revocable(target, token_exp, &self.lifetimes(), unix_now())
     }
 
     /// Raises the lifetimes entries' expiries are computed from to `to`
@@ -882,13 +909,7 @@ impl RevocationStore {
         let journal = self.append_journal(lines.iter().map(|(line, _)| line.clone()).collect());
         let share = async {
             if let (Some(sync), Some(slots)) = (&self.sync, slots) {
-                futures_util::future::join_all(
-                    slots
-                        .into_iter()
-                        .zip(lines)
-                        .map(|(slot, (line, expires_at))| sync.write(slot, line, expires_at)),
-                )
-                .await;
+                sync.write_many(slots, lines).await;
             }
         };
         let (journaled, ()) = tokio::join!(journal, share);
@@ -1218,16 +1239,21 @@ impl RevocationStore {
         lock(&self.entries).len()
     }
 
+    /// Embedded or shared through Redis.
+    pub fn mode(&self) -> Mode {
+        if self.sync.is_some() {
+            Mode::Redis
+        } else {
+            Mode::Embedded
+        }
+    }
+
     /// Counts and the Redis link, for the admin API.
     pub fn status(&self) -> StoreStatus {
         let revocations = lock(&self.entries).in_force(unix_now());
         StoreStatus {
             revocations,
-            mode: if self.sync.is_some() {
-                Mode::Redis
-            } else {
-                Mode::Embedded
-            },
+            mode: self.mode(),
             redis: self
                 .sync
                 .as_ref()
@@ -1711,6 +1737,27 @@ mod tests {
         sync.poison_pending_for_test();
         assert!(!sync.write(slot, "line".into(), unix_now() + 60).await);
         assert_eq!(sync.pending(), 1);
+    }
+
+    /// A batch is queued whole when Redis does not confirm it; places not
+    /// needed are given back.
+    #[tokio::test]
+    async fn a_batch_for_redis_is_queued_whole() {
+        let sync = redis::SyncHandle::new("redis://127.0.0.1:1", "test")
+            .unwrap()
+            .with_max_pending(5);
+        let now = unix_now();
+        let slots: Vec<_> = (0..4).map(|_| sync.reserve(now).unwrap()).collect();
+        let entries = (0..3).map(|i| (format!("line-{i}"), now + 60)).collect();
+        assert!(!sync.write_many(slots, entries).await);
+        assert_eq!(sync.pending(), 3);
+        // 3 queued, the unused place given back: room for 2 more, not 3.
+        let two: Vec<_> = (0..2).map(|_| sync.reserve(now).unwrap()).collect();
+        assert!(matches!(
+            sync.reserve(now),
+            Err(RevocationError::QueueFull { .. })
+        ));
+        drop(two);
     }
 
     /// The test oracle: every entry looked at in turn, in the order of the

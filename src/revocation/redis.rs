@@ -175,25 +175,51 @@ impl SyncHandle {
 
     /// Queues `line` for Redis in the place `slot` reserved and waits briefly
     /// for the write; true if Redis confirmed it.
-    pub async fn write(&self, mut slot: Slot<'_>, line: String, expires_at: i64) -> bool {
-        let seq = self.next_seq.fetch_add(1, Ordering::SeqCst) + 1;
-        {
+    pub async fn write(&self, slot: Slot<'_>, line: String, expires_at: i64) -> bool {
+        self.write_many(vec![slot], vec![(line, expires_at)]).await
+    }
+
+    /// Queues every `(line, expiry)` of a batch at once, each in the place a
+    /// slot reserved, and waits briefly for Redis to confirm them; true if it
+    /// confirmed the whole batch. Queued together, they are written by one
+    /// flush: one `MULTI`/`EXEC` transaction, not one round trip each. As
+    /// with [`Self::write`], entries Redis does not confirm stay queued and
+    /// are written once it is back.
+    pub async fn write_many(&self, mut slots: Vec<Slot<'_>>, entries: Vec<(String, i64)>) -> bool {
+        // Callers pass one slot per entry. Unneeded places are given back
+        // before the queue is locked (giving one back locks it); an entry
+        // without one is queued all the same (never dropped).
+        slots.truncate(entries.len());
+        let Some(last) = ({
             let mut queue = super::lock(&self.pending);
-            queue.reserved = queue.reserved.saturating_sub(1);
-            slot.used = true;
-            queue.items.push(Pending {
-                seq,
-                line,
-                expires_at,
-            });
-        }
+            let mut last = None;
+            for (i, (line, expires_at)) in entries.into_iter().enumerate() {
+                // Numbered under the lock: the queue stays in `seq` order, which
+                // `flush` relies on to drop exactly what it wrote.
+                let seq = self.next_seq.fetch_add(1, Ordering::SeqCst) + 1;
+                if let Some(slot) = slots.get_mut(i) {
+                    queue.reserved = queue.reserved.saturating_sub(1);
+                    slot.used = true;
+                }
+                queue.items.push(Pending {
+                    seq,
+                    line,
+                    expires_at,
+                });
+                last = Some(seq);
+            }
+            last
+        }) else {
+            return false;
+        };
+        drop(slots);
         self.wake.notify_one();
         if self.state() != RedisState::Connected {
             return false;
         }
         let mut synced = self.synced.subscribe();
         matches!(
-            tokio::time::timeout(WRITE_WAIT, synced.wait_for(|s| *s >= seq)).await,
+            tokio::time::timeout(WRITE_WAIT, synced.wait_for(|s| *s >= last)).await,
             Ok(Ok(_))
         )
     }
