@@ -79,9 +79,11 @@ fn fill_entry(i: usize, now: i64) -> Revocation {
         },
         8 => Target::Key {
             kid: format!("fill-kid-{i}"),
+            issued_before: None,
         },
         _ if i % 20 == 9 => Target::Client {
             client_id: format!("fill-client-{i}"),
+            issued_before: None,
         },
         _ => Target::ApiKey {
             api_key_id: format!("fill-api-key-{i}"),

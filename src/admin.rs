@@ -155,7 +155,9 @@ impl AdminService {
 fn target_from_pb(target: Option<pb::Target>) -> Result<(Target, Option<i64>), Status> {
     use pb::target::Kind;
     let kind = target.and_then(|t| t.kind).ok_or_else(|| {
-        Status::invalid_argument("a target (jti, sub, kid, client or API key id) is required")
+        Status::invalid_argument(
+            "a target (jti, sub, kid, client, issuer or API key id) is required",
+        )
     })?;
     Ok(match kind {
         Kind::Token(t) => (
@@ -172,8 +174,41 @@ fn target_from_pb(target: Option<pb::Target>) -> Result<(Target, Option<i64>), S
             },
             None,
         ),
-        Kind::KeyId(kid) => (Target::Key { kid }, None),
-        Kind::ClientId(client_id) => (Target::Client { client_id }, None),
+        Kind::KeyId(kid) => (
+            Target::Key {
+                kid,
+                issued_before: None,
+            },
+            None,
+        ),
+        Kind::ClientId(client_id) => (
+            Target::Client {
+                client_id,
+                issued_before: None,
+            },
+            None,
+        ),
+        Kind::Key(k) => (
+            Target::Key {
+                kid: k.kid,
+                issued_before: k.issued_before,
+            },
+            None,
+        ),
+        Kind::Client(c) => (
+            Target::Client {
+                client_id: c.client_id,
+                issued_before: c.issued_before,
+            },
+            None,
+        ),
+        Kind::Issuer(i) => (
+            Target::Issuer {
+                issuer: i.issuer,
+                issued_before: i.issued_before.unwrap_or_else(unix_now),
+            },
+            None,
+        ),
         Kind::ApiKeyId(api_key_id) => (Target::ApiKey { api_key_id }, None),
     })
 }
@@ -201,8 +236,35 @@ fn target_to_pb(target: &Target) -> pb::Target {
             sub: sub.clone(),
             issued_before: Some(*issued_before),
         }),
-        Target::Key { kid } => Kind::KeyId(kid.clone()),
-        Target::Client { client_id } => Kind::ClientId(client_id.clone()),
+        Target::Key {
+            kid,
+            issued_before: None,
+        } => Kind::KeyId(kid.clone()),
+        Target::Key {
+            kid,
+            issued_before: Some(cutoff),
+        } => Kind::Key(pb::KeyTarget {
+            kid: kid.clone(),
+            issued_before: Some(*cutoff),
+        }),
+        Target::Client {
+            client_id,
+            issued_before: None,
+        } => Kind::ClientId(client_id.clone()),
+        Target::Client {
+            client_id,
+            issued_before: Some(cutoff),
+        } => Kind::Client(pb::ClientTarget {
+            client_id: client_id.clone(),
+            issued_before: Some(*cutoff),
+        }),
+        Target::Issuer {
+            issuer,
+            issued_before,
+        } => Kind::Issuer(pb::IssuerTarget {
+            issuer: issuer.clone(),
+            issued_before: Some(*issued_before),
+        }),
         Target::ApiKey { api_key_id } => Kind::ApiKeyId(api_key_id.clone()),
     };
     pb::Target { kind: Some(kind) }

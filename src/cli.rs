@@ -209,14 +209,15 @@ fn parse_secret(value: &str) -> Result<Secret, String> {
 #[command(group(
     ArgGroup::new("target")
         .required(true)
-        .args(["jti", "sub", "kid", "client", "api_key", "from_file"])
+        .args(["jti", "sub", "kid", "client", "all_from_issuer", "api_key", "from_file"])
 ))]
 pub struct RevokeArgs {
     #[command(flatten)]
     admin: AdminArgs,
     /// Revoke every target listed in FILE (`-`: standard input), one per line:
     /// `jti <id> [issuer=<iss>] [exp=<unix>]`, `sub <sub> [before=<rfc3339|now>]`,
-    /// `kid <kid>`, `client <id>` or `api_key <id>`; `#` comments and blank
+    /// `kid <kid> [before=...]`, `client <id> [before=...]`,
+    /// `issuer <iss> [before=...]` or `api_key <id>`; `#` comments and blank
     /// lines are ignored. The whole file is checked before anything is sent,
     /// then sent in batches of 1,000.
     #[arg(long, value_name = "FILE")]
@@ -234,20 +235,23 @@ pub struct RevokeArgs {
     /// Every token of a subject (`sub`) issued up to `--before`.
     #[arg(long)]
     sub: Option<String>,
-    /// With `--sub`: the cut-off, RFC 3339 (e.g. `2026-11-29T10:00:00Z`) or `now`.
-    #[arg(
-        long,
-        requires = "sub",
-        value_name = "RFC3339|now",
-        default_value = "now"
-    )]
-    before: String,
-    /// Every token signed by the key with this `kid`.
+    /// The cut-off, RFC 3339 (e.g. `2026-11-29T10:00:00Z`) or `now`: only
+    /// tokens issued (`iat`) at or before it. With `--sub` and
+    /// `--all-from-issuer` the default is now; with `--kid` and `--client`
+    /// the default is every token, whenever issued.
+    #[arg(long, value_name = "RFC3339|now")]
+    before: Option<String>,
+    /// Every token signed by the key with this `kid` (issued up to `--before`).
     #[arg(long)]
     kid: Option<String>,
-    /// Every token of this client (`client_id` or `azp`).
+    /// Every token of this client, `client_id` or `azp` (issued up to
+    /// `--before`).
     #[arg(long)]
     client: Option<String>,
+    /// Every token of this issuer (`iss`) issued up to `--before`, default now:
+    /// one entry that logs everyone out.
+    #[arg(long, value_name = "ISS")]
+    all_from_issuer: Option<String>,
     /// Every request authenticated by this API key id.
     #[arg(long)]
     api_key: Option<String>,
@@ -542,6 +546,19 @@ fn parse_cutoff(text: &str) -> anyhow::Result<Option<i64>> {
     Ok(Some(secs))
 }
 
+/// `"id" (issued at or before <time>)`, or `"id"` without a cut-off.
+fn cutoff_described(id: &str, issued_before: Option<i64>) -> String {
+    match issued_before {
+        Some(cutoff) => format!("{id:?} (issued at or before {})", rfc3339(cutoff)),
+        None => format!("{id:?}"),
+    }
+}
+
+/// A cut-off given as RFC 3339 or `now`, in seconds since the epoch.
+fn cutoff_or_now(text: &str) -> anyhow::Result<i64> {
+    Ok(parse_cutoff(text)?.unwrap_or_else(crate::revocation::unix_now))
+}
+
 fn describe_target(target: Option<&pb::Target>) -> (&'static str, String) {
     use pb::target::Kind;
     match target.and_then(|t| t.kind.as_ref()) {
@@ -557,6 +574,9 @@ fn describe_target(target: Option<&pb::Target>) -> (&'static str, String) {
         ),
         Some(Kind::KeyId(kid)) => ("kid", format!("{kid:?}")),
         Some(Kind::ClientId(client)) => ("client", format!("{client:?}")),
+        Some(Kind::Key(k)) => ("kid", cutoff_described(&k.kid, k.issued_before)),
+        Some(Kind::Client(c)) => ("client", cutoff_described(&c.client_id, c.issued_before)),
+        Some(Kind::Issuer(i)) => ("iss", cutoff_described(&i.issuer, i.issued_before)),
         Some(Kind::ApiKeyId(id)) => ("api_key", format!("{id:?}")),
         None => ("?", String::new()),
     }
@@ -617,11 +637,12 @@ fn parse_target_line(content: &str) -> Result<pb::target::Kind, String> {
     let kind = words.next().unwrap_or_default();
     let allowed: &[&str] = match kind {
         "jti" => &["issuer", "exp"],
-        "sub" => &["before"],
-        "kid" | "client" | "api_key" => &[],
+        "sub" | "kid" | "client" | "issuer" => &["before"],
+        "api_key" => &[],
         _ => {
             return Err(
-                "unknown target kind: expected jti, sub, kid, client or api_key first".into(),
+                "unknown target kind: expected jti, sub, kid, client, issuer or api_key first"
+                    .into(),
             );
         }
     };
@@ -661,6 +682,12 @@ fn parse_target_line(content: &str) -> Result<pb::target::Kind, String> {
         options.push((name, value));
     }
     let option = |name: &str| options.iter().find(|(n, _)| *n == name).map(|(_, v)| *v);
+    // `before=`: absent, `now` (None: the server's now) or a time.
+    let before = |text: Option<&str>| match text {
+        None => Ok(None),
+        Some(text) => parse_cutoff(text)
+            .map_err(|_| "before= must be RFC 3339 (e.g. 2026-11-29T10:00:00Z) or now".to_owned()),
+    };
     Ok(match kind {
         "jti" => {
             let issuer = option("issuer").unwrap_or_default();
@@ -684,15 +711,26 @@ fn parse_target_line(content: &str) -> Result<pb::target::Kind, String> {
         }
         "sub" => Kind::Subject(pb::SubjectTarget {
             sub: id.to_owned(),
-            issued_before: match option("before") {
-                None => None,
-                Some(text) => parse_cutoff(text).map_err(|_| {
-                    "before= must be RFC 3339 (e.g. 2026-11-29T10:00:00Z) or now".to_owned()
-                })?,
-            },
+            issued_before: before(option("before"))?,
         }),
-        "kid" => Kind::KeyId(id.to_owned()),
-        "client" => Kind::ClientId(id.to_owned()),
+        "kid" => match before(option("before"))? {
+            None if option("before").is_none() => Kind::KeyId(id.to_owned()),
+            cutoff => Kind::Key(pb::KeyTarget {
+                kid: id.to_owned(),
+                issued_before: Some(cutoff.unwrap_or_else(crate::revocation::unix_now)),
+            }),
+        },
+        "client" => match before(option("before"))? {
+            None if option("before").is_none() => Kind::ClientId(id.to_owned()),
+            cutoff => Kind::Client(pb::ClientTarget {
+                client_id: id.to_owned(),
+                issued_before: Some(cutoff.unwrap_or_else(crate::revocation::unix_now)),
+            }),
+        },
+        "issuer" => Kind::Issuer(pb::IssuerTarget {
+            issuer: id.to_owned(),
+            issued_before: before(option("before"))?,
+        }),
         _ => Kind::ApiKeyId(id.to_owned()),
     })
 }
@@ -773,6 +811,13 @@ fn batch_error_line(status: &tonic::Status, batch: &[ListedTarget]) -> Option<us
 
 async fn revoke(args: RevokeArgs) -> anyhow::Result<ExitCode> {
     use pb::target::Kind;
+    if args.before.is_some()
+        && (args.jti.is_some() || args.api_key.is_some() || args.from_file.is_some())
+    {
+        bail!(
+            "--before goes with --sub, --kid, --client or --all-from-issuer (in a file: before= on the line)"
+        );
+    }
     if let Some(path) = &args.from_file {
         return revoke_from_file(&args.admin, path, args.reason).await;
     }
@@ -785,16 +830,33 @@ async fn revoke(args: RevokeArgs) -> anyhow::Result<ExitCode> {
     } else if let Some(sub) = args.sub {
         Kind::Subject(pb::SubjectTarget {
             sub,
-            issued_before: parse_cutoff(&args.before)?,
+            issued_before: parse_cutoff(args.before.as_deref().unwrap_or("now"))?,
         })
     } else if let Some(kid) = args.kid {
-        Kind::KeyId(kid)
+        match &args.before {
+            None => Kind::KeyId(kid),
+            Some(text) => Kind::Key(pb::KeyTarget {
+                kid,
+                issued_before: Some(cutoff_or_now(text)?),
+            }),
+        }
     } else if let Some(client) = args.client {
-        Kind::ClientId(client)
+        match &args.before {
+            None => Kind::ClientId(client),
+            Some(text) => Kind::Client(pb::ClientTarget {
+                client_id: client,
+                issued_before: Some(cutoff_or_now(text)?),
+            }),
+        }
+    } else if let Some(issuer) = args.all_from_issuer {
+        Kind::Issuer(pb::IssuerTarget {
+            issuer,
+            issued_before: parse_cutoff(args.before.as_deref().unwrap_or("now"))?,
+        })
     } else if let Some(id) = args.api_key {
         Kind::ApiKeyId(id)
     } else {
-        bail!("one of --jti, --sub, --kid, --client, --api-key is required");
+        bail!("one of --jti, --sub, --kid, --client, --all-from-issuer, --api-key is required");
     };
     let mut client = admin_client(&args.admin).await?;
     let response = client

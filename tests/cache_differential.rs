@@ -164,7 +164,14 @@ async fn caches_never_change_a_decision() {
             91 if step > 4500 => {
                 let kid = set_a.keys[2].kid().to_owned();
                 revocations
-                    .revoke(Target::Key { kid }, None, "test".into())
+                    .revoke(
+                        Target::Key {
+                            kid,
+                            issued_before: None,
+                        },
+                        None,
+                        "test".into(),
+                    )
                     .await
                     .unwrap();
             }

@@ -1175,3 +1175,117 @@ async fn a_batch_on_one_instance_is_enforced_by_the_other() {
     a.stop().await;
     b.stop().await;
 }
+
+/// Cut-offs need one entry: every token an issuer issued up to a time ("log
+/// everyone out"), a key's or a client's tokens up to a time ("distrust what
+/// was issued before the breach"). Tokens issued after the cut-off pass; the
+/// CLI and a `--from-file` line make the same entries; they survive a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cut_offs_revoke_what_was_issued_up_to_them_and_nothing_after() {
+    let fx = Fixture::new();
+    let config = instance_config(&fx, "a", "[revocation]\ndata_dir = \"data\"");
+    let inst = start_instance(&config).await;
+    let admin = inst.admin.local_addr().to_string();
+    let key = fx.es256();
+    let now = now();
+    let issued_at = |iat: i64| {
+        move |c: &mut Value| {
+            c["iat"] = Value::from(iat);
+            c["exp"] = Value::from(iat + 1800);
+        }
+    };
+    let issuer = claims("x", &[], &[])["iss"].as_str().unwrap().to_owned();
+
+    // The issuer, up to 10 minutes ago: an older token is refused, a newer
+    // one passes.
+    let (old, _) = token(key, "alice", issued_at(now - 900));
+    let (new, _) = token(key, "alice", issued_at(now - 60));
+    inst.assert_allowed(&old).await;
+    let entry = inst
+        .revoke(Kind::Issuer(pb::IssuerTarget {
+            issuer: issuer.clone(),
+            issued_before: Some(now - 600),
+        }))
+        .await
+        .revocation
+        .unwrap();
+    // Kept until a token issued at the cut-off could have expired (1 h + 30 s).
+    assert_eq!(entry.expires_at, now - 600 + 3600 + 30);
+    let out = inst.check(&old).await;
+    assert_revoked(&out);
+    inst.assert_allowed(&new).await;
+    // Another issuer's cut-off does not touch these tokens.
+    inst.revoke(Kind::Issuer(pb::IssuerTarget {
+        issuer: "https://other.example.test".into(),
+        issued_before: None,
+    }))
+    .await;
+    inst.assert_allowed(&new).await;
+
+    // A client's tokens up to a time, through the CLI.
+    let (web_old, _) = token(key, "bob", |c| {
+        issued_at(now - 300)(c);
+        c["client_id"] = Value::from("web");
+    });
+    let (web_new, _) = token(key, "bob", |c| {
+        issued_at(now - 30)(c);
+        c["client_id"] = Value::from("web");
+    });
+    let (ok, stdout, stderr) = cli(&[
+        "revoke",
+        "--admin",
+        &admin,
+        "--client",
+        "web",
+        "--before",
+        &rfc3339_of(now - 60),
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.contains("client \"web\" (issued at or before"),
+        "{stdout}"
+    );
+    inst.assert_revoked(&web_old).await;
+    inst.assert_allowed(&web_new).await;
+
+    // A key's tokens up to a time, from a file.
+    let list = fx.path("cutoffs.txt");
+    std::fs::write(
+        &list,
+        format!("kid {} before={}\n", key.kid(), rfc3339_of(now - 120)),
+    )
+    .unwrap();
+    let (ok, _, stderr) = cli(&["revoke", "--admin", &admin, "--from-file", &path_arg(&list)]);
+    assert!(ok, "{stderr}");
+    let (key_old, _) = token(key, "carol", issued_at(now - 200));
+    let (key_new, _) = token(key, "carol", issued_at(now - 30));
+    inst.assert_revoked(&key_old).await;
+    inst.assert_allowed(&key_new).await;
+    let (ok, _, stderr) = cli(&["revoke", "--admin", &admin, "--jti", "x", "--before", "now"]);
+    assert!(!ok && stderr.contains("--before goes with"), "{stderr}");
+
+    // The cut-offs survive a restart (the journal keeps them).
+    inst.stop().await;
+    let inst = start_instance(&config).await;
+    inst.assert_revoked(&old).await;
+    inst.assert_revoked(&web_old).await;
+    inst.assert_revoked(&key_old).await;
+    inst.assert_allowed(&new).await;
+    inst.assert_allowed(&key_new).await;
+    let kinds: Vec<String> = inst
+        .list()
+        .await
+        .iter()
+        .map(|r| format!("{:?}", r.target))
+        .collect();
+    assert!(kinds.iter().any(|k| k.contains("Issuer(")), "{kinds:?}");
+    assert!(kinds.iter().any(|k| k.contains("Client(")), "{kinds:?}");
+    assert!(kinds.iter().any(|k| k.contains("Key(")), "{kinds:?}");
+    inst.stop().await;
+}
+
+/// `secs` as RFC 3339 (UTC).
+fn rfc3339_of(secs: i64) -> String {
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(secs as u64))
+        .to_string()
+}

@@ -133,7 +133,10 @@ mod tests {
 
     fn entry(kid: &str, expires_at: i64) -> (String, Revocation) {
         let r = Revocation {
-            target: Target::Key { kid: kid.into() },
+            target: Target::Key {
+                kid: kid.into(),
+                issued_before: None,
+            },
             created_at: 1,
             expires_at,
             reason: String::new(),

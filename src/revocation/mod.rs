@@ -100,15 +100,34 @@ pub enum Target {
         /// The cut-off, seconds since the epoch (inclusive).
         issued_before: i64,
     },
-    /// Every token signed by a key.
+    /// Every token signed by a key; with a cut-off, only those with
+    /// `iat <= issued_before` ("distrust what it signed before the breach").
     Key {
         /// The key id (`kid`).
         kid: String,
+        /// The cut-off, seconds since the epoch (inclusive); `None`: every
+        /// token, whenever issued.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        issued_before: Option<i64>,
     },
-    /// Every token of a client.
+    /// Every token of a client; with a cut-off, only those with
+    /// `iat <= issued_before`.
     Client {
         /// The `client_id` (or `azp`) claim.
         client_id: String,
+        /// The cut-off, seconds since the epoch (inclusive); `None`: every
+        /// token, whenever issued.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        issued_before: Option<i64>,
+    },
+    /// Every token of an issuer with `iat <= issued_before` ("log everyone
+    /// out"): one entry instead of one per token or user.
+    Issuer {
+        /// The `iss` claim (`api-key` for API keys, whose `iat` is their
+        /// creation time).
+        issuer: String,
+        /// The cut-off, seconds since the epoch (inclusive).
+        issued_before: i64,
     },
     /// Every request authenticated by an API key.
     ApiKey {
@@ -118,13 +137,15 @@ pub enum Target {
 }
 
 impl Target {
-    /// The kind as a stable word: `jti`, `sub`, `kid`, `client`, `api_key`.
+    /// The kind as a stable word: `jti`, `sub`, `kid`, `client`, `iss`,
+    /// `api_key`.
     pub fn kind(&self) -> &'static str {
         match self {
             Target::Token { .. } => "jti",
             Target::Subject { .. } => "sub",
             Target::Key { .. } => "kid",
             Target::Client { .. } => "client",
+            Target::Issuer { .. } => "iss",
             Target::ApiKey { .. } => "api_key",
         }
     }
@@ -139,8 +160,9 @@ impl Target {
                 ids
             }
             Target::Subject { sub, .. } => vec![("sub", sub.as_str())],
-            Target::Key { kid } => vec![("kid", kid.as_str())],
-            Target::Client { client_id } => vec![("client_id", client_id.as_str())],
+            Target::Key { kid, .. } => vec![("kid", kid.as_str())],
+            Target::Client { client_id, .. } => vec![("client_id", client_id.as_str())],
+            Target::Issuer { issuer, .. } => vec![("issuer", issuer.as_str())],
             Target::ApiKey { api_key_id } => vec![("api_key_id", api_key_id.as_str())],
         };
         for (name, value) in ids {
@@ -156,6 +178,19 @@ impl Target {
             }
         }
         Ok(())
+    }
+
+    /// The cut-off of a target that matches tokens issued up to a time.
+    pub fn issued_before(&self) -> Option<i64> {
+        match self {
+            Target::Subject { issued_before, .. } | Target::Issuer { issued_before, .. } => {
+                Some(*issued_before)
+            }
+            Target::Key { issued_before, .. } | Target::Client { issued_before, .. } => {
+                *issued_before
+            }
+            Target::Token { .. } | Target::ApiKey { .. } => None,
+        }
     }
 }
 
@@ -199,7 +234,7 @@ impl Lifetimes {
     fn horizon(&self, target: &Target) -> i64 {
         let leeway = self.leeway.as_secs() as i64;
         match target {
-            Target::Subject { .. } => self.max_ttl() - leeway,
+            _ if target.issued_before().is_some() => self.max_ttl() - leeway,
             Target::ApiKey { .. } => {
                 let api_key = (self.api_key_lifetime + self.leeway).as_secs() as i64;
                 api_key.max(self.max_ttl())
@@ -221,10 +256,11 @@ impl Lifetimes {
     /// the token's `exp` when known (a `jti` revocation).
     pub fn expiry(&self, target: &Target, now: i64, token_exp: Option<i64>) -> i64 {
         let leeway = self.leeway.as_secs() as i64;
+        if let Some(issued_before) = target.issued_before() {
+            // A token issued at the cut-off lives until iat + lifetime + leeway.
+            return issued_before.saturating_add(self.horizon(target));
+        }
         match target {
-            Target::Subject { issued_before, .. } => {
-                issued_before.saturating_add(self.horizon(target))
-            }
             Target::Token { .. } => match token_exp {
                 Some(exp) => exp.saturating_add(leeway).min(now + self.max_ttl()),
                 None => now + self.max_ttl(),
@@ -239,7 +275,7 @@ impl Lifetimes {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("credential revoked (by {kind})")]
 pub struct Revoked {
-    /// `jti`, `sub`, `kid`, `client` or `api_key`.
+    /// `jti`, `sub`, `iss`, `kid`, `client` or `api_key`.
     pub kind: &'static str,
 }
 
@@ -303,10 +339,12 @@ struct Index {
     jti: Map<(Option<Key>, i64)>,
     /// sub → (cut-off, expiry).
     sub: Map<(i64, i64)>,
-    /// kid → expiries, ascending: the last one decides.
-    kid: Map<i64>,
-    /// client id → expiries, ascending.
-    client: Map<i64>,
+    /// kid → (cut-off or every token, expiry).
+    kid: Map<(Option<i64>, i64)>,
+    /// client id → (cut-off or every token, expiry).
+    client: Map<(Option<i64>, i64)>,
+    /// iss → (cut-off, expiry).
+    iss: Map<(i64, i64)>,
     /// API key id → expiries, ascending.
     api_key: Map<i64>,
     /// Earliest expiry, for the sweeper. [`Index::add`] keeps it; after a
@@ -371,8 +409,17 @@ impl Index {
             Target::Subject { sub, issued_before } => {
                 push_value(&mut self.sub, sub, (*issued_before, exp))
             }
-            Target::Key { kid } => push_expiry(&mut self.kid, kid, exp),
-            Target::Client { client_id } => push_expiry(&mut self.client, client_id, exp),
+            Target::Key { kid, issued_before } => {
+                push_value(&mut self.kid, kid, (*issued_before, exp))
+            }
+            Target::Client {
+                client_id,
+                issued_before,
+            } => push_value(&mut self.client, client_id, (*issued_before, exp)),
+            Target::Issuer {
+                issuer,
+                issued_before,
+            } => push_value(&mut self.iss, issuer, (*issued_before, exp)),
             Target::ApiKey { api_key_id } => push_expiry(&mut self.api_key, api_key_id, exp),
         }
     }
@@ -390,10 +437,23 @@ impl Index {
                     *e == exp && cutoff == issued_before
                 })
             }
-            Target::Key { kid } => remove_value(&mut self.kid, kid, |e| *e == exp),
-            Target::Client { client_id } => {
-                remove_value(&mut self.client, client_id, |e| *e == exp)
+            Target::Key { kid, issued_before } => {
+                remove_value(&mut self.kid, kid, |(cutoff, e)| {
+                    *e == exp && cutoff == issued_before
+                })
             }
+            Target::Client {
+                client_id,
+                issued_before,
+            } => remove_value(&mut self.client, client_id, |(cutoff, e)| {
+                *e == exp && cutoff == issued_before
+            }),
+            Target::Issuer {
+                issuer,
+                issued_before,
+            } => remove_value(&mut self.iss, issuer, |(cutoff, e)| {
+                *e == exp && cutoff == issued_before
+            }),
             Target::ApiKey { api_key_id } => {
                 remove_value(&mut self.api_key, api_key_id, |e| *e == exp)
             }
@@ -419,12 +479,25 @@ impl Index {
         {
             return Err(Revoked { kind: "sub" });
         }
-        if !token.key_id.is_empty() && self.kid.get(token.key_id.as_str()).is_some_and(latest_live)
+        // A cut-off matches tokens issued at or before it; none, every token.
+        let covers = |rules: &Values<(Option<i64>, i64)>| {
+            rules.as_slice().iter().any(|(cutoff, exp)| {
+                live(exp) && cutoff.is_none_or(|cutoff| token.issued_at <= cutoff)
+            })
+        };
+        if let Some(rules) = self.iss.get(token.issuer.as_str())
+            && rules
+                .as_slice()
+                .iter()
+                .any(|(cutoff, exp)| live(exp) && token.issued_at <= *cutoff)
         {
+            return Err(Revoked { kind: "iss" });
+        }
+        if !token.key_id.is_empty() && self.kid.get(token.key_id.as_str()).is_some_and(covers) {
             return Err(Revoked { kind: "kid" });
         }
         if let Some(client) = &token.client_id
-            && self.client.get(client.as_str()).is_some_and(latest_live)
+            && self.client.get(client.as_str()).is_some_and(covers)
         {
             return Err(Revoked { kind: "client" });
         }
@@ -1406,10 +1479,14 @@ mod tests {
             check(vec![sub(999)], &t, 1100).is_ok(),
             "issued after the cut-off"
         );
-        let kid = Target::Key { kid: "k1".into() };
+        let kid = Target::Key {
+            kid: "k1".into(),
+            issued_before: None,
+        };
         assert_eq!(check(vec![kid], &t, 1100).unwrap_err().kind, "kid");
         let client = Target::Client {
             client_id: "web".into(),
+            issued_before: None,
         };
         assert_eq!(check(vec![client], &t, 1100).unwrap_err().kind, "client");
         let api = Target::ApiKey {
@@ -1444,7 +1521,14 @@ mod tests {
         assert_eq!(l.expiry(&jti, now, None), now + 3660);
         assert_eq!(l.expiry(&jti, now, Some(now + 60)), now + 90);
         assert_eq!(
-            l.expiry(&Target::Key { kid: "k".into() }, now, None),
+            l.expiry(
+                &Target::Key {
+                    kid: "k".into(),
+                    issued_before: None,
+                },
+                now,
+                None
+            ),
             now + 3660
         );
     }
@@ -1533,7 +1617,10 @@ mod tests {
     }
 
     fn kid(k: &str) -> Target {
-        Target::Key { kid: k.into() }
+        Target::Key {
+            kid: k.into(),
+            issued_before: None,
+        }
     }
 
     /// The count of revocations had no cap. Now a local revoke beyond
@@ -1779,22 +1866,35 @@ mod tests {
                         Target::Subject { sub, issued_before } => {
                             *sub == token.subject && token.issued_at <= *issued_before
                         }
-                        Target::Key { kid } => !token.key_id.is_empty() && *kid == token.key_id,
-                        Target::Client { client_id } => {
-                            token.client_id.as_deref() == Some(client_id.as_str())
+                        Target::Key { kid, issued_before } => {
+                            !token.key_id.is_empty()
+                                && *kid == token.key_id
+                                && issued_before.is_none_or(|c| token.issued_at <= c)
                         }
+                        Target::Client {
+                            client_id,
+                            issued_before,
+                        } => {
+                            token.client_id.as_deref() == Some(client_id.as_str())
+                                && issued_before.is_none_or(|c| token.issued_at <= c)
+                        }
+                        Target::Issuer {
+                            issuer,
+                            issued_before,
+                        } => *issuer == token.issuer && token.issued_at <= *issued_before,
                         Target::ApiKey { api_key_id } => {
                             token.api_key_id.as_deref() == Some(api_key_id.as_str())
                         }
                     }
             })
         };
-        for kind in ["jti", "sub", "kid", "client", "api_key"] {
+        for kind in ["jti", "sub", "iss", "kid", "client", "api_key"] {
             if hit(kind) {
                 return Err(Revoked {
                     kind: match kind {
                         "jti" => "jti",
                         "sub" => "sub",
+                        "iss" => "iss",
                         "kid" => "kid",
                         "client" => "client",
                         _ => "api_key",
@@ -1833,7 +1933,7 @@ mod tests {
 
     /// Few keys and close expiries, so that entries share keys and expiries.
     fn random_entry(rng: &mut Rng, now: i64) -> Revocation {
-        let target = match rng.below(6) {
+        let target = match rng.below(7) {
             0 | 1 => Target::Token {
                 jti: rng.pick(&JTIS).into(),
                 issuer: match rng.below(3) {
@@ -1847,9 +1947,21 @@ mod tests {
             },
             3 => Target::Key {
                 kid: rng.pick(&IDS).into(),
+                issued_before: match rng.below(2) {
+                    0 => None,
+                    _ => Some(1000 + rng.below(4) as i64 * 10),
+                },
             },
             4 => Target::Client {
                 client_id: rng.pick(&IDS).into(),
+                issued_before: match rng.below(2) {
+                    0 => None,
+                    _ => Some(1000 + rng.below(4) as i64 * 10),
+                },
+            },
+            5 => Target::Issuer {
+                issuer: rng.pick(&ISSUERS).into(),
+                issued_before: 1000 + rng.below(4) as i64 * 10,
             },
             _ => Target::ApiKey {
                 api_key_id: rng.pick(&IDS).into(),
@@ -2065,6 +2177,7 @@ mod tests {
             kid("k1"),
             Target::Client {
                 client_id: "web".into(),
+                issued_before: None,
             },
             Target::ApiKey {
                 api_key_id: "ak1".into(),
@@ -2079,10 +2192,26 @@ mod tests {
             let mut t = token();
             t.api_key_id = Some("ak1".into());
             let kind = target.kind();
-            let map = |index: &Index| match kind {
-                "kid" => index.kid.clone(),
-                "client" => index.client.clone(),
-                _ => index.api_key.clone(),
+            // The expiries of the one key's entries.
+            let map = |index: &Index| -> Map<i64> {
+                let strip = |map: &Map<(Option<i64>, i64)>| {
+                    map.iter()
+                        .map(|(k, v)| {
+                            let mut exps: Vec<i64> = v.as_slice().iter().map(|(_, e)| *e).collect();
+                            exps.sort_unstable();
+                            let values = match exps.as_slice() {
+                                [one] => Values::One(*one),
+                                _ => Values::Many(Arc::new(exps)),
+                            };
+                            (k.clone(), values)
+                        })
+                        .collect()
+                };
+                match kind {
+                    "kid" => strip(&index.kid),
+                    "client" => strip(&index.client),
+                    _ => index.api_key.clone(),
+                }
             };
             assert_eq!(
                 map(&index).values().next().map(|v| v.as_slice().to_vec()),
@@ -2113,7 +2242,7 @@ mod tests {
         assert!(entries.add(&mut index, &second.to_line(), second));
         assert_eq!(
             index.kid.get("k1").map(|v| v.as_slice().to_vec()),
-            Some(vec![3000, 3000])
+            Some(vec![(None, 3000), (None, 3000)])
         );
         assert_eq!(entries.in_force(2999), 2);
         assert_eq!(entries.in_force(3000), 0);
