@@ -9,8 +9,13 @@
 //! the latency of one `Check` on B (the polling resolution). Redis runs with its
 //! default `appendfsync everysec`.
 //!
+//! Then catch-up after an outage: two more instances reach Redis through a
+//! proxy that is cut for 5 seconds; a revocation made on one of them meanwhile
+//! is queued; the clock runs from the moment Redis is reachable again until the
+//! other instance denies the token (5 rounds).
+//!
 //! Under `cargo test --all-targets` (no `--bench` argument) it runs 20
-//! revocations as a smoke test.
+//! revocations and one 1.5-second outage as a smoke test.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -30,7 +35,7 @@ use portcullis::config::Config;
 use portcullis::engine::Engine;
 use portcullis::revocation::RevocationStore;
 use portcullis::server;
-use redis_harness::RedisServer;
+use redis_harness::{RedisServer, TcpProxy};
 use serde_json::Value;
 use tonic::transport::Channel;
 
@@ -208,13 +213,119 @@ async fn run(n: usize) {
     }
 }
 
+/// The HTTP status `inst` answers for `GET /orders/1` with `token`.
+async fn status_of(inst: &Instance, token: &str) -> i32 {
+    outcome(
+        &inst
+            .server
+            .check(envoy_request("GET", "/orders/1", Some(token)))
+            .await,
+    )
+    .http_status
+}
+
+/// Catch-up after an outage: C and D reach Redis through a proxy that is cut
+/// for `outage`; a revocation made on C meanwhile is enforced there and
+/// queued; the clock runs from the proxy's restore until D denies the token.
+async fn catch_up(rounds: usize, outage: Duration) {
+    let redis = RedisServer::start_with_appendfsync("everysec");
+    let proxy = TcpProxy::start(redis.port).await;
+    let fx = Fixture::with_keys(vec![TestKey::es256()]);
+    let c = start(&config(&fx, "c", &proxy.url())).await;
+    let d = start(&config(&fx, "d", &proxy.url())).await;
+    let mut admin = AdminClient::new(
+        Channel::from_shared(format!("http://{}", c.admin.local_addr()))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap(),
+    );
+    let mut catch_up = Vec::with_capacity(rounds);
+    for round in 0..rounds {
+        let mut claims = claims("alice", &["orders:read"], &[]);
+        let jti = format!("outage-{round}");
+        claims["jti"] = Value::from(jti.clone());
+        let token = fx.es256().sign(&claims);
+        assert_eq!(
+            status_of(&d, &token).await,
+            200,
+            "allowed before revocation"
+        );
+
+        proxy.cut();
+        let cut_at = Instant::now();
+        let mut request = tonic::Request::new(pb::RevokeRequest {
+            target: Some(pb::Target {
+                kind: Some(Kind::Token(pb::TokenTarget {
+                    jti: jti.clone(),
+                    issuer: String::new(),
+                    expires_at: None,
+                })),
+            }),
+            reason: String::new(),
+        });
+        request.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {ADMIN_TOKEN}").parse().unwrap(),
+        );
+        let revoked = admin.revoke(request).await.expect("revoke").into_inner();
+        assert!(!revoked.synced, "Redis was cut: the revocation is queued");
+        assert_eq!(status_of(&c, &token).await, 401, "enforced on C at once");
+        tokio::time::sleep(outage.saturating_sub(cut_at.elapsed())).await;
+        assert_eq!(
+            status_of(&d, &token).await,
+            200,
+            "D cannot know it during the outage"
+        );
+
+        proxy.restore();
+        let restored = Instant::now();
+        let deadline = restored + Duration::from_secs(30);
+        while status_of(&d, &token).await != 401 {
+            assert!(Instant::now() < deadline, "D never denied {jti}");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        catch_up.push(restored.elapsed());
+        // Both back in sync before the next round.
+        while c.store.status().pending_writes > 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    println!(
+        "catch-up after a {:.1} s Redis outage (revoked on C during it; Redis back -> D denies), {rounds} rounds:",
+        outage.as_secs_f64()
+    );
+    let line: Vec<String> = catch_up.iter().map(|d| ms(*d)).collect();
+    println!("  {}", line.join(", "));
+    catch_up.sort();
+    println!(
+        "  median {}, max {}",
+        ms(percentile(&catch_up, 50.0)),
+        ms(*catch_up.last().unwrap())
+    );
+    for inst in [c, d] {
+        inst.admin.shutdown(Duration::from_secs(5)).await.ok();
+        inst.server
+            .running
+            .shutdown(Duration::from_secs(5))
+            .await
+            .ok();
+        inst.store.shutdown().await;
+    }
+}
+
 fn main() {
     let bench = std::env::args().any(|a| a == "--bench");
-    let n = if bench { 1000 } else { 20 };
-    tokio::runtime::Builder::new_multi_thread()
+    let (n, rounds, outage) = if bench {
+        (1000, 5, Duration::from_secs(5))
+    } else {
+        (20, 1, Duration::from_millis(1500))
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
-        .expect("tokio runtime")
-        .block_on(run(n));
+        .expect("tokio runtime");
+    runtime.block_on(run(n));
+    runtime.block_on(catch_up(rounds, outage));
 }

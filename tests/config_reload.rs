@@ -204,12 +204,7 @@ async fn raising_token_lifetimes_by_reload_lengthens_revocations() {
         .await
         .unwrap();
     fn authorized<T>(message: T) -> tonic::Request<T> {
-        let mut request = tonic::Request::new(message);
-        request.metadata_mut().insert(
-            "authorization",
-            format!("Bearer {ADMIN_TOKEN}").parse().unwrap(),
-        );
-        request
+        with_bearer(message, ADMIN_TOKEN)
     }
     let revoke_jti = |jti: &str| pb::RevokeRequest {
         target: Some(pb::Target {

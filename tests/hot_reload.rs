@@ -154,12 +154,7 @@ async fn the_folder_is_watched() {
 const ADMIN_TOKEN: &str = "hot-reload-admin-token-0123456789";
 
 fn authorized<T>(message: T) -> tonic::Request<T> {
-    let mut request = tonic::Request::new(message);
-    request.metadata_mut().insert(
-        "authorization",
-        format!("Bearer {ADMIN_TOKEN}").parse().unwrap(),
-    );
-    request
+    with_bearer(message, ADMIN_TOKEN)
 }
 
 /// The admin API: ReloadPolicies, Status (with the rejected change's error) and

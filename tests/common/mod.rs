@@ -551,3 +551,12 @@ pub async fn scrape_metrics(addr: std::net::SocketAddr) -> String {
     stream.read_to_string(&mut text).await.unwrap();
     text
 }
+
+/// `message` as a gRPC request bearing `token` (the admin API's credential).
+pub fn with_bearer<T>(message: T, token: &str) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    request
+}
