@@ -780,7 +780,7 @@ async fn revoke_from_file(
                     .map(|line| format!(" (line {line})"))
                     .unwrap_or_default();
                 return Err(admin_error(status).context(format!(
-                    "a batch was refused{line}: {revoked} of {total} target(s) were revoked before it                      (they stay revoked), the rest were not"
+                    "a batch was refused{line}: {revoked} of {total} target(s) were revoked before it (they stay revoked), the rest were not"
                 )));
             }
         };

@@ -19,8 +19,9 @@
 //!
 //! Any error ends the session; the task reconnects forever with exponential
 //! backoff capped at 1 second, so that every instance is back soon after Redis
-//! is, and revocations made during an outage spread without waiting. Meanwhile the known entries stay enforced and new
-//! local revocations are enforced, journaled and queued.
+//! is, and revocations made during an outage spread without waiting. Meanwhile
+//! the known entries stay enforced and new local revocations are enforced,
+//! journaled and queued.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, Weak};
@@ -259,6 +260,10 @@ pub(super) async fn run(store: Weak<RevocationStore>, mut stop: watch::Receiver<
         let Some(sync) = live.sync.as_ref() else {
             return;
         };
+        // A session that got as far as a full sync starts the schedule again.
+        if let End::Lost { synced: true, .. } = &end {
+            backoff = retries();
+        }
         // With jitter (up to the delay again, never past the cap), so that
         // instances do not reconnect in lock step.
         let delay = backoff.next().unwrap_or(MAX_BACKOFF).min(MAX_BACKOFF);
@@ -266,7 +271,6 @@ pub(super) async fn run(store: Weak<RevocationStore>, mut stop: watch::Receiver<
             End::Stop => return,
             End::Lost { error, synced } => {
                 if synced {
-                    backoff = retries();
                     failures = 0;
                     sync.set_state(RedisState::Disconnected);
                     tracing::warn!(%error, "lost Redis; revocations known stay enforced, new ones are queued; reconnecting");
