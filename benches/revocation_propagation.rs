@@ -138,20 +138,7 @@ async fn run(n: usize) {
     let mut propagation = Vec::with_capacity(n);
     let mut acks = Vec::with_capacity(n);
     for (token, jti) in &tokens {
-        let mut request = tonic::Request::new(pb::RevokeRequest {
-            target: Some(pb::Target {
-                kind: Some(Kind::Token(pb::TokenTarget {
-                    jti: jti.clone(),
-                    issuer: String::new(),
-                    expires_at: None,
-                })),
-            }),
-            reason: String::new(),
-        });
-        request.metadata_mut().insert(
-            "authorization",
-            format!("Bearer {ADMIN_TOKEN}").parse().unwrap(),
-        );
+        let request = revoke_jti(jti);
         let started = Instant::now();
         // The Revoke call runs on its own task while this one polls B.
         let mut client = admin.clone();
@@ -213,6 +200,23 @@ async fn run(n: usize) {
     }
 }
 
+/// An authorized admin `Revoke` of the token with `jti`.
+fn revoke_jti(jti: &str) -> tonic::Request<pb::RevokeRequest> {
+    with_bearer(
+        pb::RevokeRequest {
+            target: Some(pb::Target {
+                kind: Some(Kind::Token(pb::TokenTarget {
+                    jti: jti.to_owned(),
+                    issuer: String::new(),
+                    expires_at: None,
+                })),
+            }),
+            reason: String::new(),
+        },
+        ADMIN_TOKEN,
+    )
+}
+
 /// The HTTP status `inst` answers for `GET /orders/1` with `token`.
 async fn status_of(inst: &Instance, token: &str) -> i32 {
     outcome(
@@ -254,20 +258,7 @@ async fn catch_up(rounds: usize, outage: Duration) {
 
         proxy.cut();
         let cut_at = Instant::now();
-        let mut request = tonic::Request::new(pb::RevokeRequest {
-            target: Some(pb::Target {
-                kind: Some(Kind::Token(pb::TokenTarget {
-                    jti: jti.clone(),
-                    issuer: String::new(),
-                    expires_at: None,
-                })),
-            }),
-            reason: String::new(),
-        });
-        request.metadata_mut().insert(
-            "authorization",
-            format!("Bearer {ADMIN_TOKEN}").parse().unwrap(),
-        );
+        let request = revoke_jti(&jti);
         let revoked = admin.revoke(request).await.expect("revoke").into_inner();
         assert!(!revoked.synced, "Redis was cut: the revocation is queued");
         assert_eq!(status_of(&c, &token).await, 401, "enforced on C at once");
