@@ -190,6 +190,18 @@ fn shared(data_dir: &str, redis_url: &str, startup: &str) -> String {
     )
 }
 
+/// An instance named `name` sharing revocations through `redis_url`, waiting
+/// for its first sync, with its own data directory.
+async fn shared_instance(fx: &Fixture, name: &str, redis_url: &str) -> Instance {
+    let data_dir = format!("data-{name}");
+    start_instance(&instance_config(
+        fx,
+        name,
+        &shared(&data_dir, redis_url, "wait"),
+    ))
+    .await
+}
+
 fn two_keys() -> Fixture {
     Fixture::with_keys(vec![TestKey::es256(), TestKey::es256()])
 }
@@ -198,18 +210,8 @@ fn two_keys() -> Fixture {
 async fn a_revocation_on_one_instance_is_enforced_by_the_other() {
     let redis = RedisServer::start();
     let fx = two_keys();
-    let a = start_instance(&instance_config(
-        &fx,
-        "a",
-        &shared("data-a", &redis.url(), "wait"),
-    ))
-    .await;
-    let b = start_instance(&instance_config(
-        &fx,
-        "b",
-        &shared("data-b", &redis.url(), "wait"),
-    ))
-    .await;
+    let a = shared_instance(&fx, "a", &redis.url()).await;
+    let b = shared_instance(&fx, "b", &redis.url()).await;
     let (k1, k2) = (&fx.keys[0], &fx.keys[1]);
 
     let (by_jti, jti_1) = token(k1, "alice", |_| {});
@@ -282,18 +284,8 @@ async fn revocations_made_while_an_instance_is_cut_off_reach_it_on_reconnect() {
     let redis = RedisServer::start();
     let proxy = TcpProxy::start(redis.port).await;
     let fx = two_keys();
-    let a = start_instance(&instance_config(
-        &fx,
-        "a",
-        &shared("data-a", &redis.url(), "wait"),
-    ))
-    .await;
-    let b = start_instance(&instance_config(
-        &fx,
-        "b",
-        &shared("data-b", &proxy.url(), "wait"),
-    ))
-    .await;
+    let a = shared_instance(&fx, "a", &redis.url()).await;
+    let b = shared_instance(&fx, "b", &proxy.url()).await;
     let (t, id) = token(&fx.keys[0], "alice", |_| {});
     b.assert_allowed(&t).await;
 
@@ -394,12 +386,7 @@ async fn entries_expire_once_no_token_they_match_can_be_valid() {
         .replace("max_token_lifetime = \"1h\"", "max_token_lifetime = \"2s\"")
         .replace("leeway = \"30s\"", "leeway = \"0s\"");
     std::fs::write(fx.config_path(), short).unwrap();
-    let a = start_instance(&instance_config(
-        &fx,
-        "a",
-        &shared("data-a", &redis.url(), "wait"),
-    ))
-    .await;
+    let a = shared_instance(&fx, "a", &redis.url()).await;
     let key = &fx.keys[1];
     let lifetime = |c: &mut Value| c["exp"] = Value::from(c["iat"].as_i64().unwrap() + 2);
 
@@ -703,12 +690,7 @@ async fn spawn_serve_with_token(config: &Path, listen: &str) -> std::process::Ch
 async fn revokes_beyond_max_entries_are_refused_while_peers_entries_are_still_enforced() {
     let redis = RedisServer::start();
     let fx = two_keys();
-    let a = start_instance(&instance_config(
-        &fx,
-        "a",
-        &shared("data-a", &redis.url(), "wait"),
-    ))
-    .await;
+    let a = shared_instance(&fx, "a", &redis.url()).await;
     let b = start_instance(&instance_config(
         &fx,
         "b",
@@ -1108,18 +1090,8 @@ async fn a_batch_on_one_instance_is_enforced_by_the_other() {
     let redis = RedisServer::start();
     let proxy = TcpProxy::start(redis.port).await;
     let fx = two_keys();
-    let a = start_instance(&instance_config(
-        &fx,
-        "a",
-        &shared("data-a", &proxy.url(), "wait"),
-    ))
-    .await;
-    let b = start_instance(&instance_config(
-        &fx,
-        "b",
-        &shared("data-b", &redis.url(), "wait"),
-    ))
-    .await;
+    let a = shared_instance(&fx, "a", &proxy.url()).await;
+    let b = shared_instance(&fx, "b", &redis.url()).await;
     let k1 = &fx.keys[0];
     let (t1, id1) = token(k1, "alice", |_| {});
     let (t2, id2) = token(k1, "bob", |_| {});

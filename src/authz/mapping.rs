@@ -1103,6 +1103,10 @@ mod tests {
             };
             mapping.decision_key(&fields, token, facts)
         };
+        let base_key = |fields| {
+            let (workload, caller) = (Some("spiffe://a/w"), Some("spiffe://a/c"));
+            key(fields, &base_http, &base_token, &params, workload, caller)
+        };
         for (i, field) in CONTEXT_FIELDS.iter().enumerate() {
             let mut http = base_http.clone();
             let mut token = base_token.clone();
@@ -1124,33 +1128,11 @@ mod tests {
                 ContextField::Workload => workload = None,
                 ContextField::Caller => caller = Some("spiffe://a/other"),
             }
+            let changed = |fields| key(fields, &http, &token, &params, workload, caller);
             let only = KeyFields { bits: 1 << i };
-            let base = (Some("spiffe://a/w"), Some("spiffe://a/c"));
-            assert_ne!(
-                key(
-                    only,
-                    &base_http,
-                    &base_token,
-                    &[("id".into(), "7".into())],
-                    base.0,
-                    base.1
-                ),
-                key(only, &http, &token, &params, workload, caller),
-                "{field:?}"
-            );
+            assert_ne!(base_key(only), changed(only), "{field:?}");
             let none = KeyFields { bits: 0 };
-            assert_eq!(
-                key(
-                    none,
-                    &base_http,
-                    &base_token,
-                    &[("id".into(), "7".into())],
-                    base.0,
-                    base.1
-                ),
-                key(none, &http, &token, &params, workload, caller),
-                "{field:?}"
-            );
+            assert_eq!(base_key(none), changed(none), "{field:?}");
         }
 
         let facts = RequestFacts {
