@@ -5,10 +5,13 @@
 //! every complete line that parses is kept until it expires.
 
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufReader, Write};
 use std::path::{Path, PathBuf};
 
-use super::{Revocation, RevocationError};
+use std::sync::Mutex;
+
+use super::backend::{Backend, Loaded};
+use super::{RevocationError, lock};
 
 /// The journal's file name inside `[revocation] data_dir`.
 pub const JOURNAL_FILE: &str = "revocations.log";
@@ -20,21 +23,10 @@ pub struct Journal {
     file: File,
 }
 
-/// What replaying a journal found.
-#[derive(Debug, Default)]
-pub struct Replay {
-    /// Unexpired entries, each with the exact line it was stored as.
-    pub entries: Vec<(String, Revocation)>,
-    /// Expired entries dropped by the compaction.
-    pub expired: usize,
-    /// Lines that did not parse (skipped).
-    pub unreadable: usize,
-}
-
 impl Journal {
     /// Opens (creating if needed) the journal in `dir`, replays it, drops expired
     /// and unreadable lines, and rewrites it compacted before appending to it.
-    pub fn open(dir: &Path, now: i64) -> Result<(Journal, Replay), RevocationError> {
+    pub fn open(dir: &Path, now: i64) -> Result<(Journal, Loaded), RevocationError> {
         let io = |source| RevocationError::Journal {
             path: dir.to_owned(),
             source,
@@ -46,8 +38,8 @@ impl Journal {
             source,
         };
         let replay = match File::open(&path) {
-            Ok(file) => replay(BufReader::new(file), now).map_err(io)?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Replay::default(),
+            Ok(file) => Loaded::from_lines(BufReader::new(file), now).map_err(io)?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Loaded::default(),
             Err(e) => return Err(io(e)),
         };
 
@@ -104,32 +96,56 @@ impl Journal {
     }
 }
 
-fn replay(reader: impl BufRead, now: i64) -> std::io::Result<Replay> {
-    let mut out = Replay::default();
-    let mut seen = std::collections::HashSet::new();
-    for line in reader.lines() {
-        let line = line?;
-        let line = line.trim();
-        if line.is_empty() {
-            continue;
-        }
-        match serde_json::from_str::<Revocation>(line) {
-            Ok(entry) if entry.expires_at <= now => out.expired += 1,
-            Ok(entry) => {
-                if seen.insert(line.to_owned()) {
-                    out.entries.push((line.to_owned(), entry));
-                }
-            }
-            Err(_) => out.unreadable += 1,
+/// The append-only journal in a folder (`[revocation] data_dir`): one line
+/// per entry, fsynced on every append, compacted when loaded.
+#[derive(Debug)]
+pub struct JournalBackend {
+    dir: PathBuf,
+    journal: Mutex<Option<Journal>>,
+}
+
+impl JournalBackend {
+    /// The journal in `dir` (created on load if missing).
+    pub fn new(dir: impl Into<PathBuf>) -> JournalBackend {
+        JournalBackend {
+            dir: dir.into(),
+            journal: Mutex::new(None),
         }
     }
-    Ok(out)
+
+    /// The folder the journal is in.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+impl Backend for JournalBackend {
+    fn load(&self, now: i64) -> Result<Loaded, RevocationError> {
+        let (journal, loaded) = Journal::open(&self.dir, now)?;
+        *lock(&self.journal) = Some(journal);
+        Ok(loaded)
+    }
+
+    fn append(&self, lines: &[String]) -> Result<(), RevocationError> {
+        // A poisoned lock still holds an open file positioned for appends:
+        // taking it back is safe, refusing would lose the entries.
+        match lock(&self.journal).as_mut() {
+            Some(journal) => journal.append(lines.iter().map(String::as_str)),
+            None => Err(RevocationError::Task(
+                "the revocation journal was appended to before it was loaded".into(),
+            )),
+        }
+    }
+
+    fn describe(&self) -> String {
+        format!("journal {}", self.dir.join(JOURNAL_FILE).display())
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::revocation::Target;
+    use crate::revocation::{Revocation, Target};
 
     fn entry(kid: &str, expires_at: i64) -> (String, Revocation) {
         let r = Revocation {
@@ -168,5 +184,17 @@ mod tests {
         assert_eq!(replay.unreadable, 1);
         let text = std::fs::read_to_string(dir.path().join(JOURNAL_FILE)).unwrap();
         assert_eq!(text, format!("{live}\n"));
+    }
+
+    #[test]
+    fn the_journal_refuses_appends_before_it_is_loaded() {
+        let dir = tempfile::tempdir().unwrap();
+        let backend = JournalBackend::new(dir.path());
+        assert!(backend.append(&[entry("k", 200).0]).is_err());
+        backend.load(100).unwrap();
+        backend.append(&[entry("k", 200).0]).unwrap();
+        let again = JournalBackend::new(dir.path());
+        assert_eq!(again.load(100).unwrap().entries.len(), 1);
+        assert!(backend.describe().ends_with("revocations.log"));
     }
 }

@@ -163,7 +163,7 @@ impl SyncHandle {
     /// Poisons the pending queue, as a panic while holding it would.
     #[cfg(test)]
     pub(crate) fn poison_pending_for_test(&self) {
-        super::tests::poison(&self.pending);
+        super::test_support::poison(&self.pending);
     }
 
     /// Local revocations not yet written to Redis.
