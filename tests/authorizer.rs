@@ -29,17 +29,10 @@ struct Instance {
 }
 
 impl Instance {
-    /// A sample of the Prometheus text the metrics endpoint serves (the
-    /// rendering it uses), e.g. `portcullis_signature_verifications_total`.
-    fn metric(&self, sample: &str) -> f64 {
-        let state = self.served.server.running.state();
-        let text = state.render_metrics();
-        text.lines()
-            .find_map(|line| {
-                let (name, value) = line.rsplit_once(' ')?;
-                (name == sample).then(|| value.parse::<f64>().ok())?
-            })
-            .unwrap_or(0.0)
+    /// A sample of the Prometheus text the metrics endpoint serves, e.g.
+    /// `portcullis_signature_verifications_total`.
+    async fn metric(&self, sample: &str) -> f64 {
+        self.served.metric(sample).await
     }
 
     async fn start() -> Instance {
@@ -479,9 +472,10 @@ async fn a_batch_of_100_verifies_its_token_once() {
         .key()
         .token("bob", &["orders:read", "orders:write"], &["admin"]);
     let before = it.status().await;
-    let signatures_before = it.metric("portcullis_signature_verifications_total");
-    let allows_before =
-        it.metric(r#"portcullis_decisions_total{outcome="allow",reason="allowed"}"#);
+    let signatures_before = it.metric("portcullis_signature_verifications_total").await;
+    let allows_before = it
+        .metric(r#"portcullis_decisions_total{outcome="allow",reason="allowed"}"#)
+        .await;
 
     let methods = ["GET", "POST", "DELETE"];
     let items: Vec<(String, String)> = (0..100)
@@ -524,11 +518,12 @@ async fn a_batch_of_100_verifies_its_token_once() {
     );
     // ...as the metrics say too, with 100 decisions counted...
     assert_eq!(
-        it.metric("portcullis_signature_verifications_total") - signatures_before,
+        it.metric("portcullis_signature_verifications_total").await - signatures_before,
         1.0
     );
     assert_eq!(
         it.metric(r#"portcullis_decisions_total{outcome="allow",reason="allowed"}"#)
+            .await
             - allows_before,
         100.0
     );

@@ -456,7 +456,7 @@ async fn the_admin_api_refuses_calls_without_the_admin_token() {
     // Reflection on the admin listener needs the credential too.
     let reflection =
         tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient::new(
-            Channel::from_shared(format!("http://{}", inst.admin.local_addr()))
+            Channel::from_shared(format!("http://{}", inst.admin_addr))
                 .unwrap()
                 .connect()
                 .await
@@ -949,7 +949,7 @@ async fn the_cli_revokes_a_file_of_targets_in_batches() {
         "[revocation]\ndata_dir = \"data\"\nmax_entries = 4000",
     ))
     .await;
-    let admin = inst.admin.local_addr().to_string();
+    let admin = inst.admin_addr.to_string();
     let (t1, id1) = token(fx.es256(), "alice", |_| {});
     let (t2, id2) = token(fx.es256(), "bob", |_| {});
     let (t3, _) = token(fx.es256(), "carol", |_| {});
@@ -1157,7 +1157,7 @@ async fn cut_offs_revoke_what_was_issued_up_to_them_and_nothing_after() {
     let fx = Fixture::new();
     let config = instance_config(&fx, "a", "[revocation]\ndata_dir = \"data\"");
     let inst = start_instance(&config).await;
-    let admin = inst.admin.local_addr().to_string();
+    let admin = inst.admin_addr.to_string();
     let key = fx.es256();
     let now = now();
     let issued_at = |iat: i64| {

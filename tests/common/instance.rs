@@ -1,90 +1,113 @@
-//! One Portcullis instance in-process, wired as `serve` wires it: the main
-//! listener (ext_authz, Authorizer), the admin listener and the revocation
-//! store, with the audit log in a file.
+//! One Portcullis instance in-process, started through the library's
+//! `serve::spawn` exactly as `portcullis serve` starts (the main listener with
+//! ext_authz and the Authorizer, the admin listener, the metrics endpoint, the
+//! revocation store), with the audit log written through to a file.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::Duration;
 
+use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
+use envoy_types::pb::envoy::service::auth::v3::{CheckRequest, CheckResponse};
 use portcullis::admin::pb::admin_client::AdminClient;
-use portcullis::admin::{self as admin_api, RunningAdmin};
-use portcullis::audit::AuditLog;
 use portcullis::config::Config;
-use portcullis::engine::Engine;
-use portcullis::revocation::RevocationStore;
-use portcullis::server;
+use portcullis::serve::{self, ServeError, Shutdown};
 use tonic::transport::Channel;
 
-use super::TestServer;
+/// A client of the main listener.
+pub struct Connected {
+    /// ext_authz.
+    pub client: AuthorizationClient<Channel>,
+    /// The channel, for the other services (Authorizer, health, reflection).
+    pub channel: Channel,
+}
+
+impl Connected {
+    /// One ext_authz `Check`.
+    pub async fn check(&self, request: CheckRequest) -> CheckResponse {
+        self.client
+            .clone()
+            .check(request)
+            .await
+            .expect("Check RPC succeeds")
+            .into_inner()
+    }
+}
 
 /// A running instance with its admin API.
 pub struct AdminInstance {
-    /// The main listener and a client of it.
-    pub server: TestServer,
+    /// A client of the main listener.
+    pub server: Connected,
     /// The admin listener.
-    pub admin: RunningAdmin,
-    /// The revocation store the engine checks and the admin API writes.
-    pub store: Arc<RevocationStore>,
+    pub admin_addr: SocketAddr,
+    /// The metrics endpoint.
+    pub metrics_addr: SocketAddr,
     /// The audit log file.
     pub audit: PathBuf,
+    shutdown: Shutdown,
+    task: tokio::task::JoinHandle<Result<(), ServeError>>,
 }
 
 impl AdminInstance {
     /// Starts the instance `config_path` describes (it must have `[admin]`),
-    /// auditing to `audit`.
+    /// auditing to `audit` (write-through, so that a test reads every line at
+    /// once), with a metrics endpoint on a free port; returns once it serves.
     pub async fn start(config_path: &Path, audit: PathBuf) -> AdminInstance {
-        let config = Config::load(config_path).unwrap();
-        let store = RevocationStore::open(&config.revocation, config.token_lifetimes())
+        let mut config = Config::load(config_path).unwrap();
+        assert!(config.admin.is_some(), "the instance needs [admin]");
+        config.audit.file = Some(audit.clone());
+        config.audit.flush_interval_ms = Some(0);
+        config.telemetry.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+        let (addresses, shutdown, task) = serve::spawn(config).await.unwrap();
+        let channel = Channel::from_shared(format!("http://{}", addresses.grpc))
+            .unwrap()
+            .connect()
             .await
             .unwrap();
-        let running = server::start(
-            "127.0.0.1:0".parse().unwrap(),
-            AuditLog::file(&audit).unwrap(),
-        )
-        .await
-        .unwrap();
-        let engine = Engine::from_config(&config)
-            .unwrap()
-            .with_revocations(store.clone());
-        running.state().install(engine).await;
-        let admin_config = config.admin.as_ref().unwrap();
-        let admin = admin_api::start(
-            admin_config.listen,
-            &admin_config.resolve_token().unwrap(),
-            store.clone(),
-            running.state().clone(),
-            config.clone(),
-        )
-        .await
-        .unwrap();
+        super::wait_for_health(&channel, 1).await;
         AdminInstance {
-            server: TestServer::connect(running).await,
-            admin,
-            store,
+            server: Connected {
+                client: AuthorizationClient::new(channel.clone()),
+                channel,
+            },
+            admin_addr: addresses.admin.expect("[admin] listener"),
+            metrics_addr: addresses.metrics.expect("metrics endpoint"),
             audit,
+            shutdown,
+            task,
         }
     }
 
-    /// Stops both listeners and the store (flushing its journal).
+    /// Stops it as SIGTERM twice does (no drain period; the listeners close,
+    /// the store flushes its journal) and waits until everything has stopped.
     pub async fn stop(self) {
-        self.admin.shutdown(Duration::from_secs(5)).await.unwrap();
-        drop(self.server.client);
-        drop(self.server.channel);
-        self.server
-            .running
-            .shutdown(Duration::from_secs(5))
+        drop(self.server);
+        self.shutdown.stop.cancel();
+        self.shutdown.now.cancel();
+        self.task
             .await
-            .unwrap();
-        self.store.shutdown().await;
+            .expect("the serve task")
+            .expect("serve stops cleanly");
     }
 
     /// A client of the admin API (calls need the admin token).
     pub async fn admin(&self) -> AdminClient<Channel> {
-        let channel = Channel::from_shared(format!("http://{}", self.admin.local_addr()))
+        let channel = Channel::from_shared(format!("http://{}", self.admin_addr))
             .unwrap()
             .connect()
             .await
             .unwrap();
         AdminClient::new(channel)
+    }
+
+    /// A sample of the Prometheus text the metrics endpoint serves (e.g.
+    /// `portcullis_signature_verifications_total`), 0 when absent.
+    pub async fn metric(&self, sample: &str) -> f64 {
+        let text = super::scrape_metrics(self.metrics_addr).await;
+        text.lines()
+            .find_map(|line| {
+                let (name, value) = line.rsplit_once(' ')?;
+                (name == sample).then(|| value.parse::<f64>().ok())?
+            })
+            .unwrap_or(0.0)
     }
 }
