@@ -535,7 +535,7 @@ pub async fn start(
 }
 
 /// [`start`], over TLS (mTLS with a client CA) when `tls` is given.
-pub async fn start_with_tls(
+pub(crate) async fn start_with_tls(
     addr: SocketAddr,
     token: &Secret,
     store: Arc<RevocationStore>,
@@ -557,7 +557,7 @@ pub async fn start_with_tls(
 }
 
 /// [`start_with_tls`] on a listener the caller bound.
-pub fn start_on(
+pub(crate) fn start_on(
     listener: TcpListener,
     token: &Secret,
     store: Arc<RevocationStore>,

@@ -6,7 +6,7 @@
 use aws_lc_rs::digest::{Context, SHA256};
 
 /// SHA-256 of `bytes`.
-pub fn sha256(bytes: &[u8]) -> [u8; 32] {
+pub(crate) fn sha256(bytes: &[u8]) -> [u8; 32] {
     let mut out = [0u8; 32];
     out.copy_from_slice(aws_lc_rs::digest::digest(&SHA256, bytes).as_ref());
     out
@@ -14,7 +14,7 @@ pub fn sha256(bytes: &[u8]) -> [u8; 32] {
 
 /// SHA-256 over a sequence of fields, each length-prefixed so that no two
 /// different sequences hash the same bytes (`"ab", "c"` ≠ `"a", "bc"`).
-pub struct FieldDigest(Context);
+pub(crate) struct FieldDigest(Context);
 
 impl Default for FieldDigest {
     fn default() -> Self {
@@ -24,13 +24,13 @@ impl Default for FieldDigest {
 
 impl FieldDigest {
     /// Adds one field.
-    pub fn field(&mut self, bytes: &[u8]) {
+    pub(crate) fn field(&mut self, bytes: &[u8]) {
         self.0.update(&(bytes.len() as u64).to_be_bytes());
         self.0.update(bytes);
     }
 
     /// Adds a field that may be absent (absent ≠ empty).
-    pub fn option(&mut self, bytes: Option<&[u8]>) {
+    pub(crate) fn option(&mut self, bytes: Option<&[u8]>) {
         match bytes {
             Some(bytes) => {
                 self.0.update(&[1]);
@@ -41,7 +41,7 @@ impl FieldDigest {
     }
 
     /// Adds a list of fields, then its length.
-    pub fn list<'a>(&mut self, items: impl Iterator<Item = &'a [u8]>) {
+    pub(crate) fn list<'a>(&mut self, items: impl Iterator<Item = &'a [u8]>) {
         let mut count = 0u64;
         for item in items {
             self.field(item);
@@ -51,7 +51,7 @@ impl FieldDigest {
     }
 
     /// The digest.
-    pub fn finish(self) -> [u8; 32] {
+    pub(crate) fn finish(self) -> [u8; 32] {
         let mut out = [0u8; 32];
         out.copy_from_slice(self.0.finish().as_ref());
         out

@@ -29,11 +29,11 @@ use tracing::Instrument as _;
 
 /// gRPC status codes used in `CheckResponse.status` (google.rpc.Code).
 mod grpc_code {
-    pub const OK: i32 = 0;
-    pub const INVALID_ARGUMENT: i32 = 3;
-    pub const PERMISSION_DENIED: i32 = 7;
-    pub const UNAVAILABLE: i32 = 14;
-    pub const UNAUTHENTICATED: i32 = 16;
+    pub(super) const OK: i32 = 0;
+    pub(super) const INVALID_ARGUMENT: i32 = 3;
+    pub(super) const PERMISSION_DENIED: i32 = 7;
+    pub(super) const UNAVAILABLE: i32 = 14;
+    pub(super) const UNAUTHENTICATED: i32 = 16;
 }
 
 fn grpc_status(verdict: Verdict) -> i32 {
@@ -54,7 +54,7 @@ fn grpc_status(verdict: Verdict) -> i32 {
 /// `encode_raw_headers`; repeated headers are joined with `,` as HTTP allows.
 /// Takes the request by value: its strings move into the result rather than
 /// being copied (this runs for every `Check`).
-pub fn http_request(check: CheckRequest) -> Option<HttpRequest> {
+pub(crate) fn http_request(check: CheckRequest) -> Option<HttpRequest> {
     let mut attributes = check.attributes?;
     let http: EnvoyHttpRequest = attributes.request.take()?.http?;
     let lower = |mut name: String| {
@@ -150,7 +150,7 @@ fn string_value(s: &str) -> Value {
 
 /// Builds the response Envoy acts on. `credential_header` is the API-key header,
 /// removed with `authorization` when `remove_authorization` is set.
-pub fn check_response(
+pub(crate) fn check_response(
     decision: &Decision,
     response: &ResponseConfig,
     realm: &str,
@@ -289,13 +289,13 @@ fn no_bearer_credential(token: TokenError) -> bool {
 
 /// The `envoy.service.auth.v3.Authorization` service.
 #[derive(Debug, Clone)]
-pub struct CheckService {
+pub(crate) struct CheckService {
     state: Arc<ServerState>,
 }
 
 impl CheckService {
     /// A service deciding with the engine installed in `state`.
-    pub fn new(state: Arc<ServerState>) -> CheckService {
+    pub(crate) fn new(state: Arc<ServerState>) -> CheckService {
         CheckService { state }
     }
 }

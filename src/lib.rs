@@ -11,6 +11,7 @@
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
+#![warn(unreachable_pub)]
 
 pub mod admin;
 pub mod attributes;
@@ -21,15 +22,15 @@ pub mod authz;
 pub mod cli;
 pub mod config;
 pub mod decision;
-pub mod digest;
+pub(crate) mod digest;
 pub mod engine;
-pub mod ext_authz;
-pub mod openapi;
-pub mod policy_tests;
+pub(crate) mod ext_authz;
+pub(crate) mod openapi;
+pub(crate) mod policy_tests;
 pub mod reload;
 pub mod revocation;
 pub mod serve;
 pub mod server;
 pub mod state;
 pub mod telemetry;
-pub mod tls;
+pub(crate) mod tls;

@@ -29,7 +29,7 @@ use crate::engine::Engine;
 
 /// Errors reading test files (a failing case is not an error: see [`Report`]).
 #[derive(Debug, thiserror::Error)]
-pub enum PolicyTestError {
+pub(crate) enum PolicyTestError {
     /// A test file could not be read or parsed.
     #[error("{path}: {message}")]
     File {
@@ -119,7 +119,7 @@ impl Expected {
 
 /// The result of one case.
 #[derive(Debug)]
-pub struct CaseResult {
+pub(crate) struct CaseResult {
     /// `file: name`.
     pub name: String,
     /// `None` if it passed, else a readable expected/actual diff.
@@ -128,7 +128,7 @@ pub struct CaseResult {
 
 /// The result of a run.
 #[derive(Debug, Default)]
-pub struct Report {
+pub(crate) struct Report {
     /// Every case, in file order.
     pub cases: Vec<CaseResult>,
     /// Policies no case had as a determining policy.
@@ -137,14 +137,14 @@ pub struct Report {
 
 impl Report {
     /// True when every case passed (and there was at least one).
-    pub fn passed(&self) -> bool {
+    pub(crate) fn passed(&self) -> bool {
         !self.cases.is_empty() && self.cases.iter().all(|c| c.failure.is_none())
     }
 }
 
 /// Runs every test file in `<policy dir>/tests/` against `engine`, which must
 /// have been given [`test_signing_key`]'s key with [`Engine::trust_test_key`].
-pub async fn run(
+pub(crate) async fn run(
     engine: &Engine,
     key: &SigningKey,
     policy_dir: &Path,
@@ -311,10 +311,10 @@ fn build_request(engine: &Engine, key: &SigningKey, case: &Case) -> Result<HttpR
 }
 
 /// A fresh ES256 key (kid `portcullis-test`) for signing test tokens.
-pub fn test_signing_key() -> Result<SigningKey, PolicyTestError> {
+pub(crate) fn test_signing_key() -> Result<SigningKey, PolicyTestError> {
     SigningKey::generate_es256(Some(TEST_KID.into()))
         .map_err(|e| PolicyTestError::Key(e.to_string()))
 }
 
 /// The `kid` of the throw-away test key.
-pub const TEST_KID: &str = "portcullis-test";
+pub(crate) const TEST_KID: &str = "portcullis-test";

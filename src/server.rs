@@ -146,7 +146,7 @@ pub async fn start(addr: SocketAddr, audit: AuditLog) -> Result<RunningServer, S
 }
 
 /// [`start`], over TLS (mTLS with a client CA) when `tls` is given.
-pub async fn start_with_tls(
+pub(crate) async fn start_with_tls(
     addr: SocketAddr,
     audit: AuditLog,
     tls: Option<Arc<ServerTls>>,
@@ -158,7 +158,7 @@ pub async fn start_with_tls(
 }
 
 /// [`start_with_tls`] on a listener the caller bound.
-pub async fn start_on(
+pub(crate) async fn start_on(
     listener: TcpListener,
     audit: AuditLog,
     tls: Option<Arc<ServerTls>>,

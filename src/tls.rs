@@ -20,7 +20,6 @@ use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -38,16 +37,16 @@ use crate::config::TlsConfig;
 
 /// Longest a TLS handshake may take before the connection is closed: a peer
 /// that connects and says nothing must not hold a slot.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Most TLS handshakes in progress at once per listener; further connections
 /// wait in the kernel's backlog until one finishes.
-pub const MAX_CONCURRENT_HANDSHAKES: usize = 256;
+pub(crate) const MAX_CONCURRENT_HANDSHAKES: usize = 256;
 
 /// Why a TLS configuration was not loaded. Never holds key material: only
 /// which file and what is wrong with it.
 #[derive(Debug, thiserror::Error)]
-pub enum TlsError {
+pub(crate) enum TlsError {
     /// A file could not be read.
     #[error("{path}: {source}")]
     Read {
@@ -72,13 +71,11 @@ pub enum TlsError {
 
 /// The server side of TLS for one listener: the configuration in force, and
 /// the files it came from.
-pub struct ServerTls {
+pub(crate) struct ServerTls {
     files: TlsConfig,
     current: ArcSwap<rustls::ServerConfig>,
     /// SHA-256 over the three files' bytes as last loaded.
     loaded: Mutex<[u8; 32]>,
-    reloads: AtomicU64,
-    reload_failures: AtomicU64,
 }
 
 impl std::fmt::Debug for ServerTls {
@@ -93,19 +90,17 @@ impl std::fmt::Debug for ServerTls {
 
 impl ServerTls {
     /// Loads the certificate chain, key and optional client CA named by `files`.
-    pub fn load(files: &TlsConfig) -> Result<Arc<ServerTls>, TlsError> {
+    pub(crate) fn load(files: &TlsConfig) -> Result<Arc<ServerTls>, TlsError> {
         let (config, digest) = build(files)?;
         Ok(Arc::new(ServerTls {
             files: files.clone(),
             current: ArcSwap::from_pointee(config),
             loaded: Mutex::new(digest),
-            reloads: AtomicU64::new(0),
-            reload_failures: AtomicU64::new(0),
         }))
     }
 
     /// Whether clients must present a certificate chained to the client CA.
-    pub fn requires_client_certificates(&self) -> bool {
+    pub(crate) fn requires_client_certificates(&self) -> bool {
         self.files.client_ca_file.is_some()
     }
 
@@ -113,39 +108,21 @@ impl ServerTls {
     /// them from now on. Returns whether it changed. On an error the
     /// configuration in force stays (a half-written rotation is retried at
     /// the next call).
-    pub fn reload(&self) -> Result<bool, TlsError> {
+    pub(crate) fn reload(&self) -> Result<bool, TlsError> {
         let digest = files_digest(&self.files)?;
         let mut loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
         if *loaded == digest {
             return Ok(false);
         }
-        match build(&self.files) {
-            Ok((config, digest)) => {
-                self.current.store(Arc::new(config));
-                *loaded = digest;
-                self.reloads.fetch_add(1, Ordering::Relaxed);
-                Ok(true)
-            }
-            Err(e) => {
-                self.reload_failures.fetch_add(1, Ordering::Relaxed);
-                Err(e)
-            }
-        }
-    }
-
-    /// Certificate reloads that took effect since start.
-    pub fn reloads(&self) -> u64 {
-        self.reloads.load(Ordering::Relaxed)
-    }
-
-    /// Reloads refused (unreadable or invalid files) since start.
-    pub fn reload_failures(&self) -> u64 {
-        self.reload_failures.load(Ordering::Relaxed)
+        let (config, digest) = build(&self.files)?;
+        self.current.store(Arc::new(config));
+        *loaded = digest;
+        Ok(true)
     }
 
     /// Checks the files every `reload_interval` until aborted; `listener`
     /// names the listener in the log lines.
-    pub fn watch(self: Arc<Self>, listener: &'static str) -> tokio::task::JoinHandle<()> {
+    pub(crate) fn watch(self: Arc<Self>, listener: &'static str) -> tokio::task::JoinHandle<()> {
         let interval = self.files.reload_interval;
         tokio::spawn(async move {
             loop {
@@ -250,7 +227,7 @@ fn build(files: &TlsConfig) -> Result<(rustls::ServerConfig, [u8; 32]), TlsError
 /// Who is at the other end of a connection, as every request on it sees it
 /// (`request.extensions().get::<PeerInfo>()` in a tonic handler).
 #[derive(Debug, Clone, Default)]
-pub struct PeerInfo {
+pub(crate) struct PeerInfo {
     /// The peer's address.
     pub remote_addr: Option<SocketAddr>,
     /// The mTLS caller's identity: the SPIFFE ID of its certificate (the one
@@ -262,13 +239,13 @@ pub struct PeerInfo {
 
 impl PeerInfo {
     /// The peer of a tonic request, when it came through [`incoming`].
-    pub fn of<T>(request: &tonic::Request<T>) -> Option<&PeerInfo> {
+    pub(crate) fn of<T>(request: &tonic::Request<T>) -> Option<&PeerInfo> {
         request.extensions().get::<PeerInfo>()
     }
 }
 
 /// The caller identity of a DER certificate: see [`PeerInfo::caller`].
-pub fn caller_identity(certificate: &[u8]) -> Option<String> {
+pub(crate) fn caller_identity(certificate: &[u8]) -> Option<String> {
     let (_, certificate) = x509_parser::parse_x509_certificate(certificate).ok()?;
     let spiffe: Vec<&str> = certificate
         .subject_alternative_name()
@@ -302,7 +279,7 @@ pub fn caller_identity(certificate: &[u8]) -> Option<String> {
 }
 
 /// One accepted connection: plaintext or TLS.
-pub enum Connection {
+pub(crate) enum Connection {
     /// Plaintext TCP.
     Plain(TcpStream, PeerInfo),
     /// TLS over TCP, handshake done.
@@ -382,7 +359,7 @@ impl AsyncWrite for Connection {
 /// (at most [`MAX_CONCURRENT_HANDSHAKES`], each within [`HANDSHAKE_TIMEOUT`]),
 /// so a slow peer never holds up the others. The listener closes when tonic
 /// drops the stream (at shutdown).
-pub fn incoming(
+pub(crate) fn incoming(
     listener: TcpListener,
     tls: Option<Arc<ServerTls>>,
     name: &'static str,
@@ -516,7 +493,6 @@ mod tests {
         let (_, pem, key) = certificate("two", &[]);
         write(&pem, &key);
         assert!(tls.reload().unwrap());
-        assert_eq!(tls.reloads(), 1);
         let second = tls.current.load_full();
         assert!(!Arc::ptr_eq(&first, &second));
 
@@ -525,7 +501,6 @@ mod tests {
         let err = tls.reload().unwrap_err().to_string();
         assert!(!err.contains("MARKER"), "{err}");
         assert!(err.contains("tls.key"), "{err}");
-        assert_eq!(tls.reload_failures(), 1);
         assert!(Arc::ptr_eq(&second, &tls.current.load_full()));
 
         // A key of another certificate does not load either.
