@@ -157,6 +157,12 @@ impl Settings {
             noop_nodelay: env_usize("PORTCULLIS_BENCH_NOOP_NODELAY").unwrap_or(1) != 0,
         }
     }
+
+    /// Policies of the large set: the quickstart's 4 plus one template link
+    /// per user.
+    fn large_policies(&self) -> usize {
+        self.large_policy_users + 4
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -538,8 +544,6 @@ fn server_cpu() -> Duration {
     Duration::from_nanos(total)
 }
 
-/// Drives the server behind `channels` with `concurrency` workers spread over
-/// the connections.
 /// A no-op / Portcullis pair of rows: where they are in the report, and the
 /// throughput ratio.
 struct Paired {
@@ -548,6 +552,8 @@ struct Paired {
     portcullis: usize,
 }
 
+/// Drives the server behind `channels` with `concurrency` workers spread over
+/// the connections.
 async fn drive(channels: &[Channel], concurrency: usize, source: Source, plan: Plan) -> Measured {
     let cpu_before = server_cpu();
     let start = Instant::now();
@@ -769,14 +775,10 @@ fn progress(row: &Row) {
 }
 
 // ---------------------------------------------------------------------------
+// Setup
 
-fn main() {
-    // The logging `portcullis serve` installs (default filter, plain format),
-    // so spans and log filtering cost here what they cost in production.
-    portcullis::telemetry::init_logging(portcullis::cli::LogFormat::Plain);
-    let settings = Settings::from_env();
-    let cores = cores();
-    let load_before = load_average();
+/// Prints what the run will do.
+fn announce(settings: &Settings, cores: usize) {
     eprintln!(
         "load benchmark{}: {} cores, {} connections, {} in flight, {:?} warm-up + {:?} per scenario",
         if settings.smoke {
@@ -790,12 +792,34 @@ fn main() {
         settings.warmup,
         settings.measure,
     );
+}
 
-    // Measured first, with every server idle.
+/// The raw ES256 verification ceiling, measured first, with every server idle.
+fn measure_ceiling(settings: &Settings, cores: usize) -> f64 {
     let ceiling = es256_ceiling(settings.ceiling_time);
     eprintln!("  raw ES256 verification ceiling: {ceiling:.0} verifications/s on {cores} cores");
+    ceiling
+}
 
-    let deployment = deployment();
+/// The servers under test on their runtime, the load generator's runtime, and
+/// its connections to each server. The fields are dropped in the order they
+/// are listed (connections, servers, client runtime, server runtime).
+struct Bench {
+    real_ids: Vec<Channel>,
+    real_large: Vec<Channel>,
+    real: Vec<Channel>,
+    noop: Vec<Channel>,
+    portcullis_ids: RunningServer,
+    portcullis_large: RunningServer,
+    portcullis: RunningServer,
+    client_rt: tokio::runtime::Runtime,
+    server_rt: tokio::runtime::Runtime,
+    concurrency: usize,
+}
+
+/// Starts the no-op server and the three Portcullis servers (quickstart, large
+/// policy set, id-reading policy) and connects to each.
+fn setup(settings: &Settings, deployment: &Deployment) -> Bench {
     let server_rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(settings.server_threads)
         .thread_name("bench-server")
@@ -810,27 +834,27 @@ fn main() {
         .unwrap();
     let noop_addr = server_rt.block_on(start_noop(settings.noop_nodelay));
     let portcullis = server_rt.block_on(start_portcullis(
-        &deployment,
+        deployment,
         &deployment.config,
         "audit.log",
     ));
     // The same, with a large policy set (loading takes seconds).
     let loading = Instant::now();
-    let large_config = large_policy_config(&deployment, settings.large_policy_users);
+    let large_config = large_policy_config(deployment, settings.large_policy_users);
     let portcullis_large = server_rt.block_on(start_portcullis(
-        &deployment,
+        deployment,
         &large_config,
         "large.audit.log",
     ));
-    let large_policies = settings.large_policy_users + 4;
     eprintln!(
-        "  loaded, validated and indexed {large_policies} policies in {:.1} s",
+        "  loaded, validated and indexed {} policies in {:.1} s",
+        settings.large_policies(),
         loading.elapsed().as_secs_f64()
     );
     // And with a policy that reads the order id.
     let portcullis_ids = server_rt.block_on(start_portcullis(
-        &deployment,
-        &id_reading_config(&deployment),
+        deployment,
+        &id_reading_config(deployment),
         "ids.audit.log",
     ));
     let (noop, real, real_large, real_ids) = client_rt.block_on(async {
@@ -841,8 +865,33 @@ fn main() {
             connect(portcullis_ids.local_addr(), settings.channels).await,
         )
     });
+    Bench {
+        real_ids,
+        real_large,
+        real,
+        noop,
+        portcullis_ids,
+        portcullis_large,
+        portcullis,
+        client_rt,
+        server_rt,
+        concurrency: settings.concurrency,
+    }
+}
 
-    // Requests, all encoded before anything is timed.
+/// The requests of every scenario, all encoded before anything is timed.
+struct Requests {
+    /// 4 tokens, `GET /orders/7`.
+    hot: Arc<Vec<Bytes>>,
+    /// The warm tokens over `GET /orders` and `GET /orders/{1..100}`.
+    warm: Arc<Vec<Bytes>>,
+    /// A new principal with every token.
+    cold: Arc<Vec<Bytes>>,
+    /// A new token of one of the warm run's users each time.
+    cold_known: Arc<Vec<Bytes>>,
+}
+
+fn encode_requests(settings: &Settings, deployment: &Deployment, ceiling: f64) -> Requests {
     let one_each = |prefix: &'static str| {
         move |i: usize| (format!("{prefix}-{i}"), format!("jti-{prefix}-{i}"))
     };
@@ -903,50 +952,34 @@ fn main() {
         minting.elapsed().as_secs_f64(),
         cold_count as f64 / ceiling
     );
-
-    let plan = Plan {
-        warmup: settings.warmup,
-        measure: settings.measure,
-        rate: None,
-    };
-    let run = |channels: &[Channel], source: Source, plan: Plan| {
-        client_rt.block_on(drive(channels, settings.concurrency, source, plan))
-    };
-    // For profiling: drive Portcullis alone with one scenario, print it, stop.
-    if let Ok(only) = std::env::var("PORTCULLIS_BENCH_PROFILE") {
-        let (server, source) = match only.as_str() {
-            "hot" => (&real, Source::Cycle(hot.clone())),
-            "warm" => (&real, Source::Cycle(warm.clone())),
-            "warm-ids" => (&real_ids, Source::Cycle(warm.clone())),
-            "cold" => (&real, Source::once(cold.clone())),
-            "cold-known" => (&real, Source::once(cold_known.clone())),
-            other => panic!(
-                "PORTCULLIS_BENCH_PROFILE={other:?}: expected hot, warm, warm-ids, cold or cold-known"
-            ),
-        };
-        // `PORTCULLIS_BENCH_RATE`: offer that many requests a second (paced).
-        let plan = Plan {
-            rate: env_f64("PORTCULLIS_BENCH_RATE"),
-            ..plan
-        };
-        let row = Row {
-            scenario: only,
-            server: "portcullis",
-            result: run(server, source, plan),
-            ratio: None,
-        };
-        progress(&row);
-        return;
+    Requests {
+        hot,
+        warm,
+        cold,
+        cold_known,
     }
-    let mut rows: Vec<Row> = Vec::new();
-    let pair_with = |rows: &mut Vec<Row>,
-                     real: &[Channel],
-                     name: &str,
-                     noop_source: Source,
-                     real_source: Source,
-                     plan: Plan| {
-        let base = run(&noop, noop_source, plan);
-        let measured = run(real, real_source, plan);
+}
+
+impl Bench {
+    /// Drives the server behind `channels` from the load generator's runtime.
+    fn run(&self, channels: &[Channel], source: Source, plan: Plan) -> Measured {
+        self.client_rt
+            .block_on(drive(channels, self.concurrency, source, plan))
+    }
+
+    /// Runs a scenario against the no-op server, then against the Portcullis
+    /// behind `real`, and adds both rows.
+    fn pair(
+        &self,
+        rows: &mut Vec<Row>,
+        real: &[Channel],
+        name: &str,
+        noop_source: Source,
+        real_source: Source,
+        plan: Plan,
+    ) -> Paired {
+        let base = self.run(&self.noop, noop_source, plan);
+        let measured = self.run(real, real_source, plan);
         let ratio = measured.throughput / base.throughput;
         for row in [
             Row {
@@ -971,131 +1004,265 @@ fn main() {
             noop: rows.len() - 2,
             portcullis: rows.len() - 1,
         }
-    };
-    let pair =
-        |rows: &mut Vec<Row>, name: &str, noop_source: Source, real_source: Source, plan: Plan| {
-            pair_with(rows, &real, name, noop_source, real_source, plan)
-        };
+    }
 
-    let hot_pair = pair(
-        &mut rows,
+    /// Closes the connections and the load generator's runtime, then shuts the
+    /// Portcullis servers down. Returns the server runtime, to be kept until
+    /// the end of the run.
+    fn stop(self) -> tokio::runtime::Runtime {
+        let Bench {
+            real_ids,
+            real_large,
+            real,
+            noop,
+            portcullis_ids,
+            portcullis_large,
+            portcullis,
+            client_rt,
+            server_rt,
+            concurrency: _,
+        } = self;
+        drop(noop);
+        drop(real);
+        drop(real_large);
+        drop(real_ids);
+        drop(client_rt);
+        server_rt.block_on(async {
+            portcullis.shutdown(Duration::from_secs(2)).await.unwrap();
+            portcullis_large
+                .shutdown(Duration::from_secs(2))
+                .await
+                .unwrap();
+            portcullis_ids
+                .shutdown(Duration::from_secs(2))
+                .await
+                .unwrap();
+        });
+        server_rt
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Scenarios
+
+/// For profiling (`PORTCULLIS_BENCH_PROFILE`): drives Portcullis alone with
+/// one scenario and prints its line.
+fn profile(bench: &Bench, requests: &Requests, only: String, plan: Plan) {
+    let (server, source) = match only.as_str() {
+        "hot" => (&bench.real, Source::Cycle(requests.hot.clone())),
+        "warm" => (&bench.real, Source::Cycle(requests.warm.clone())),
+        "warm-ids" => (&bench.real_ids, Source::Cycle(requests.warm.clone())),
+        "cold" => (&bench.real, Source::once(requests.cold.clone())),
+        "cold-known" => (&bench.real, Source::once(requests.cold_known.clone())),
+        other => panic!(
+            "PORTCULLIS_BENCH_PROFILE={other:?}: expected hot, warm, warm-ids, cold or cold-known"
+        ),
+    };
+    // `PORTCULLIS_BENCH_RATE`: offer that many requests a second (paced).
+    let plan = Plan {
+        rate: env_f64("PORTCULLIS_BENCH_RATE"),
+        ..plan
+    };
+    let row = Row {
+        scenario: only,
+        server: "portcullis",
+        result: bench.run(server, source, plan),
+        ratio: None,
+    };
+    progress(&row);
+}
+
+/// Hot: 4 tokens, `GET /orders/7` over and over.
+fn hot(bench: &Bench, rows: &mut Vec<Row>, requests: &Requests, plan: Plan) -> Paired {
+    bench.pair(
+        rows,
+        &bench.real,
         "hot",
-        Source::Cycle(hot.clone()),
-        Source::Cycle(hot.clone()),
+        Source::Cycle(requests.hot.clone()),
+        Source::Cycle(requests.hot.clone()),
         plan,
-    );
-    let warm_pair = pair(
-        &mut rows,
+    )
+}
+
+/// Warm: the warm tokens over `GET /orders` and `GET /orders/{1..100}`.
+fn warm(bench: &Bench, rows: &mut Vec<Row>, requests: &Requests, plan: Plan) -> Paired {
+    bench.pair(
+        rows,
+        &bench.real,
         "warm",
-        Source::Cycle(warm.clone()),
-        Source::Cycle(warm.clone()),
+        Source::Cycle(requests.warm.clone()),
+        Source::Cycle(requests.warm.clone()),
         plan,
-    );
+    )
+}
+
+/// Cold: a different token, of a different principal, on every request.
+fn cold(bench: &Bench, rows: &mut Vec<Row>, requests: &Requests, plan: Plan) -> Paired {
     // The no-op server does not care whether tokens repeat; it cycles the same list.
-    let cold_pair = pair(
-        &mut rows,
+    bench.pair(
+        rows,
+        &bench.real,
         "cold",
-        Source::Cycle(cold.clone()),
-        Source::once(cold.clone()),
+        Source::Cycle(requests.cold.clone()),
+        Source::once(requests.cold.clone()),
         plan,
-    );
-    let hot_peak = rows[hot_pair.portcullis].result.throughput;
-    let cold_throughput = rows[cold_pair.portcullis].result.throughput;
-    let half = Plan {
-        rate: Some(hot_peak / 2.0),
+    )
+}
+
+/// Hot again, paced at `rate` requests a second.
+fn hot_paced(
+    bench: &Bench,
+    rows: &mut Vec<Row>,
+    requests: &Requests,
+    plan: Plan,
+    rate: f64,
+) -> Paired {
+    let paced = Plan {
+        rate: Some(rate),
         ..plan
     };
-    let half_pair = pair(
-        &mut rows,
-        &format!("hot @ {:.0}/s", hot_peak / 2.0),
-        Source::Cycle(hot.clone()),
-        Source::Cycle(hot.clone()),
-        half,
-    );
-    let half_p99_us = us(&rows[half_pair.portcullis].result.stats.latency_ns, 0.99);
-    // Warm again, against the large policy set.
-    let warm_large_pair = pair_with(
-        &mut rows,
-        &real_large,
+    bench.pair(
+        rows,
+        &bench.real,
+        &format!("hot @ {rate:.0}/s"),
+        Source::Cycle(requests.hot.clone()),
+        Source::Cycle(requests.hot.clone()),
+        paced,
+    )
+}
+
+/// Warm again, against the large policy set.
+fn warm_large_policy_set(
+    bench: &Bench,
+    rows: &mut Vec<Row>,
+    requests: &Requests,
+    plan: Plan,
+    large_policies: usize,
+) -> Paired {
+    bench.pair(
+        rows,
+        &bench.real_large,
         &format!("warm, {large_policies} pol."),
-        Source::Cycle(warm.clone()),
-        Source::Cycle(warm.clone()),
+        Source::Cycle(requests.warm.clone()),
+        Source::Cycle(requests.warm.clone()),
         plan,
-    );
-    let warm_large_vs_small = rows[warm_large_pair.portcullis].result.throughput
-        / rows[warm_pair.portcullis].result.throughput;
-    // Warm again, where a policy reads the order id.
-    let warm_ids_pair = pair_with(
-        &mut rows,
-        &real_ids,
+    )
+}
+
+/// Warm again, where a policy reads the order id.
+fn warm_id_read(bench: &Bench, rows: &mut Vec<Row>, requests: &Requests, plan: Plan) -> Paired {
+    bench.pair(
+        rows,
+        &bench.real_ids,
         "warm, id read",
-        Source::Cycle(warm.clone()),
-        Source::Cycle(warm.clone()),
+        Source::Cycle(requests.warm.clone()),
+        Source::Cycle(requests.warm.clone()),
         plan,
-    );
-    // Cold again, but each token belongs to one of the warm run's users.
-    let cold_known_pair = pair(
-        &mut rows,
+    )
+}
+
+/// Cold again, but each token belongs to one of the warm run's users.
+fn cold_known_users(bench: &Bench, rows: &mut Vec<Row>, requests: &Requests, plan: Plan) -> Paired {
+    bench.pair(
+        rows,
+        &bench.real,
         "cold, known users",
-        Source::Cycle(cold_known.clone()),
-        Source::once(cold_known.clone()),
+        Source::Cycle(requests.cold_known.clone()),
+        Source::once(requests.cold_known.clone()),
         plan,
-    );
-    let cold_known_throughput = rows[cold_known_pair.portcullis].result.throughput;
+    )
+}
+
+/// Every row of the full run, and the pairs the summary refers to.
+struct Results {
+    rows: Vec<Row>,
+    hot: Paired,
+    warm: Paired,
+    cold: Paired,
+    half: Paired,
+    warm_large: Paired,
+    warm_ids: Paired,
+    cold_known: Paired,
+    quarter: Paired,
+    /// Portcullis' hot throughput, which the paced rows are fractions of.
+    hot_peak: f64,
+}
+
+/// Runs every scenario, in the report's order.
+fn run_scenarios(bench: &Bench, requests: &Requests, plan: Plan, large_policies: usize) -> Results {
+    let mut rows: Vec<Row> = Vec::new();
+    let hot = hot(bench, &mut rows, requests, plan);
+    let warm = warm(bench, &mut rows, requests, plan);
+    let cold = cold(bench, &mut rows, requests, plan);
+    let hot_peak = rows[hot.portcullis].result.throughput;
+    let half = hot_paced(bench, &mut rows, requests, plan, hot_peak / 2.0);
+    let warm_large = warm_large_policy_set(bench, &mut rows, requests, plan, large_policies);
+    let warm_ids = warm_id_read(bench, &mut rows, requests, plan);
+    let cold_known = cold_known_users(bench, &mut rows, requests, plan);
     // Hot again at a quarter of the peak: where the tail stands with more idle CPU.
-    let quarter = Plan {
-        rate: Some(hot_peak / 4.0),
-        ..plan
-    };
-    let quarter_pair = pair(
-        &mut rows,
-        &format!("hot @ {:.0}/s", hot_peak / 4.0),
-        Source::Cycle(hot.clone()),
-        Source::Cycle(hot.clone()),
+    let quarter = hot_paced(bench, &mut rows, requests, plan, hot_peak / 4.0);
+    Results {
+        rows,
+        hot,
+        warm,
+        cold,
+        half,
+        warm_large,
+        warm_ids,
+        cold_known,
         quarter,
+        hot_peak,
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The report
+
+/// What the report says about the machine and the run, besides the rows.
+struct Context<'a> {
+    settings: &'a Settings,
+    cores: usize,
+    ceiling: f64,
+    load_before: String,
+    load_after: String,
+}
+
+fn print_report(results: &Results, context: &Context<'_>) {
+    let Results { rows, hot_peak, .. } = results;
+    let hot_peak = *hot_peak;
+    let (settings, cores, ceiling) = (context.settings, context.cores, context.ceiling);
+    let large_policies = settings.large_policies();
+    let cold_throughput = rows[results.cold.portcullis].result.throughput;
+    let cold_known_throughput = rows[results.cold_known.portcullis].result.throughput;
+    let warm_large_vs_small = rows[results.warm_large.portcullis].result.throughput
+        / rows[results.warm.portcullis].result.throughput;
+    let half_p99_us = us(&rows[results.half.portcullis].result.stats.latency_ns, 0.99);
+    let quarter_p99_us = us(
+        &rows[results.quarter.portcullis].result.stats.latency_ns,
+        0.99,
     );
-    let quarter_p99_us = us(&rows[quarter_pair.portcullis].result.stats.latency_ns, 0.99);
-    let quarter_noop_p99_us = us(&rows[quarter_pair.noop].result.stats.latency_ns, 0.99);
+    let quarter_noop_p99_us = us(&rows[results.quarter.noop].result.stats.latency_ns, 0.99);
+    let (cold_ratio, cold_known_ratio) = (results.cold.ratio, results.cold_known.ratio);
+    let (warm_large_ratio, warm_ids_ratio) = (results.warm_large.ratio, results.warm_ids.ratio);
 
-    let load_after = load_average();
-    let (cold_ratio, cold_known_ratio) = (cold_pair.ratio, cold_known_pair.ratio);
-    let (warm_large_ratio, warm_ids_ratio) = (warm_large_pair.ratio, warm_ids_pair.ratio);
-    drop(noop);
-    drop(real);
-    drop(real_large);
-    drop(real_ids);
-    drop(client_rt);
-    server_rt.block_on(async {
-        portcullis.shutdown(Duration::from_secs(2)).await.unwrap();
-        portcullis_large
-            .shutdown(Duration::from_secs(2))
-            .await
-            .unwrap();
-        portcullis_ids
-            .shutdown(Duration::from_secs(2))
-            .await
-            .unwrap();
-    });
-
-    // The report.
     println!();
     println!("## Load benchmark: Portcullis vs a no-op ext_authz server (same run)");
     println!();
     print_header();
-    for row in &rows {
+    for row in rows {
         print_row(row);
     }
     println!();
     let fraction = cold_throughput / ceiling;
     println!(
         "- hot: Portcullis / no-op = {:.3} (target ≥ 0.85: {})",
-        hot_pair.ratio,
-        verdict(hot_pair.ratio >= 0.85)
+        results.hot.ratio,
+        verdict(results.hot.ratio >= 0.85)
     );
     println!(
         "- warm: Portcullis / no-op = {:.2} (target ≥ 0.5: {})",
-        warm_pair.ratio,
-        verdict(warm_pair.ratio >= 0.5)
+        results.warm.ratio,
+        verdict(results.warm.ratio >= 0.5)
     );
     println!(
         "- cold: {cold_throughput:.0} req/s = {fraction:.2} of the raw ES256 verification ceiling of {ceiling:.0}/s on {cores} cores (target ≥ 0.9: {}); Portcullis / no-op = {cold_ratio:.2}",
@@ -1105,13 +1272,13 @@ fn main() {
     // generator and the gRPC stack share them. A server that did the no-op's
     // work plus one raw verification per request would reach 1 / (1/no-op +
     // 1/ceiling) on this machine: the part of the gap that is Portcullis' own.
-    let noop_cold = rows[cold_pair.noop].result.throughput;
+    let noop_cold = rows[results.cold.noop].result.throughput;
     let stack_ceiling = 1.0 / (1.0 / noop_cold + 1.0 / ceiling);
     println!(
         "  (with the load generator and the gRPC stack on the same cores, the ceiling is 1 / (1/{noop_cold:.0} + 1/{ceiling:.0}) = {stack_ceiling:.0} req/s; cold reaches {:.2} of that)",
         cold_throughput / stack_ceiling
     );
-    let noop_cold_known = rows[cold_known_pair.noop].result.throughput;
+    let noop_cold_known = rows[results.cold_known.noop].result.throughput;
     let stack_ceiling_known = 1.0 / (1.0 / noop_cold_known + 1.0 / ceiling);
     println!(
         "- cold, each token a new one of a known user: {cold_known_throughput:.0} req/s = {:.2} of the raw ceiling, {:.2} of the ceiling with the stack; Portcullis / no-op = {cold_known_ratio:.2}",
@@ -1121,10 +1288,10 @@ fn main() {
     println!(
         "- warm with {large_policies} policies: Portcullis / no-op = {warm_large_ratio:.2}; throughput {warm_large_vs_small:.2}× that with the quickstart's 4 policies (p50 {:.0} µs vs {:.0} µs)",
         us(
-            &rows[warm_large_pair.portcullis].result.stats.latency_ns,
+            &rows[results.warm_large.portcullis].result.stats.latency_ns,
             0.50
         ),
-        us(&rows[warm_pair.portcullis].result.stats.latency_ns, 0.50),
+        us(&rows[results.warm.portcullis].result.stats.latency_ns, 0.50),
     );
     println!(
         "- warm where a policy reads the order id (a decision per token and id, mostly decision-cache misses): Portcullis / no-op = {warm_ids_ratio:.2}"
@@ -1132,7 +1299,7 @@ fn main() {
     println!(
         "- hot at half of Portcullis' peak ({:.0} req/s offered): p99 = {half_p99_us:.0} µs, no-op {:.0} µs (target < 1000 µs: {})",
         hot_peak / 2.0,
-        us(&rows[half_pair.noop].result.stats.latency_ns, 0.99),
+        us(&rows[results.half.noop].result.stats.latency_ns, 0.99),
         verdict(half_p99_us < 1000.0)
     );
     println!(
@@ -1141,8 +1308,10 @@ fn main() {
     );
     println!();
     println!(
-        "Machine: {cores} cores, {}; load average {load_before} before, {load_after} after.",
-        cpu_model()
+        "Machine: {cores} cores, {}; load average {} before, {} after.",
+        cpu_model(),
+        context.load_before,
+        context.load_after
     );
     println!(
         "Client and servers share these cores: the load generator ({} Tokio worker threads) and both servers ({} worker threads, one runtime) run in one process; only one server is under load at a time.",
@@ -1153,7 +1322,11 @@ fn main() {
         settings.channels, settings.concurrency, settings.warmup, settings.measure
     );
     println!("Reproduce: cargo bench --bench load");
+}
 
+/// Any deny, gRPC error or empty row makes the run invalid: they are listed
+/// and the process exits with code 1.
+fn exit_if_invalid(rows: &[Row]) {
     let invalid: Vec<&Row> = rows
         .iter()
         .filter(|r| {
@@ -1175,4 +1348,46 @@ fn main() {
         }
         std::process::exit(1);
     }
+}
+
+// ---------------------------------------------------------------------------
+
+fn main() {
+    // The logging `portcullis serve` installs (default filter, plain format),
+    // so spans and log filtering cost here what they cost in production.
+    portcullis::telemetry::init_logging(portcullis::cli::LogFormat::Plain);
+    let settings = Settings::from_env();
+    let cores = cores();
+    let load_before = load_average();
+    announce(&settings, cores);
+    let ceiling = measure_ceiling(&settings, cores);
+
+    let deployment = deployment();
+    let bench = setup(&settings, &deployment);
+    let requests = encode_requests(&settings, &deployment, ceiling);
+    let plan = Plan {
+        warmup: settings.warmup,
+        measure: settings.measure,
+        rate: None,
+    };
+    if let Ok(only) = std::env::var("PORTCULLIS_BENCH_PROFILE") {
+        profile(&bench, &requests, only, plan);
+        return;
+    }
+    let results = run_scenarios(&bench, &requests, plan, settings.large_policies());
+    let load_after = load_average();
+    // The server runtime is dropped at the end of the run, after the report.
+    let _server_rt = bench.stop();
+
+    print_report(
+        &results,
+        &Context {
+            settings: &settings,
+            cores,
+            ceiling,
+            load_before,
+            load_after,
+        },
+    );
+    exit_if_invalid(&results.rows);
 }

@@ -1135,13 +1135,45 @@ impl Config {
         Ok(())
     }
 
+    /// The whole configuration's checks, section by section; the first problem
+    /// found is the one reported, so the order below is part of the behaviour.
     fn check(&self) -> Result<(), String> {
+        self.check_application()?;
+        self.check_issuers_present()?;
+        self.check_audit()?;
+        self.check_issuers()?;
+        self.check_introspection_routing()?;
+        self.check_routes()?;
+        self.check_api_keys()?;
+        self.check_workload()?;
+        self.check_server_tls()?;
+        self.check_admin_listener()?;
+        self.check_workload_routes()?;
+        self.check_policies()?;
+        self.check_response()?;
+        self.revocation.check()?;
+        self.check_admin_token()?;
+        self.telemetry.check(&self.server.listen)
+    }
+
+    /// `[application]`: a name.
+    fn check_application(&self) -> Result<(), String> {
         if self.application.name.is_empty() {
             return Err("application.name must not be empty".into());
         }
+        Ok(())
+    }
+
+    /// `[[issuers]]`: at least one.
+    fn check_issuers_present(&self) -> Result<(), String> {
         if self.issuers.is_empty() {
             return Err("at least one [[issuers]] entry is required".into());
         }
+        Ok(())
+    }
+
+    /// `[audit]`: the flush interval's bound.
+    fn check_audit(&self) -> Result<(), String> {
         if let Some(ms) = self.audit.flush_interval_ms
             && ms > MAX_AUDIT_FLUSH_INTERVAL_MS
         {
@@ -1149,6 +1181,11 @@ impl Config {
                 "audit.flush_interval_ms = {ms} is above the maximum of {MAX_AUDIT_FLUSH_INTERVAL_MS}"
             ));
         }
+        Ok(())
+    }
+
+    /// `[[issuers]]`: each entry, and no issuer twice.
+    fn check_issuers(&self) -> Result<(), String> {
         let mut seen = std::collections::HashSet::new();
         for (i, issuer) in self.issuers.iter().enumerate() {
             if !issuer.issuer.is_empty() && !seen.insert(issuer.issuer.as_str()) {
@@ -1159,13 +1196,27 @@ impl Config {
             }
             issuer.check(i)?;
         }
-        self.check_introspection_routing()?;
+        Ok(())
+    }
+
+    /// `[[routes]]`: each entry.
+    fn check_routes(&self) -> Result<(), String> {
         for (i, route) in self.routes.iter().enumerate() {
             route.check(i)?;
         }
+        Ok(())
+    }
+
+    /// `[api_keys]`, when present.
+    fn check_api_keys(&self) -> Result<(), String> {
         if let Some(api_keys) = &self.api_keys {
             api_keys.check()?;
         }
+        Ok(())
+    }
+
+    /// `[workload]`, when present (it needs mTLS on the server listener).
+    fn check_workload(&self) -> Result<(), String> {
         if let Some(workload) = &self.workload {
             let mtls = self
                 .server
@@ -1174,9 +1225,20 @@ impl Config {
                 .is_some_and(|t| t.client_ca_file.is_some());
             workload.check(mtls)?;
         }
+        Ok(())
+    }
+
+    /// `[server.tls]`, when present.
+    fn check_server_tls(&self) -> Result<(), String> {
         if let Some(tls) = &self.server.tls {
             tls.check("server.tls")?;
         }
+        Ok(())
+    }
+
+    /// `[admin]`'s listener: `[admin.tls]`, and no plaintext off loopback
+    /// unless allowed.
+    fn check_admin_listener(&self) -> Result<(), String> {
         if let Some(admin) = &self.admin {
             if let Some(tls) = &admin.tls {
                 tls.check("admin.tls")?;
@@ -1190,6 +1252,11 @@ impl Config {
                 ));
             }
         }
+        Ok(())
+    }
+
+    /// `[[routes]] allow_workload` needs a `[workload]` section.
+    fn check_workload_routes(&self) -> Result<(), String> {
         if self.workload.is_none()
             && let Some(i) = self.routes.iter().position(|r| r.allow_workload)
         {
@@ -1197,9 +1264,19 @@ impl Config {
                 "routes[{i}].allow_workload needs a [workload] section"
             ));
         }
+        Ok(())
+    }
+
+    /// `[policies]`: the watch interval's floor.
+    fn check_policies(&self) -> Result<(), String> {
         if self.policies.watch_interval < Duration::from_millis(100) {
             return Err("policies.watch_interval must be at least 100ms".into());
         }
+        Ok(())
+    }
+
+    /// `[response]`: the subject header's name.
+    fn check_response(&self) -> Result<(), String> {
         let header = &self.response.subject_header;
         if !header.is_empty()
             && !header
@@ -1210,7 +1287,12 @@ impl Config {
                 "response.subject_header must be a lower-case header name, found {header:?}"
             ));
         }
-        self.revocation.check()?;
+        Ok(())
+    }
+
+    /// `[admin]`'s token (exactly one source), and a listener apart from the
+    /// server's.
+    fn check_admin_token(&self) -> Result<(), String> {
         if let Some(admin) = &self.admin {
             let set = [
                 admin.token.is_some(),
@@ -1227,7 +1309,7 @@ impl Config {
                 ));
             }
         }
-        self.telemetry.check(&self.server.listen)
+        Ok(())
     }
 }
 
