@@ -31,6 +31,7 @@ pub mod reload;
 pub mod revocation;
 pub mod serve;
 pub mod server;
+pub(crate) mod settle;
 pub mod state;
 pub mod telemetry;
 pub(crate) mod tls;

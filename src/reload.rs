@@ -393,7 +393,8 @@ fn state_digest(state: &(impl EngineSlot + ?Sized)) -> Option<Arc<str>> {
 /// Watches the policy folder, the configuration file and the issuers' local
 /// key files (polling every
 /// `[policies] watch_interval`, unless `[policies] watch = false`) and SIGHUP,
-/// reloading on each change. Runs until aborted.
+/// reloading on each change once the files have stopped changing
+/// ([`crate::settle`]). Runs until aborted.
 pub async fn watch(state: Arc<impl EngineSlot + ?Sized>, running: Arc<RunningConfig>) {
     let fingerprint = |running: &RunningConfig| {
         let config = running.current();
@@ -437,7 +438,17 @@ pub async fn watch(state: Arc<impl EngineSlot + ?Sized>, running: Arc<RunningCon
         if !forced && (!config.policies.watch || now == seen) {
             continue;
         }
-        seen = now;
+        // A file caught mid-write (truncated, half written) is not loaded:
+        // wait until the stamps stop changing. SIGHUP is an operator's
+        // explicit request and reloads at once.
+        seen = if forced {
+            now
+        } else {
+            crate::settle::settled(interval.min(crate::settle::SETTLE), || {
+                fingerprint(&running)
+            })
+            .await
+        };
         let _ = reload_once(&state, &running).await;
     }
 }

@@ -151,6 +151,47 @@ async fn the_folder_is_watched() {
     watcher.abort();
 }
 
+/// Writers that truncate and then write (`std::fs::write`, `echo … >`) pass
+/// through an empty file. The watch must never load it: forty rewrites of the
+/// same content, each with a pause between truncating and writing, leave the
+/// set in force untouched (a reload that finds the same content swaps
+/// nothing, so any reload here means an empty or partial file was loaded).
+#[tokio::test]
+async fn a_file_caught_mid_write_is_never_loaded() {
+    use std::io::Write as _;
+    let fx = Fixture::new();
+    let policy_file = fx.path("policies/orders.cedar");
+    std::fs::write(&policy_file, SET_A).unwrap();
+    let server = fx.serve().await;
+    let state = server.running.state().clone();
+    let mut config = fx.config();
+    config.policies.watch_interval = std::time::Duration::from_millis(100);
+    let watcher = tokio::spawn(portcullis::reload::watch(
+        state.clone(),
+        std::sync::Arc::new(portcullis::reload::RunningConfig::fixed(config)),
+    ));
+    let stats = state.reload_stats();
+    for _ in 0..40 {
+        let mut file = std::fs::File::create(&policy_file).unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(15)).await;
+        file.write_all(SET_A.as_bytes()).unwrap();
+        drop(file);
+        tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+    }
+    // Let the watch look at the final file (settled) before counting.
+    tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+    assert_eq!(stats.failures.load(Ordering::Relaxed), 0);
+    assert_eq!(
+        stats.reloads.load(Ordering::Relaxed),
+        0,
+        "a truncated policy file was loaded"
+    );
+    // The watch is alive: a real change goes live.
+    std::fs::write(&policy_file, SET_B).unwrap();
+    wait_for("the new set", || stats.reloads.load(Ordering::Relaxed) > 0).await;
+    watcher.abort();
+}
+
 const ADMIN_TOKEN: &str = "hot-reload-admin-token-0123456789";
 
 fn authorized<T>(message: T) -> tonic::Request<T> {

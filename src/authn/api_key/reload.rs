@@ -103,7 +103,8 @@ impl ReloadingApiKeyStore {
     }
 
     /// Spawns a task on the current Tokio runtime that checks the file every
-    /// `interval` ([`ReloadingApiKeyStore::reload_if_changed`]) and logs reloads
+    /// `interval` ([`ReloadingApiKeyStore::reload_if_changed`]), reading a
+    /// change once the file has stopped changing ([`crate::settle`]), and logs reloads
     /// and failures. The task ends when the store is dropped, or when the handle
     /// is aborted.
     pub fn spawn_watch(self: &Arc<Self>, interval: Duration) -> tokio::task::JoinHandle<()> {
@@ -114,6 +115,16 @@ impl ReloadingApiKeyStore {
             ticker.tick().await; // the first tick is immediate
             loop {
                 ticker.tick().await;
+                let Some(store) = weak.upgrade() else { return };
+                let changed = stamp(&store.path)
+                    != *store.seen.lock().unwrap_or_else(PoisonError::into_inner);
+                if changed {
+                    // Not mid-write: wait until the stamp stops changing.
+                    let path = store.path.clone();
+                    drop(store);
+                    crate::settle::settled(interval.min(crate::settle::SETTLE), || stamp(&path))
+                        .await;
+                }
                 let Some(store) = weak.upgrade() else { return };
                 match store.reload_if_changed() {
                     Ok(true) => tracing::info!(
