@@ -211,8 +211,36 @@ async fn each_kind_refuses_its_tokens_and_no_other(backing: &impl Backing) {
     let mut later = token("t2");
     later.issued_at = now + 1;
     assert_eq!(refused_by(&store, &later), None);
+    // Cut-offs for a whole issuer and for what a key signed before a time.
+    let other_issuer = |sub: &str| VerifiedToken {
+        issuer: "https://other.example".into(),
+        ..token(sub)
+    };
+    for target in [
+        Target::Issuer {
+            issuer: "https://other.example".into(),
+            issued_before: now,
+        },
+        Target::Key {
+            kid: "kid-of-t6".into(),
+            issued_before: Some(now),
+        },
+    ] {
+        store
+            .revoke(target, None, "suite".into())
+            .await
+            .expect("revoke");
+    }
+    assert_eq!(refused_by(&store, &other_issuer("t5")), Some("iss"));
+    assert_eq!(refused_by(&store, &token("t6")), Some("kid"));
+    for spared in [other_issuer("t5"), token("t6")] {
+        let mut later = spared.clone();
+        later.issued_at = now + 1;
+        assert_eq!(refused_by(&store, &later), None, "{}", later.subject);
+    }
+    assert_eq!(refused_by(&store, &token("untouched")), None);
     let status = store.status();
-    assert_eq!(status.revocations, targets.len());
+    assert_eq!(status.revocations, targets.len() + 2);
     assert_eq!(status.mode, backing.mode());
     store.shutdown().await;
 }
@@ -449,3 +477,152 @@ macro_rules! suite {
 suite!(memory, Memory::new());
 suite!(journal, Journal::new());
 suite!(redis, Redis::new());
+
+/// Shared mode only: how an instance gets back in step with Redis. Redis
+/// keeps the snapshot (a sorted set) and a log of recent entries (a stream);
+/// each instance remembers the last log entry it read.
+mod redis_resync {
+    use super::*;
+    use portcullis::revocation::RedisState;
+    use redis_harness::TcpProxy;
+    use std::sync::atomic::Ordering::Relaxed;
+
+    const LOG: &str = "portcullis:revocations:log";
+    const SNAPSHOT: &str = "portcullis:revocations";
+
+    async fn open_on(url: String) -> Arc<RevocationStore> {
+        let config = RevocationConfig {
+            redis_url: Some(Secret::new(url)),
+            startup: StartupMode::Wait,
+            ..RevocationConfig::default()
+        };
+        RevocationStore::open_with(&config, lifetimes(), Arc::new(MemoryBackend::new()))
+            .await
+            .expect("open on Redis")
+    }
+
+    /// The ID of the log's last entry, as `redis-server` reports it.
+    fn log_end(redis: &RedisServer) -> Option<String> {
+        let reply = redis.command(&["XREVRANGE", LOG, "+", "-", "COUNT", "1"])?;
+        reply
+            .lines()
+            .find(|line| {
+                line.split_once('-').is_some_and(|(ms, seq)| {
+                    !ms.is_empty()
+                        && ms.bytes().all(|b| b.is_ascii_digit())
+                        && !seq.is_empty()
+                        && seq.bytes().all(|b| b.is_ascii_digit())
+                })
+            })
+            .map(str::to_owned)
+    }
+
+    async fn until(what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while !done() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{what}: not within 30 s"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn fill(prefix: &str, n: usize) -> Vec<(Target, Option<i64>)> {
+        (0..n)
+            .map(|i| (jti(&format!("jti-of-{prefix}{i}")), None))
+            .collect()
+    }
+
+    /// An instance cut off for a moment reads only the log entries made
+    /// meanwhile, not the snapshot, and writes nothing but what it learned
+    /// lately back; a new instance reads the snapshot once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_short_outage_is_caught_up_from_the_log_alone() {
+        let redis = RedisServer::start();
+        let proxy = TcpProxy::start(redis.port).await;
+        let a = open_on(redis.url()).await;
+        let b = open_on(proxy.url()).await;
+        assert_eq!(
+            b.stats.resyncs_full.load(Relaxed),
+            1,
+            "a new instance syncs in full"
+        );
+        a.revoke_many(fill("f", 2000), "fill".into()).await.unwrap();
+        until("B to enforce the fill", || b.list().len() == 2000).await;
+        // B confirms the log up to its end on its next look at it.
+        let end = log_end(&redis);
+        assert!(end.is_some());
+        until("B at the log's end", || b.log_position() == end).await;
+        let read_before = b.stats.resync_entries_read.load(Relaxed);
+
+        proxy.cut();
+        until("B to see the outage", || {
+            b.status().redis != RedisState::Connected
+        })
+        .await;
+        a.revoke_many(fill("o", 10), "during the outage".into())
+            .await
+            .unwrap();
+        assert_eq!(refused_by(&b, &token("o0")), None);
+        proxy.restore();
+        until("B to resume", || {
+            b.stats.resyncs_incremental.load(Relaxed) == 1
+        })
+        .await;
+        for i in 0..10 {
+            assert_eq!(refused_by(&b, &token(&format!("o{i}"))), Some("jti"));
+        }
+        assert_eq!(b.stats.resyncs_full.load(Relaxed), 1, "no second full sync");
+        assert_eq!(
+            b.stats.resync_entries_read.load(Relaxed) - read_before,
+            10,
+            "only the entries made during the outage are read"
+        );
+
+        // A new instance loads the snapshot, once.
+        let c = open_on(redis.url()).await;
+        assert_eq!(c.list().len(), 2010);
+        assert_eq!(c.stats.resyncs_full.load(Relaxed), 1);
+        assert_eq!(c.stats.resyncs_incremental.load(Relaxed), 0);
+        assert_eq!(c.stats.resync_entries_read.load(Relaxed), 2010);
+        for store in [a, b, c] {
+            store.shutdown().await;
+        }
+    }
+
+    /// Redis loses its data while every instance stays connected (here
+    /// `FLUSHALL`; a restart without persistence is the same to them, with a
+    /// reconnect): the epoch changes, the instances notice on their next look
+    /// at the log and write every entry they know back, so a new instance
+    /// still gets them all.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_redis_that_lost_its_data_gets_every_entry_back() {
+        let redis = RedisServer::start();
+        let a = open_on(redis.url()).await;
+        let b = open_on(redis.url()).await;
+        a.revoke_many(fill("k", 100), "kept".into()).await.unwrap();
+        until("B to enforce them", || b.list().len() == 100).await;
+        assert_eq!(redis.zcard(SNAPSHOT), 100);
+
+        assert!(
+            redis
+                .command(&["FLUSHALL"])
+                .is_some_and(|r| r.starts_with("+OK"))
+        );
+        until("the entries to be written back", || {
+            redis.zcard(SNAPSHOT) == 100
+        })
+        .await;
+        until("both instances to resync in full", || {
+            a.stats.resyncs_full.load(Relaxed) == 2 && b.stats.resyncs_full.load(Relaxed) == 2
+        })
+        .await;
+        let c = open_on(redis.url()).await;
+        assert_eq!(c.list().len(), 100);
+        assert_eq!(refused_by(&c, &token("k99")), Some("jti"));
+        for store in [a, b, c] {
+            store.shutdown().await;
+        }
+    }
+}

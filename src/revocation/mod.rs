@@ -355,6 +355,23 @@ pub struct RevocationStats {
     /// Seconds from a revocation's `created_at` (whole seconds, set by the
     /// revoking instance) to its arrival here through pub/sub.
     pub propagation_lag: prometheus_client::metrics::histogram::Histogram,
+    /// Syncs with Redis that read the whole snapshot.
+    pub resyncs_full: std::sync::atomic::AtomicU64,
+    /// Syncs with Redis that read only the log after this instance's position.
+    pub resyncs_incremental: std::sync::atomic::AtomicU64,
+    /// Entries read from Redis by syncs (snapshot members or log entries).
+    pub resync_entries_read: std::sync::atomic::AtomicU64,
+}
+
+impl RevocationStats {
+    fn record_resync(&self, kind: redis::Resync, read: usize) {
+        use std::sync::atomic::Ordering::Relaxed;
+        match kind {
+            redis::Resync::Full => self.resyncs_full.fetch_add(1, Relaxed),
+            redis::Resync::Incremental => self.resyncs_incremental.fetch_add(1, Relaxed),
+        };
+        self.resync_entries_read.fetch_add(read as u64, Relaxed);
+    }
 }
 
 impl Default for RevocationStats {
@@ -365,6 +382,9 @@ impl Default for RevocationStats {
             refused_full: Default::default(),
             refused_queue_full: Default::default(),
             accepted_over_cap: Default::default(),
+            resyncs_full: Default::default(),
+            resyncs_incremental: Default::default(),
+            resync_entries_read: Default::default(),
             propagation_lag: prometheus_client::metrics::histogram::Histogram::new([
                 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0,
             ]),

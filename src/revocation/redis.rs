@@ -1,21 +1,40 @@
 //! Shared mode: revocations shared by every instance through Redis.
 //!
-//! State in Redis is one sorted set, `<prefix>:revocations`, whose members are
-//! the entries' JSON lines, scored by their expiry (seconds since the epoch).
-//! Expired members are removed with `ZREMRANGEBYSCORE`. A new entry is written
-//! with `ZADD` and announced with `PUBLISH` on the channel
-//! `<prefix>:revocations:events`, in one `MULTI`/`EXEC` transaction.
+//! State in Redis, under `[revocation] redis_prefix`:
+//! - `<prefix>:revocations`: the snapshot, a sorted set whose members are the
+//!   entries' JSON lines, scored by their expiry (seconds since the epoch).
+//!   Expired members are removed with `ZREMRANGEBYSCORE`.
+//! - `<prefix>:revocations:events`: the pub/sub channel each new entry is
+//!   announced on, for instances to enforce it at once.
+//! - `<prefix>:revocations:log`: a stream of the same new entries (field `l`),
+//!   the last [`LOG_CAP`] or so kept (`XADD … MAXLEN ~`): what an instance
+//!   that was away reads to catch up, instead of the whole snapshot.
+//! - `<prefix>:revocations:epoch`: a random value set once (`SET NX`); a Redis
+//!   that lost its data (restarted without persistence, flushed) has a new one.
 //!
-//! One task per instance keeps the link. Each session:
+//! A new entry is written with `ZADD`, `XADD` and `PUBLISH` in one
+//! `MULTI`/`EXEC` transaction.
+//!
+//! One task per instance keeps the link. Each instance remembers its
+//! *position*: the epoch and the last log entry it has read. Each session:
 //! 1. connects (a multiplexed connection for commands, one for pub/sub) and
 //!    `SUBSCRIBE`s;
-//! 2. writes every entry this instance knows back with `ZADD` (idempotent), so
-//!    entries queued while Redis was unreachable, or lost by a Redis that
-//!    restarted without persistence or failed over, are restored;
-//! 3. writes and publishes the queued local revocations;
-//! 4. reads the full set (everything missed while disconnected) and applies it;
-//! 5. applies published entries as they arrive, writes new local revocations,
-//!    and pings both connections and drops expired members every 2 seconds.
+//! 2. **resumes** when it can: same epoch, and the log still holds the entry
+//!    at its position (nothing it has not read was trimmed or lost). It
+//!    writes back the entries it learned since its last confirmed read (a
+//!    failover may have lost Redis' last writes), writes and publishes the
+//!    queued local revocations, and reads the log after its position: a
+//!    reconnect after a short outage transfers only what changed;
+//! 3. otherwise makes a **full** sync: notes the log's last entry, writes
+//!    every entry it knows back with `ZADD` (idempotent: entries queued while
+//!    Redis was away, or lost by a Redis that restarted without persistence,
+//!    rolled back or failed over, are restored; skipped when the log was only
+//!    trimmed past the position, as nothing was lost), writes the queue, then
+//!    reads the whole snapshot. A new instance does this once;
+//! 4. applies published entries as they arrive, writes new local revocations,
+//!    and every 2 seconds pings both connections, drops expired members and
+//!    reads the log after its position (which confirms the position and
+//!    catches anything pub/sub did not deliver).
 //!
 //! Any error ends the session; the task reconnects forever with exponential
 //! backoff capped at 1 second, so that every instance is back soon after Redis
@@ -23,9 +42,10 @@
 //! the known entries stay enforced and new local revocations are enforced,
 //! journaled and queued.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::FutureExt as _;
 use redis::AsyncConnectionConfig;
@@ -50,6 +70,20 @@ const TICK: Duration = Duration::from_secs(2);
 const WRITE_WAIT: Duration = Duration::from_secs(1);
 /// Members per `ZADD` pipeline during a resync.
 const CHUNK: usize = 1000;
+/// Entries the log keeps, about (`XADD … MAXLEN ~`): an instance away for
+/// fewer new entries than this catches up from the log; one away for more
+/// reads the snapshot.
+pub const LOG_CAP: usize = 200_000;
+/// Log entries per `XRANGE` page.
+const LOG_PAGE: usize = 10_000;
+/// Log pages read per tick while connected (the rest on the next tick).
+const LOG_PAGES_PER_TICK: usize = 20;
+/// How long entries learned are remembered for the write-back of a resume:
+/// far longer than the tick that confirms them in the log.
+const RECENT: Duration = Duration::from_secs(30);
+/// Entries learned remembered at most; past it, a resume writes back every
+/// known entry instead.
+const RECENT_CAP: usize = 100_000;
 
 /// A local revocation waiting to be written to Redis.
 #[derive(Debug, Clone)]
@@ -85,12 +119,63 @@ impl Drop for Slot<'_> {
     }
 }
 
+/// Where an instance is in the shared log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Position {
+    /// The epoch of the Redis data the position belongs to.
+    epoch: String,
+    /// The last log entry read (a stream ID).
+    last: StreamId,
+}
+
+/// A stream entry ID, `<ms>-<seq>`, ordered as Redis orders them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct StreamId(u64, u64);
+
+impl StreamId {
+    fn parse(id: &str) -> Option<StreamId> {
+        let (ms, seq) = id.split_once('-')?;
+        Some(StreamId(ms.parse().ok()?, seq.parse().ok()?))
+    }
+}
+
+impl std::fmt::Display for StreamId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.0, self.1)
+    }
+}
+
+/// Entries this instance learned lately (its own writes and entries
+/// received), written back when it resumes: Redis may have lost its last
+/// writes in a failover.
+#[derive(Debug, Default)]
+struct Recent {
+    lines: VecDeque<(Instant, String)>,
+    /// More than [`RECENT_CAP`] were learned within [`RECENT`]: a resume
+    /// writes back everything known instead.
+    overflowed: bool,
+}
+
+/// How a session brought this instance in step with Redis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resync {
+    /// Read the whole snapshot (a new instance, or the log could not be
+    /// followed).
+    Full,
+    /// Read only the log entries after its position.
+    Incremental,
+}
+
 /// The shared-mode link of one store: Redis client, queue and state.
 #[derive(Debug)]
 pub struct SyncHandle {
     client: redis::Client,
     key: String,
     channel: String,
+    log: String,
+    epoch_key: String,
+    position: Mutex<Option<Position>>,
+    recent: Mutex<Recent>,
     pending: Mutex<Queue>,
     /// `[revocation] max_pending_writes`.
     max_pending: usize,
@@ -119,6 +204,10 @@ impl SyncHandle {
             client,
             key: format!("{prefix}:revocations"),
             channel: format!("{prefix}:revocations:events"),
+            log: format!("{prefix}:revocations:log"),
+            epoch_key: format!("{prefix}:revocations:epoch"),
+            position: Mutex::new(None),
+            recent: Mutex::new(Recent::default()),
             pending: Mutex::new(Queue::default()),
             max_pending: crate::config::DEFAULT_MAX_PENDING_WRITES,
             next_seq: AtomicU64::new(0),
@@ -231,6 +320,49 @@ impl SyncHandle {
     fn set_state(&self, state: RedisState) {
         self.state.send_replace(state);
     }
+
+    /// Remembers entries just learned (received or written), for the
+    /// write-back of the next resume.
+    pub(super) fn remember<'a>(&self, lines: impl IntoIterator<Item = &'a String>) {
+        let now = Instant::now();
+        let mut recent = super::lock(&self.recent);
+        for line in lines {
+            if recent.lines.len() >= RECENT_CAP {
+                recent.lines.pop_front();
+                recent.overflowed = true;
+            }
+            recent.lines.push_back((now, line.clone()));
+        }
+    }
+
+    /// Forgets entries learned more than [`RECENT`] ago (called while
+    /// connected, after the log confirmed the position).
+    fn forget_old(&self) {
+        let Some(cutoff) = Instant::now().checked_sub(RECENT) else {
+            return;
+        };
+        let mut recent = super::lock(&self.recent);
+        while recent.lines.front().is_some_and(|(at, _)| *at < cutoff) {
+            recent.lines.pop_front();
+        }
+        if recent.lines.is_empty() {
+            recent.overflowed = false;
+        }
+    }
+
+    /// The last entry of the shared log this instance has read (a stream ID),
+    /// once it has synced.
+    pub fn log_position(&self) -> Option<String> {
+        self.position().map(|p| p.last.to_string())
+    }
+
+    fn position(&self) -> Option<Position> {
+        super::lock(&self.position).clone()
+    }
+
+    fn set_position(&self, position: Position) {
+        *super::lock(&self.position) = Some(position);
+    }
 }
 
 /// Why a session ended.
@@ -332,31 +464,8 @@ async fn session(store: &Weak<RevocationStore>, stop: &mut watch::Receiver<bool>
         return lost(e, false);
     }
 
-    // Everything we know goes back to Redis (idempotent), then the queue.
-    let known = live.lines();
-    for chunk in known.chunks(CHUNK) {
-        let mut pipe = redis::pipe();
-        for (line, expires_at) in chunk {
-            pipe.zadd(&sync.key, line, *expires_at).ignore();
-        }
-        if let Err(e) = timed("ZADD (resync)", pipe.query_async::<()>(&mut conn)).await {
-            return lost(e, false);
-        }
-    }
-    if let Err(e) = flush(sync, &mut conn).await {
+    if let Err(e) = resync(&live, sync, &mut conn).await {
         return lost(e, false);
-    }
-    // Then the full state, which holds everything published while we were away.
-    match read_all(sync, &mut conn).await {
-        Ok(lines) => {
-            let fresh = live.apply_remote(lines).await;
-            tracing::info!(
-                applied = fresh,
-                known = known.len(),
-                "Redis connected: subscribed and in sync"
-            );
-        }
-        Err(e) => return lost(e, false),
     }
     sync.set_state(RedisState::Connected);
     drop(live);
@@ -401,6 +510,12 @@ async fn session(store: &Weak<RevocationStore>, stop: &mut watch::Receiver<bool>
                 if let Err(e) = timed("ZREMRANGEBYSCORE", expire.query_async::<()>(&mut conn)).await {
                     return lost(e, true);
                 }
+                // Follow the log: confirms the position, catches anything
+                // pub/sub did not deliver, and notices a Redis that lost
+                // its data (new epoch) or a log trimmed past the position.
+                if let Err(e) = follow(&live, sync, &mut conn).await {
+                    return lost(e, true);
+                }
             }
             _ = stop.changed() => return End::Stop,
         }
@@ -417,11 +532,277 @@ async fn flush(sync: &SyncHandle, conn: &mut MultiplexedConnection) -> Result<()
     pipe.atomic();
     for p in &batch {
         pipe.zadd(&sync.key, &p.line, p.expires_at).ignore();
+        append_to_log(&mut pipe, sync, &p.line);
         pipe.publish(&sync.channel, &p.line).ignore();
     }
-    timed("ZADD/PUBLISH", pipe.query_async::<()>(conn)).await?;
+    timed("ZADD/XADD/PUBLISH", pipe.query_async::<()>(conn)).await?;
+    sync.remember(batch.iter().map(|p| &p.line));
     super::lock(&sync.pending).items.retain(|p| p.seq > last);
     sync.synced.send_replace(last);
+    Ok(())
+}
+
+/// `XADD <log> MAXLEN ~ LOG_CAP * l <line>`.
+fn append_to_log(pipe: &mut redis::Pipeline, sync: &SyncHandle, line: &str) {
+    pipe.cmd("XADD")
+        .arg(&sync.log)
+        .arg("MAXLEN")
+        .arg("~")
+        .arg(LOG_CAP)
+        .arg("*")
+        .arg("l")
+        .arg(line)
+        .ignore();
+}
+
+/// Whether this instance can follow the log from where it was.
+#[derive(Debug, PartialEq, Eq)]
+enum Continuity {
+    /// Same data, and every entry after the position is still in the log.
+    Unbroken(Position),
+    /// The log was trimmed past the position: nothing was lost, but what was
+    /// trimmed must be read from the snapshot.
+    Trimmed,
+    /// Redis lost data this instance may hold (new epoch: restarted without
+    /// persistence or flushed; or the position's entry is gone though the log
+    /// does not start after it: rolled back), or there is no position yet.
+    Lost,
+}
+
+/// The epoch of Redis' data, set now if there is none (`SET NX`).
+async fn epoch(sync: &SyncHandle, conn: &mut MultiplexedConnection) -> Result<String, String> {
+    let fresh = uuid::Uuid::now_v7().to_string();
+    let mut pipe = redis::pipe();
+    pipe.cmd("SET")
+        .arg(&sync.epoch_key)
+        .arg(&fresh)
+        .arg("NX")
+        .ignore();
+    pipe.cmd("GET").arg(&sync.epoch_key);
+    let (epoch,): (Option<String>,) = timed("SET NX/GET (epoch)", pipe.query_async(conn)).await?;
+    epoch.ok_or_else(|| "GET (epoch): no epoch".to_owned())
+}
+
+/// Log entries as `XRANGE` returns them: (ID, [field, value, ...]).
+type LogEntries = Vec<(String, Vec<String>)>;
+
+async fn log_range(
+    sync: &SyncHandle,
+    conn: &mut MultiplexedConnection,
+    command: &str,
+    from: &str,
+    to: &str,
+    count: usize,
+) -> Result<LogEntries, String> {
+    let mut range = redis::cmd(command);
+    range
+        .arg(&sync.log)
+        .arg(from)
+        .arg(to)
+        .arg("COUNT")
+        .arg(count);
+    timed(command, range.query_async::<LogEntries>(conn)).await
+}
+
+async fn continuity(
+    sync: &SyncHandle,
+    conn: &mut MultiplexedConnection,
+) -> Result<Continuity, String> {
+    let Some(position) = sync.position() else {
+        return Ok(Continuity::Lost);
+    };
+    if epoch(sync, conn).await? != position.epoch {
+        return Ok(Continuity::Lost);
+    }
+    let at = position.last.to_string();
+    if !log_range(sync, conn, "XRANGE", &at, &at, 1)
+        .await?
+        .is_empty()
+    {
+        return Ok(Continuity::Unbroken(position));
+    }
+    let first = log_range(sync, conn, "XRANGE", "-", "+", 1).await?;
+    let first = first.first().and_then(|(id, _)| StreamId::parse(id));
+    Ok(match first {
+        Some(first) if first > position.last => Continuity::Trimmed,
+        _ => Continuity::Lost,
+    })
+}
+
+/// Brings this instance in step at the start of a session: resumes from its
+/// position when the log allows, else a full sync.
+async fn resync(
+    live: &RevocationStore,
+    sync: &SyncHandle,
+    conn: &mut MultiplexedConnection,
+) -> Result<Resync, String> {
+    let started = Instant::now();
+    let known = live.status_count();
+    let (kind, read) = match continuity(sync, conn).await? {
+        Continuity::Unbroken(position) => {
+            // What Redis may have lost in a failover: what we learned since
+            // the log last confirmed our position (everything, if too much).
+            let (overflowed, recent) = {
+                let recent = super::lock(&sync.recent);
+                let lines: Vec<String> = recent.lines.iter().map(|(_, l)| l.clone()).collect();
+                (recent.overflowed, lines)
+            };
+            let lines: Vec<(String, i64)> = if overflowed {
+                live.lines()
+            } else {
+                recent
+                    .into_iter()
+                    .filter_map(|line| {
+                        let entry = serde_json::from_str::<super::Revocation>(&line).ok()?;
+                        Some((line, entry.expires_at))
+                    })
+                    .collect()
+            };
+            write_back(sync, conn, &lines).await?;
+            flush(sync, conn).await?;
+            let read = read_log(live, sync, conn, position, usize::MAX).await?;
+            (Resync::Incremental, read)
+        }
+        Continuity::Trimmed => (Resync::Full, full_sync(live, sync, conn, false).await?),
+        Continuity::Lost => (Resync::Full, full_sync(live, sync, conn, true).await?),
+    };
+    live.stats.record_resync(kind, read);
+    tracing::info!(
+        resync = ?kind,
+        read,
+        known,
+        took = ?started.elapsed(),
+        "Redis connected: subscribed and in sync"
+    );
+    Ok(kind)
+}
+
+/// Writes `lines` back to the snapshot (`ZADD`, idempotent), in pipelines of
+/// [`CHUNK`].
+async fn write_back(
+    sync: &SyncHandle,
+    conn: &mut MultiplexedConnection,
+    lines: &[(String, i64)],
+) -> Result<(), String> {
+    for chunk in lines.chunks(CHUNK) {
+        let mut pipe = redis::pipe();
+        for (line, expires_at) in chunk {
+            pipe.zadd(&sync.key, line, *expires_at).ignore();
+        }
+        timed("ZADD (resync)", pipe.query_async::<()>(conn)).await?;
+    }
+    Ok(())
+}
+
+/// A full sync: note the log's end (adding a marker if the log is empty, so
+/// that there is an entry to resume from), write back what this instance
+/// knows if Redis may have lost it, write the queue, read the snapshot.
+/// Returns the entries read.
+async fn full_sync(
+    live: &RevocationStore,
+    sync: &SyncHandle,
+    conn: &mut MultiplexedConnection,
+    write_everything_back: bool,
+) -> Result<usize, String> {
+    let epoch = epoch(sync, conn).await?;
+    let last = log_range(sync, conn, "XREVRANGE", "+", "-", 1).await?;
+    let last = match last.first() {
+        Some((id, _)) => id.clone(),
+        None => {
+            // The marker's `l` is empty; readers skip it.
+            let mut marker = redis::cmd("XADD");
+            marker
+                .arg(&sync.log)
+                .arg("MAXLEN")
+                .arg("~")
+                .arg(LOG_CAP)
+                .arg("*")
+                .arg("l")
+                .arg("");
+            timed("XADD (marker)", marker.query_async::<String>(conn)).await?
+        }
+    };
+    let last = StreamId::parse(&last).ok_or_else(|| format!("XADD: unexpected ID {last:?}"))?;
+    if write_everything_back {
+        write_back(sync, conn, &live.lines()).await?;
+    }
+    flush(sync, conn).await?;
+    let lines = read_all(sync, conn).await?;
+    let read = lines.len();
+    live.apply_remote(lines).await;
+    // Entries added to the log after `last` were either in the snapshot just
+    // read or are read from the log next: applied twice at worst, never missed.
+    sync.set_position(Position { epoch, last });
+    Ok(read)
+}
+
+/// Reads the log after `position` in pages of [`LOG_PAGE`] (at most
+/// `max_pages`), applying each page and moving the position after it.
+/// Returns the entries read.
+async fn read_log(
+    live: &RevocationStore,
+    sync: &SyncHandle,
+    conn: &mut MultiplexedConnection,
+    mut position: Position,
+    max_pages: usize,
+) -> Result<usize, String> {
+    let mut read = 0;
+    for _ in 0..max_pages {
+        let after = format!("({}", position.last);
+        let page = log_range(sync, conn, "XRANGE", &after, "+", LOG_PAGE).await?;
+        let Some(last) = page.last().and_then(|(id, _)| StreamId::parse(id)) else {
+            break;
+        };
+        let full = page.len() == LOG_PAGE;
+        read += page.len();
+        let lines: Vec<String> = page
+            .into_iter()
+            .filter_map(|(_, fields)| {
+                let mut fields = fields.into_iter();
+                while let (Some(name), Some(value)) = (fields.next(), fields.next()) {
+                    if name == "l" {
+                        return Some(value);
+                    }
+                }
+                None
+            })
+            .collect();
+        live.apply_remote(lines).await;
+        position.last = last;
+        sync.set_position(position.clone());
+        if !full {
+            break;
+        }
+    }
+    Ok(read)
+}
+
+/// The tick's look at the log while connected: reads what was added after
+/// the position, or makes a full sync when the log cannot be followed.
+async fn follow(
+    live: &RevocationStore,
+    sync: &SyncHandle,
+    conn: &mut MultiplexedConnection,
+) -> Result<(), String> {
+    match continuity(sync, conn).await? {
+        Continuity::Unbroken(position) => {
+            read_log(live, sync, conn, position, LOG_PAGES_PER_TICK).await?;
+            sync.forget_old();
+        }
+        // Trimmed past while connected: everything trimmed arrived through
+        // pub/sub, but read the snapshot to be sure rather than trust that.
+        Continuity::Trimmed => {
+            let read = full_sync(live, sync, conn, false).await?;
+            live.stats.record_resync(Resync::Full, read);
+        }
+        Continuity::Lost => {
+            tracing::warn!(
+                "Redis lost revocation data (new epoch or rolled back); writing back every entry known here"
+            );
+            let read = full_sync(live, sync, conn, true).await?;
+            live.stats.record_resync(Resync::Full, read);
+        }
+    }
     Ok(())
 }
 

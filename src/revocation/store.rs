@@ -525,6 +525,10 @@ impl RevocationStore {
         let mut batch = Vec::with_capacity(lines.len());
         let mut unreadable = 0usize;
         for line in lines {
+            // The log's marker entries carry an empty line.
+            if line.is_empty() {
+                continue;
+            }
             match serde_json::from_str::<Revocation>(&line) {
                 Ok(entry) if entry.expires_at > now => batch.push((line, entry)),
                 Ok(_) => {}
@@ -547,6 +551,9 @@ impl RevocationStore {
         };
         let fresh = self.insert(batch);
         let count = fresh.len();
+        if let Some(sync) = &self.sync {
+            sync.remember(&fresh);
+        }
         self.stats
             .applied_remote
             .fetch_add(count as u64, std::sync::atomic::Ordering::Relaxed);
@@ -647,8 +654,15 @@ impl RevocationStore {
         list
     }
 
-    fn status_count(&self) -> usize {
+    pub(super) fn status_count(&self) -> usize {
         lock(&self.entries).len()
+    }
+
+    /// Shared mode: the last entry of the Redis log (`<prefix>:revocations:log`)
+    /// this instance has read, as a stream ID; `None` in embedded mode or
+    /// before the first sync.
+    pub fn log_position(&self) -> Option<String> {
+        self.sync.as_ref().and_then(|s| s.log_position())
     }
 
     /// Embedded or shared through Redis.

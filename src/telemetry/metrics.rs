@@ -309,6 +309,23 @@ fn register_state(
             "1 while subscribed to Redis and in sync, else 0",
             gauge(i64::from(status.redis == RedisState::Connected)),
         );
+        let resyncs = Family::<[(&'static str, &'static str); 1], Counter>::default();
+        resyncs
+            .get_or_create(&[("kind", "full")])
+            .inc_by(store.stats.resyncs_full.load(Ordering::Relaxed));
+        resyncs
+            .get_or_create(&[("kind", "incremental")])
+            .inc_by(store.stats.resyncs_incremental.load(Ordering::Relaxed));
+        registry.register(
+            "revocation_resyncs",
+            "Syncs with Redis: full (the whole snapshot read) or incremental (only the log after this instance's position)",
+            resyncs,
+        );
+        registry.register(
+            "revocation_resync_entries_read",
+            "Entries read from Redis by syncs (snapshot members or log entries)",
+            counter(store.stats.resync_entries_read.load(Ordering::Relaxed)),
+        );
     }
 }
 
