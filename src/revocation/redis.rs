@@ -21,8 +21,8 @@
 //!    `SUBSCRIBE`s;
 //! 2. **resumes** when it can: same epoch, and the log still holds the entry
 //!    at its position (nothing it has not read was trimmed or lost). It
-//!    writes back the entries it learned since its last confirmed read (a
-//!    failover may have lost Redis' last writes), writes and publishes the
+//!    writes back the entries it learned since the log last confirmed its
+//!    position (a failover may have lost Redis' last writes), writes and publishes the
 //!    queued local revocations, and reads the log after its position: a
 //!    reconnect after a short outage transfers only what changed;
 //! 3. otherwise makes a **full** sync: notes the log's last entry, writes
@@ -78,9 +78,6 @@ pub const LOG_CAP: usize = 200_000;
 const LOG_PAGE: usize = 10_000;
 /// Log pages read per tick while connected (the rest on the next tick).
 const LOG_PAGES_PER_TICK: usize = 20;
-/// How long entries learned are remembered for the write-back of a resume:
-/// far longer than the tick that confirms them in the log.
-const RECENT: Duration = Duration::from_secs(30);
 /// Entries learned remembered at most; past it, a resume writes back every
 /// known entry instead.
 const RECENT_CAP: usize = 100_000;
@@ -145,14 +142,14 @@ impl std::fmt::Display for StreamId {
     }
 }
 
-/// Entries this instance learned lately (its own writes and entries
-/// received), written back when it resumes: Redis may have lost its last
-/// writes in a failover.
+/// Entries this instance learned since the log last confirmed its position
+/// (its own writes and entries received), written back when it resumes: a
+/// failover may lose Redis' last writes, after the position.
 #[derive(Debug, Default)]
 struct Recent {
     lines: VecDeque<(Instant, String)>,
-    /// More than [`RECENT_CAP`] were learned within [`RECENT`]: a resume
-    /// writes back everything known instead.
+    /// More than [`RECENT_CAP`] were learned since the log last confirmed
+    /// the position: a resume writes back everything known instead.
     overflowed: bool,
 }
 
@@ -335,12 +332,11 @@ impl SyncHandle {
         }
     }
 
-    /// Forgets entries learned more than [`RECENT`] ago (called while
-    /// connected, after the log confirmed the position).
-    fn forget_old(&self) {
-        let Some(cutoff) = Instant::now().checked_sub(RECENT) else {
-            return;
-        };
+    /// Forgets entries learned before `cutoff`, when a read of the log that
+    /// began then reached its end: they are at or before the position (an
+    /// entry is logged before it is published or confirmed), and Redis keeps
+    /// the log up to the position.
+    fn forget_before(&self, cutoff: Instant) {
         let mut recent = super::lock(&self.recent);
         while recent.lines.front().is_some_and(|(at, _)| *at < cutoff) {
             recent.lines.pop_front();
@@ -660,7 +656,9 @@ async fn resync(
             };
             write_back(sync, conn, &lines).await?;
             flush(sync, conn).await?;
-            let read = read_log(live, sync, conn, position, usize::MAX).await?;
+            let began = Instant::now();
+            let (read, _) = read_log(live, sync, conn, position, usize::MAX).await?;
+            sync.forget_before(began);
             (Resync::Incremental, read)
         }
         Continuity::Trimmed => (Resync::Full, full_sync(live, sync, conn, false).await?),
@@ -704,6 +702,7 @@ async fn full_sync(
     conn: &mut MultiplexedConnection,
     write_everything_back: bool,
 ) -> Result<usize, String> {
+    let began = Instant::now();
     let epoch = epoch(sync, conn).await?;
     let last = log_range(sync, conn, "XREVRANGE", "+", "-", 1).await?;
     let last = match last.first() {
@@ -733,25 +732,27 @@ async fn full_sync(
     // Entries added to the log after `last` were either in the snapshot just
     // read or are read from the log next: applied twice at worst, never missed.
     sync.set_position(Position { epoch, last });
+    // What was learned before is at or before `last`.
+    sync.forget_before(began);
     Ok(read)
 }
 
 /// Reads the log after `position` in pages of [`LOG_PAGE`] (at most
 /// `max_pages`), applying each page and moving the position after it.
-/// Returns the entries read.
+/// Returns the entries read and whether the read reached the log's end.
 async fn read_log(
     live: &RevocationStore,
     sync: &SyncHandle,
     conn: &mut MultiplexedConnection,
     mut position: Position,
     max_pages: usize,
-) -> Result<usize, String> {
+) -> Result<(usize, bool), String> {
     let mut read = 0;
     for _ in 0..max_pages {
         let after = format!("({}", position.last);
         let page = log_range(sync, conn, "XRANGE", &after, "+", LOG_PAGE).await?;
         let Some(last) = page.last().and_then(|(id, _)| StreamId::parse(id)) else {
-            break;
+            return Ok((read, true));
         };
         let full = page.len() == LOG_PAGE;
         read += page.len();
@@ -771,10 +772,10 @@ async fn read_log(
         position.last = last;
         sync.set_position(position.clone());
         if !full {
-            break;
+            return Ok((read, true));
         }
     }
-    Ok(read)
+    Ok((read, false))
 }
 
 /// The tick's look at the log while connected: reads what was added after
@@ -786,8 +787,11 @@ async fn follow(
 ) -> Result<(), String> {
     match continuity(sync, conn).await? {
         Continuity::Unbroken(position) => {
-            read_log(live, sync, conn, position, LOG_PAGES_PER_TICK).await?;
-            sync.forget_old();
+            let began = Instant::now();
+            let (_, at_end) = read_log(live, sync, conn, position, LOG_PAGES_PER_TICK).await?;
+            if at_end {
+                sync.forget_before(began);
+            }
         }
         // Trimmed past while connected: everything trimmed arrived through
         // pub/sub, but read the snapshot to be sure rather than trust that.
