@@ -73,6 +73,24 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
 
     /// Where the entries are, for logs (never a secret).
     fn describe(&self) -> String;
+
+    /// Drops entries expired at `now` (and repeats) from storage while the
+    /// store runs, when enough has accumulated to be worth it; `Ok(None)`
+    /// when it did nothing. Never loses an entry stored before or during
+    /// the call. The store calls it from its sweeper, on a blocking thread.
+    fn compact(&self, now: i64) -> Result<Option<Compacted>, RevocationError> {
+        let _ = now;
+        Ok(None)
+    }
+}
+
+/// What a [`Backend::compact`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Compacted {
+    /// Entries kept.
+    pub kept: usize,
+    /// Expired, repeated or unreadable lines dropped.
+    pub dropped: usize,
 }
 
 /// Entries kept in memory, for as long as this value (or a clone: clones
@@ -120,6 +138,23 @@ impl Backend for MemoryBackend {
     fn describe(&self) -> String {
         "memory".to_owned()
     }
+
+    fn compact(&self, now: i64) -> Result<Option<Compacted>, RevocationError> {
+        let mut lines = lock(&self.lines);
+        let before = lines.len();
+        let text = lines.join("\n");
+        let loaded = Loaded::from_lines(text.as_bytes(), now).map_err(|e| {
+            RevocationError::Task(format!("reading the in-memory revocations: {e}"))
+        })?;
+        if loaded.entries.len() == before {
+            return Ok(None);
+        }
+        *lines = loaded.entries.into_iter().map(|(line, _)| line).collect();
+        Ok(Some(Compacted {
+            kept: lines.len(),
+            dropped: before - lines.len(),
+        }))
+    }
 }
 
 #[cfg(test)]
@@ -159,5 +194,23 @@ mod tests {
         assert_eq!(loaded.entries[0].0, live);
         assert_eq!((loaded.expired, loaded.unreadable), (1, 1));
         assert_eq!(backend.lines(), vec![live], "compacted on load");
+    }
+
+    #[test]
+    fn memory_compacts_while_running() {
+        let backend = MemoryBackend::new();
+        backend.load(100).unwrap();
+        backend
+            .append(&[line("a", 200), line("b", 150), line("a", 200)])
+            .unwrap();
+        assert_eq!(
+            backend.compact(160).unwrap(),
+            Some(Compacted {
+                kept: 1,
+                dropped: 2
+            })
+        );
+        assert_eq!(backend.lines(), vec![line("a", 200)]);
+        assert_eq!(backend.compact(160).unwrap(), None, "nothing left to drop");
     }
 }

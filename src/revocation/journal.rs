@@ -1,26 +1,38 @@
 //! The local append-only journal: one JSON revocation entry per line, fsynced on
-//! every append, replayed and compacted on start.
+//! every append, replayed and compacted on start, and compacted again while
+//! running once it has grown to twice what it kept (at least
+//! [`COMPACT_MIN_LINES`] lines), so that expired entries do not pile up
+//! between restarts.
 //!
 //! A torn last line (a crash in the middle of a write) is skipped with a warning;
 //! every complete line that parses is kept until it expires.
 
 use std::fs::{File, OpenOptions};
-use std::io::{BufReader, Write};
+use std::io::{BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use std::sync::Mutex;
 
-use super::backend::{Backend, Loaded};
+use super::backend::{Backend, Compacted, Loaded};
 use super::{RevocationError, lock};
 
 /// The journal's file name inside `[revocation] data_dir`.
 pub const JOURNAL_FILE: &str = "revocations.log";
+
+/// A journal is compacted while running once it holds at least this many
+/// lines and twice as many as its last compaction kept: amortised, each line
+/// is rewritten a bounded number of times.
+pub const COMPACT_MIN_LINES: usize = 10_000;
 
 /// An open journal, positioned for appends.
 #[derive(Debug)]
 pub struct Journal {
     path: PathBuf,
     file: File,
+    /// Lines in the file.
+    lines: usize,
+    /// Lines the last compaction (or the load) kept.
+    kept: usize,
 }
 
 impl Journal {
@@ -66,7 +78,16 @@ impl Journal {
             .create(true)
             .open(&path)
             .map_err(io)?;
-        Ok((Journal { path, file }, replay))
+        let kept = replay.entries.len();
+        Ok((
+            Journal {
+                path,
+                file,
+                lines: kept,
+                kept,
+            },
+            replay,
+        ))
     }
 
     /// Appends `lines` (serialized entries) and waits until they are on disk.
@@ -87,7 +108,13 @@ impl Journal {
             source,
         };
         self.file.write_all(text.as_bytes()).map_err(io)?;
-        self.file.sync_data().map_err(io)
+        self.file.sync_data().map_err(io)?;
+        self.lines += text.bytes().filter(|b| *b == b'\n').count();
+        Ok(())
+    }
+
+    fn compaction_due(&self, min_lines: usize) -> bool {
+        self.lines >= min_lines && self.lines >= self.kept.saturating_mul(2)
     }
 
     /// The journal file.
@@ -97,11 +124,14 @@ impl Journal {
 }
 
 /// The append-only journal in a folder (`[revocation] data_dir`): one line
-/// per entry, fsynced on every append, compacted when loaded.
+/// per entry, fsynced on every append, compacted when loaded and while
+/// running.
 #[derive(Debug)]
 pub struct JournalBackend {
     dir: PathBuf,
     journal: Mutex<Option<Journal>>,
+    /// [`COMPACT_MIN_LINES`], lower in tests.
+    compact_min_lines: usize,
 }
 
 impl JournalBackend {
@@ -110,7 +140,87 @@ impl JournalBackend {
         JournalBackend {
             dir: dir.into(),
             journal: Mutex::new(None),
+            compact_min_lines: COMPACT_MIN_LINES,
         }
+    }
+
+    #[cfg(test)]
+    fn with_compact_min_lines(mut self, lines: usize) -> JournalBackend {
+        self.compact_min_lines = lines;
+        self
+    }
+
+    /// Compacts while appends go on: the part of the file written so far is
+    /// filtered into a temporary file without holding the journal; then,
+    /// holding it (appends wait), what was appended meanwhile is copied over
+    /// verbatim, the temporary file is fsynced and renamed over the journal,
+    /// and appends continue on it. A crash leaves one whole file or the other.
+    fn compact_running(&self, now: i64) -> Result<Option<Compacted>, RevocationError> {
+        let (path, written) = {
+            let journal = lock(&self.journal);
+            let Some(journal) = journal.as_ref() else {
+                return Ok(None);
+            };
+            if !journal.compaction_due(self.compact_min_lines) {
+                return Ok(None);
+            }
+            let io = |source| RevocationError::Journal {
+                path: journal.path.clone(),
+                source,
+            };
+            // Appends write whole lines under the lock: this is a line boundary.
+            (
+                journal.path.clone(),
+                journal.file.metadata().map_err(io)?.len(),
+            )
+        };
+        let io = |source| RevocationError::Journal {
+            path: path.clone(),
+            source,
+        };
+        let tmp = self.dir.join(format!("{JOURNAL_FILE}.compact"));
+        let result = (|| {
+            let head = File::open(&path).map_err(io)?.take(written);
+            let loaded = Loaded::from_lines(BufReader::new(head), now).map_err(io)?;
+            let mut out = File::create(&tmp).map_err(io)?;
+            let mut text = String::new();
+            for (line, _) in &loaded.entries {
+                text.push_str(line);
+                text.push('\n');
+            }
+            out.write_all(text.as_bytes()).map_err(io)?;
+            let kept = loaded.entries.len();
+            let dropped = loaded.expired + loaded.unreadable;
+
+            let mut journal = lock(&self.journal);
+            let Some(journal) = journal.as_mut() else {
+                return Ok(None);
+            };
+            let mut tail = Vec::new();
+            let mut file = File::open(&path).map_err(io)?;
+            file.seek(SeekFrom::Start(written)).map_err(io)?;
+            file.read_to_end(&mut tail).map_err(io)?;
+            out.write_all(&tail).map_err(io)?;
+            out.sync_all().map_err(io)?;
+            drop(out);
+            std::fs::rename(&tmp, &path).map_err(io)?;
+            if let Ok(d) = File::open(&self.dir) {
+                let _ = d.sync_all();
+            }
+            journal.file = OpenOptions::new().append(true).open(&path).map_err(io)?;
+            let tail_lines = tail.iter().filter(|b| **b == b'\n').count();
+            let before = journal.lines;
+            journal.lines = kept + tail_lines;
+            journal.kept = journal.lines;
+            Ok(Some(Compacted {
+                kept: journal.lines,
+                dropped: before.saturating_sub(journal.lines).max(dropped),
+            }))
+        })();
+        if result.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        result
     }
 
     /// The folder the journal is in.
@@ -139,6 +249,10 @@ impl Backend for JournalBackend {
 
     fn describe(&self) -> String {
         format!("journal {}", self.dir.join(JOURNAL_FILE).display())
+    }
+
+    fn compact(&self, now: i64) -> Result<Option<Compacted>, RevocationError> {
+        self.compact_running(now)
     }
 }
 
@@ -184,6 +298,51 @@ mod tests {
         assert_eq!(replay.unreadable, 1);
         let text = std::fs::read_to_string(dir.path().join(JOURNAL_FILE)).unwrap();
         assert_eq!(text, format!("{live}\n"));
+    }
+
+    #[test]
+    fn compacts_while_running_and_keeps_what_is_appended_meanwhile() {
+        let dir = tempfile::tempdir().unwrap();
+        let backend =
+            std::sync::Arc::new(JournalBackend::new(dir.path()).with_compact_min_lines(50));
+        backend.load(100).unwrap();
+        assert_eq!(backend.compact(100).unwrap(), None, "nothing to do yet");
+        let expiring: Vec<String> = (0..60).map(|i| entry(&format!("old{i}"), 150).0).collect();
+        let lasting: Vec<String> = (0..5).map(|i| entry(&format!("new{i}"), 500).0).collect();
+        backend.append(&expiring).unwrap();
+        backend.append(&lasting).unwrap();
+
+        // Appends go on from another thread while it compacts.
+        let writer = {
+            let backend = backend.clone();
+            std::thread::spawn(move || {
+                let mut written = Vec::new();
+                for i in 0..200 {
+                    let line = entry(&format!("during{i}"), 500).0;
+                    backend.append(std::slice::from_ref(&line)).unwrap();
+                    written.push(line);
+                }
+                written
+            })
+        };
+        let compacted = backend
+            .compact(200)
+            .unwrap()
+            .expect("due: 65 lines, 0 kept");
+        let during = writer.join().unwrap();
+        assert!(compacted.kept >= 5, "{compacted:?}");
+
+        let text = std::fs::read_to_string(dir.path().join(JOURNAL_FILE)).unwrap();
+        for line in lasting.iter().chain(&during) {
+            assert!(text.lines().any(|l| l == line), "lost {line}");
+        }
+        assert!(!text.contains("old"), "expired entries dropped");
+        // Appends continue on the compacted file, and a reload sees it all.
+        let after = entry("after", 500).0;
+        backend.append(std::slice::from_ref(&after)).unwrap();
+        let reloaded = JournalBackend::new(dir.path()).load(200).unwrap();
+        assert_eq!(reloaded.entries.len(), 5 + 200 + 1);
+        assert!(!dir.path().join(format!("{JOURNAL_FILE}.compact")).exists());
     }
 
     #[test]

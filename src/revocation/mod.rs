@@ -361,6 +361,8 @@ pub struct RevocationStats {
     pub resyncs_incremental: std::sync::atomic::AtomicU64,
     /// Entries read from Redis by syncs (snapshot members or log entries).
     pub resync_entries_read: std::sync::atomic::AtomicU64,
+    /// Compactions of the storage (the journal) while running.
+    pub journal_compactions: std::sync::atomic::AtomicU64,
 }
 
 impl RevocationStats {
@@ -385,6 +387,7 @@ impl Default for RevocationStats {
             resyncs_full: Default::default(),
             resyncs_incremental: Default::default(),
             resync_entries_read: Default::default(),
+            journal_compactions: Default::default(),
             propagation_lag: prometheus_client::metrics::histogram::Histogram::new([
                 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0,
             ]),

@@ -752,8 +752,10 @@ async fn journal_loop(
     }
 }
 
-/// Drops expired entries once a second (cheap when nothing expired). The Redis
-/// sync drops them from Redis on its own tick.
+/// Drops expired entries once a second (cheap when nothing expired), and lets
+/// the backend compact its storage when enough has accumulated
+/// ([`super::backend::Backend::compact`]). The Redis sync drops them from
+/// Redis on its own tick.
 async fn sweep_loop(store: std::sync::Weak<RevocationStore>, mut stop: watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -763,9 +765,35 @@ async fn sweep_loop(store: std::sync::Weak<RevocationStore>, mut stop: watch::Re
             _ = stop.changed() => return,
         }
         let Some(store) = store.upgrade() else { return };
-        let removed = store.sweep(unix_now());
+        let now = unix_now();
+        let removed = store.sweep(now);
         if removed > 0 {
             tracing::debug!(removed, "expired revocations dropped");
+        }
+        let backend = store.backend.clone();
+        let started = std::time::Instant::now();
+        match tokio::task::spawn_blocking(move || backend.compact(now)).await {
+            Ok(Ok(Some(done))) => {
+                store
+                    .stats
+                    .journal_compactions
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::info!(
+                    kept = done.kept,
+                    dropped = done.dropped,
+                    took = ?started.elapsed(),
+                    storage = %store.backend.describe(),
+                    "revocation storage compacted"
+                );
+            }
+            Ok(Ok(None)) => {}
+            // Not compacted: the storage is as it was, nothing is lost.
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "revocation storage compaction failed; retrying later")
+            }
+            Err(error) => {
+                tracing::warn!(%error, "revocation storage compaction failed; retrying later")
+            }
         }
     }
 }

@@ -299,6 +299,11 @@ fn register_state(
         counter(store.stats.accepted_over_cap.load(Ordering::Relaxed)),
     );
     registry.register(
+        "revocation_journal_compactions",
+        "Compactions of the revocation journal while running (expired and repeated lines dropped)",
+        counter(store.stats.journal_compactions.load(Ordering::Relaxed)),
+    );
+    registry.register(
         "revocation_pending_writes",
         "Local revocations not yet written to Redis",
         gauge(i64::try_from(status.pending_writes).unwrap_or(i64::MAX)),
