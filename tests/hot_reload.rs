@@ -108,19 +108,32 @@ async fn a_hundred_swaps_under_load_never_mix_sets_or_fail_a_call() {
     );
 }
 
+/// A server on `fx` with the policy watch running every `interval_ms`.
+async fn watched(
+    fx: &Fixture,
+    interval_ms: u64,
+) -> (
+    TestServer,
+    Arc<portcullis::state::ServerState>,
+    tokio::task::JoinHandle<()>,
+) {
+    let server = fx.serve().await;
+    let state = server.running.state().clone();
+    let mut config = fx.config();
+    config.policies.watch_interval = std::time::Duration::from_millis(interval_ms);
+    let watcher = tokio::spawn(portcullis::reload::watch(
+        state.clone(),
+        Arc::new(portcullis::reload::RunningConfig::fixed(config)),
+    ));
+    (server, state, watcher)
+}
+
 #[tokio::test]
 async fn the_folder_is_watched() {
     let fx = Fixture::new();
     let policy_file = fx.path("policies/orders.cedar");
     std::fs::write(&policy_file, SET_A).unwrap();
-    let server = fx.serve().await;
-    let state = server.running.state().clone();
-    let mut config = fx.config();
-    config.policies.watch_interval = std::time::Duration::from_millis(50);
-    let watcher = tokio::spawn(portcullis::reload::watch(
-        state.clone(),
-        std::sync::Arc::new(portcullis::reload::RunningConfig::fixed(config)),
-    ));
+    let (server, state, watcher) = watched(&fx, 50).await;
     let stats = state.reload_stats();
     let token = fx.es256().token("alice", &["orders:read"], &[]);
     let status = |server: &TestServer| {
@@ -162,14 +175,7 @@ async fn a_file_caught_mid_write_is_never_loaded() {
     let fx = Fixture::new();
     let policy_file = fx.path("policies/orders.cedar");
     std::fs::write(&policy_file, SET_A).unwrap();
-    let server = fx.serve().await;
-    let state = server.running.state().clone();
-    let mut config = fx.config();
-    config.policies.watch_interval = std::time::Duration::from_millis(100);
-    let watcher = tokio::spawn(portcullis::reload::watch(
-        state.clone(),
-        std::sync::Arc::new(portcullis::reload::RunningConfig::fixed(config)),
-    ));
+    let (_server, state, watcher) = watched(&fx, 100).await;
     let stats = state.reload_stats();
     for _ in 0..40 {
         let mut file = std::fs::File::create(&policy_file).unwrap();

@@ -528,7 +528,7 @@ async fn flush(sync: &SyncHandle, conn: &mut MultiplexedConnection) -> Result<()
     pipe.atomic();
     for p in &batch {
         pipe.zadd(&sync.key, &p.line, p.expires_at).ignore();
-        append_to_log(&mut pipe, sync, &p.line);
+        pipe.add_command(log_append(sync, &p.line)).ignore();
         pipe.publish(&sync.channel, &p.line).ignore();
     }
     timed("ZADD/XADD/PUBLISH", pipe.query_async::<()>(conn)).await?;
@@ -539,16 +539,16 @@ async fn flush(sync: &SyncHandle, conn: &mut MultiplexedConnection) -> Result<()
 }
 
 /// `XADD <log> MAXLEN ~ LOG_CAP * l <line>`.
-fn append_to_log(pipe: &mut redis::Pipeline, sync: &SyncHandle, line: &str) {
-    pipe.cmd("XADD")
-        .arg(&sync.log)
+fn log_append(sync: &SyncHandle, line: &str) -> redis::Cmd {
+    let mut xadd = redis::cmd("XADD");
+    xadd.arg(&sync.log)
         .arg("MAXLEN")
         .arg("~")
         .arg(LOG_CAP)
         .arg("*")
         .arg("l")
-        .arg(line)
-        .ignore();
+        .arg(line);
+    xadd
 }
 
 /// Whether this instance can follow the log from where it was.
@@ -709,15 +709,7 @@ async fn full_sync(
         Some((id, _)) => id.clone(),
         None => {
             // The marker's `l` is empty; readers skip it.
-            let mut marker = redis::cmd("XADD");
-            marker
-                .arg(&sync.log)
-                .arg("MAXLEN")
-                .arg("~")
-                .arg(LOG_CAP)
-                .arg("*")
-                .arg("l")
-                .arg("");
+            let marker = log_append(sync, "");
             timed("XADD (marker)", marker.query_async::<String>(conn)).await?
         }
     };
