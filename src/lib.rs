@@ -34,4 +34,6 @@ pub mod server;
 pub(crate) mod settle;
 pub mod state;
 pub mod telemetry;
+#[cfg(test)]
+pub(crate) mod test_setup;
 pub(crate) mod tls;

@@ -413,3 +413,99 @@ impl Drop for AbortOnDrop {
         self.0.abort();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering::Relaxed;
+
+    use super::*;
+    use crate::config::RevocationConfig;
+    use crate::revocation::backend::MemoryBackend;
+    use crate::revocation::{Target, unix_now};
+    use crate::test_setup::{NOW, request, setup};
+
+    #[test]
+    fn the_credential_is_chosen_in_order_and_a_malformed_header_is_refused() {
+        let setup = setup("");
+        let authn = Authenticator::from_config(&setup.config).unwrap();
+        let token = setup.token("orders:read", NOW - 10, NOW + 600);
+        let bearer = request("/orders/7", Some(&token));
+        assert!(matches!(
+            authn.presented_credential(&bearer, true),
+            Ok(PresentedCredential::Bearer(t)) if t == token
+        ));
+        let mut basic = request("/orders/7", None);
+        basic
+            .headers
+            .insert("authorization".into(), "Basic YWxpY2U6cHc=".into());
+        assert_eq!(
+            authn.presented_credential(&basic, true).err(),
+            Some(TokenError::NotBearer)
+        );
+        // A peer identity is a credential only where the route allows it.
+        let mut peer = request("/orders/7", None);
+        peer.peer_principal = Some("spiffe://example.org/ns/shop/sa/web".into());
+        assert!(matches!(
+            authn.presented_credential(&peer, false),
+            Ok(PresentedCredential::None)
+        ));
+        assert!(matches!(
+            authn.presented_credential(&peer, true),
+            Ok(PresentedCredential::Workload(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_token_is_verified_once_then_served_from_the_cache() {
+        let setup = setup("");
+        let authn = Authenticator::from_config(&setup.config).unwrap();
+        let token = setup.token("orders:read", NOW - 10, NOW + 600);
+        let http = request("/orders/7", Some(&token));
+        for _ in 0..3 {
+            let credential = authn.presented_credential(&http, false).unwrap();
+            let done = authn.authenticate(credential, NOW).await;
+            assert!(done.refusal.is_none(), "{:?}", done.refusal);
+            assert_eq!(done.token.expect("verified").subject, "alice");
+        }
+        assert_eq!(authn.counters().credentials.load(Relaxed), 3);
+        assert_eq!(authn.counters().signatures.load(Relaxed), 1, "cache hits");
+        // Expiry is judged on every call, cached or not.
+        let credential = authn.presented_credential(&http, false).unwrap();
+        let late = authn.authenticate(credential, NOW + 3600).await;
+        assert_eq!(late.refusal, Some(TokenError::Expired));
+    }
+
+    #[tokio::test]
+    async fn a_revoked_token_is_refused_and_keeps_its_identity_for_the_audit_line() {
+        let setup = setup("");
+        let authn = Authenticator::from_config(&setup.config).unwrap();
+        let store = RevocationStore::open_with(
+            &RevocationConfig::default(),
+            setup.config.token_lifetimes(),
+            Arc::new(MemoryBackend::new()),
+        )
+        .await
+        .unwrap();
+        authn.set_revocations(store.clone());
+        let now = unix_now();
+        let token = setup.token("orders:read", now - 10, now + 600);
+        let http = request("/orders/7", Some(&token));
+        let before = authn
+            .authenticate(authn.presented_credential(&http, false).unwrap(), now)
+            .await;
+        assert!(before.refusal.is_none());
+
+        let jti = Target::Token {
+            jti: "t1".into(),
+            issuer: None,
+        };
+        store.revoke(jti, None, String::new()).await.unwrap();
+        // Revocation is checked after the cache: a cached token is refused too.
+        let after = authn
+            .authenticate(authn.presented_credential(&http, false).unwrap(), now)
+            .await;
+        assert_eq!(after.refusal, Some(TokenError::Revoked));
+        assert_eq!(after.token.expect("identity kept").subject, "alice");
+        store.shutdown().await;
+    }
+}

@@ -245,3 +245,81 @@ impl Evaluator {
         }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::authn::{CredentialKind, VerifiedToken};
+    use crate::test_setup::{NOW, request, setup};
+
+    fn evaluator(application: &str) -> Evaluator {
+        let setup = setup(application);
+        Evaluator::from_config(&setup.config, &["User".to_owned()]).unwrap()
+    }
+
+    fn alice(scopes: &[&str]) -> VerifiedToken {
+        VerifiedToken {
+            issuer: "https://idp.test".into(),
+            subject: "alice".into(),
+            principal_type: "User".into(),
+            principal_id: "alice".into(),
+            jti: Some("t1".into()),
+            issued_at: NOW - 10,
+            expires_at: NOW + 600,
+            scopes: scopes.iter().map(|s| (*s).to_owned()).collect(),
+            roles: vec![],
+            client_id: None,
+            key_id: "k1".into(),
+            api_key_id: None,
+            credential: CredentialKind::Jwt,
+        }
+    }
+
+    #[test]
+    fn routes_give_the_action_and_path_parameters() {
+        let evaluator = evaluator("");
+        let http = request("/orders/7", None);
+        let route = evaluator.route(&http);
+        let facts = evaluator
+            .request_facts(&http, &route, None)
+            .expect("routed");
+        assert_eq!(facts.action, "get /orders/{id}");
+        assert_eq!(facts.path_params, [("id".to_owned(), "7".to_owned())]);
+        let stray = request("/invoices", None);
+        let none = evaluator.route(&stray);
+        assert!(evaluator.request_facts(&stray, &none, None).is_none());
+    }
+
+    #[test]
+    fn a_decision_is_evaluated_once_then_served_from_the_decision_cache() {
+        let evaluator = evaluator("");
+        let http = request("/orders/7", None);
+        let route = evaluator.route(&http);
+        let facts = || evaluator.request_facts(&http, &route, None).unwrap();
+        let reader = alice(&["orders:read"]);
+        let first = evaluator.evaluate(&reader, facts()).unwrap();
+        assert!(first.allowed);
+        assert_eq!(&*first.policies, ["orders-read".to_owned()]);
+        let again = evaluator.evaluate(&reader, facts()).unwrap();
+        assert!(Arc::ptr_eq(&first, &again), "the cached outcome");
+        assert_eq!(evaluator.decision_cache().len(), 1);
+        // Another scope is another decision.
+        let writer = evaluator
+            .evaluate(&alice(&["orders:write"]), facts())
+            .unwrap();
+        assert!(!writer.allowed);
+        assert_eq!(evaluator.decision_cache().len(), 2);
+    }
+
+    #[test]
+    fn envoys_mode_overrides_the_route_which_overrides_the_global_mode() {
+        let evaluator = evaluator("mode = \"dry-run\"");
+        let mut http = request("/orders/7", None);
+        assert_eq!(evaluator.policy_mode(&http), Mode::DryRun);
+        http.context_extensions
+            .insert("portcullis.mode".into(), "enforce".into());
+        assert_eq!(evaluator.policy_mode(&http), Mode::Enforce);
+    }
+}

@@ -1,98 +1,12 @@
 //! The pipeline over a real configuration: a throw-away ES256 key, the
 //! shipped policies, one route.
 
-use std::collections::HashMap;
 use std::sync::atomic::Ordering::Relaxed;
 
 use serde_json::json;
 
 use super::*;
-use crate::authn::mint::SigningKey;
-use crate::config::Config;
-
-struct Setup {
-    _dir: tempfile::TempDir,
-    config: Config,
-    key: SigningKey,
-}
-
-/// A config around the shipped policies; `application` lines go under
-/// `[application]`.
-fn setup(application: &str) -> Setup {
-    let dir = tempfile::tempdir().unwrap();
-    let key = SigningKey::generate_es256(Some("k1".into())).unwrap();
-    std::fs::write(
-        dir.path().join("jwks.json"),
-        serde_json::to_string(&key.public_jwks()).unwrap(),
-    )
-    .unwrap();
-    let policies = concat!(env!("CARGO_MANIFEST_DIR"), "/policies");
-    let toml = format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-
-[policies]
-dir = "{policies}"
-watch = false
-
-[application]
-name = "orders"
-{application}
-
-[[issuers]]
-issuer = "https://idp.test"
-audiences = ["orders-api"]
-jwks_file = "jwks.json"
-max_token_lifetime = "1h"
-roles_claim = "roles"
-
-[[routes]]
-method = "GET"
-path = "/orders/{{id}}"
-"#
-    );
-    std::fs::write(dir.path().join("portcullis.toml"), toml).unwrap();
-    let config = Config::load(&dir.path().join("portcullis.toml")).unwrap();
-    Setup {
-        _dir: dir,
-        config,
-        key,
-    }
-}
-
-impl Setup {
-    fn token(&self, scope: &str, iat: i64, exp: i64) -> String {
-        self.key
-            .sign_claims(&json!({
-                "iss": "https://idp.test",
-                "aud": "orders-api",
-                "sub": "alice",
-                "jti": "t1",
-                "scope": scope,
-                "iat": iat,
-                "exp": exp,
-            }))
-            .unwrap()
-    }
-}
-
-fn request(path: &str, token: Option<&str>) -> HttpRequest {
-    let mut headers = HashMap::new();
-    if let Some(token) = token {
-        headers.insert("authorization".to_owned(), format!("Bearer {token}"));
-    }
-    HttpRequest {
-        method: "GET".into(),
-        path: path.into(),
-        host: "orders.test".into(),
-        scheme: "https".into(),
-        headers,
-        ..Default::default()
-    }
-}
-
-const NOW: i64 = 1_900_000_000;
+use crate::test_setup::{NOW, request, setup};
 
 #[tokio::test]
 async fn each_stage_answers_with_its_own_reason() {
