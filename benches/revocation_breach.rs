@@ -427,6 +427,21 @@ async fn run(plan: Plan) {
     let bytes_after_full = redis_bytes(&redis);
     assert!(d.metric(IN_FORCE).await as usize >= expected);
 
+    // What else ran meanwhile (background work that competes for the cores).
+    let mut compactions = Vec::new();
+    for inst in [&a, &b, &c, &d] {
+        compactions.push(
+            inst.metric("portcullis_revocation_journal_compactions_total")
+                .await,
+        );
+    }
+    let persistence = redis.command(&["INFO", "persistence"]).unwrap_or_default();
+    let aof_rewrites = persistence
+        .lines()
+        .find_map(|l| l.strip_prefix("aof_rewrites:"))
+        .unwrap_or("?")
+        .trim()
+        .to_owned();
     for inst in [a, b, c, d] {
         inst.stop().await;
     }
@@ -491,6 +506,9 @@ async fn run(plan: Plan) {
         full_took.as_secs_f64(),
         mib(bytes_after_full.1 - bytes_before_full.1),
         mib(bytes_after_full.0 - bytes_before_full.0),
+    );
+    println!(
+        "  background work during the run: journal compactions per instance (A, B, C, D) {compactions:?}; Redis AOF rewrites {aof_rewrites}"
     );
     println!(
         "  startup (embedded, B's journal copied): empty {:.2} s / {} MiB RSS; {} entries {:.2} s / {} MiB RSS",

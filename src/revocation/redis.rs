@@ -20,11 +20,12 @@
 //! 1. connects (a multiplexed connection for commands, one for pub/sub) and
 //!    `SUBSCRIBE`s;
 //! 2. **resumes** when it can: same epoch, and the log still holds the entry
-//!    at its position (nothing it has not read was trimmed or lost). It
-//!    writes back the entries it learned since the log last confirmed its
-//!    position (a failover may have lost Redis' last writes), writes and publishes the
-//!    queued local revocations, and reads the log after its position: a
-//!    reconnect after a short outage transfers only what changed;
+//!    at its position (nothing it has not read was trimmed or lost). It reads
+//!    the log after its position and applies it, then writes back the
+//!    entries it learned since the log last confirmed its position (a
+//!    failover may have lost Redis' last writes) and writes and publishes the
+//!    queued local revocations: a reconnect after a short outage transfers
+//!    only what changed;
 //! 3. otherwise makes a **full** sync: notes the log's last entry, writes
 //!    every entry it knows back with `ZADD` (idempotent: entries queued while
 //!    Redis was away, or lost by a Redis that restarted without persistence,
@@ -638,11 +639,15 @@ async fn resync(
         Continuity::Unbroken(position) => {
             // What Redis may have lost in a failover: what we learned since
             // the log last confirmed our position (everything, if too much).
+            // Taken after `began`, so whatever is forgotten below was in it.
+            let began = Instant::now();
             let (overflowed, recent) = {
                 let recent = super::lock(&sync.recent);
                 let lines: Vec<String> = recent.lines.iter().map(|(_, l)| l.clone()).collect();
                 (recent.overflowed, lines)
             };
+            // Enforce what was missed first, then repair Redis.
+            let (read, _) = read_log(live, sync, conn, position, usize::MAX).await?;
             let lines: Vec<(String, i64)> = if overflowed {
                 live.lines()
             } else {
@@ -656,8 +661,6 @@ async fn resync(
             };
             write_back(sync, conn, &lines).await?;
             flush(sync, conn).await?;
-            let began = Instant::now();
-            let (read, _) = read_log(live, sync, conn, position, usize::MAX).await?;
             sync.forget_before(began);
             (Resync::Incremental, read)
         }
