@@ -406,6 +406,8 @@ async fn run(plan: Plan) {
     // Resync after an outage.
     let resyncs = "portcullis_revocation_resyncs_total{kind=\"incremental\"}";
     let incremental_before = c.metric(resyncs).await;
+    let full_resyncs = "portcullis_revocation_resyncs_total{kind=\"full\"}";
+    let full_before = c.metric(full_resyncs).await;
     proxy.cut();
     tokio::time::sleep(plan.outage / 2).await;
     revoke_batch(&mut admin, (0..100).map(|i| format!("outage-{i}"))).await;
@@ -416,8 +418,18 @@ async fn run(plan: Plan) {
     proxy.restore();
     until_in_force(&[&c], expected).await;
     let resync_took = restored.elapsed();
+    // The resync is counted once it has also repaired Redis (after it
+    // enforced what it read).
+    let counted = Instant::now();
+    while c.metric(resyncs).await == incremental_before
+        && c.metric(full_resyncs).await == full_before
+        && counted.elapsed() < Duration::from_secs(60)
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let bytes_after = redis_bytes(&redis);
     let incremental = c.metric(resyncs).await - incremental_before;
+    let full = c.metric(full_resyncs).await - full_before;
 
     // A new instance loads the snapshot.
     let bytes_before_full = redis_bytes(&redis);
@@ -494,7 +506,7 @@ async fn run(plan: Plan) {
     );
     println!(
         "  resync after a {:.0} s outage (100 made meanwhile, {} in force): C enforces them {:.0} ms after Redis is back; \
-         Redis sent {}, received {}; incremental resyncs: {incremental}",
+         Redis sent {}, received {} until it had also repaired Redis; resyncs: {incremental} incremental, {full} full",
         plan.outage.as_secs_f64(),
         expected,
         ms(resync_took),
