@@ -1,8 +1,9 @@
 //! The local append-only journal: one JSON revocation entry per line, fsynced on
 //! every append, replayed and compacted on start, and compacted again while
-//! running once it has grown to twice what it kept (at least
-//! [`COMPACT_MIN_LINES`] lines), so that expired entries do not pile up
-//! between restarts.
+//! running once it holds at least [`COMPACT_MIN_LINES`] lines and twice as
+//! many as there are entries in force (so at least half of it is dead), so
+//! that expired entries do not pile up between restarts and a journal of live
+//! entries is never rewritten for nothing.
 //!
 //! A torn last line (a crash in the middle of a write) is skipped with a warning;
 //! every complete line that parses is kept until it expires.
@@ -20,8 +21,9 @@ use super::{RevocationError, lock};
 pub const JOURNAL_FILE: &str = "revocations.log";
 
 /// A journal is compacted while running once it holds at least this many
-/// lines and twice as many as its last compaction kept: amortised, each line
-/// is rewritten a bounded number of times.
+/// lines and twice as many as there are entries in force: at least half of
+/// what is read is dropped, so each line is rewritten a bounded number of
+/// times.
 pub const COMPACT_MIN_LINES: usize = 10_000;
 
 /// An open journal, positioned for appends.
@@ -31,8 +33,6 @@ pub struct Journal {
     file: File,
     /// Lines in the file.
     lines: usize,
-    /// Lines the last compaction (or the load) kept.
-    kept: usize,
 }
 
 impl Journal {
@@ -78,16 +78,8 @@ impl Journal {
             .create(true)
             .open(&path)
             .map_err(io)?;
-        let kept = replay.entries.len();
-        Ok((
-            Journal {
-                path,
-                file,
-                lines: kept,
-                kept,
-            },
-            replay,
-        ))
+        let lines = replay.entries.len();
+        Ok((Journal { path, file, lines }, replay))
     }
 
     /// Appends `lines` (serialized entries) and waits until they are on disk.
@@ -113,8 +105,8 @@ impl Journal {
         Ok(())
     }
 
-    fn compaction_due(&self, min_lines: usize) -> bool {
-        self.lines >= min_lines && self.lines >= self.kept.saturating_mul(2)
+    fn compaction_due(&self, min_lines: usize, in_force: usize) -> bool {
+        self.lines >= min_lines && self.lines >= in_force.saturating_mul(2)
     }
 
     /// The journal file.
@@ -155,13 +147,17 @@ impl JournalBackend {
     /// holding it (appends wait), what was appended meanwhile is copied over
     /// verbatim, the temporary file is fsynced and renamed over the journal,
     /// and appends continue on it. A crash leaves one whole file or the other.
-    fn compact_running(&self, now: i64) -> Result<Option<Compacted>, RevocationError> {
+    fn compact_running(
+        &self,
+        now: i64,
+        in_force: usize,
+    ) -> Result<Option<Compacted>, RevocationError> {
         let (path, written) = {
             let journal = lock(&self.journal);
             let Some(journal) = journal.as_ref() else {
                 return Ok(None);
             };
-            if !journal.compaction_due(self.compact_min_lines) {
+            if !journal.compaction_due(self.compact_min_lines, in_force) {
                 return Ok(None);
             }
             let io = |source| RevocationError::Journal {
@@ -211,7 +207,6 @@ impl JournalBackend {
             let tail_lines = tail.iter().filter(|b| **b == b'\n').count();
             let before = journal.lines;
             journal.lines = kept + tail_lines;
-            journal.kept = journal.lines;
             Ok(Some(Compacted {
                 kept: journal.lines,
                 dropped: before.saturating_sub(journal.lines).max(dropped),
@@ -251,8 +246,8 @@ impl Backend for JournalBackend {
         format!("journal {}", self.dir.join(JOURNAL_FILE).display())
     }
 
-    fn compact(&self, now: i64) -> Result<Option<Compacted>, RevocationError> {
-        self.compact_running(now)
+    fn compact(&self, now: i64, in_force: usize) -> Result<Option<Compacted>, RevocationError> {
+        self.compact_running(now, in_force)
     }
 }
 
@@ -306,11 +301,16 @@ mod tests {
         let backend =
             std::sync::Arc::new(JournalBackend::new(dir.path()).with_compact_min_lines(50));
         backend.load(100).unwrap();
-        assert_eq!(backend.compact(100).unwrap(), None, "nothing to do yet");
+        assert_eq!(backend.compact(100, 0).unwrap(), None, "nothing to do yet");
         let expiring: Vec<String> = (0..60).map(|i| entry(&format!("old{i}"), 150).0).collect();
         let lasting: Vec<String> = (0..5).map(|i| entry(&format!("new{i}"), 500).0).collect();
         backend.append(&expiring).unwrap();
         backend.append(&lasting).unwrap();
+        assert_eq!(
+            backend.compact(100, 65).unwrap(),
+            None,
+            "every line in force: nothing to drop, not rewritten"
+        );
 
         // Appends go on from another thread while it compacts.
         let writer = {
@@ -326,7 +326,7 @@ mod tests {
             })
         };
         let compacted = backend
-            .compact(200)
+            .compact(200, 5)
             .unwrap()
             .expect("due: 65 lines, 0 kept");
         let during = writer.join().unwrap();

@@ -771,8 +771,9 @@ async fn sweep_loop(store: std::sync::Weak<RevocationStore>, mut stop: watch::Re
             tracing::debug!(removed, "expired revocations dropped");
         }
         let backend = store.backend.clone();
+        let in_force = store.status_count();
         let started = std::time::Instant::now();
-        match tokio::task::spawn_blocking(move || backend.compact(now)).await {
+        match tokio::task::spawn_blocking(move || backend.compact(now, in_force)).await {
             Ok(Ok(Some(done))) => {
                 store
                     .stats
