@@ -186,7 +186,6 @@ impl JournalBackend {
             }
             out.write_all(text.as_bytes()).map_err(io)?;
             let kept = loaded.entries.len();
-            let dropped = loaded.expired + loaded.unreadable;
 
             let mut journal = lock(&self.journal);
             let Some(journal) = journal.as_mut() else {
@@ -205,11 +204,12 @@ impl JournalBackend {
             }
             journal.file = OpenOptions::new().append(true).open(&path).map_err(io)?;
             let tail_lines = tail.iter().filter(|b| **b == b'\n').count();
+            // Every line is counted: what the head lost is the difference.
             let before = journal.lines;
             journal.lines = kept + tail_lines;
             Ok(Some(Compacted {
                 kept: journal.lines,
-                dropped: before.saturating_sub(journal.lines).max(dropped),
+                dropped: before.saturating_sub(journal.lines),
             }))
         })();
         if result.is_err() {

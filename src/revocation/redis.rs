@@ -38,7 +38,7 @@
 //!    catches anything pub/sub did not deliver).
 //!
 //! Any error ends the session; the task reconnects forever with exponential
-//! backoff capped at 1 second, so that every instance is back soon after Redis
+//! backoff capped at 500 ms, so that every instance is back soon after Redis
 //! is, and revocations made during an outage spread without waiting. Meanwhile
 //! the known entries stay enforced and new local revocations are enforced,
 //! journaled and queued.
@@ -59,9 +59,9 @@ use super::{RedisState, RevocationError, RevocationStore, unix_now};
 /// First retry delay after a lost connection.
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 /// Longest retry delay: short, because a revocation made during an outage
-/// reaches the other instances only once both ends have reconnected; an
-/// attempt a second per instance costs Redis nothing.
-const MAX_BACKOFF: Duration = Duration::from_secs(1);
+/// reaches the other instances only once both ends have reconnected; two
+/// attempts a second per instance cost Redis nothing.
+const MAX_BACKOFF: Duration = Duration::from_millis(500);
 /// Connect and command timeout.
 const TIMEOUT: Duration = Duration::from_secs(3);
 /// Liveness pings and expiry of old members.
