@@ -27,6 +27,10 @@
 //!   copy of B's journal, time until SERVING and resident memory, against the
 //!   same on an empty journal.
 //!
+//! `PORTCULLIS_BENCH_REDIS_CONFIG="name value"` sets a Redis parameter first
+//! (`CONFIG SET`), e.g. `auto-aof-rewrite-percentage 0` to see what Redis'
+//! append-only-file rewrites cost.
+//!
 //! Under `cargo test --all-targets` (no `--bench` argument) it runs sizes of
 //! 100 and 1,000, a mass revocation of 1,000 and a 1-second outage, as a smoke
 //! test.
@@ -345,6 +349,15 @@ fn copy_dir(from: &Path, to: &Path) {
 
 async fn run(plan: Plan) {
     let redis = RedisServer::start_with_appendfsync("everysec");
+    // For diagnosis: `PORTCULLIS_BENCH_REDIS_CONFIG="auto-aof-rewrite-percentage 0"`
+    // (a parameter and its value, given to `CONFIG SET`).
+    if let Ok(setting) = std::env::var("PORTCULLIS_BENCH_REDIS_CONFIG") {
+        let mut args = vec!["CONFIG", "SET"];
+        args.extend(setting.split_whitespace());
+        let reply = redis.command(&args).unwrap_or_default();
+        assert!(reply.starts_with("+OK"), "CONFIG SET {setting}: {reply}");
+        eprintln!("redis: CONFIG SET {setting}");
+    }
     let proxy = TcpProxy::start(redis.port).await;
     let fx = Fixture::with_keys(vec![TestKey::es256()]);
     let a = start(&fx, "a", &redis.url()).await;
