@@ -366,7 +366,7 @@ impl SyncHandle {
 enum End {
     /// Stop requested, or the store is gone.
     Stop,
-    /// The link failed; `synced` says whether the session got as far as a full sync.
+    /// The link failed; `synced` says whether the session got as far as a sync (full or resumed).
     Lost { error: String, synced: bool },
 }
 
@@ -389,7 +389,7 @@ pub(super) async fn run(store: Weak<RevocationStore>, mut stop: watch::Receiver<
         let Some(sync) = live.sync.as_ref() else {
             return;
         };
-        // A session that got as far as a full sync starts the schedule again.
+        // A session that got in sync starts the schedule again.
         if let End::Lost { synced: true, .. } = &end {
             backoff = retries();
         }
