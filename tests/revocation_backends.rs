@@ -625,4 +625,59 @@ mod redis_resync {
             store.shutdown().await;
         }
     }
+
+    /// A failover that lost Redis' last writes (here: the instance is cut
+    /// off, then its last entry is removed from the snapshot and the log, as
+    /// a replica promoted before it had them would lack them): on reconnect
+    /// the instance writes back what it learned lately, so a new instance
+    /// enforces the entry again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn writes_lost_in_a_failover_are_written_back_on_reconnect() {
+        let redis = RedisServer::start();
+        let proxy = TcpProxy::start(redis.port).await;
+        let b = open_on(proxy.url()).await;
+        b.revoke_many(fill("before", 5), "older".into())
+            .await
+            .unwrap();
+        let done = b
+            .revoke(jti("jti-of-lost"), None, "lost in the failover".into())
+            .await
+            .unwrap();
+        assert!(done.synced);
+        proxy.cut();
+        until("B to see the outage", || {
+            b.status().redis != RedisState::Connected
+        })
+        .await;
+
+        let lost = b
+            .list()
+            .into_iter()
+            .find(
+                |entry| matches!(&entry.target, Target::Token { jti, .. } if jti == "jti-of-lost"),
+            )
+            .expect("the entry")
+            .to_line();
+        let last = log_end(&redis).expect("the log's last entry");
+        assert_eq!(
+            redis.command(&["XDEL", LOG, &last]).as_deref(),
+            Some(":1\r\n")
+        );
+        assert_eq!(
+            redis.command(&["ZREM", SNAPSHOT, &lost]).as_deref(),
+            Some(":1\r\n")
+        );
+        assert_eq!(redis.zcard(SNAPSHOT), 5);
+
+        proxy.restore();
+        until("the lost entry to be written back", || {
+            redis.zcard(SNAPSHOT) == 6
+        })
+        .await;
+        let c = open_on(redis.url()).await;
+        assert_eq!(refused_by(&c, &token("lost")), Some("jti"));
+        for store in [b, c] {
+            store.shutdown().await;
+        }
+    }
 }
