@@ -108,15 +108,19 @@ async fn a_hundred_swaps_under_load_never_mix_sets_or_fail_a_call() {
     );
 }
 
-/// A server on `fx` with the policy watch running every `interval_ms`.
+/// A server on `fx` with `policies/orders.cedar` holding set A (returned)
+/// and the policy watch running every `interval_ms`.
 async fn watched(
     fx: &Fixture,
     interval_ms: u64,
 ) -> (
+    std::path::PathBuf,
     TestServer,
     Arc<portcullis::state::ServerState>,
     tokio::task::JoinHandle<()>,
 ) {
+    let policy_file = fx.path("policies/orders.cedar");
+    std::fs::write(&policy_file, SET_A).unwrap();
     let server = fx.serve().await;
     let state = server.running.state().clone();
     let mut config = fx.config();
@@ -125,15 +129,13 @@ async fn watched(
         state.clone(),
         Arc::new(portcullis::reload::RunningConfig::fixed(config)),
     ));
-    (server, state, watcher)
+    (policy_file, server, state, watcher)
 }
 
 #[tokio::test]
 async fn the_folder_is_watched() {
     let fx = Fixture::new();
-    let policy_file = fx.path("policies/orders.cedar");
-    std::fs::write(&policy_file, SET_A).unwrap();
-    let (server, state, watcher) = watched(&fx, 50).await;
+    let (policy_file, server, state, watcher) = watched(&fx, 50).await;
     let stats = state.reload_stats();
     let token = fx.es256().token("alice", &["orders:read"], &[]);
     let status = |server: &TestServer| {
@@ -173,9 +175,7 @@ async fn the_folder_is_watched() {
 async fn a_file_caught_mid_write_is_never_loaded() {
     use std::io::Write as _;
     let fx = Fixture::new();
-    let policy_file = fx.path("policies/orders.cedar");
-    std::fs::write(&policy_file, SET_A).unwrap();
-    let (_server, state, watcher) = watched(&fx, 100).await;
+    let (policy_file, _server, state, watcher) = watched(&fx, 100).await;
     let stats = state.reload_stats();
     for _ in 0..40 {
         let mut file = std::fs::File::create(&policy_file).unwrap();

@@ -58,21 +58,10 @@ impl Journal {
         // Compact: write the surviving lines to a temporary file, fsync it, and
         // rename it over the journal, so a crash leaves either file whole.
         let tmp = dir.join(format!("{JOURNAL_FILE}.tmp"));
-        {
-            let mut out = File::create(&tmp).map_err(io)?;
-            let mut text = String::new();
-            for (line, _) in &replay.entries {
-                text.push_str(line);
-                text.push('\n');
-            }
-            out.write_all(text.as_bytes()).map_err(io)?;
-            out.sync_all().map_err(io)?;
-        }
-        std::fs::rename(&tmp, &path).map_err(io)?;
-        if let Ok(d) = File::open(dir) {
-            // Makes the rename durable; not every platform allows fsync on a folder.
-            let _ = d.sync_all();
-        }
+        let mut out = File::create(&tmp).map_err(io)?;
+        out.write_all(lines_text(replay.entries.iter().map(|(l, _)| l.as_str())).as_bytes())
+            .map_err(io)?;
+        install(out, &tmp, &path).map_err(io)?;
         let file = OpenOptions::new()
             .append(true)
             .create(true)
@@ -87,11 +76,7 @@ impl Journal {
         &mut self,
         lines: impl IntoIterator<Item = &'a str>,
     ) -> Result<(), RevocationError> {
-        let mut text = String::new();
-        for line in lines {
-            text.push_str(line);
-            text.push('\n');
-        }
+        let text = lines_text(lines);
         if text.is_empty() {
             return Ok(());
         }
@@ -113,6 +98,32 @@ impl Journal {
     pub fn path(&self) -> &Path {
         &self.path
     }
+}
+
+/// `lines`, each followed by a newline: the journal's format.
+fn lines_text<'a>(lines: impl IntoIterator<Item = &'a str>) -> String {
+    let mut text = String::new();
+    for line in lines {
+        text.push_str(line);
+        text.push('\n');
+    }
+    text
+}
+
+/// Makes `out` (written at `tmp`) the journal at `path`: fsynced, renamed
+/// over it, and the rename made durable, so a crash leaves one whole file
+/// or the other.
+fn install(out: File, tmp: &Path, path: &Path) -> std::io::Result<()> {
+    out.sync_all()?;
+    drop(out);
+    std::fs::rename(tmp, path)?;
+    if let Some(dir) = path.parent()
+        && let Ok(d) = File::open(dir)
+    {
+        // Not every platform allows fsync on a folder.
+        let _ = d.sync_all();
+    }
+    Ok(())
 }
 
 /// The append-only journal in a folder (`[revocation] data_dir`): one line
@@ -179,12 +190,8 @@ impl JournalBackend {
             let head = File::open(&path).map_err(io)?.take(written);
             let loaded = Loaded::from_lines(BufReader::new(head), now).map_err(io)?;
             let mut out = File::create(&tmp).map_err(io)?;
-            let mut text = String::new();
-            for (line, _) in &loaded.entries {
-                text.push_str(line);
-                text.push('\n');
-            }
-            out.write_all(text.as_bytes()).map_err(io)?;
+            out.write_all(lines_text(loaded.entries.iter().map(|(l, _)| l.as_str())).as_bytes())
+                .map_err(io)?;
             let kept = loaded.entries.len();
 
             let mut journal = lock(&self.journal);
@@ -196,12 +203,7 @@ impl JournalBackend {
             file.seek(SeekFrom::Start(written)).map_err(io)?;
             file.read_to_end(&mut tail).map_err(io)?;
             out.write_all(&tail).map_err(io)?;
-            out.sync_all().map_err(io)?;
-            drop(out);
-            std::fs::rename(&tmp, &path).map_err(io)?;
-            if let Ok(d) = File::open(&self.dir) {
-                let _ = d.sync_all();
-            }
+            install(out, &tmp, &path).map_err(io)?;
             journal.file = OpenOptions::new().append(true).open(&path).map_err(io)?;
             let tail_lines = tail.iter().filter(|b| **b == b'\n').count();
             // Every line is counted: what the head lost is the difference.
