@@ -437,3 +437,348 @@ mod tests {
         assert!(http_request(CheckRequest::default()).is_none());
     }
 }
+
+/// Fuzz targets of the `CheckRequest` adapter and the pipeline behind it
+/// (see [`crate::fuzz`]). Oracle: no panic, no hang, and an allow only for a
+/// request the shipped policies allow with a valid credential.
+#[cfg(test)]
+mod fuzz {
+    use std::net::IpAddr;
+
+    use envoy_types::pb::envoy::config::core::v3::address::Address as CoreAddress;
+    use envoy_types::pb::envoy::config::core::v3::{
+        Address as EnvoyAddress, HeaderMap, SocketAddress,
+    };
+    use envoy_types::pb::envoy::service::auth::v3::AttributeContext;
+    use envoy_types::pb::envoy::service::auth::v3::attribute_context::{
+        Peer, Request as EnvoyRequest,
+    };
+    use prost::Message;
+    use serde_json::json;
+
+    use super::*;
+    use crate::engine::Engine;
+    use crate::fuzz::{Target, bytes, run};
+    use crate::test_setup::{NOW, Setup, setup};
+
+    /// The pipeline over the shipped policies and the tokens that may pass it.
+    struct Subject {
+        setup: Setup,
+        engine: Engine,
+        runtime: tokio::runtime::Runtime,
+        /// Valid tokens carrying `orders:read` (the only scope that opens the
+        /// one route, `GET /orders/{id}`).
+        readers: Vec<String>,
+        /// Valid tokens without it, and invalid ones.
+        others: Vec<String>,
+    }
+
+    fn subject() -> Subject {
+        let setup = setup("");
+        let engine = Engine::from_config(&setup.config).unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let sign = |claims: serde_json::Value| setup.key.sign_claims(&claims).unwrap();
+        let base = json!({
+            "iss": "https://idp.test", "aud": "orders-api", "sub": "bob", "jti": "t2",
+            "iat": NOW - 10, "exp": NOW + 600,
+        });
+        let with = |extra: serde_json::Value| {
+            let mut claims = base.clone();
+            if let (Some(claims), Some(extra)) = (claims.as_object_mut(), extra.as_object()) {
+                claims.extend(extra.clone());
+            }
+            sign(claims)
+        };
+        let readers = vec![
+            setup.token("orders:read", NOW - 10, NOW + 600),
+            with(json!({ "scope": "orders:read orders:write", "roles": ["admin"] })),
+        ];
+        let others = vec![
+            setup.token("orders:write", NOW - 10, NOW + 600),
+            setup.token("orders:read", NOW - 1200, NOW - 600),
+            with(json!({ "scope": "orders:read", "aud": "other-api" })),
+            with(json!({ "scope": "orders:read", "iss": "https://evil.test" })),
+            with(json!({ "scope": "orders:read", "exp": NOW + 86_400 })),
+        ];
+        Subject {
+            setup,
+            engine,
+            runtime,
+            readers,
+            others,
+        }
+    }
+
+    impl Subject {
+        /// The request as the engine sees it, and whether the engine allowed it.
+        fn decide(&self, check: CheckRequest) -> Option<(HttpRequest, bool)> {
+            let http = http_request(check)?;
+            let decision = self.runtime.block_on(self.engine.decide_at(&http, NOW));
+            let response = check_response(
+                &decision,
+                self.engine.response_config(),
+                self.engine.realm(),
+                self.engine.authenticator().api_key_header(),
+            );
+            let allowed = response.status.as_ref().map(|s| s.code) == Some(grpc_code::OK);
+            assert_eq!(allowed, decision.verdict == Verdict::Allow, "{decision:?}");
+            Some((http, allowed))
+        }
+
+        /// What the shipped policies allow, said independently and
+        /// conservatively: `GET /orders/<one plain segment>` with a valid
+        /// `orders:read` token as the one bearer credential, from outside
+        /// 203.0.113.0/24.
+        fn may_allow(&self, http: &HttpRequest) -> bool {
+            let token = http.headers.get("authorization").and_then(|value| {
+                let mut parts = value.split_ascii_whitespace();
+                match (parts.next(), parts.next(), parts.next()) {
+                    (Some(scheme), Some(token), None) if scheme.eq_ignore_ascii_case("bearer") => {
+                        Some(token)
+                    }
+                    _ => None,
+                }
+            });
+            let path = http.path.split(['?', '#']).next().unwrap_or("");
+            let segment_plain = path.strip_prefix("/orders/").is_some_and(|segment| {
+                let lower = segment.to_ascii_lowercase();
+                !segment.is_empty()
+                    && !segment.contains(['/', '\\'])
+                    && !segment.bytes().any(|b| b.is_ascii_control())
+                    && !matches!(lower.replace("%2e", ".").as_str(), "." | "..")
+                    && !lower.contains("%2f")
+                    && !lower.contains("%5c")
+            });
+            let blocked = http.source_ip.is_some_and(|ip| match ip {
+                IpAddr::V4(v4) => v4.octets()[..3] == [203, 0, 113],
+                IpAddr::V6(_) => false,
+            });
+            http.method == "GET"
+                && segment_plain
+                && !blocked
+                && token.is_some_and(|t| self.readers.iter().any(|r| r == t))
+        }
+    }
+
+    /// `CheckRequest` protobuf bytes as Envoy would send them.
+    fn encoded(
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        source: Option<&str>,
+        raw: bool,
+    ) -> Vec<u8> {
+        let mut headers: HashMap<String, String> = HashMap::new();
+        headers.insert(":authority".into(), "orders.test".into());
+        headers.insert("x-request-id".into(), "r-1".into());
+        if let Some(token) = token {
+            headers.insert("authorization".into(), format!("Bearer {token}"));
+        }
+        let http = if raw {
+            EnvoyHttpRequest {
+                method: method.into(),
+                path: path.into(),
+                header_map: Some(HeaderMap {
+                    headers: headers
+                        .into_iter()
+                        .map(|(key, value)| HeaderValue {
+                            key,
+                            raw_value: value.into_bytes(),
+                            ..Default::default()
+                        })
+                        .collect(),
+                }),
+                ..Default::default()
+            }
+        } else {
+            EnvoyHttpRequest {
+                method: method.into(),
+                path: path.into(),
+                host: "orders.test".into(),
+                scheme: "https".into(),
+                headers,
+                ..Default::default()
+            }
+        };
+        CheckRequest {
+            attributes: Some(AttributeContext {
+                source: source.map(|ip| Peer {
+                    address: Some(EnvoyAddress {
+                        address: Some(CoreAddress::SocketAddress(SocketAddress {
+                            address: ip.into(),
+                            ..Default::default()
+                        })),
+                    }),
+                    ..Default::default()
+                }),
+                request: Some(EnvoyRequest {
+                    http: Some(http),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+        }
+        .encode_to_vec()
+    }
+
+    fn dictionary(subject: &Subject) -> Vec<Vec<u8>> {
+        let mut words = bytes([
+            "Bearer ",
+            "bearer\t",
+            "/orders/",
+            "/orders",
+            "..",
+            "%2e",
+            "%2F",
+            "%5c",
+            "?",
+            "#",
+            "//",
+            ";",
+            "GET",
+            "POST",
+            "DELETE",
+            "get",
+            "authorization",
+            ":path",
+            ":method",
+            "203.0.113.9",
+            "::ffff:203.0.113.9",
+            "10.0.0.1",
+            "eyJhbGciOiJub25lIn0.",
+            ".",
+        ]);
+        for token in subject.readers.iter().chain(&subject.others) {
+            words.push(token.as_bytes().to_vec());
+            // The header and the claims of each, for splicing.
+            words.extend(token.split('.').map(|part| part.as_bytes().to_vec()));
+        }
+        words
+    }
+
+    #[test]
+    fn fuzz_check_request_protobuf() {
+        let subject = subject();
+        let reader = subject.readers[0].as_str();
+        let mut seeds = vec![
+            encoded("GET", "/orders/7", Some(reader), None, false),
+            encoded("GET", "/orders/7?x=1", Some(reader), Some("10.1.2.3"), true),
+            encoded("POST", "/orders", Some(&subject.readers[1]), None, false),
+            encoded("GET", "/orders/7", None, None, false),
+            CheckRequest::default().encode_to_vec(),
+        ];
+        seeds.extend(
+            subject
+                .others
+                .iter()
+                .map(|t| encoded("GET", "/orders/7", Some(t), None, false)),
+        );
+        run(
+            Target {
+                name: "check_request_protobuf",
+                seeds,
+                dictionary: dictionary(&subject),
+                cases: 4000,
+            },
+            |input| {
+                let Ok(check) = CheckRequest::decode(input) else {
+                    return;
+                };
+                if let Some((http, allowed)) = subject.decide(check) {
+                    assert!(!allowed || subject.may_allow(&http), "allowed: {http:?}");
+                }
+            },
+        );
+    }
+
+    /// The fields of a request, one per line (method, path, authorization,
+    /// source address, one extra header `name: value`, and `raw` for Envoy's
+    /// `header_map` encoding), so that mutations land inside fields instead of
+    /// breaking the protobuf framing.
+    #[test]
+    fn fuzz_check_request_fields() {
+        let subject = subject();
+        let line = |method: &str, path: &str, token: &str, source: &str, extra: &str, raw: &str| {
+            format!("{method}\n{path}\nBearer {token}\n{source}\n{extra}\n{raw}")
+        };
+        let reader = subject.readers[0].as_str();
+        let mut seeds = vec![
+            line("GET", "/orders/7", reader, "10.1.2.3", "x-a: 1", ""),
+            line("GET", "/orders/7", reader, "203.0.113.9", "", "raw"),
+            line("DELETE", "/orders/7", &subject.readers[1], "", "", ""),
+            line(
+                "GET",
+                "/orders/abc?x=y",
+                &subject.readers[1],
+                "::1",
+                "authorization: x",
+                "raw",
+            ),
+        ];
+        seeds.extend(
+            subject
+                .others
+                .iter()
+                .map(|t| line("GET", "/orders/7", t, "10.1.2.3", "", "")),
+        );
+        run(
+            Target {
+                name: "check_request_fields",
+                seeds: bytes(seeds),
+                dictionary: dictionary(&subject),
+                cases: 6000,
+            },
+            |input| {
+                let text = String::from_utf8_lossy(input);
+                let mut fields = text.split('\n');
+                let mut next = || fields.next().unwrap_or("").to_owned();
+                let (method, path, authorization, source) = (next(), next(), next(), next());
+                let extra = next();
+                let raw = next() == "raw";
+                let mut check = CheckRequest::decode(
+                    encoded(
+                        &method,
+                        &path,
+                        None,
+                        Some(&source).filter(|s| !s.is_empty()).map(|s| s.as_str()),
+                        raw,
+                    )
+                    .as_slice(),
+                )
+                .unwrap();
+                let mut headers = vec![("authorization".to_owned(), authorization)];
+                if let Some((name, value)) = extra.split_once(':') {
+                    headers.push((name.to_owned(), value.trim_start().to_owned()));
+                }
+                if let Some(http) = check
+                    .attributes
+                    .as_mut()
+                    .and_then(|a| a.request.as_mut())
+                    .and_then(|r| r.http.as_mut())
+                {
+                    for (name, value) in headers {
+                        match http.header_map.as_mut() {
+                            Some(map) => map.headers.push(HeaderValue {
+                                key: name,
+                                raw_value: value.into_bytes(),
+                                ..Default::default()
+                            }),
+                            None => {
+                                http.headers.insert(name, value);
+                            }
+                        }
+                    }
+                }
+                // Through the wire format, as Envoy's bytes arrive.
+                let check = CheckRequest::decode(check.encode_to_vec().as_slice()).unwrap();
+                if let Some((http, allowed)) = subject.decide(check) {
+                    assert!(!allowed || subject.may_allow(&http), "allowed: {http:?}");
+                }
+            },
+        );
+        let _ = &subject.setup;
+    }
+}

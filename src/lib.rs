@@ -25,6 +25,8 @@ pub mod decision;
 pub(crate) mod digest;
 pub mod engine;
 pub(crate) mod ext_authz;
+#[cfg(test)]
+pub(crate) mod fuzz;
 pub(crate) mod openapi;
 pub(crate) mod policy_tests;
 pub mod reload;
