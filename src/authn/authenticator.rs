@@ -509,3 +509,246 @@ mod tests {
         store.shutdown().await;
     }
 }
+
+/// Fuzz targets of JWT parsing and verification (see [`crate::fuzz`]): whole
+/// tokens mutated, and headers or claims mutated then signed with the
+/// issuer's real key, so that mutations get past the signature. Oracle: no
+/// panic, no hang, and a token is accepted only if it is one of the valid
+/// tokens (whole tokens), or its header and claims meet every rule of
+/// `docs/reference/token-rules.md` as read independently here.
+#[cfg(test)]
+mod fuzz {
+    use base64::Engine as _;
+    use serde_json::{Value, json};
+
+    use super::*;
+    use crate::engine::Engine;
+    use crate::fuzz::{Target, bytes, run};
+    use crate::test_setup::{NOW, Setup, setup};
+
+    const HEADER: &str = r#"{"alg":"ES256","typ":"JWT","kid":"k1"}"#;
+
+    struct Verifier {
+        setup: Setup,
+        engine: Engine,
+        runtime: tokio::runtime::Runtime,
+    }
+
+    fn verifier() -> Verifier {
+        let setup = setup("");
+        let engine = Engine::from_config(&setup.config).unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        Verifier {
+            setup,
+            engine,
+            runtime,
+        }
+    }
+
+    impl Verifier {
+        fn accepts(&self, token: &str) -> bool {
+            let authentication = self.runtime.block_on(
+                self.engine
+                    .authenticator()
+                    .authenticate(PresentedCredential::Bearer(token), NOW),
+            );
+            assert_eq!(
+                authentication.token.is_some(),
+                authentication.refusal.is_none()
+            );
+            authentication.refusal.is_none()
+        }
+
+        /// The token rules, said independently: a JSON object header naming
+        /// ES256 and no critical extension; claims with our issuer and
+        /// audience, a subject, and numeric `iat`/`exp` meeting the clock,
+        /// the leeway and the issuer's maximum lifetime.
+        fn may_accept(&self, header: &[u8], claims: &[u8]) -> bool {
+            let issuer = &self.setup.config.issuers[0];
+            let leeway = issuer.leeway.as_secs() as i64;
+            let max_lifetime = issuer.max_token_lifetime.as_secs() as i64;
+            let Ok(Value::Object(header)) = serde_json::from_slice::<Value>(header) else {
+                return false;
+            };
+            let Ok(Value::Object(claims)) = serde_json::from_slice::<Value>(claims) else {
+                return false;
+            };
+            let number = |name: &str| claims.get(name).and_then(Value::as_f64);
+            let audience_ok = match claims.get("aud") {
+                Some(Value::String(aud)) => aud == "orders-api",
+                Some(Value::Array(auds)) => auds.iter().any(|a| a == "orders-api"),
+                _ => false,
+            };
+            let times_ok = match (number("exp"), number("iat")) {
+                (Some(exp), Some(iat)) => {
+                    exp > (NOW - leeway) as f64
+                        && iat <= (NOW + leeway) as f64
+                        && exp - iat <= (max_lifetime + leeway) as f64
+                        && number("nbf").is_none_or(|nbf| nbf <= (NOW + leeway) as f64)
+                }
+                _ => false,
+            };
+            header.get("alg") == Some(&json!("ES256"))
+                && !header.contains_key("crit")
+                && claims.get("iss") == Some(&json!("https://idp.test"))
+                && audience_ok
+                && claims
+                    .get("sub")
+                    .and_then(Value::as_str)
+                    .is_some_and(|s| !s.is_empty())
+                && times_ok
+        }
+    }
+
+    fn claims_text(extra: Value) -> String {
+        let mut claims = json!({
+            "iss": "https://idp.test", "aud": "orders-api", "sub": "alice", "jti": "t9",
+            "scope": "orders:read", "iat": NOW - 10, "exp": NOW + 600,
+        });
+        if let (Some(claims), Some(extra)) = (claims.as_object_mut(), extra.as_object()) {
+            claims.extend(extra.clone());
+        }
+        claims.to_string()
+    }
+
+    fn dictionary() -> Vec<Vec<u8>> {
+        bytes([
+            r#""alg":"none""#,
+            r#""alg":"HS256""#,
+            r#""alg":"RS256""#,
+            r#""alg":"ES384""#,
+            r#""alg":"EdDSA""#,
+            r#""kid":"k2""#,
+            r#""kid":"../k1""#,
+            r#""crit":["exp"]"#,
+            r#""jku":"https://evil.test/jwks""#,
+            r#""typ":"at+jwt""#,
+            r#""aud":["other","orders-api"]"#,
+            r#""aud":"other""#,
+            r#""iss":"https://evil.test""#,
+            r#""exp":1e20"#,
+            r#""exp":-1"#,
+            r#""exp":"2000000000""#,
+            r#""iat":1.5"#,
+            r#""nbf":99999999999"#,
+            r#""sub":"""#,
+            r#""sub":null"#,
+            ",",
+            "\"",
+            "{}",
+            "1900000000",
+            "1900000600",
+            "1899999990",
+            "null",
+            "true",
+        ])
+    }
+
+    #[test]
+    fn fuzz_jwt_whole_tokens() {
+        let verifier = verifier();
+        let key = &verifier.setup.key;
+        let valid = [
+            key.sign_raw(HEADER.as_bytes(), claims_text(json!({})).as_bytes()),
+            verifier.setup.token("orders:read", NOW - 10, NOW + 600),
+        ];
+        for token in &valid {
+            assert!(verifier.accepts(token), "the seeds are valid");
+        }
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let claims = b64.encode(claims_text(json!({})));
+        let mut seeds = bytes(&valid);
+        seeds.extend(bytes([
+            format!("{}.{claims}.", b64.encode(r#"{"alg":"none"}"#)),
+            format!(
+                "{}.{claims}.c2ln",
+                b64.encode(r#"{"alg":"HS256","kid":"k1"}"#)
+            ),
+            format!("{}.{claims}", b64.encode(HEADER)),
+        ]));
+        let mut words = dictionary();
+        words.extend(bytes([".", "=", "-", "_", "+", "/", "eyJ", "e30"]));
+        for part in valid.iter().flat_map(|t| t.split('.')) {
+            words.push(part.as_bytes().to_vec());
+        }
+        run(
+            Target {
+                name: "jwt_whole_tokens",
+                seeds,
+                dictionary: words,
+                cases: 6000,
+            },
+            |input| {
+                let Ok(token) = std::str::from_utf8(input) else {
+                    return;
+                };
+                if verifier.accepts(token) {
+                    assert!(valid.iter().any(|v| v == token), "accepted a mutated token");
+                }
+            },
+        );
+    }
+
+    #[test]
+    fn fuzz_jwt_signed_claims() {
+        let verifier = verifier();
+        let seeds = bytes([
+            claims_text(json!({})),
+            claims_text(json!({ "aud": ["a", "orders-api"], "nbf": NOW - 5, "roles": ["admin"] })),
+            claims_text(json!({ "exp": NOW - 120 })),
+            claims_text(json!({ "iat": NOW - 10, "exp": NOW + 3590 })),
+        ]);
+        run(
+            Target {
+                name: "jwt_signed_claims",
+                seeds,
+                dictionary: dictionary(),
+                cases: 6000,
+            },
+            |claims| {
+                let token = verifier.setup.key.sign_raw(HEADER.as_bytes(), claims);
+                if verifier.accepts(&token) {
+                    assert!(
+                        verifier.may_accept(HEADER.as_bytes(), claims),
+                        "accepted claims the rules refuse: {}",
+                        String::from_utf8_lossy(claims)
+                    );
+                }
+            },
+        );
+    }
+
+    #[test]
+    fn fuzz_jwt_signed_headers() {
+        let verifier = verifier();
+        let claims = claims_text(json!({}));
+        let seeds = bytes([
+            HEADER,
+            r#"{"alg":"ES256","kid":"k1"}"#,
+            r#"{"kid":"k1","alg":"ES256","typ":"at+jwt","cty":"x"}"#,
+            r#"{"alg":"ES256","kid":"k1","crit":["exp"],"exp":1}"#,
+            r#"{"alg":"ES256","kid":"k1","alg":"none"}"#,
+        ]);
+        run(
+            Target {
+                name: "jwt_signed_headers",
+                seeds,
+                dictionary: dictionary(),
+                cases: 6000,
+            },
+            |header| {
+                let token = verifier.setup.key.sign_raw(header, claims.as_bytes());
+                if verifier.accepts(&token) {
+                    assert!(
+                        verifier.may_accept(header, claims.as_bytes()),
+                        "accepted a header the rules refuse: {}",
+                        String::from_utf8_lossy(header)
+                    );
+                }
+            },
+        );
+    }
+}

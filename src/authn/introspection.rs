@@ -583,3 +583,130 @@ mod tests {
         assert!(!is_lasting_refusal(TokenError::NotYetValid));
     }
 }
+
+/// Fuzz target of the introspection response (see [`crate::fuzz`]): the JSON
+/// body an introspection endpoint answers, mutated. Oracle: no panic, and an
+/// identity only from an active response of this issuer, for us, unexpired,
+/// naming its principal.
+#[cfg(test)]
+mod fuzz {
+    use serde_json::{Value, json};
+
+    use super::*;
+    use crate::config::Config;
+    use crate::engine::Engine;
+    use crate::fuzz::{Target, bytes, run};
+    use crate::test_setup::NOW;
+
+    #[test]
+    fn fuzz_introspection_response() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("secret"), "s3cret").unwrap();
+        let key = crate::authn::mint::SigningKey::generate_es256(Some("k1".into())).unwrap();
+        std::fs::write(
+            dir.path().join("jwks.json"),
+            serde_json::to_string(&key.public_jwks()).unwrap(),
+        )
+        .unwrap();
+        let policies = concat!(env!("CARGO_MANIFEST_DIR"), "/policies");
+        let toml = format!(
+            r#"
+[server]
+listen = "127.0.0.1:0"
+[policies]
+dir = "{policies}"
+watch = false
+[application]
+name = "orders"
+[[issuers]]
+issuer = "https://idp.test"
+audiences = ["orders-api"]
+jwks_file = "jwks.json"
+max_token_lifetime = "1h"
+[issuers.introspection]
+endpoint = "https://idp.test/introspect"
+client_id = "portcullis"
+client_secret_file = "secret"
+"#
+        );
+        std::fs::write(dir.path().join("portcullis.toml"), toml).unwrap();
+        let config = Config::load(&dir.path().join("portcullis.toml")).unwrap();
+        let leeway = config.issuers[0].leeway.as_secs() as i64;
+        let engine = Engine::from_config(&config).unwrap();
+        let introspector = engine.authenticator().issuers().introspectors()[0].clone();
+        let response = |extra: Value| {
+            let mut body = json!({
+                "active": true, "iss": "https://idp.test", "aud": "orders-api",
+                "sub": "alice", "scope": "orders:read", "client_id": "c1",
+                "iat": NOW - 10, "exp": NOW + 600, "jti": "o1",
+            });
+            if let (Some(body), Some(extra)) = (body.as_object_mut(), extra.as_object()) {
+                body.extend(extra.clone());
+            }
+            body.to_string()
+        };
+        let seeds = bytes([
+            response(json!({})),
+            response(json!({ "aud": ["x", "orders-api"], "nbf": NOW - 1, "roles": ["admin"] })),
+            response(json!({ "active": false })),
+            response(json!({ "exp": null, "iat": null })),
+            r#"{"active":true}"#.to_owned(),
+        ]);
+        let dictionary = bytes([
+            r#""active":"true""#,
+            r#""active":1"#,
+            r#""iss":"https://evil.test""#,
+            r#""aud":"other""#,
+            r#""aud":[]"#,
+            r#""exp":1e300"#,
+            r#""exp":-1"#,
+            r#""sub":"""#,
+            r#""sub":["a"]"#,
+            r#""scope":["a"]"#,
+            "true",
+            "false",
+            "null",
+            ",",
+            "\"",
+            "{}",
+        ]);
+        run(
+            Target {
+                name: "introspection_response",
+                seeds,
+                dictionary,
+                cases: 8000,
+            },
+            |body| {
+                let Ok(value) = serde_json::from_slice::<Value>(body) else {
+                    return;
+                };
+                let Ok(token) = introspector.verify_response(&value, NOW) else {
+                    return;
+                };
+                let field = |name: &str| value.get(name);
+                assert_eq!(field("active"), Some(&json!(true)), "inactive accepted");
+                assert!(
+                    field("iss").is_none_or(|i| i == "https://idp.test"),
+                    "foreign issuer accepted"
+                );
+                assert!(
+                    field("exp")
+                        .and_then(Value::as_f64)
+                        .is_none_or(|exp| exp > (NOW - leeway) as f64),
+                    "expired accepted"
+                );
+                assert!(
+                    match field("aud") {
+                        None | Some(Value::Null) => true,
+                        Some(Value::String(a)) => a == "orders-api",
+                        Some(Value::Array(a)) => a.iter().any(|a| a == "orders-api"),
+                        Some(_) => false,
+                    },
+                    "foreign audience accepted"
+                );
+                assert!(!token.principal_id.is_empty());
+            },
+        );
+    }
+}

@@ -309,3 +309,77 @@ mod tests {
         assert!(err.contains("1024 bits"), "{err}");
     }
 }
+
+/// Fuzz target of JWKS documents, as a remote endpoint or a local file serves
+/// them (see [`crate::fuzz`]). Oracle: no panic, and a parsed set holds only
+/// keys pinned to an accepted asymmetric algorithm (never a symmetric or
+/// `none` key, the door to algorithm confusion).
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use crate::authn::mint::SigningKey;
+    use crate::fuzz::{Target, bytes, run};
+
+    #[test]
+    fn fuzz_jwks_document() {
+        let es256 = serde_json::to_string(
+            &SigningKey::generate_es256(Some("k1".into()))
+                .unwrap()
+                .public_jwks(),
+        )
+        .unwrap();
+        let seeds = bytes([
+            es256.clone(),
+            r#"{"keys":[{"kty":"oct","kid":"h","alg":"HS256","k":"c2VjcmV0"}]}"#.to_owned(),
+            r#"{"keys":[{"kty":"OKP","crv":"Ed25519","kid":"e","x":"11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo"}]}"#.to_owned(),
+            r#"{"keys":[{"kty":"RSA","kid":"r","alg":"RS256","n":"sXch","e":"AQAB","use":"enc"}]}"#.to_owned(),
+        ]);
+        let dictionary = bytes([
+            r#""alg":"HS256""#,
+            r#""alg":"none""#,
+            r#""alg":"RS256""#,
+            r#""alg":"ES384""#,
+            r#""alg":"EdDSA""#,
+            r#""kty":"oct""#,
+            r#""kty":"RSA""#,
+            r#""crv":"P-384""#,
+            r#""use":"sig""#,
+            r#""use":"enc""#,
+            r#""kid":"k1""#,
+            r#""kid":"""#,
+            r#""k":"AA""#,
+            ",",
+            "{",
+            "}",
+            "[",
+            "]",
+            "null",
+        ]);
+        run(
+            Target {
+                name: "jwks_document",
+                seeds,
+                dictionary,
+                cases: 6000,
+            },
+            |body| {
+                let Ok(text) = std::str::from_utf8(body) else {
+                    return;
+                };
+                for parsed in [KeySet::from_json(text), KeySet::from_json_lenient(text)] {
+                    if let Ok(set) = parsed {
+                        assert!(!set.is_empty());
+                        for (kid, key) in &set.keys {
+                            assert!(!kid.is_empty());
+                            assert!(
+                                is_accepted_algorithm(key.algorithm),
+                                "key {kid:?} pinned to {:?}",
+                                key.algorithm
+                            );
+                        }
+                    }
+                }
+            },
+        );
+    }
+}

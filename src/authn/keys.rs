@@ -151,6 +151,27 @@ struct DiscoveryDocument {
     introspection_endpoint: Option<String>,
 }
 
+/// The endpoints an OpenID Connect discovery document of `issuer` names, or
+/// why it is refused: it must be JSON, name this very issuer (Discovery 1.0
+/// section 4.3) and an `https` `jwks_uri`.
+fn parse_discovery(body: &[u8], issuer: &str) -> Result<Endpoints, String> {
+    let doc: DiscoveryDocument = serde_json::from_slice(body).map_err(|e| e.to_string())?;
+    if doc.issuer.as_deref() != Some(issuer) {
+        return Err(format!(
+            "issuer {:?} does not match the configured {issuer:?}",
+            doc.issuer
+        ));
+    }
+    let jwks_uri = doc
+        .jwks_uri
+        .filter(|u| u.starts_with("https://"))
+        .ok_or_else(|| "no https jwks_uri".to_owned())?;
+    Ok(Endpoints {
+        jwks_uri: Some(jwks_uri),
+        introspection_endpoint: doc.introspection_endpoint,
+    })
+}
+
 fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -355,23 +376,7 @@ impl IssuerKeys {
         let body = read_limited(response, MAX_DOCUMENT_BYTES)
             .await
             .map_err(|e| discovery_error(e.to_string()))?;
-        let doc: DiscoveryDocument =
-            serde_json::from_slice(&body).map_err(|e| discovery_error(e.to_string()))?;
-        // OpenID Connect Discovery 1.0 section 4.3: the document must name this issuer.
-        if doc.issuer.as_deref() != Some(self.issuer.as_str()) {
-            return Err(discovery_error(format!(
-                "issuer {:?} does not match the configured {:?}",
-                doc.issuer, self.issuer
-            )));
-        }
-        let jwks_uri = doc
-            .jwks_uri
-            .filter(|u| u.starts_with("https://"))
-            .ok_or_else(|| discovery_error("no https jwks_uri".into()))?;
-        Ok(Endpoints {
-            jwks_uri: Some(jwks_uri),
-            introspection_endpoint: doc.introspection_endpoint,
-        })
+        parse_discovery(&body, &self.issuer).map_err(discovery_error)
     }
 
     /// Called when a token names a `kid` not in `seen_generation`'s key set.
@@ -492,5 +497,60 @@ mod tests {
         assert_eq!(parse_max_age("no-store"), Some(Duration::ZERO));
         assert_eq!(parse_max_age("public"), None);
         assert_eq!(parse_max_age("max-age=abc"), None);
+    }
+}
+
+/// Fuzz target of the discovery document (see [`crate::fuzz`]). Oracle: no
+/// panic, and endpoints only from a document naming this issuer and an
+/// `https` `jwks_uri`.
+#[cfg(test)]
+mod fuzz {
+    use serde_json::Value;
+
+    use super::*;
+    use crate::fuzz::{Target, bytes, run};
+
+    #[test]
+    fn fuzz_discovery_document() {
+        let issuer = "https://idp.test";
+        let seeds = bytes([
+            r#"{"issuer":"https://idp.test","jwks_uri":"https://idp.test/jwks","introspection_endpoint":"https://idp.test/introspect"}"#,
+            r#"{"issuer":"https://idp.test/","jwks_uri":"http://idp.test/jwks"}"#,
+            r#"{"issuer":"https://idp.test","jwks_uri":"https://idp.test/jwks","issuer":"https://evil.test"}"#,
+        ]);
+        let dictionary = bytes([
+            r#""issuer":"https://idp.test""#,
+            r#""jwks_uri":"https://x""#,
+            "https://",
+            "http://",
+            "null",
+            "[]",
+            ",",
+            "\"",
+            "\\u0000",
+            "/",
+        ]);
+        run(
+            Target {
+                name: "discovery_document",
+                seeds,
+                dictionary,
+                cases: 6000,
+            },
+            |body| {
+                if let Ok(endpoints) = parse_discovery(body, issuer) {
+                    // Lossy: serde skips unknown members without checking
+                    // their UTF-8, and so may this document.
+                    let doc: Value =
+                        serde_json::from_str(&String::from_utf8_lossy(body)).unwrap_or_default();
+                    assert_eq!(doc.get("issuer").and_then(Value::as_str), Some(issuer));
+                    assert!(
+                        endpoints
+                            .jwks_uri
+                            .is_some_and(|u| u.starts_with("https://"))
+                    );
+                }
+            },
+        );
     }
 }
