@@ -592,7 +592,6 @@ mod tests {
 mod fuzz {
     use serde_json::{Value, json};
 
-    use super::*;
     use crate::config::Config;
     use crate::engine::Engine;
     use crate::fuzz::{Target, bytes, run};

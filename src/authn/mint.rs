@@ -123,7 +123,6 @@ impl SigningKey {
         Self::from_pem(pkcs8_pem(pkcs8.as_ref()).as_bytes(), algorithm, kid)
     }
 
-    /// The key id put in minted tokens' headers.
     /// A compact JWS over `header` and `claims` exactly as given (any bytes),
     /// signed with this key: for fuzz targets that mutate the signed parts.
     #[cfg(test)]
@@ -136,6 +135,7 @@ impl SigningKey {
         format!("{message}.{signature}")
     }
 
+    /// The key id put in minted tokens' headers.
     pub fn kid(&self) -> &str {
         &self.kid
     }
