@@ -404,3 +404,104 @@ mod tests {
         );
     }
 }
+
+/// Fuzz targets of API keys (see [`crate::fuzz`]): the presented key, and the
+/// key file. Oracle: no panic, and a key accepted only when it is exactly a
+/// key the file holds, enabled and unexpired.
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use crate::fuzz::{Target, bytes, run};
+
+    /// A key file with an enabled key, whose key is returned, and a disabled one.
+    fn key_file(dir: &std::path::Path) -> (std::path::PathBuf, String) {
+        let path = dir.join("api-keys.toml");
+        let new = |id: &str| NewKey {
+            id: id.into(),
+            scopes: vec!["orders:read".into()],
+            lifetime: Some(std::time::Duration::from_secs(3600)),
+            ..Default::default()
+        };
+        let key = create_key(&path, new("ci-job")).unwrap();
+        create_key(&path, new("old-job")).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let (head, old_job) = text.split_at(text.find("id = \"old-job\"").unwrap());
+        let disabled = old_job.replacen("enabled = true", "enabled = false", 1);
+        assert_ne!(disabled, old_job);
+        std::fs::write(&path, format!("{head}{disabled}")).unwrap();
+        (path, key)
+    }
+
+    fn now() -> i64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn fuzz_api_key_presented() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, key) = key_file(dir.path());
+        let store = ApiKeyStore::load(&path).unwrap();
+        let now = now();
+        assert!(store.verify(&key, now).is_ok(), "the seed key is valid");
+        let seeds = bytes([key.as_str(), "pck_old-job_00", "pck__", "pck_ci-job"]);
+        let dictionary = bytes(["pck_", "_", "ci-job", "old-job", "0", "f", "F", "g"]);
+        run(
+            Target {
+                name: "api_key_presented",
+                seeds,
+                dictionary,
+                cases: 10_000,
+            },
+            |input| {
+                let presented = String::from_utf8_lossy(input);
+                if store.verify(&presented, now).is_ok() {
+                    assert_eq!(presented, key, "accepted a key the file does not hold");
+                }
+            },
+        );
+    }
+
+    #[test]
+    fn fuzz_api_key_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, key) = key_file(dir.path());
+        let text = std::fs::read_to_string(&path).unwrap();
+        let now = now();
+        let dictionary = bytes([
+            "[[keys]]\n",
+            "enabled = false\n",
+            "enabled = true\n",
+            "expires = \"",
+            "\"\n",
+            "hash = \"sha256:",
+            "id = \"",
+            "principal = \"",
+            "scopes = [\"*\"]\n",
+            "1970-01-01T00:00:00Z",
+            "9999-12-31T23:59:59Z",
+            "=",
+            "\n",
+        ]);
+        run(
+            Target {
+                name: "api_key_file",
+                seeds: bytes([text]),
+                dictionary,
+                cases: 3000,
+            },
+            |input| {
+                let text = String::from_utf8_lossy(input);
+                if let Ok(store) = ApiKeyStore::from_toml(&text, &path) {
+                    // Whatever the file says, only its own hash can match.
+                    if let Ok(identity) = store.verify(&key, now) {
+                        assert_eq!(identity.id, "ci-job");
+                    }
+                    assert!(store.verify("pck_ci-job_", now).is_err());
+                }
+            },
+        );
+    }
+}
