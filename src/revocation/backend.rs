@@ -30,13 +30,18 @@ pub struct Loaded {
 
 impl Loaded {
     /// Reads entry lines (one JSON [`Revocation`] per line): drops expired
-    /// and unreadable ones and repeats, keeps the first occurrence of the
-    /// others in order.
+    /// and unreadable ones (including lines that are not UTF-8, as a write
+    /// torn inside a character leaves) and repeats, keeps the first
+    /// occurrence of the others in order.
     pub fn from_lines(reader: impl BufRead, now: i64) -> std::io::Result<Loaded> {
         let mut out = Loaded::default();
         let mut seen = std::collections::HashSet::new();
-        for line in reader.lines() {
+        for line in reader.split(b'\n') {
             let line = line?;
+            let Ok(line) = std::str::from_utf8(&line) else {
+                out.unreadable += 1;
+                continue;
+            };
             let line = line.trim();
             if line.is_empty() {
                 continue;
