@@ -526,3 +526,228 @@ mod tests {
         );
     }
 }
+
+/// Fuzz targets of the `IsAuthorized` request mapping and the decision behind
+/// it (see [`crate::fuzz`]): protobuf bytes, and the request's fields one per
+/// line. Oracle: no panic, and an allow only for a valid token asking one of
+/// the actions the shipped policies grant, on `Application::"orders"`.
+#[cfg(test)]
+mod fuzz {
+    use prost::Message;
+    use serde_json::json;
+
+    use super::*;
+    use crate::decision::Verdict;
+    use crate::fuzz::{Target, bytes, run};
+    use crate::test_setup::{NOW, Setup, setup};
+
+    const GRANTED: [&str; 4] = [
+        "get /orders",
+        "get /orders/{id}",
+        "post /orders",
+        "delete /orders/{id}",
+    ];
+
+    struct Subject {
+        _setup: Setup,
+        engine: Engine,
+        runtime: tokio::runtime::Runtime,
+        valid: Vec<String>,
+    }
+
+    fn subject() -> Subject {
+        let setup = setup("");
+        let engine = Engine::from_config(&setup.config).unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let valid = vec![
+            setup.token("orders:read", NOW - 10, NOW + 600),
+            setup
+                .key
+                .sign_claims(&json!({
+                    "iss": "https://idp.test", "aud": "orders-api", "sub": "root",
+                    "scope": "orders:read orders:write", "roles": ["admin"],
+                    "iat": NOW - 10, "exp": NOW + 600,
+                }))
+                .unwrap(),
+        ];
+        Subject {
+            _setup: setup,
+            engine,
+            runtime,
+            valid,
+        }
+    }
+
+    impl Subject {
+        /// Maps and decides `request` as the service does; true for an allow.
+        fn allows(&self, request: pb::IsAuthorizedRequest) -> bool {
+            let Ok(direct) = direct_request(
+                request.action,
+                request.resource,
+                request.context_kind.map(|c| match c {
+                    pb::is_authorized_request::ContextKind::Context(s) => ContextInput::Struct(s),
+                    pb::is_authorized_request::ContextKind::ContextJson(j) => ContextInput::Json(j),
+                }),
+                request.entities,
+            ) else {
+                return false;
+            };
+            let authentication = self.runtime.block_on(
+                self.engine
+                    .authenticator()
+                    .authenticate(presented(request.credential.as_ref(), false), NOW),
+            );
+            match self.engine.decide_direct(&authentication, &direct) {
+                Ok(decision) => {
+                    let allowed = response(&decision).decision == pb::Decision::Allow as i32;
+                    assert_eq!(allowed, decision.verdict == Verdict::Allow);
+                    if allowed {
+                        assert!(
+                            GRANTED.contains(&direct.action.as_str()),
+                            "allowed action {:?}",
+                            direct.action
+                        );
+                    }
+                    allowed
+                }
+                Err(_) => false,
+            }
+        }
+
+        fn assert_sound(&self, request: pb::IsAuthorizedRequest) {
+            let token = match request.credential.as_ref().and_then(|c| c.kind.as_ref()) {
+                Some(pb::credential::Kind::AccessToken(t)) => Some(t.trim().to_owned()),
+                _ => None,
+            };
+            let resource = request
+                .resource
+                .as_ref()
+                .map(|r| (r.r#type.clone(), r.id.clone()));
+            if self.allows(request) {
+                assert!(
+                    token.is_some_and(|t| self.valid.contains(&t)),
+                    "allowed without a valid token"
+                );
+                assert_eq!(
+                    resource,
+                    Some(("Application".to_owned(), "orders".to_owned())),
+                    "allowed on another resource"
+                );
+            }
+        }
+    }
+
+    fn request(token: &str, action: &str, context: &str) -> pb::IsAuthorizedRequest {
+        pb::IsAuthorizedRequest {
+            credential: Some(pb::Credential {
+                kind: Some(pb::credential::Kind::AccessToken(token.into())),
+            }),
+            action: action.into(),
+            resource: Some(pb::Entity {
+                r#type: "Application".into(),
+                id: "orders".into(),
+                ..Default::default()
+            }),
+            context_kind: Some(pb::is_authorized_request::ContextKind::ContextJson(
+                context.into(),
+            )),
+            entities: vec![],
+        }
+    }
+
+    const CONTEXT: &str = r#"{"http":{"method":"GET","path":"/orders/7","host":"orders.test","scheme":"https","source_ip":{"__extn":{"fn":"ip","arg":"10.1.2.3"}}},"path_params":{"id":"7"}}"#;
+
+    fn dictionary(subject: &Subject) -> Vec<Vec<u8>> {
+        let mut words = bytes([
+            "get /orders",
+            "get /orders/{id}",
+            "post /orders",
+            "delete /orders/{id}",
+            "Application",
+            "orders",
+            "Action::",
+            "Role",
+            "admin",
+            r#"{"__entity":{"type":"Role","id":"admin"}}"#,
+            r#""__extn""#,
+            "203.0.113.9",
+            "::ffff:203.0.113.9",
+            "{",
+            "}",
+            ",",
+            "\"",
+            "\n",
+        ]);
+        words.extend(subject.valid.iter().map(|t| t.as_bytes().to_vec()));
+        words
+    }
+
+    #[test]
+    fn fuzz_is_authorized_protobuf() {
+        let subject = subject();
+        assert!(
+            subject.allows(request(&subject.valid[0], "get /orders/{id}", CONTEXT)),
+            "the first seed is an allow, so that the oracle is exercised"
+        );
+        let seeds = vec![
+            request(&subject.valid[0], "get /orders/{id}", CONTEXT).encode_to_vec(),
+            request(&subject.valid[1], "delete /orders/{id}", CONTEXT).encode_to_vec(),
+            request("pck_x_00", "get /orders", "{}").encode_to_vec(),
+            pb::IsAuthorizedRequest::default().encode_to_vec(),
+        ];
+        run(
+            Target {
+                name: "is_authorized_protobuf",
+                seeds,
+                dictionary: dictionary(&subject),
+                cases: 4000,
+            },
+            |input| {
+                if let Ok(request) = pb::IsAuthorizedRequest::decode(input) {
+                    subject.assert_sound(request);
+                }
+            },
+        );
+    }
+
+    /// Token, action, resource type, resource id and context JSON, one per
+    /// line, so that mutations land inside fields.
+    #[test]
+    fn fuzz_is_authorized_fields() {
+        let subject = subject();
+        let line = |token: &str, action: &str, context: &str| {
+            format!("{token}\n{action}\nApplication\norders\n{context}")
+        };
+        let seeds = bytes([
+            line(&subject.valid[0], "get /orders/{id}", CONTEXT),
+            line(&subject.valid[1], "post /orders", CONTEXT),
+            line(&subject.valid[0], "delete /orders/{id}", "{}"),
+        ]);
+        run(
+            Target {
+                name: "is_authorized_fields",
+                seeds,
+                dictionary: dictionary(&subject),
+                cases: 4000,
+            },
+            |input| {
+                let text = String::from_utf8_lossy(input);
+                let mut fields = text.splitn(5, '\n');
+                let mut next = || fields.next().unwrap_or("").to_owned();
+                let (token, action, kind, id, context) = (next(), next(), next(), next(), next());
+                let mut request = request(&token, &action, &context);
+                request.resource = Some(pb::Entity {
+                    r#type: kind,
+                    id,
+                    ..Default::default()
+                });
+                let request =
+                    pb::IsAuthorizedRequest::decode(request.encode_to_vec().as_slice()).unwrap();
+                subject.assert_sound(request);
+            },
+        );
+    }
+}

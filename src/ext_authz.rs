@@ -676,6 +676,13 @@ mod fuzz {
                 .iter()
                 .map(|t| encoded("GET", "/orders/7", Some(t), None, false)),
         );
+        let allowed = CheckRequest::decode(seeds[0].as_slice())
+            .ok()
+            .and_then(|check| subject.decide(check));
+        assert!(
+            allowed.is_some_and(|(_, allowed)| allowed),
+            "the first seed is an allow, so that the oracle is exercised"
+        );
         run(
             Target {
                 name: "check_request_protobuf",
