@@ -1879,3 +1879,72 @@ path = "/orders/{id}"
         }
     }
 }
+
+/// Fuzz target of the configuration file (see [`crate::fuzz`]): the shipped
+/// quickstart configuration, mutated. Oracle: no panic, no hang; a file that
+/// loads keeps the token rules this server never relaxes (every issuer with
+/// an audience and a bounded token lifetime).
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use crate::fuzz::{Target, bytes, run};
+
+    #[test]
+    fn fuzz_config_file() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let quickstart =
+            std::fs::read_to_string(root.join("examples/quickstart/portcullis.toml")).unwrap();
+        let otel = std::fs::read_to_string(root.join("examples/otel/portcullis.toml")).unwrap();
+        let dictionary = bytes([
+            "[[issuers]]\n",
+            "[[routes]]\n",
+            "[revocation]\n",
+            "[admin]\n",
+            "[telemetry]\n",
+            "[api_keys]\n",
+            "[issuers.introspection]\n",
+            "audiences = []\n",
+            "max_token_lifetime = \"0s\"\n",
+            "max_token_lifetime = \"100y\"\n",
+            "leeway = \"1h\"\n",
+            "algorithms = [\"HS256\"]\n",
+            "algorithms = [\"none\"]\n",
+            "issuer = \"\"\n",
+            "mode = \"dry-run\"\n",
+            "\"${PORTCULLIS_X}\"",
+            "=",
+            "\"",
+            "\n",
+            "[",
+            "]",
+            "#",
+        ]);
+        let base = root.join("examples/quickstart");
+        let origin = base.join("portcullis.toml");
+        assert!(
+            Config::from_toml(&quickstart, &origin, &base).is_ok(),
+            "the seed loads, so that the oracle is exercised"
+        );
+        run(
+            Target {
+                name: "config_file",
+                seeds: bytes([quickstart, otel]),
+                dictionary,
+                cases: 3000,
+            },
+            |input| {
+                let text = String::from_utf8_lossy(input);
+                let origin = base.join("portcullis.toml");
+                if let Ok(config) = Config::from_toml(&text, &origin, &base) {
+                    for issuer in &config.issuers {
+                        assert!(!issuer.audiences.is_empty(), "an issuer without audience");
+                        assert!(
+                            !issuer.max_token_lifetime.is_zero(),
+                            "an issuer without a lifetime bound"
+                        );
+                    }
+                }
+            },
+        );
+    }
+}

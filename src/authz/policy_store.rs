@@ -637,3 +637,128 @@ action "get /x" appliesTo { principal: [User], resource: [Application], context:
         }
     }
 }
+
+/// Fuzz target of policy folders (see [`crate::fuzz`]): the shipped schema and
+/// policies with a template, its links and static entities, as files mutated
+/// together. Oracle: no panic, no hang; a folder that loads has at least one
+/// schema and a digest, and names every policy's file.
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use crate::fuzz::{Target, bytes, run};
+
+    /// Files are separated by lines `=== <name>` in one input.
+    const SEPARATOR: &str = "\n=== ";
+
+    #[test]
+    fn fuzz_policy_folder() {
+        let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/policies");
+        let schema = std::fs::read_to_string(format!("{shipped}/orders.cedarschema")).unwrap();
+        let policies = std::fs::read_to_string(format!("{shipped}/orders.cedar")).unwrap();
+        let template = r#"@id("owner-access")
+permit (principal == ?principal, action, resource == ?resource)
+when { context has http };"#;
+        let links = r#"[{ "id": "alice-orders", "template": "owner-access",
+  "values": { "?principal": { "type": "User", "id": "alice" },
+              "?resource": { "type": "Application", "id": "orders" } } }]"#;
+        let entities = r#"[{"uid":{"type":"Role","id":"admin"},"attrs":{},"parents":[]}]"#;
+        let folder = |files: &[(&str, &str)]| {
+            files
+                .iter()
+                .map(|(name, text)| format!("{SEPARATOR}{name}\n{text}"))
+                .collect::<String>()
+        };
+        let seeds = bytes([
+            folder(&[("orders.cedarschema", &schema), ("orders.cedar", &policies)]),
+            folder(&[
+                ("orders.cedarschema", &schema),
+                ("orders.cedar", &policies),
+                ("owner.cedar", template),
+                (LINKS_FILE, links),
+                ("entities.json", entities),
+            ]),
+        ]);
+        let dictionary = bytes([
+            "permit",
+            "forbid",
+            "principal",
+            "action",
+            "resource",
+            "when",
+            "unless",
+            "{",
+            "}",
+            "(",
+            ")",
+            ";",
+            "==",
+            " in ",
+            "has",
+            "like \"*\"",
+            "@id(\"x\")",
+            "?principal",
+            "Action::\"get /orders\"",
+            "context.token.scopes.contains(\"a\")",
+            "entity User {};",
+            "action \"x\" appliesTo { principal: [User], resource: [Application] };",
+            SEPARATOR,
+            "x.cedar\n",
+            "\"__entity\"",
+            "\"parents\":[{\"type\":\"Role\",\"id\":\"admin\"}]",
+        ]);
+        let root = tempfile::tempdir().unwrap();
+        let full = root.path().join("full");
+        std::fs::create_dir(&full).unwrap();
+        for (name, text) in [
+            ("orders.cedarschema", schema.as_str()),
+            ("orders.cedar", policies.as_str()),
+            ("owner.cedar", template),
+            (LINKS_FILE, links),
+            ("entities.json", entities),
+        ] {
+            std::fs::write(full.join(name), text).unwrap();
+        }
+        let loaded = PolicyStore::load(&full);
+        assert!(loaded.is_ok(), "the full seed loads: {:?}", loaded.err());
+        let mut round = 0u64;
+        run(
+            Target {
+                name: "policy_folder",
+                seeds,
+                dictionary,
+                cases: 600,
+            },
+            |input| {
+                round += 1;
+                let dir = root.path().join(round.to_string());
+                std::fs::create_dir(&dir).unwrap();
+                let text = String::from_utf8_lossy(input);
+                for part in text.split(SEPARATOR).skip(1) {
+                    let (name, body) = part.split_once('\n').unwrap_or((part, ""));
+                    let name: String = name
+                        .chars()
+                        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
+                        .collect();
+                    if name.is_empty() || name.starts_with('.') {
+                        continue;
+                    }
+                    std::fs::write(dir.join(name), body).unwrap();
+                }
+                if let Ok(store) = PolicyStore::load(&dir) {
+                    assert!(!store.digest.is_empty());
+                    assert!(
+                        std::fs::read_dir(&dir)
+                            .unwrap()
+                            .flatten()
+                            .any(|f| f.path().extension().is_some_and(|e| e == "cedarschema")),
+                        "loaded without a schema"
+                    );
+                    for file in store.policy_files.values() {
+                        assert!(file.starts_with(&dir));
+                    }
+                }
+                let _ = std::fs::remove_dir_all(&dir);
+            },
+        );
+    }
+}
