@@ -611,3 +611,175 @@ mod tests {
         assert!(!format!("{auth:?}").contains("0123"));
     }
 }
+
+/// Fuzz targets of the admin API (see [`crate::fuzz`]): its bearer check, and
+/// `RevokeBatch` requests (protobuf bytes) through the real service over a
+/// store. Oracle: no panic, no hang; the admin token is accepted only as
+/// itself; a request either fails with nothing applied or every revocation it
+/// acknowledges is in force, listed, unexpired and refuses a token it
+/// matches.
+#[cfg(test)]
+mod fuzz {
+    use prost::Message;
+
+    use super::*;
+    use crate::authn::VerifiedToken;
+    use crate::fuzz::{Target as FuzzTarget, bytes, run};
+    use crate::revocation::backend::MemoryBackend;
+    use crate::revocation::{Lifetimes, Revocation, test_support};
+    use crate::test_setup::setup;
+
+    #[test]
+    fn fuzz_admin_bearer() {
+        let secret = "0123456789abcdef0123456789abcdef";
+        let auth = AdminAuth::new(&Secret::new(secret));
+        run(
+            FuzzTarget {
+                name: "admin_bearer",
+                seeds: bytes([format!("Bearer {secret}"), format!("bearer  {secret}")]),
+                dictionary: bytes(["Bearer ", " ", "\t", "0", "f", "\0"]),
+                cases: 20_000,
+            },
+            |input| {
+                if auth.accepts(Some(input)) {
+                    let text = String::from_utf8_lossy(input);
+                    let mut parts = text.split_ascii_whitespace();
+                    assert!(
+                        parts
+                            .next()
+                            .is_some_and(|s| s.eq_ignore_ascii_case("bearer"))
+                    );
+                    assert_eq!(parts.next(), Some(secret));
+                    assert_eq!(parts.next(), None);
+                }
+            },
+        );
+    }
+
+    /// A token the revocation `entry` must refuse, if its target can say.
+    fn matching_token(entry: &Revocation) -> Option<VerifiedToken> {
+        let mut token = test_support::token();
+        token.issued_at = entry.created_at - 1;
+        token.expires_at = entry.created_at + 60;
+        match &entry.target {
+            revocation::Target::Token { jti, issuer } => {
+                token.jti = Some(jti.clone());
+                if let Some(issuer) = issuer {
+                    token.issuer = issuer.clone();
+                }
+            }
+            revocation::Target::Subject { sub, issued_before } => {
+                token.subject = sub.clone();
+                token.issued_at = (*issued_before).min(token.issued_at);
+            }
+            _ => return None,
+        }
+        Some(token)
+    }
+
+    #[test]
+    fn fuzz_admin_revoke_batch() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let setup = setup("");
+        let lifetimes = Lifetimes {
+            max_lifetime: Duration::from_secs(3600),
+            leeway: Duration::from_secs(30),
+            api_key_lifetime: Duration::ZERO,
+        };
+        let store = runtime
+            .block_on(RevocationStore::open_with(
+                &crate::config::RevocationConfig::default(),
+                lifetimes,
+                Arc::new(MemoryBackend::new()),
+            ))
+            .unwrap();
+        let state = Arc::new(ServerState::new(
+            crate::audit::AuditLog::stdout(),
+            tonic_health::server::health_reporter().0,
+            &[""],
+        ));
+        let service = AdminService::new(
+            store.clone(),
+            state,
+            Arc::new(RunningConfig::fixed(setup.config.clone())),
+        );
+        let now = unix_now();
+        let target = |kind: pb::target::Kind| pb::Target { kind: Some(kind) };
+        let seed = pb::RevokeBatchRequest {
+            targets: vec![
+                target(pb::target::Kind::Token(pb::TokenTarget {
+                    jti: "leaked-1".into(),
+                    issuer: "https://iss".into(),
+                    expires_at: Some(now + 600),
+                })),
+                target(pb::target::Kind::Subject(pb::SubjectTarget {
+                    sub: "mallory".into(),
+                    issued_before: Some(now),
+                })),
+                target(pb::target::Kind::KeyId("k-old".into())),
+                target(pb::target::Kind::Client(pb::ClientTarget {
+                    client_id: "web".into(),
+                    issued_before: Some(now - 5),
+                })),
+                target(pb::target::Kind::Issuer(pb::IssuerTarget {
+                    issuer: "https://iss".into(),
+                    issued_before: Some(now - 3600),
+                })),
+                target(pb::target::Kind::ApiKeyId("ci-job".into())),
+            ],
+            reason: "breach".into(),
+        };
+        let dictionary = bytes([
+            &now.to_le_bytes()[..],
+            &i64::MAX.to_le_bytes(),
+            &i64::MIN.to_le_bytes(),
+            b"\x08\xff\xff\xff\xff\xff\xff\xff\xff\x7f",
+            b"https://iss",
+            b"\xff\xff\xff\xff\x0f",
+        ]);
+        let mut acknowledged = 0u64;
+        run(
+            FuzzTarget {
+                name: "admin_revoke_batch",
+                seeds: vec![seed.encode_to_vec()],
+                dictionary,
+                cases: 3000,
+            },
+            |input| {
+                let Ok(request) = pb::RevokeBatchRequest::decode(input) else {
+                    return;
+                };
+                let before = store.list().len();
+                let answer = runtime.block_on(service.revoke_batch(Request::new(request)));
+                let Ok(answer) = answer else {
+                    // Refused: nothing applied (entries only expire meanwhile).
+                    assert!(store.list().len() <= before);
+                    return;
+                };
+                let listed = store.list();
+                for done in &answer.get_ref().revocations {
+                    acknowledged += 1;
+                    let target = done
+                        .target
+                        .clone()
+                        .and_then(|t| target_from_pb(Some(t)).ok());
+                    let entry = listed
+                        .iter()
+                        .find(|e| Some(&e.target) == target.as_ref().map(|(t, _)| t))
+                        .expect("acknowledged but not listed");
+                    assert!(entry.expires_at > entry.created_at, "already expired");
+                    if let Some(token) = matching_token(entry) {
+                        assert!(
+                            store.check(&token, entry.created_at).is_err(),
+                            "acknowledged but not enforced: {entry:?}"
+                        );
+                    }
+                }
+            },
+        );
+        assert!(acknowledged > 0, "some revocations were acknowledged");
+    }
+}
