@@ -679,7 +679,10 @@ async fn resync(
 }
 
 /// Writes `lines` back to the snapshot (`ZADD`, idempotent), in pipelines of
-/// [`CHUNK`].
+/// [`CHUNK`]. The members Redis did not have are also appended to the log and
+/// published: instances that follow the log (they resume from their position,
+/// never reading the snapshot) learn them too. That is how the journal of an
+/// instance restarted while its revocations were queued reaches the others.
 async fn write_back(
     sync: &SyncHandle,
     conn: &mut MultiplexedConnection,
@@ -688,9 +691,22 @@ async fn write_back(
     for chunk in lines.chunks(CHUNK) {
         let mut pipe = redis::pipe();
         for (line, expires_at) in chunk {
-            pipe.zadd(&sync.key, line, *expires_at).ignore();
+            pipe.zadd(&sync.key, line, *expires_at);
         }
-        timed("ZADD (resync)", pipe.query_async::<()>(conn)).await?;
+        let added: Vec<i64> = timed("ZADD (resync)", pipe.query_async(conn)).await?;
+        let mut announce = redis::pipe();
+        announce.atomic();
+        let mut missing = 0;
+        for ((line, _), added) in chunk.iter().zip(added) {
+            if added > 0 {
+                announce.add_command(log_append(sync, line)).ignore();
+                announce.publish(&sync.channel, line).ignore();
+                missing += 1;
+            }
+        }
+        if missing > 0 {
+            timed("XADD/PUBLISH (resync)", announce.query_async::<()>(conn)).await?;
+        }
     }
     Ok(())
 }
