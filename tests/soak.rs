@@ -319,8 +319,6 @@ struct PolicyState {
 struct Revoked {
     kind: Kind,
     auth: Arc<str>,
-    /// The key generation that signed the token.
-    key_gen: usize,
     /// Known enforced by each instance: the acknowledging one from its answer,
     /// the other once a probe saw it refused.
     enforced: [bool; 2],
@@ -501,6 +499,9 @@ struct Soak {
     redis: Arc<Mutex<RedisServer>>,
     idp: TestIdp,
     issuer: String,
+    /// A second key of the issuer, published throughout: it signs the revoked
+    /// tokens, so that only their revocation refuses them.
+    stable_key: TestKey,
     policy_file: PathBuf,
     /// Held while the policy folder may be broken or in change, and by a restart.
     disk: AsyncMutex<()>,
@@ -532,7 +533,8 @@ impl Soak {
         let idp = TestIdp::start().await;
         idp.set_max_age(Some(1));
         let first_key = TestKey::es256();
-        idp.set_jwks(jwks_of(&[&first_key]));
+        let stable_key = TestKey::es256();
+        idp.set_jwks(jwks_of(&[&stable_key, &first_key]));
         let issuer = idp.issuer();
 
         let policies = dir.path().join("policies");
@@ -605,6 +607,7 @@ impl Soak {
             redis: Arc::new(Mutex::new(redis)),
             idp,
             issuer,
+            stable_key,
             policy_file,
             disk: AsyncMutex::new(()),
             jwks: AsyncMutex::new(()),
@@ -941,7 +944,8 @@ fn build_request(truth: &Truth, kind: Kind, instance: usize, rng: &mut Rng) -> R
                 instance,
                 path: "/orders/7",
                 auth: truth.revoked[r].auth.clone(),
-                key_gen: Some(truth.revoked[r].key_gen),
+                // Signed by the issuer's stable key, never removed.
+                key_gen: None,
                 revoked: Some(r),
             }
         }
@@ -1239,6 +1243,15 @@ async fn redis_revocation_and_restart_faults(soak: Arc<Soak>) {
         }
 
         let made = {
+            // In odd rounds the instance holding the queued revocations is
+            // also restarted before Redis is back: its journal must keep them
+            // and its reconnection must write them.
+            let restart_too = round % 2 == 1;
+            let _locks = if restart_too {
+                Some((soak.disk.lock().await, soak.jwks.lock().await))
+            } else {
+                None
+            };
             let _phase = soak.phase(Phase::RedisKilled);
             soak.fault("redis_kill_9");
             lock(&soak.redis).stop();
@@ -1248,11 +1261,19 @@ async fn redis_revocation_and_restart_faults(soak: Arc<Soak>) {
                 revoke_fresh(&soak, 1 - via, RevokeBy::Jti, true).await,
                 revoke_fresh(&soak, 1 - via, RevokeBy::Subject, true).await,
             ];
+            let _restart_phase = restart_too.then(|| soak.phase(Phase::InstanceRestart));
+            if restart_too {
+                soak.fault("instance_restart_during_redis_outage");
+                stop_instance(&soak, 1 - via).await;
+            }
             nap(2).await;
             let redis = soak.redis.clone();
             tokio::task::spawn_blocking(move || lock(&redis).restart())
                 .await
                 .expect("restart redis-server");
+            if restart_too {
+                start_instance(&soak, 1 - via).await;
+            }
             made
         };
         await_enforced_on_both(&soak, made, Instant::now()).await;
@@ -1334,14 +1355,13 @@ fn signal(pid: u32, which: &str) {
     assert!(status.success(), "kill {which} {pid} failed");
 }
 
-/// Mints a token of a fresh subject, revokes it (by `jti` or subject) through
+/// Mints a token of a fresh subject (signed with the issuer's stable key, so
+/// that no key rotation refuses it for another reason), revokes it (by `jti` or subject) through
 /// instance `via`, and once acknowledged adds it to the revoked tokens.
 async fn revoke_fresh(soak: &Soak, via: usize, by: RevokeBy, outage: bool) -> Option<usize> {
     let n = soak.fresh_id();
-    let (auth, target, kind, key_gen) = {
-        let truth = lock(&soak.truth);
-        let key_gen = truth.keys.len() - 1;
-        let key = &truth.keys[key_gen].key;
+    let (auth, target, kind) = {
+        let key = &soak.stable_key;
         match by {
             RevokeBy::Jti => {
                 let jti = format!("soak-revoked-{n}");
@@ -1351,7 +1371,7 @@ async fn revoke_fresh(soak: &Soak, via: usize, by: RevokeBy, outage: bool) -> Op
                     issuer: soak.issuer.clone(),
                     expires_at: None,
                 });
-                (bearer(&key.sign(&c)), target, Kind::RevokedJti, key_gen)
+                (bearer(&key.sign(&c)), target, Kind::RevokedJti)
             }
             RevokeBy::Subject => {
                 let sub = format!("rev-sub-{n}");
@@ -1360,7 +1380,7 @@ async fn revoke_fresh(soak: &Soak, via: usize, by: RevokeBy, outage: bool) -> Op
                     sub,
                     issued_before: None,
                 });
-                (bearer(&key.sign(&c)), target, Kind::RevokedSubject, key_gen)
+                (bearer(&key.sign(&c)), target, Kind::RevokedSubject)
             }
         }
     };
@@ -1399,7 +1419,6 @@ async fn revoke_fresh(soak: &Soak, via: usize, by: RevokeBy, outage: bool) -> Op
     truth.revoked.push(Revoked {
         kind,
         auth,
-        key_gen,
         enforced,
     });
     Some(truth.revoked.len() - 1)
@@ -1468,12 +1487,23 @@ async fn restart_instance(soak: &Arc<Soak>, i: usize) {
     let _jwks = soak.jwks.lock().await;
     let _phase = soak.phase(Phase::InstanceRestart);
     soak.fault("instance_restart");
-    let slot = &soak.slots[i];
+    stop_instance(soak, i).await;
+    start_instance(soak, i).await;
+}
+
+/// Stops instance `i`, opening its restart window (the caller holds the disk
+/// and JWKS locks, so that it starts again on a valid folder and stable keys).
+async fn stop_instance(soak: &Soak, i: usize) {
     lock(&soak.truth).restart_epoch[i] += 1;
-    let old = slot.running.lock().await.take();
+    let old = soak.slots[i].running.lock().await.take();
     if let Some(old) = old {
         old.stop().await;
     }
+}
+
+/// Starts instance `i` again and, once it serves, closes its restart window.
+async fn start_instance(soak: &Soak, i: usize) {
+    let slot = &soak.slots[i];
     let started = AdminInstance::start(&slot.config, slot.audit.clone()).await;
     *slot.running.lock().await = Some(started);
     lock(&soak.truth).restart_epoch[i] += 1;
@@ -1515,7 +1545,10 @@ async fn rotate_signing_key(soak: &Arc<Soak>) {
     let (old, jwks_both) = {
         let truth = lock(&soak.truth);
         let old = truth.keys.len() - 1;
-        (old, jwks_of(&[&truth.keys[old].key, &new_key]))
+        (
+            old,
+            jwks_of(&[&soak.stable_key, &truth.keys[old].key, &new_key]),
+        )
     };
     let new_gen = KeyGen::mint(new_key, &soak.issuer, old + 1);
     let probe = new_gen.readers[0].clone();
@@ -1530,7 +1563,7 @@ async fn rotate_signing_key(soak: &Arc<Soak>) {
             "a published key was not accepted within {KEY_PUBLISH_BOUND:?} by instance(s) {missing:?}"
         ));
     }
-    let jwks_new = jwks_of(&[&new_gen.key]);
+    let jwks_new = jwks_of(&[&soak.stable_key, &new_gen.key]);
     lock(&soak.truth).keys.push(new_gen);
 
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -1617,6 +1650,10 @@ async fn policy_reload_faults(soak: Arc<Soak>) {
                 }
             }
         }
+        let Some(before) = both_statuses(&soak).await else {
+            soak.anomaly("Status failed before a policy change".into());
+            continue;
+        };
         let next_frozen = !lock(&soak.truth).policy[0].frozen;
         for state in &mut lock(&soak.truth).policy {
             state.pending = Some(next_frozen);
@@ -1637,6 +1674,12 @@ async fn policy_reload_faults(soak: Arc<Soak>) {
                 };
                 if status.policy_generation <= before.policy_generation {
                     return false;
+                }
+                if status.reload_failures != before.reload_failures {
+                    soak.anomaly(format!(
+                        "instance {} refused a valid change (a partly written file read?): {}",
+                        soak.slots[i].name, status.last_reload_error
+                    ));
                 }
                 if status.policy_generation != before.policy_generation + 1 {
                     soak.anomaly(format!(
@@ -1709,12 +1752,13 @@ impl Soak {
         for (kind, auth) in all {
             for slot in &self.slots {
                 let answer = slot.check_directly(&auth).await;
-                if !matches!(&answer, Some((401, _))) {
+                let refused = matches!(&answer, Some((401, reason)) if reason == "revoked");
+                if !refused {
                     self.anomaly(format!(
                         "final sweep: a {} token is not refused by instance {} ({:?})",
                         kind.name(),
                         slot.name,
-                        answer.map(|a| a.0)
+                        answer
                     ));
                 }
             }
@@ -1834,6 +1878,7 @@ fn assert_report_passes(report: &Value) {
         "revocation_redis_up",
         "revocation_redis_down",
         "instance_restart",
+        "instance_restart_during_redis_outage",
     ] {
         if count(&report["faults"][fault]) == 0 {
             failures.push(format!("fault {fault} was never injected"));
