@@ -11,9 +11,9 @@
 //! [`HANG_BOUND`] (a hang), printing that input.
 //!
 //! A failure is shrunk by proptest to a small input, printed escaped with the
-//! seed that found it. `PORTCULLIS_FUZZ_CASES` sets the number of inputs per
-//! target (each target has a CI-sized default) and `PORTCULLIS_FUZZ_SEED` the
-//! random seed (fixed by default, so that CI is reproducible; `scripts/fuzz`
+//! seed that found it. Each target has a CI-sized number of inputs;
+//! `PORTCULLIS_FUZZ_SCALE` multiplies it, `PORTCULLIS_FUZZ_CASES` replaces it
+//! for every target, and `PORTCULLIS_FUZZ_SEED` sets the random seed (fixed by default, so that CI is reproducible; `scripts/fuzz`
 //! picks a new one per run). Each target reports inputs run and inputs per
 //! second on standard error and in `target/fuzz-report.tsv`.
 
@@ -255,9 +255,10 @@ fn quiet_panics_while_fuzzing() {
 pub(crate) fn run(target: Target, check: impl FnMut(&[u8])) {
     // proptest calls a `Fn`: the check and the counters live in cells.
     let check = std::cell::RefCell::new(check);
+    let scale = env_number("PORTCULLIS_FUZZ_SCALE").unwrap_or(1).max(1);
     let cases = env_number("PORTCULLIS_FUZZ_CASES")
-        .map(|n| n.min(u64::from(u32::MAX)) as u32)
-        .unwrap_or(target.cases);
+        .unwrap_or(u64::from(target.cases).saturating_mul(scale))
+        .min(u64::from(u32::MAX)) as u32;
     let seed = env_number("PORTCULLIS_FUZZ_SEED").unwrap_or(DEFAULT_SEED);
     let mut seed_bytes = [0u8; 32];
     seed_bytes[..8].copy_from_slice(&seed.to_le_bytes());

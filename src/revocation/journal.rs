@@ -451,7 +451,8 @@ mod fuzz {
                 name: "journal_replay",
                 seeds: bytes([journal.clone(), format!("{journal}{{\"target\":")]),
                 dictionary,
-                cases: 2000,
+                // Each input is written, replayed and compacted with fsyncs.
+                cases: 1000,
             },
             |input| {
                 std::fs::write(dir.path().join(JOURNAL_FILE), input).unwrap();
