@@ -52,6 +52,12 @@ use redis_harness::{RedisServer, TcpProxy};
 use serde_json::Value;
 use tonic::transport::Channel;
 
+/// The allocator `portcullis serve` runs with (src/main.rs), so that the
+/// instances allocate as the real ones do; one per process, so the bench's
+/// clients use it too.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const ADMIN_TOKEN: &str = "bench-admin-token-0123456789";
 /// Targets per fill `RevokeBatch` (the admin API's limit).
 const FILL_BATCH: usize = 10_000;
