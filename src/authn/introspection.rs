@@ -394,10 +394,12 @@ impl Introspector {
         if response.get("active").and_then(Value::as_bool) != Some(true) {
             return Err(TokenError::InactiveToken);
         }
-        if let Some(iss) = response.get("iss").and_then(Value::as_str)
-            && iss != self.issuer
-        {
-            return Err(TokenError::UnknownIssuer);
+        // `iss` is optional in RFC 7662; present, it must be this issuer, as a
+        // string (an array or a number is not "absent").
+        match response.get("iss") {
+            None | Some(Value::Null) => {}
+            Some(Value::String(iss)) if *iss == self.issuer => {}
+            Some(_) => return Err(TokenError::UnknownIssuer),
         }
         let exp = numeric_date(response, "exp")?;
         let iat = numeric_date(response, "iat")?;
@@ -592,13 +594,42 @@ mod tests {
 mod fuzz {
     use serde_json::{Value, json};
 
+    use std::sync::Arc;
+
+    use crate::authn::TokenError;
+    use crate::authn::introspection::Introspector;
     use crate::config::Config;
     use crate::engine::Engine;
     use crate::fuzz::{Target, bytes, run};
     use crate::test_setup::NOW;
 
+    /// Found by `fuzz_introspection_response`: an `iss` that is not a string
+    /// skipped the issuer check.
     #[test]
-    fn fuzz_introspection_response() {
+    fn an_issuer_that_is_not_a_string_is_refused() {
+        let (_dir, introspector, _) = introspector();
+        for iss in [
+            json!(["x", "https://idp.test"]),
+            json!(1),
+            json!({"iss": "https://idp.test"}),
+        ] {
+            let response = json!({
+                "active": true, "iss": iss, "aud": "orders-api", "sub": "alice",
+                "iat": NOW - 10, "exp": NOW + 600,
+            });
+            assert_eq!(
+                introspector.verify_response(&response, NOW).err(),
+                Some(TokenError::UnknownIssuer),
+                "{response}"
+            );
+        }
+        let absent = json!({ "active": true, "sub": "alice", "exp": NOW + 600 });
+        assert!(introspector.verify_response(&absent, NOW).is_ok());
+    }
+
+    /// An introspector of `https://idp.test` built from a real configuration,
+    /// and the issuer's leeway.
+    fn introspector() -> (tempfile::TempDir, Arc<Introspector>, i64) {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("secret"), "s3cret").unwrap();
         let key = crate::authn::mint::SigningKey::generate_es256(Some("k1".into())).unwrap();
@@ -633,6 +664,12 @@ client_secret_file = "secret"
         let leeway = config.issuers[0].leeway.as_secs() as i64;
         let engine = Engine::from_config(&config).unwrap();
         let introspector = engine.authenticator().issuers().introspectors()[0].clone();
+        (dir, introspector, leeway)
+    }
+
+    #[test]
+    fn fuzz_introspection_response() {
+        let (_dir, introspector, leeway) = introspector();
         let response = |extra: Value| {
             let mut body = json!({
                 "active": true, "iss": "https://idp.test", "aud": "orders-api",

@@ -124,13 +124,18 @@ pub fn template_params(template: &str) -> Vec<String> {
 
 /// A path is canonical when it starts with `/`, has no empty segment (`//`),
 /// no `.` or `..` segment (also not one hidden behind path parameters, as in
-/// `..;x`, which servlet containers read as `..`), no `\`, and no
-/// percent-encoded `/`, `\`, `.` or NUL: anything else could reach a different
+/// `..;x`, which servlet containers read as `..`), no `\`, no raw control
+/// character, space or DEL, and no percent-encoded `/`, `\`, `.` or NUL: anything else could reach a different
 /// handler upstream than the route it matches here. Such a path is refused
 /// (400), never matched; a proxy that normalises paths first (Envoy's
 /// `normalize_path`, `merge_slashes`) sends the canonical form instead.
 pub fn is_canonical_path(path: &str) -> bool {
     if !path.starts_with('/') || path.contains('\\') || path.contains("//") {
+        return false;
+    }
+    // A raw control character, space or DEL is never part of a URI path
+    // (RFC 3986); an upstream may strip or split on it and see another path.
+    if path.bytes().any(|b| b.is_ascii_control() || b == b' ') {
         return false;
     }
     let lower = path.to_ascii_lowercase();
@@ -207,6 +212,17 @@ mod tests {
         assert!(!is_canonical_path("/orders/%2e%2e/admin"));
         assert!(!is_canonical_path("orders"));
         assert!(!is_canonical_path("/orders/7%00"));
+        // Raw control characters, space and DEL (found by the CheckRequest
+        // fuzz target: `/orders/\u{1}7` was decided as `/orders/{id}`).
+        for bad in [
+            "/orders/\u{1}7",
+            "/orders/7\t",
+            "/orders/7\r\n",
+            "/orders/ 7",
+            "/orders/7\u{7f}",
+        ] {
+            assert!(!is_canonical_path(bad), "{bad:?}");
+        }
         // Empty segments, and dot segments behind path parameters.
         assert!(!is_canonical_path("//orders/7"));
         assert!(!is_canonical_path("/orders//7"));
