@@ -472,6 +472,7 @@ struct Stats {
     /// Microseconds, per phase name.
     latency: BTreeMap<&'static str, Vec<u32>>,
     skipped_ticks: u64,
+    oversized_header_reset_by_envoy: u64,
 }
 
 #[derive(Default)]
@@ -1069,6 +1070,15 @@ impl Soak {
             })
         };
         let status = match answer {
+            Answer::Failed(error)
+                if request.kind == Kind::OversizedHeader && error.contains("reset") =>
+            {
+                // Envoy refuses the 70 KiB header itself (431) and closes with
+                // part of the request unread: TCP may reset before the client
+                // reads the 431. Never reaches Portcullis; counted apart.
+                stats.oversized_header_reset_by_envoy += 1;
+                return;
+            }
             Answer::Failed(error) => {
                 self.count_error(&mut stats, name, restart_window, || example(json!(error)));
                 return;
@@ -1822,6 +1832,7 @@ impl Soak {
             "errors_outside_restart_window": stats.errors_outside_restart,
             "error_examples": stats.error_examples,
             "errors_inside_restart_window": stats.errors_in_restart,
+            "oversized_header_reset_by_envoy": stats.oversized_header_reset_by_envoy,
             "in_transition": stats.in_transition,
             "revocations": {
                 "made_redis_up": revocations.made_redis_up,
