@@ -679,10 +679,7 @@ mod fuzz {
 
     #[test]
     fn fuzz_admin_revoke_batch() {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
+        let runtime = crate::fuzz::runtime();
         let setup = setup("");
         let lifetimes = Lifetimes {
             max_lifetime: Duration::from_secs(3600),

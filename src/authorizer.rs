@@ -155,10 +155,7 @@ impl Authorizer for AuthorizerService {
         let mut direct = direct_request(
             request.action,
             request.resource,
-            request.context_kind.map(|c| match c {
-                pb::is_authorized_request::ContextKind::Context(s) => ContextInput::Struct(s),
-                pb::is_authorized_request::ContextKind::ContextJson(j) => ContextInput::Json(j),
-            }),
+            request.context_kind.map(ContextInput::from),
             request.entities,
         )?;
         direct.caller = caller.clone();
@@ -319,6 +316,15 @@ pub enum ContextInput {
     Struct(prost_types::Struct),
     /// JSON text.
     Json(String),
+}
+
+impl From<pb::is_authorized_request::ContextKind> for ContextInput {
+    fn from(kind: pb::is_authorized_request::ContextKind) -> ContextInput {
+        match kind {
+            pb::is_authorized_request::ContextKind::Context(s) => ContextInput::Struct(s),
+            pb::is_authorized_request::ContextKind::ContextJson(j) => ContextInput::Json(j),
+        }
+    }
 }
 
 /// Turns the fields of one request into the engine's [`DirectRequest`];
@@ -558,10 +564,7 @@ mod fuzz {
     fn subject() -> Subject {
         let setup = setup("");
         let engine = Engine::from_config(&setup.config).unwrap();
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
+        let runtime = crate::fuzz::runtime();
         let valid = vec![
             setup.token("orders:read", NOW - 10, NOW + 600),
             setup
@@ -587,10 +590,7 @@ mod fuzz {
             let Ok(direct) = direct_request(
                 request.action,
                 request.resource,
-                request.context_kind.map(|c| match c {
-                    pb::is_authorized_request::ContextKind::Context(s) => ContextInput::Struct(s),
-                    pb::is_authorized_request::ContextKind::ContextJson(j) => ContextInput::Json(j),
-                }),
+                request.context_kind.map(ContextInput::from),
                 request.entities,
             ) else {
                 return false;

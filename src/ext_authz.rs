@@ -476,10 +476,7 @@ mod fuzz {
     fn subject() -> Subject {
         let setup = setup("");
         let engine = Engine::from_config(&setup.config).unwrap();
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
+        let runtime = crate::fuzz::runtime();
         let sign = |claims: serde_json::Value| setup.key.sign_claims(&claims).unwrap();
         let base = json!({
             "iss": "https://idp.test", "aud": "orders-api", "sub": "bob", "jti": "t2",

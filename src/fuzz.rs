@@ -333,6 +333,14 @@ pub(crate) fn run(target: Target, check: impl FnMut(&[u8])) {
     }
 }
 
+/// A current-thread runtime for targets that call async code per input.
+pub(crate) fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a current-thread runtime builds")
+}
+
 /// Strings as seed or dictionary bytes.
 pub(crate) fn bytes<S: AsRef<[u8]>>(items: impl IntoIterator<Item = S>) -> Vec<Vec<u8>> {
     items.into_iter().map(|s| s.as_ref().to_vec()).collect()

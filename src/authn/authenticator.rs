@@ -537,10 +537,7 @@ mod fuzz {
     fn verifier() -> Verifier {
         let setup = setup("");
         let engine = Engine::from_config(&setup.config).unwrap();
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
+        let runtime = crate::fuzz::runtime();
         Verifier {
             setup,
             engine,
