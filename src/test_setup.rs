@@ -24,7 +24,17 @@ pub(crate) struct Setup {
 /// A config around the shipped policies; `application` lines go under
 /// `[application]`.
 pub(crate) fn setup(application: &str) -> Setup {
+    setup_with(application, "", &[])
+}
+
+/// [`setup`], with `issuer` lines appended to the issuer's table (its
+/// sub-tables too, e.g. `[issuers.introspection]`) and `files` (name, text)
+/// written beside the configuration before it loads.
+pub(crate) fn setup_with(application: &str, issuer: &str, files: &[(&str, &str)]) -> Setup {
     let dir = tempfile::tempdir().unwrap();
+    for (name, text) in files {
+        std::fs::write(dir.path().join(name), text).unwrap();
+    }
     let key = SigningKey::generate_es256(Some("k1".into())).unwrap();
     std::fs::write(
         dir.path().join("jwks.json"),
@@ -51,6 +61,7 @@ audiences = ["orders-api"]
 jwks_file = "jwks.json"
 max_token_lifetime = "1h"
 roles_claim = "roles"
+{issuer}
 
 [[routes]]
 method = "GET"

@@ -598,10 +598,9 @@ mod fuzz {
 
     use crate::authn::TokenError;
     use crate::authn::introspection::Introspector;
-    use crate::config::Config;
     use crate::engine::Engine;
     use crate::fuzz::{Target, bytes, run};
-    use crate::test_setup::NOW;
+    use crate::test_setup::{NOW, Setup, setup_with};
 
     /// Found by `fuzz_introspection_response`: an `iss` that is not a string
     /// skipped the issuer check.
@@ -629,42 +628,21 @@ mod fuzz {
 
     /// An introspector of `https://idp.test` built from a real configuration,
     /// and the issuer's leeway.
-    fn introspector() -> (tempfile::TempDir, Arc<Introspector>, i64) {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("secret"), "s3cret").unwrap();
-        let key = crate::authn::mint::SigningKey::generate_es256(Some("k1".into())).unwrap();
-        std::fs::write(
-            dir.path().join("jwks.json"),
-            serde_json::to_string(&key.public_jwks()).unwrap(),
-        )
-        .unwrap();
-        let policies = concat!(env!("CARGO_MANIFEST_DIR"), "/policies");
-        let toml = format!(
+    fn introspector() -> (Setup, Arc<Introspector>, i64) {
+        let setup = setup_with(
+            "",
             r#"
-[server]
-listen = "127.0.0.1:0"
-[policies]
-dir = "{policies}"
-watch = false
-[application]
-name = "orders"
-[[issuers]]
-issuer = "https://idp.test"
-audiences = ["orders-api"]
-jwks_file = "jwks.json"
-max_token_lifetime = "1h"
 [issuers.introspection]
 endpoint = "https://idp.test/introspect"
 client_id = "portcullis"
 client_secret_file = "secret"
-"#
+"#,
+            &[("secret", "s3cret")],
         );
-        std::fs::write(dir.path().join("portcullis.toml"), toml).unwrap();
-        let config = Config::load(&dir.path().join("portcullis.toml")).unwrap();
-        let leeway = config.issuers[0].leeway.as_secs() as i64;
-        let engine = Engine::from_config(&config).unwrap();
+        let leeway = setup.config.issuers[0].leeway.as_secs() as i64;
+        let engine = Engine::from_config(&setup.config).unwrap();
         let introspector = engine.authenticator().issuers().introspectors()[0].clone();
-        (dir, introspector, leeway)
+        (setup, introspector, leeway)
     }
 
     #[test]
