@@ -463,7 +463,8 @@ mod fuzz {
 
     /// The pipeline over the shipped policies and the tokens that may pass it.
     struct Subject {
-        setup: Setup,
+        /// Keeps the configuration's folder alive.
+        _setup: Setup,
         engine: Engine,
         runtime: tokio::runtime::Runtime,
         /// Valid tokens carrying `orders:read` (the only scope that opens the
@@ -501,7 +502,7 @@ mod fuzz {
             with(json!({ "scope": "orders:read", "exp": NOW + 86_400 })),
         ];
         Subject {
-            setup,
+            _setup: setup,
             engine,
             runtime,
             readers,
@@ -783,6 +784,5 @@ mod fuzz {
                 }
             },
         );
-        let _ = &subject.setup;
     }
 }
