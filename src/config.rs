@@ -79,6 +79,16 @@ pub struct Config {
     /// Traces (OTLP) and metrics (Prometheus); both off by default.
     #[serde(default)]
     pub telemetry: TelemetryConfig,
+    /// Sender-constrained tokens: DPoP proofs (RFC 9449) and certificate-bound
+    /// tokens (RFC 8705).
+    #[serde(default)]
+    pub sender_constraint: SenderConstraintConfig,
+    /// Token Status List checks (`status.status_list` claims).
+    #[serde(default)]
+    pub status_list: StatusListConfig,
+    /// The Shared Signals (CAEP/RISC) receiver; absent means off.
+    #[serde(default)]
+    pub ssf: Option<SsfConfig>,
 }
 
 /// `[telemetry]`: OpenTelemetry trace export and the Prometheus endpoint.
@@ -561,6 +571,10 @@ pub struct IssuerConfig {
     /// Claim holding the caller's roles (dotted path allowed, e.g. `realm_access.roles`).
     #[serde(default = "default_roles_claim")]
     pub roles_claim: String,
+    /// Proof of possession every token of this issuer must carry: `none`,
+    /// `dpop`, `mtls` or `any`. A bound token is checked whatever this says.
+    #[serde(default)]
+    pub require_sender_constraint: SenderConstraint,
 }
 
 /// `[issuers.remote]`: how remote keys are fetched and refreshed.
@@ -738,6 +752,214 @@ pub struct RouteConfig {
     /// Overrides `[application] mode` for this route's policy decisions.
     #[serde(default)]
     pub mode: Option<Mode>,
+    /// Proof of possession a token must carry on this route (on top of its
+    /// issuer's requirement): `none`, `dpop`, `mtls` or `any`.
+    #[serde(default)]
+    pub require_sender_constraint: Option<SenderConstraint>,
+}
+
+/// Which proof of possession a token must carry.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SenderConstraint {
+    /// Bearer tokens are accepted (bound tokens are still checked).
+    #[default]
+    None,
+    /// Only DPoP-bound tokens (`cnf.jkt`) with a valid proof.
+    Dpop,
+    /// Only certificate-bound tokens (`cnf["x5t#S256"]`) over the bound certificate.
+    Mtls,
+    /// A DPoP-bound or certificate-bound token; bearer tokens are refused.
+    Any,
+}
+
+impl SenderConstraint {
+    /// The configuration and audit-line spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SenderConstraint::None => "none",
+            SenderConstraint::Dpop => "dpop",
+            SenderConstraint::Mtls => "mtls",
+            SenderConstraint::Any => "any",
+        }
+    }
+}
+
+/// `[sender_constraint]`: how DPoP proofs and client certificates are checked.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SenderConstraintConfig {
+    /// Signature algorithms accepted for DPoP proofs (asymmetric only).
+    #[serde(default = "default_dpop_algorithms")]
+    pub dpop_algorithms: Vec<String>,
+    /// Oldest accepted proof: `iat` no more than this before now.
+    #[serde(default = "default_dpop_max_age", deserialize_with = "de_duration")]
+    pub dpop_max_age: Duration,
+    /// Clock skew tolerated on a proof's `iat` in the future.
+    #[serde(default = "default_dpop_clock_skew", deserialize_with = "de_duration")]
+    pub dpop_clock_skew: Duration,
+    /// Most proof `jti`s remembered by one instance (replay cache); a proof is
+    /// refused when the cache cannot remember it (fail closed).
+    #[serde(default = "default_dpop_replay_entries")]
+    pub dpop_replay_entries: u64,
+    /// A header carrying the client certificate from a trusted proxy hop,
+    /// in Envoy's `x-forwarded-client-cert` format, used when Envoy reports
+    /// no peer certificate of its own. Unset: only Envoy's peer certificate.
+    #[serde(default)]
+    pub client_certificate_header: Option<String>,
+}
+
+impl Default for SenderConstraintConfig {
+    fn default() -> Self {
+        Self {
+            dpop_algorithms: default_dpop_algorithms(),
+            dpop_max_age: default_dpop_max_age(),
+            dpop_clock_skew: default_dpop_clock_skew(),
+            dpop_replay_entries: default_dpop_replay_entries(),
+            client_certificate_header: None,
+        }
+    }
+}
+
+fn default_dpop_algorithms() -> Vec<String> {
+    ["ES256", "ES384", "EdDSA", "PS256", "RS256"]
+        .into_iter()
+        .map(str::to_owned)
+        .collect()
+}
+fn default_dpop_max_age() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_dpop_clock_skew() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_dpop_replay_entries() -> u64 {
+    1_000_000
+}
+
+/// `[status_list]`: checks of tokens that carry a `status.status_list` claim
+/// (OAuth Token Status List). The list is fetched with the issuer's `remote`
+/// HTTP settings (HTTPS only, `ca_file`, timeouts).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatusListConfig {
+    /// Check status-list claims; off accepts such tokens without a check.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// How long a fetched list is used when it names no `ttl` (never past its `exp`).
+    #[serde(default = "default_status_list_ttl", deserialize_with = "de_duration")]
+    pub default_ttl: Duration,
+    /// Shortest interval between two fetches of one list.
+    #[serde(
+        default = "default_status_list_min_refresh",
+        deserialize_with = "de_duration"
+    )]
+    pub min_refresh: Duration,
+    /// How long past its validity a list keeps answering while refreshes fail
+    /// (at most 1 hour); then its tokens are refused.
+    #[serde(default, deserialize_with = "de_duration")]
+    pub grace: Duration,
+    /// Largest status-list response accepted (bytes).
+    #[serde(default = "default_status_list_max_bytes")]
+    pub max_list_bytes: usize,
+    /// Largest decompressed list accepted (bytes).
+    #[serde(default = "default_status_list_max_decompressed")]
+    pub max_decompressed_bytes: usize,
+    /// Most lists kept at once.
+    #[serde(default = "default_status_list_max_lists")]
+    pub max_lists: u64,
+}
+
+impl Default for StatusListConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            default_ttl: default_status_list_ttl(),
+            min_refresh: default_status_list_min_refresh(),
+            grace: Duration::ZERO,
+            max_list_bytes: default_status_list_max_bytes(),
+            max_decompressed_bytes: default_status_list_max_decompressed(),
+            max_lists: default_status_list_max_lists(),
+        }
+    }
+}
+
+fn default_status_list_ttl() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_status_list_min_refresh() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_status_list_max_bytes() -> usize {
+    1024 * 1024
+}
+fn default_status_list_max_decompressed() -> usize {
+    16 * 1024 * 1024
+}
+fn default_status_list_max_lists() -> u64 {
+    1000
+}
+
+/// `[ssf]`: receiver of Security Event Tokens (OpenID Shared Signals: CAEP
+/// and RISC events) from one transmitter, pushed (RFC 8935) and/or polled
+/// (RFC 8936). The events become revocations.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SsfConfig {
+    /// The transmitter's `iss`, exactly.
+    pub issuer: String,
+    /// The `aud` the SETs must name (this receiver).
+    pub audience: String,
+    /// Local JWKS file with the transmitter's public keys.
+    #[serde(default)]
+    pub jwks_file: Option<PathBuf>,
+    /// The transmitter's remote JWKS (HTTPS).
+    #[serde(default)]
+    pub jwks_uri: Option<String>,
+    /// Signature algorithms accepted on SETs.
+    #[serde(default = "default_algorithms")]
+    pub algorithms: Vec<String>,
+    /// Remote key and HTTP settings (also used by the poll client).
+    #[serde(default)]
+    pub remote: RemoteKeysConfig,
+    /// Address of the push endpoint's plain HTTP listener; unset: no push.
+    #[serde(default)]
+    pub push_listen: Option<SocketAddr>,
+    /// Path of the push endpoint.
+    #[serde(default = "default_ssf_push_path")]
+    pub push_path: String,
+    /// File holding the bearer token the transmitter presents on pushes;
+    /// unset accepts pushes without one (the SET signature still decides).
+    #[serde(default)]
+    pub push_token_file: Option<PathBuf>,
+    /// The transmitter's poll endpoint (HTTPS); unset: no polling.
+    #[serde(default)]
+    pub poll_url: Option<String>,
+    /// File holding the bearer token presented to the poll endpoint.
+    #[serde(default)]
+    pub poll_token_file: Option<PathBuf>,
+    /// Time between polls when the last poll returned nothing.
+    #[serde(
+        default = "default_ssf_poll_interval",
+        deserialize_with = "de_duration"
+    )]
+    pub poll_interval: Duration,
+    /// Most SETs asked for per poll (`maxEvents`).
+    #[serde(default = "default_ssf_poll_max_events")]
+    pub poll_max_events: u32,
+    /// Clock skew tolerated on a SET's `iat`.
+    #[serde(default = "default_leeway", deserialize_with = "de_duration")]
+    pub leeway: Duration,
+}
+
+fn default_ssf_push_path() -> String {
+    "/ssf/events".to_owned()
+}
+fn default_ssf_poll_interval() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_ssf_poll_max_events() -> u32 {
+    100
 }
 
 /// `[api_keys]`: opaque keys for machine clients.

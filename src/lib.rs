@@ -34,6 +34,7 @@ pub mod revocation;
 pub mod serve;
 pub mod server;
 pub(crate) mod settle;
+pub mod ssf;
 pub mod state;
 pub mod telemetry;
 #[cfg(test)]

@@ -104,6 +104,7 @@ fn route_config(op: &Operation) -> RouteConfig {
         action: None,
         allow_workload: false,
         mode: None,
+        require_sender_constraint: None,
     }
 }
 

@@ -86,3 +86,65 @@ pub(crate) fn roles(claims: &Value, path: &str) -> Vec<String> {
     roles.dedup();
     roles
 }
+
+/// The `cnf` claim (RFC 7800): the key (`jkt`, RFC 9449) or certificate
+/// (`x5t#S256`, RFC 8705) the token is bound to. A `cnf` that is not an
+/// object, or whose thumbprint is not a base64url SHA-256, is malformed; one
+/// with no confirmation method we check (or both at once) is refused as
+/// unsupported, never accepted as a bearer token.
+pub(crate) fn binding(claims: &Value) -> Result<Option<super::TokenBinding>, TokenError> {
+    let cnf = match claims.get("cnf") {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::Object(cnf)) => cnf,
+        Some(_) => return Err(TokenError::Malformed),
+    };
+    let thumbprint = |name: &str| -> Result<Option<String>, TokenError> {
+        match cnf.get(name) {
+            None => Ok(None),
+            Some(Value::String(t)) if is_sha256_base64url(t) => Ok(Some(t.clone())),
+            Some(_) => Err(TokenError::Malformed),
+        }
+    };
+    match (thumbprint("jkt")?, thumbprint("x5t#S256")?) {
+        (Some(jkt), None) => Ok(Some(super::TokenBinding::Dpop { jkt })),
+        (None, Some(x5t_s256)) => Ok(Some(super::TokenBinding::Mtls { x5t_s256 })),
+        _ => Err(TokenError::UnsupportedBinding),
+    }
+}
+
+/// 43 base64url characters without padding: a SHA-256 digest.
+fn is_sha256_base64url(text: &str) -> bool {
+    text.len() == 43
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// The `status.status_list` claim (Token Status List): `idx` and `uri`. Other
+/// status mechanisms are ignored; a `status_list` that is not an object with a
+/// non-negative integer `idx` and an `https://` `uri` is malformed.
+pub(crate) fn status_reference(
+    claims: &Value,
+) -> Result<Option<super::status_list::StatusReference>, TokenError> {
+    let status = match claims.get("status") {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::Object(status)) => status,
+        Some(_) => return Err(TokenError::Malformed),
+    };
+    let Some(list) = status.get("status_list") else {
+        return Ok(None);
+    };
+    let idx = list
+        .get("idx")
+        .and_then(Value::as_u64)
+        .ok_or(TokenError::Malformed)?;
+    let uri = list
+        .get("uri")
+        .and_then(Value::as_str)
+        .filter(|uri| uri.starts_with("https://") && uri.len() <= 2048)
+        .ok_or(TokenError::Malformed)?;
+    Ok(Some(super::status_list::StatusReference {
+        uri: uri.to_owned(),
+        idx,
+    }))
+}

@@ -26,7 +26,7 @@ use serde_json::Value;
 use tokio::sync::{OnceCell, Semaphore, SemaphorePermit};
 use tokio::time::Instant;
 
-use super::claims::{check_lifetime, numeric_date, roles, scopes, secs_i64, string_claim};
+use super::claims::{binding, check_lifetime, numeric_date, roles, scopes, secs_i64, string_claim};
 use super::keys::{FetchError, IssuerKeys, http_client, read_limited};
 use super::{CredentialKind, TokenError, VerifiedToken};
 use crate::config::IssuerConfig;
@@ -445,6 +445,10 @@ impl Introspector {
             key_id: String::new(),
             api_key_id: None,
             credential: CredentialKind::Introspected,
+            // RFC 8705 §3.2 and RFC 9449 §6.2: the answer carries the binding.
+            binding: binding(response)?,
+            // The endpoint itself is the token's status.
+            status: None,
         })
     }
 }

@@ -16,7 +16,9 @@ use jsonwebtoken::{Algorithm, Validation};
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::claims::{check_lifetime, numeric_date, roles, scopes, secs_i64, string_claim};
+use super::claims::{
+    binding, check_lifetime, numeric_date, roles, scopes, secs_i64, status_reference, string_claim,
+};
 use super::introspection::{IntrospectionSetupError, Introspector};
 use super::jwks::is_accepted_algorithm;
 use super::keys::{IssuerKeys, KeysError};
@@ -270,6 +272,8 @@ impl IssuerSet {
             key_id: kid.to_owned(),
             api_key_id: None,
             credential: CredentialKind::Jwt,
+            binding: binding(&claims)?,
+            status: status_reference(&claims)?,
         };
         Ok((verified, window))
     }

@@ -10,17 +10,21 @@
 //! - [`introspection`] asks the issuer about opaque tokens (RFC 7662);
 //! - [`workload`] turns an mTLS peer's SPIFFE identity into a principal;
 //! - [`api_key`] verifies opaque API keys against a file of their hashes;
+//! - [`dpop`] checks DPoP proofs (RFC 9449) and remembers their `jti`s;
+//! - [`status_list`] checks tokens against their issuer's Token Status List;
 //! - [`mint`] signs development tokens (for trying things out only).
 
 pub mod api_key;
 pub mod authenticator;
 pub mod claims;
 pub mod credential;
+pub mod dpop;
 pub mod introspection;
 pub mod jwks;
 pub mod jwt;
 pub mod keys;
 pub mod mint;
+pub mod status_list;
 pub mod token_cache;
 pub mod workload;
 
@@ -105,6 +109,28 @@ pub enum TokenError {
     /// mTLS client that `[workload] asserting_callers` allows to assert one.
     #[error("the caller may not assert a workload identity")]
     UntrustedCaller,
+    /// The issuer or route requires a sender-constrained token (`[[issuers]]` /
+    /// `[[routes]] require_sender_constraint`) and this one is not bound, or
+    /// bound the other way.
+    #[error("a sender-constrained token is required")]
+    SenderConstraintRequired,
+    /// A `cnf` claim with no confirmation method we can check (fail closed).
+    #[error("token confirmation method is not supported")]
+    UnsupportedBinding,
+    /// A certificate-bound token (`cnf["x5t#S256"]`) over a connection without
+    /// that client certificate.
+    #[error("client certificate does not match the token's binding")]
+    CertificateMismatch,
+    /// A DPoP proof problem (RFC 9449).
+    #[error(transparent)]
+    Dpop(#[from] dpop::DpopError),
+    /// The token's status list marks it invalid (revoked) or suspended.
+    #[error("token status is not valid")]
+    StatusNotValid,
+    /// The token's status list could not be fetched or verified and the last
+    /// good copy is past its validity (and grace): fail closed.
+    #[error("token status could not be checked")]
+    StatusUnavailable,
 }
 
 impl TokenError {
@@ -134,6 +160,12 @@ impl TokenError {
             TokenError::ExpiredApiKey => "expired_api_key",
             TokenError::Revoked => "revoked",
             TokenError::UntrustedCaller => "untrusted_caller",
+            TokenError::SenderConstraintRequired => "sender_constraint_required",
+            TokenError::UnsupportedBinding => "unsupported_binding",
+            TokenError::CertificateMismatch => "certificate_mismatch",
+            TokenError::Dpop(e) => e.class(),
+            TokenError::StatusNotValid => "token_status_not_valid",
+            TokenError::StatusUnavailable => "token_status_unavailable",
         }
     }
 
@@ -145,7 +177,17 @@ impl TokenError {
             TokenError::Expired => "the access token expired",
             TokenError::NotYetValid => "the access token is not yet valid",
             TokenError::LifetimeTooLong => "the access token lifetime is too long",
-            TokenError::IntrospectionFailed => "the access token could not be checked; retry later",
+            TokenError::IntrospectionFailed | TokenError::StatusUnavailable => {
+                "the access token could not be checked; retry later"
+            }
+            TokenError::Dpop(dpop::DpopError::ReplayCheckFailed) => {
+                "the DPoP proof could not be checked; retry later"
+            }
+            TokenError::Dpop(_) => "the DPoP proof is invalid",
+            TokenError::SenderConstraintRequired => "a sender-constrained access token is required",
+            TokenError::CertificateMismatch => {
+                "the client certificate does not match the access token"
+            }
             TokenError::ExpiredApiKey => "the API key expired",
             TokenError::UnknownApiKey | TokenError::DisabledApiKey => "the API key is invalid",
             _ => "the access token is invalid",
@@ -209,4 +251,33 @@ pub struct VerifiedToken {
     pub api_key_id: Option<String>,
     /// How the identity was established.
     pub credential: CredentialKind,
+    /// The key or certificate the token is bound to (`cnf`), if any.
+    pub binding: Option<TokenBinding>,
+    /// Where the token's status is published (`status.status_list`), if anywhere.
+    pub status: Option<status_list::StatusReference>,
+}
+
+/// What a sender-constrained token is bound to (its `cnf` claim, RFC 7800).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenBinding {
+    /// `cnf.jkt`: the RFC 7638 thumbprint of the DPoP key (RFC 9449).
+    Dpop {
+        /// base64url SHA-256 JWK thumbprint.
+        jkt: String,
+    },
+    /// `cnf["x5t#S256"]`: the client certificate's thumbprint (RFC 8705).
+    Mtls {
+        /// base64url SHA-256 of the certificate's DER.
+        x5t_s256: String,
+    },
+}
+
+impl TokenBinding {
+    /// `dpop` or `mtls`: the audit line's and Cedar's name for it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            TokenBinding::Dpop { .. } => "dpop",
+            TokenBinding::Mtls { .. } => "mtls",
+        }
+    }
 }

@@ -58,6 +58,8 @@ impl WorkloadIdentities {
             key_id: String::new(),
             api_key_id: None,
             credential: CredentialKind::Workload,
+            binding: None,
+            status: None,
         })
     }
 }

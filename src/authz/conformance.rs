@@ -138,5 +138,7 @@ fn probe_token(principal_type: &str, roles: bool, with_optional_claims: bool) ->
         key_id: "probe".into(),
         api_key_id: None,
         credential: CredentialKind::Jwt,
+        binding: None,
+        status: None,
     }
 }

@@ -274,6 +274,8 @@ mod tests {
             key_id: "k1".into(),
             api_key_id: None,
             credential: CredentialKind::Jwt,
+            binding: None,
+            status: None,
         }
     }
 

@@ -162,6 +162,7 @@ mod tests {
             action: None,
             allow_workload: false,
             mode: None,
+            require_sender_constraint: None,
         }
     }
 

@@ -196,6 +196,8 @@ impl ApiKeyIdentity {
             key_id: String::new(),
             api_key_id: Some(self.id),
             credential: super::CredentialKind::ApiKey,
+            binding: None,
+            status: None,
         }
     }
 }
