@@ -221,6 +221,13 @@ pub async fn serve(
         ),
         None => None,
     };
+    // The Shared Signals receiver is checked now; it starts with the store.
+    let ssf = match &config.ssf {
+        Some(ssf) => {
+            Some(crate::ssf::Receiver::new(ssf).map_err(|e| ServeError::Start(e.to_string()))?)
+        }
+        None => None,
+    };
     // Certificates are read before anything answers: a bad file stops the start.
     let load_tls = |tls: Option<&crate::config::TlsConfig>, section: &str| {
         tls.map(|t| {
@@ -372,6 +379,26 @@ pub async fn serve(
         }
         _ => None,
     };
+    // Shared Signals events become revocations in the store.
+    if let Some(receiver) = ssf {
+        match receiver.start(store.clone(), running.state().clone()).await {
+            Ok(receiver_tasks) => {
+                for task in receiver_tasks {
+                    track(task);
+                }
+            }
+            Err(e) => {
+                if let Some(admin) = admin
+                    && let Err(e) = admin.shutdown(grace).await
+                {
+                    tracing::warn!(error = %e, "admin listener did not stop cleanly");
+                }
+                store.shutdown().await;
+                abandon(running, metrics).await?;
+                return Err(ServeError::Start(e.to_string()));
+            }
+        }
+    }
 
     tracing::info!(
         policies = engine.policies().len(),

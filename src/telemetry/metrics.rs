@@ -47,6 +47,8 @@ pub struct Metrics {
     /// misses), so the totals never go back. (The token cache belongs to the
     /// credential stage, which reloaded engines share: its counters live on.)
     retired_decisions: [AtomicU64; 2],
+    /// Shared Signals events received ([`crate::ssf`]), by event and outcome.
+    ssf_events: Family<DecisionLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -56,6 +58,7 @@ impl Default for Metrics {
             // 50 µs to ~1.6 s.
             check_duration: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
             retired_decisions: Default::default(),
+            ssf_events: Family::default(),
         }
     }
 }
@@ -68,6 +71,15 @@ impl Metrics {
             .get_or_create(&[("outcome", outcome), ("reason", decision.verdict.class())])
             .inc();
         self.check_duration.observe(decision.elapsed.as_secs_f64());
+    }
+
+    /// Counts one Shared Signals event: `event` is its short name
+    /// (`session-revoked`, `verification`, `other`, `unverified`...),
+    /// `outcome` `applied`, `ignored` or `refused`.
+    pub fn record_ssf_event(&self, event: &'static str, outcome: &'static str) {
+        self.ssf_events
+            .get_or_create(&[("event", event), ("outcome", outcome)])
+            .inc();
     }
 
     /// Keeps the decision-cache counters of an engine a reload replaced.
@@ -97,6 +109,11 @@ impl Metrics {
             "Time from the request's attributes to its decision",
             Unit::Seconds,
             self.check_duration.clone(),
+        );
+        registry.register(
+            "ssf_events",
+            "Shared Signals (CAEP, RISC) events received, by event type and outcome (applied: revocations made; ignored: acknowledged, nothing to revoke; refused: the SET was rejected)",
+            self.ssf_events.clone(),
         );
         register_state(&mut registry, self, engine, audit, reloads);
         let mut text = String::new();
