@@ -23,6 +23,7 @@ use super::introspection::{self, token_digest};
 use super::jwks::VerificationKey;
 use super::jwt::{Issuer, IssuerSet};
 use super::mint::SigningKey;
+use super::status_list::StatusLists;
 use super::token_cache::{CachedToken, TokenCache};
 use super::workload::WorkloadIdentities;
 use super::{MAX_TOKEN_BYTES, TokenError, VerifiedToken};
@@ -69,6 +70,9 @@ pub struct Authenticator {
     /// Set once, when the store is opened (the offline commands have none).
     revocations: OnceLock<Arc<RevocationStore>>,
     counters: CredentialCounters,
+    /// `[status_list]`: checks of tokens' `status.status_list` claims, run
+    /// on every call (a status can change while the verified token is cached).
+    pub(crate) status_lists: StatusLists,
     /// Stops the background work of [`Self::spawn_background`] when this
     /// authenticator is dropped (replaced by a configuration reload).
     background: CancellationToken,
@@ -106,9 +110,16 @@ impl Authenticator {
                 }
             },
         };
-        if !problems.is_empty() {
+        let status_lists = match StatusLists::from_config(config) {
+            Ok(lists) => Some(lists),
+            Err(e) => {
+                problems.push(e.to_string());
+                None
+            }
+        };
+        let Some(status_lists) = status_lists.filter(|_| problems.is_empty()) else {
             return Err(problems);
-        }
+        };
         Ok(Authenticator {
             issuers: IssuerSet::new(issuers),
             api_keys,
@@ -119,6 +130,7 @@ impl Authenticator {
             tokens: TokenCache::new(&config.cache),
             revocations: OnceLock::new(),
             counters: CredentialCounters::default(),
+            status_lists,
             background: CancellationToken::new(),
         })
     }
@@ -296,9 +308,19 @@ impl Authenticator {
         let revoked = self
             .revocations()
             .is_some_and(|revocations| revocations.check(&token, now).is_err());
+        let mut refusal = revoked.then_some(TokenError::Revoked);
+        // The token's status list, on every call: not cached with the token.
+        if refusal.is_none() && token.status.is_some() && self.status_lists.enabled() {
+            refusal = self
+                .status_lists
+                .check(&self.issuers, &token, now)
+                .instrument(tracing::debug_span!("status_list_check"))
+                .await
+                .err();
+        }
         Authentication {
             token: Some(token),
-            refusal: revoked.then_some(TokenError::Revoked),
+            refusal,
         }
     }
 

@@ -18,6 +18,10 @@
 //!   exactly those credentials (`base64(id:secret)`, no form-encoding), else
 //!   `401 {"error": "invalid_client"}` with `WWW-Authenticate: Basic`.
 //!
+//! - `GET /statuslists/<name>`: the Status List Token set by
+//!   [`TestIdp::set_status_list`] (`404` until then), as
+//!   `application/statuslist+jwt`; [`TestIdp::status_list_uri`] is its URI.
+//!
 //! Faults: [`TestIdp::set_down`] makes every endpoint answer `503`;
 //! [`TestIdp::set_delay`] delays every answer (for client timeouts);
 //! [`TestIdp::set_padding`] pads one endpoint's (otherwise valid) JSON answer
@@ -65,6 +69,9 @@ struct Settings {
     introspection: HashMap<String, Value>,
     client_credentials: Option<(String, String)>,
     padding: HashMap<Endpoint, usize>,
+    status_lists: HashMap<String, String>,
+    status_lists_down: bool,
+    status_list_accept: Option<String>,
 }
 
 /// One endpoint of the IdP, for [`TestIdp::set_padding`].
@@ -86,6 +93,7 @@ struct Shared {
     introspections_in_flight: AtomicUsize,
     max_introspections_in_flight: AtomicUsize,
     discovery_fetches: AtomicUsize,
+    status_list_fetches: AtomicUsize,
 }
 
 /// One `/introspect` request being answered; leaving (even when the client
@@ -170,11 +178,13 @@ impl TestIdp {
             introspections_in_flight: AtomicUsize::new(0),
             max_introspections_in_flight: AtomicUsize::new(0),
             discovery_fetches: AtomicUsize::new(0),
+            status_list_fetches: AtomicUsize::new(0),
         });
         let app = Router::new()
             .route("/.well-known/openid-configuration", get(discovery))
             .route("/jwks", get(jwks))
             .route("/introspect", post(introspect))
+            .route("/statuslists/{name}", get(status_list))
             .with_state(shared.clone());
 
         let server = tokio::spawn(async move {
@@ -307,6 +317,36 @@ impl TestIdp {
             .load(Ordering::SeqCst)
     }
 
+    /// `<issuer>/statuslists/<name>`: where [`TestIdp::set_status_list`]'s
+    /// token for `name` is served.
+    pub fn status_list_uri(&self, name: &str) -> String {
+        format!("{}/statuslists/{name}", self.shared.issuer)
+    }
+
+    /// What `GET /statuslists/<name>` serves next (`None`: `404`).
+    pub fn set_status_list(&self, name: &str, token: Option<String>) {
+        let mut settings = self.shared.settings();
+        match token {
+            Some(token) => settings.status_lists.insert(name.to_owned(), token),
+            None => settings.status_lists.remove(name),
+        };
+    }
+
+    /// While `true`, only the status-list endpoint answers `503`.
+    pub fn set_status_lists_down(&self, down: bool) {
+        self.shared.settings().status_lists_down = down;
+    }
+
+    /// Requests that reached `GET /statuslists/<name>`, whatever the answer.
+    pub fn status_list_fetches(&self) -> usize {
+        self.shared.status_list_fetches.load(Ordering::SeqCst)
+    }
+
+    /// The `Accept` header of the last status-list request.
+    pub fn status_list_accept(&self) -> Option<String> {
+        self.shared.settings().status_list_accept.clone()
+    }
+
     /// From now on `/introspect` requires HTTP Basic with these credentials.
     pub fn set_client_credentials(&self, id: &str, secret: &str) {
         self.shared.settings().client_credentials = Some((id.to_owned(), secret.to_owned()));
@@ -413,6 +453,31 @@ async fn jwks(State(idp): State<Arc<Shared>>) -> Response {
         response.headers_mut().insert(header::CACHE_CONTROL, value);
     }
     response
+}
+
+async fn status_list(
+    State(idp): State<Arc<Shared>>,
+    axum::extract::Path(name): axum::extract::Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    idp.status_list_fetches.fetch_add(1, Ordering::SeqCst);
+    idp.settings().status_list_accept = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    if idp.is_down().await || idp.settings().status_lists_down {
+        return unavailable();
+    }
+    let token = idp.settings().status_lists.get(&name).cloned();
+    match token {
+        Some(token) => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "application/statuslist+jwt")],
+            token,
+        )
+            .into_response(),
+        None => (StatusCode::NOT_FOUND, "no such status list\n").into_response(),
+    }
 }
 
 async fn introspect(
