@@ -372,3 +372,46 @@ async fn lists_that_break_a_rule_are_refused() {
     s.serve_list("good", 1, &statuses, json!({}));
     assert_eq!(s.check(&s.token("good", 0)).await, allowed());
 }
+
+#[tokio::test]
+async fn fetches_are_counted_by_outcome_in_the_metrics() {
+    let idp = TestIdp::start().await;
+    let key = TestKey::es256();
+    idp.set_jwks(jwks_of(&[&key]));
+    let fx = Fixture::new();
+    add_discovery_issuer(&fx, &idp, "refresh = \"1h\"\nrefresh_min = \"1s\"", "");
+    fx.append_config(&format!(
+        "{FAST}\n[telemetry]\nmetrics_listen = \"127.0.0.1:0\"\n"
+    ));
+    let served = common::served::Served::start(&fx, &[]).await;
+    let metrics = served.metrics.expect("the metrics address is logged");
+    let token = |name: &str| {
+        let mut claims = claims("alice", &["orders:read"], &[]);
+        claims["iss"] = json!(idp.issuer());
+        claims["status"] = json!({
+            "status_list": { "idx": 0, "uri": idp.status_list_uri(name) }
+        });
+        key.sign(&claims)
+    };
+    let list = |name: &str, typ: &str| {
+        let claims = json!({
+            "sub": idp.status_list_uri(name),
+            "iss": idp.issuer(),
+            "iat": now(),
+            "status_list": { "bits": 1, "lst": lst(&[0]) },
+        });
+        sign_list(&key, typ, &claims)
+    };
+    idp.set_status_list("good", Some(list("good", "statuslist+jwt")));
+    idp.set_status_list("bad", Some(list("bad", "JWT")));
+    for (name, status) in [("good", 200), ("bad", 503), ("missing", 503)] {
+        let request = tonic::Request::new(envoy_request("GET", "/orders/7", Some(&token(name))));
+        assert_eq!(served.check(request).await.http_status, status, "{name}");
+    }
+    let text = scrape_metrics(metrics).await;
+    for outcome in ["ok", "invalid", "unreachable"] {
+        let line = format!("portcullis_status_list_fetches_total{{outcome=\"{outcome}\"}} 1");
+        assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
+    }
+    served.stop().await;
+}

@@ -266,6 +266,23 @@ fn register_state(
         unknown_kid,
     );
 
+    let lists = &engine.authenticator().status_lists.stats;
+    let fetches = Family::<[(&'static str, &'static str); 1], Counter>::default();
+    for (outcome, count) in [
+        ("ok", &lists.ok),
+        ("unreachable", &lists.unreachable),
+        ("invalid", &lists.invalid),
+    ] {
+        fetches
+            .get_or_create(&[("outcome", outcome)])
+            .inc_by(count.load(Ordering::Relaxed));
+    }
+    registry.register(
+        "status_list_fetches",
+        "Fetches of Token Status Lists, by outcome: ok, unreachable (connection, timeout, non-2xx) or invalid (the list was refused)",
+        fetches,
+    );
+
     let Some(store) = engine.authenticator().revocations() else {
         return;
     };
