@@ -231,6 +231,8 @@ fn benches(c: &mut Criterion) {
         key_id: "k1".into(),
         api_key_id: None,
         credential: CredentialKind::Jwt,
+        binding: None,
+        status: None,
     };
     let mapped = request(None);
     let params = vec![("id".to_owned(), "7".to_owned())];

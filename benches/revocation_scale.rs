@@ -112,6 +112,8 @@ fn token(jti: &str) -> VerifiedToken {
         key_id: "k1".into(),
         api_key_id: None,
         credential: CredentialKind::Jwt,
+        binding: None,
+        status: None,
     }
 }
 

@@ -24,6 +24,9 @@ pub struct HttpRequest {
     pub source_ip: Option<IpAddr>,
     /// The mTLS peer's identity (e.g. a SPIFFE ID) as the proxy reports it.
     pub peer_principal: Option<String>,
+    /// The downstream client's certificate as Envoy reports it
+    /// (`include_peer_certificate`): URL-encoded PEM. For certificate-bound tokens.
+    pub peer_certificate: Option<String>,
     /// Per-route settings from Envoy's `context_extensions` (e.g. `portcullis.mode`).
     pub context_extensions: HashMap<String, String>,
     /// The mTLS identity of the connection that asked (Envoy), set by the
@@ -49,6 +52,7 @@ impl std::fmt::Debug for HttpRequest {
             .field("header_names", &header_names)
             .field("source_ip", &self.source_ip)
             .field("peer_principal", &self.peer_principal)
+            .field("peer_certificate", &self.peer_certificate.is_some())
             .field("context_extensions", &self.context_extensions)
             .field("caller", &self.caller)
             .finish()

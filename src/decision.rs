@@ -82,7 +82,7 @@ impl Verdict {
         match self {
             Verdict::Allow => 200,
             Verdict::Deny(DenyReason::BadRequest(_)) => 400,
-            Verdict::Deny(DenyReason::Unauthenticated(TokenError::IntrospectionFailed)) => 503,
+            Verdict::Deny(DenyReason::Unauthenticated(e)) if e.is_dependency_failure() => 503,
             Verdict::Deny(DenyReason::Unauthenticated(_)) => 401,
             Verdict::Deny(DenyReason::NotReady) => 503,
             Verdict::Deny(_) => 403,
@@ -117,6 +117,8 @@ pub struct Decision {
     pub api_key_id: Option<String>,
     /// The kind of credential that authenticated (`jwt`, `api_key`, ...).
     pub credential: Option<&'static str>,
+    /// How the token is bound to its sender (`dpop`, `mtls`), if it is.
+    pub binding: Option<&'static str>,
     /// HTTP method.
     pub method: String,
     /// HTTP path without query string.
@@ -149,6 +151,7 @@ impl Decision {
             issuer: None,
             jti: None,
             credential: None,
+            binding: None,
             api_key_id: None,
             method: method.to_owned(),
             path: path.to_owned(),

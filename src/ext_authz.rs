@@ -40,7 +40,7 @@ fn grpc_status(verdict: Verdict) -> i32 {
     match verdict {
         Verdict::Allow => grpc_code::OK,
         Verdict::Deny(DenyReason::BadRequest(_)) => grpc_code::INVALID_ARGUMENT,
-        Verdict::Deny(DenyReason::Unauthenticated(TokenError::IntrospectionFailed)) => {
+        Verdict::Deny(DenyReason::Unauthenticated(e)) if e.is_dependency_failure() => {
             grpc_code::UNAVAILABLE
         }
         Verdict::Deny(DenyReason::Unauthenticated(_)) => grpc_code::UNAUTHENTICATED,
@@ -105,6 +105,12 @@ pub(crate) fn http_request(check: CheckRequest) -> Option<HttpRequest> {
             Some(Address::SocketAddress(socket)) => parse_source_ip(&socket.address),
             _ => None,
         });
+    // The peer certificate (`include_peer_certificate`), kept as Envoy sends
+    // it: only a certificate-bound token needs its thumbprint.
+    let peer_certificate = source
+        .as_ref()
+        .map(|peer| peer.certificate.clone())
+        .filter(|pem| !pem.is_empty());
     // Envoy's `source.principal` (the URI SAN of a verified mTLS peer), else the
     // SPIFFE ID of the peer certificate sent with `include_peer_certificate`.
     let peer_principal = source.and_then(|peer| {
@@ -124,6 +130,7 @@ pub(crate) fn http_request(check: CheckRequest) -> Option<HttpRequest> {
         headers,
         source_ip,
         peer_principal,
+        peer_certificate,
         context_extensions: attributes.context_extensions,
         caller: None,
     })
@@ -229,15 +236,21 @@ fn denied(decision: &Decision, reason: DenyReason, realm: &str) -> DeniedHttpRes
     let mut headers = vec![header("content-type", "application/json")];
     let body = match reason {
         // Our dependency failed, not the caller's credential: no challenge.
-        DenyReason::Unauthenticated(TokenError::IntrospectionFailed) => serde_json::json!({
+        DenyReason::Unauthenticated(token) if token.is_dependency_failure() => serde_json::json!({
             "error": "temporarily_unavailable",
-            "error_description": TokenError::IntrospectionFailed.public_description(),
+            "error_description": token.public_description(),
             "decision_id": decision.id,
         }),
         DenyReason::Unauthenticated(token) => {
             headers.push(header("www-authenticate", &www_authenticate(token, realm)));
             serde_json::json!({
-                "error": if no_bearer_credential(token) { "unauthorized" } else { "invalid_token" },
+                "error": if no_bearer_credential(token) {
+                    "unauthorized"
+                } else if token.is_dpop_proof_error() {
+                    "invalid_dpop_proof"
+                } else {
+                    "invalid_token"
+                },
                 "error_description": token.public_description(),
                 "decision_id": decision.id,
             })
@@ -275,6 +288,11 @@ fn www_authenticate(token: TokenError, realm: &str) -> String {
     let realm = realm.replace(['"', '\\'], "");
     if no_bearer_credential(token) {
         format!("Bearer realm=\"{realm}\"")
+    } else if token.is_dpop_proof_error() {
+        format!(
+            "DPoP realm=\"{realm}\", error=\"invalid_dpop_proof\", error_description=\"{}\"",
+            token.public_description()
+        )
     } else {
         format!(
             "Bearer realm=\"{realm}\", error=\"invalid_token\", error_description=\"{}\"",

@@ -141,6 +141,8 @@ fn token(sub: &str) -> VerifiedToken {
         key_id: format!("kid-of-{sub}"),
         api_key_id: None,
         credential: CredentialKind::Jwt,
+        binding: None,
+        status: None,
     }
 }
 

@@ -38,14 +38,16 @@ impl std::fmt::Debug for PresentedCredential<'_> {
 }
 
 /// Extracts the token of `Authorization: Bearer <token>` (scheme case-insensitive,
-/// RFC 6750 section 2.1). The size limit is checked here, before any parsing.
+/// RFC 6750 section 2.1) or `Authorization: DPoP <token>` (RFC 9449). The size limit is checked here, before any parsing.
 pub fn bearer_token(authorization: Option<&str>) -> Result<&str, TokenError> {
     let value = authorization.ok_or(TokenError::Missing)?.trim();
     if value.is_empty() {
         return Err(TokenError::Missing);
     }
     let (scheme, token) = value.split_once([' ', '\t']).ok_or(TokenError::NotBearer)?;
-    if !scheme.eq_ignore_ascii_case("bearer") {
+    // `DPoP` (RFC 9449 §7.1) carries a token too; whether it is bound and
+    // proven is the sender-constraint check's business.
+    if !scheme.eq_ignore_ascii_case("bearer") && !scheme.eq_ignore_ascii_case("dpop") {
         return Err(TokenError::NotBearer);
     }
     let token = token.trim_start();

@@ -11,6 +11,8 @@
 //! - [`workload`] turns an mTLS peer's SPIFFE identity into a principal;
 //! - [`api_key`] verifies opaque API keys against a file of their hashes;
 //! - [`dpop`] checks DPoP proofs (RFC 9449) and remembers their `jti`s;
+//! - [`sender_constraint`] checks DPoP-bound and certificate-bound tokens
+//!   against the request and what issuers and routes require;
 //! - [`status_list`] checks tokens against their issuer's Token Status List;
 //! - [`mint`] signs development tokens (for trying things out only).
 
@@ -24,6 +26,7 @@ pub mod jwks;
 pub mod jwt;
 pub mod keys;
 pub mod mint;
+pub mod sender_constraint;
 pub mod status_list;
 pub mod token_cache;
 pub mod workload;
@@ -121,6 +124,12 @@ pub enum TokenError {
     /// that client certificate.
     #[error("client certificate does not match the token's binding")]
     CertificateMismatch,
+    /// A DPoP-bound token (`cnf.jkt`) presented with the `Bearer` scheme.
+    #[error("a DPoP-bound token was presented as a bearer token")]
+    DpopBoundAsBearer,
+    /// The `DPoP` scheme with a token that is not DPoP-bound.
+    #[error("the DPoP scheme was used with a token that is not DPoP-bound")]
+    DpopSchemeUnbound,
     /// A DPoP proof problem (RFC 9449).
     #[error(transparent)]
     Dpop(#[from] dpop::DpopError),
@@ -163,10 +172,30 @@ impl TokenError {
             TokenError::SenderConstraintRequired => "sender_constraint_required",
             TokenError::UnsupportedBinding => "unsupported_binding",
             TokenError::CertificateMismatch => "certificate_mismatch",
+            TokenError::DpopBoundAsBearer => "dpop_bound_as_bearer",
+            TokenError::DpopSchemeUnbound => "dpop_scheme_unbound",
             TokenError::Dpop(e) => e.class(),
             TokenError::StatusNotValid => "token_status_not_valid",
             TokenError::StatusUnavailable => "token_status_unavailable",
         }
+    }
+
+    /// A dependency of the check failed (the introspection endpoint, a
+    /// status list, the shared DPoP replay cache), not the caller's
+    /// credential: answered 503, without a challenge.
+    pub fn is_dependency_failure(self) -> bool {
+        matches!(
+            self,
+            TokenError::IntrospectionFailed
+                | TokenError::StatusUnavailable
+                | TokenError::Dpop(dpop::DpopError::ReplayCheckFailed)
+        )
+    }
+
+    /// The `DPoP` challenge (`error="invalid_dpop_proof"`, RFC 9449 §7.1)
+    /// fits this refusal better than the `Bearer` one.
+    pub fn is_dpop_proof_error(self) -> bool {
+        matches!(self, TokenError::Dpop(_) | TokenError::DpopBoundAsBearer)
     }
 
     /// What the caller is told in `error_description`: enough to fix an honest
@@ -183,7 +212,8 @@ impl TokenError {
             TokenError::Dpop(dpop::DpopError::ReplayCheckFailed) => {
                 "the DPoP proof could not be checked; retry later"
             }
-            TokenError::Dpop(_) => "the DPoP proof is invalid",
+            TokenError::Dpop(_) | TokenError::DpopBoundAsBearer => "the DPoP proof is invalid",
+            TokenError::DpopSchemeUnbound => "the access token is not DPoP-bound",
             TokenError::SenderConstraintRequired => "a sender-constrained access token is required",
             TokenError::CertificateMismatch => {
                 "the client certificate does not match the access token"

@@ -6,7 +6,8 @@
 //! attribute present, then absent. The shapes that conform are recorded in the
 //! mapping; on the request path any other shape is denied (`schema_mismatch`)
 //! without evaluating. Actions whose context also accepts `workload` (or
-//! `caller`) get the peer identity (or the mTLS caller) in it.
+//! `caller`) get the peer identity (or the mTLS caller) in it, and those whose
+//! `token` record accepts `binding` get how the token is bound.
 
 use std::path::Path;
 
@@ -49,28 +50,37 @@ pub fn check_actions(
             .into_iter()
             .map(|p| (p, "probe".to_owned()))
             .collect();
-        let conforms =
-            |mapping: &CedarMapping, ty: &str, roles: bool, workload: bool, caller: bool| {
-                [true, false].into_iter().try_for_each(|optional| {
-                    let http = probe_request(optional);
-                    let facts = RequestFacts {
-                        http: &http,
-                        action: &action,
-                        path_params: &path_params,
-                        workload: (optional && workload).then_some("spiffe://probe/probe"),
-                        caller: (optional && caller).then_some("spiffe://probe/caller"),
-                    };
-                    let token = probe_token(ty, roles, optional);
-                    mapping
-                        .build(store, &token, facts, SchemaCheck::Validate)
-                        .map(drop)
-                })
-            };
+        let conforms = |mapping: &CedarMapping,
+                        ty: &str,
+                        roles: bool,
+                        workload: bool,
+                        caller: bool,
+                        binding: bool| {
+            [true, false].into_iter().try_for_each(|optional| {
+                let http = probe_request(optional);
+                let facts = RequestFacts {
+                    http: &http,
+                    action: &action,
+                    path_params: &path_params,
+                    workload: (optional && workload).then_some("spiffe://probe/probe"),
+                    caller: (optional && caller).then_some("spiffe://probe/caller"),
+                };
+                let mut token = probe_token(ty, roles, optional);
+                if optional && binding {
+                    token.binding = Some(crate::authn::TokenBinding::Dpop {
+                        jkt: "probe".into(),
+                    });
+                }
+                mapping
+                    .build(store, &token, facts, SchemaCheck::Validate)
+                    .map(drop)
+            })
+        };
         let mut first_error = None;
         let mut any = false;
         for ty in principal_types {
             for roles in [false, true] {
-                match conforms(mapping, ty, roles, false, false) {
+                match conforms(mapping, ty, roles, false, false, false) {
                     Ok(()) => {
                         any = true;
                         mapping.allow_shape(&action, ty, roles);
@@ -91,7 +101,7 @@ pub fn check_actions(
         with_workload.enable_workload_context(&action);
         if principal_types
             .iter()
-            .any(|ty| conforms(&with_workload, ty, false, true, false).is_ok())
+            .any(|ty| conforms(&with_workload, ty, false, true, false, false).is_ok())
         {
             mapping.enable_workload_context(&action);
         }
@@ -99,9 +109,17 @@ pub fn check_actions(
         with_caller.enable_caller_context(&action);
         if principal_types
             .iter()
-            .any(|ty| conforms(&with_caller, ty, false, false, true).is_ok())
+            .any(|ty| conforms(&with_caller, ty, false, false, true, false).is_ok())
         {
             mapping.enable_caller_context(&action);
+        }
+        let mut with_binding = mapping.clone();
+        with_binding.enable_binding_context(&action);
+        if principal_types
+            .iter()
+            .any(|ty| conforms(&with_binding, ty, false, false, false, true).is_ok())
+        {
+            mapping.enable_binding_context(&action);
         }
     }
     problems

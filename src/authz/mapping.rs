@@ -97,12 +97,13 @@ enum ContextField {
     Scopes,
     Jti,
     ClientId,
+    Binding,
     Workload,
     Caller,
 }
 
 /// The context of a `Check` request, in the order it is built and hashed.
-const CONTEXT_FIELDS: [ContextField; 14] = [
+const CONTEXT_FIELDS: [ContextField; 15] = [
     ContextField::Method,
     ContextField::Path,
     ContextField::Host,
@@ -115,6 +116,7 @@ const CONTEXT_FIELDS: [ContextField; 14] = [
     ContextField::Scopes,
     ContextField::Jti,
     ContextField::ClientId,
+    ContextField::Binding,
     ContextField::Workload,
     ContextField::Caller,
 ];
@@ -157,6 +159,7 @@ impl ContextField {
             ContextField::Scopes => (Some(Record::Token), "scopes"),
             ContextField::Jti => (Some(Record::Token), "jti"),
             ContextField::ClientId => (Some(Record::Token), "client_id"),
+            ContextField::Binding => (Some(Record::Token), "binding"),
             ContextField::Workload => (None, "workload"),
             ContextField::Caller => (None, "caller"),
         }
@@ -177,8 +180,7 @@ impl ContextField {
         self,
         token: &'a VerifiedToken,
         facts: &RequestFacts<'a>,
-        workload: Option<&'a str>,
-        caller: Option<&'a str>,
+        declared: Declared<'a>,
     ) -> FieldValue<'a> {
         let http = facts.http;
         let optional = |value: Option<&'a str>| value.map_or(FieldValue::Absent, FieldValue::Str);
@@ -195,10 +197,23 @@ impl ContextField {
             ContextField::Scopes => FieldValue::Strings(&token.scopes),
             ContextField::Jti => optional(token.jti.as_deref()),
             ContextField::ClientId => optional(token.client_id.as_deref()),
-            ContextField::Workload => optional(workload),
-            ContextField::Caller => optional(caller),
+            ContextField::Binding => optional(declared.binding),
+            ContextField::Workload => optional(declared.workload),
+            ContextField::Caller => optional(declared.caller),
         }
     }
+}
+
+/// The optional context attributes that only actions whose context type
+/// declares them carry, already filtered for the request's action.
+#[derive(Debug, Clone, Copy, Default)]
+struct Declared<'a> {
+    /// The trusted workload identity (`workload`).
+    workload: Option<&'a str>,
+    /// The mTLS caller (`caller`).
+    caller: Option<&'a str>,
+    /// How the token is bound (`token.binding`: `dpop` or `mtls`).
+    binding: Option<&'a str>,
 }
 
 impl FieldValue<'_> {
@@ -276,6 +291,8 @@ pub struct CedarMapping {
     workload_actions: HashSet<String>,
     /// Actions whose context type declares `caller?: String`.
     caller_actions: HashSet<String>,
+    /// Actions whose `token` record declares `binding?: String`.
+    binding_actions: HashSet<String>,
     /// Per action, the principal types the schema accepts, and whether they may
     /// have `Role` parents; established by load-time probes.
     shapes: HashMap<String, HashMap<String, bool>>,
@@ -357,6 +374,7 @@ impl CedarMapping {
             application,
             workload_actions: HashSet::new(),
             caller_actions: HashSet::new(),
+            binding_actions: HashSet::new(),
             shapes: HashMap::new(),
             source_ips: moka::sync::Cache::new(SOURCE_IP_CACHE_ENTRIES),
             principal_entities: moka::sync::Cache::builder()
@@ -400,6 +418,11 @@ impl CedarMapping {
     /// Declares that `action`'s context carries the mTLS `caller` identity.
     pub fn enable_caller_context(&mut self, action: &str) {
         self.caller_actions.insert(action.to_owned());
+    }
+
+    /// Declares that `action`'s `token` record carries the token's `binding`.
+    pub fn enable_binding_context(&mut self, action: &str) {
+        self.binding_actions.insert(action.to_owned());
     }
 
     /// The caller identity `action`'s context carries, if it declares one.
@@ -460,27 +483,31 @@ impl CedarMapping {
         roles.dedup();
         digest.list(roles.iter().map(|r| r.as_bytes()));
         digest.field(facts.action.as_bytes());
-        let (workload, caller) = self.optional_identities(&facts);
+        let declared = self.declared(token, &facts);
         for (i, field) in CONTEXT_FIELDS.iter().enumerate() {
             if fields.covers(i) {
-                field
-                    .value(token, &facts, workload, caller)
-                    .hash_into(&mut digest);
+                field.value(token, &facts, declared).hash_into(&mut digest);
             }
         }
         digest.finish()
     }
 
-    /// The trusted workload and the mTLS caller, each only for the actions
-    /// whose context type declares it.
-    fn optional_identities<'a>(
-        &self,
-        facts: &RequestFacts<'a>,
-    ) -> (Option<&'a str>, Option<&'a str>) {
+    /// The trusted workload, the mTLS caller and the token's binding, each
+    /// only for the actions whose context type declares it.
+    fn declared<'a>(&self, token: &'a VerifiedToken, facts: &RequestFacts<'a>) -> Declared<'a> {
         let workload = facts
             .workload
             .filter(|_| self.workload_actions.contains(facts.action));
-        (workload, self.caller_for(facts.caller, facts.action))
+        let binding = token
+            .binding
+            .as_ref()
+            .map(crate::authn::TokenBinding::kind)
+            .filter(|_| self.binding_actions.contains(facts.action));
+        Declared {
+            workload,
+            caller: self.caller_for(facts.caller, facts.action),
+            binding,
+        }
     }
 
     /// The Cedar `ip("…")` expression of a source address, from the cache.
@@ -546,8 +573,8 @@ impl CedarMapping {
             }
         };
 
-        let (workload, caller) = self.optional_identities(&facts);
-        let context = Context::from_pairs(context_pairs(token, &facts, workload, caller, |ip| {
+        let declared = self.declared(token, &facts);
+        let context = Context::from_pairs(context_pairs(token, &facts, declared, |ip| {
             self.source_ip(ip)
         })?)
         .map_err(|e| MappingError::Request(e.to_string()))?;
@@ -1003,15 +1030,14 @@ fn record(
 fn context_pairs(
     token: &VerifiedToken,
     facts: &RequestFacts<'_>,
-    workload: Option<&str>,
-    caller: Option<&str>,
+    declared: Declared<'_>,
     mut source_ip: impl FnMut(IpAddr) -> RestrictedExpression,
 ) -> Result<Vec<(String, RestrictedExpression)>, MappingError> {
     let mut http = Vec::new();
     let mut token_attrs = Vec::new();
     let mut pairs = Vec::new();
     for field in CONTEXT_FIELDS {
-        let value = match field.value(token, facts, workload, caller) {
+        let value = match field.value(token, facts, declared) {
             FieldValue::Absent => continue,
             FieldValue::Str(s) => string(s),
             FieldValue::Long(n) => RestrictedExpression::new_long(n),
@@ -1064,6 +1090,8 @@ mod tests {
             key_id: "k1".into(),
             api_key_id: None,
             credential: crate::authn::CredentialKind::Jwt,
+            binding: None,
+            status: None,
         }
     }
 
@@ -1076,6 +1104,7 @@ mod tests {
         let mut mapping = CedarMapping::new("orders", ["User"]).unwrap();
         mapping.enable_workload_context("get /orders");
         mapping.enable_caller_context("get /orders");
+        mapping.enable_binding_context("get /orders");
         let base_http = HttpRequest {
             method: "GET".into(),
             path: "/orders?x=1".into(),
@@ -1087,6 +1116,7 @@ mod tests {
         let mut base_token = token("alice", &["admin"]);
         base_token.jti = Some("j1".into());
         base_token.client_id = Some("c1".into());
+        base_token.binding = Some(crate::authn::TokenBinding::Dpop { jkt: "k".into() });
         let params = vec![("id".to_owned(), "7".to_owned())];
         let key = |fields: KeyFields,
                    http: &HttpRequest,
@@ -1125,6 +1155,11 @@ mod tests {
                 ContextField::Scopes => token.scopes.push("orders:write".into()),
                 ContextField::Jti => token.jti = None,
                 ContextField::ClientId => token.client_id = Some("c2".into()),
+                ContextField::Binding => {
+                    token.binding = Some(crate::authn::TokenBinding::Mtls {
+                        x5t_s256: "t".into(),
+                    })
+                }
                 ContextField::Workload => workload = None,
                 ContextField::Caller => caller = Some("spiffe://a/other"),
             }
@@ -1142,7 +1177,8 @@ mod tests {
             workload: Some("spiffe://a/w"),
             caller: Some("spiffe://a/c"),
         };
-        let pairs = context_pairs(&base_token, &facts, facts.workload, facts.caller, |ip| {
+        let declared = mapping.declared(&base_token, &facts);
+        let pairs = context_pairs(&base_token, &facts, declared, |ip| {
             RestrictedExpression::new_ip(ip.to_string())
         })
         .unwrap();

@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 
-use crate::config::{Mode, RouteConfig};
+use crate::config::{Mode, RouteConfig, SenderConstraint};
 
 /// Errors raised while building the route table.
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +32,8 @@ pub struct RouteMatch<'a> {
     pub allow_workload: bool,
     /// The route's own enforcement mode, if set.
     pub mode: Option<Mode>,
+    /// The proof of possession the route requires (`none` when unset).
+    pub require_sender_constraint: SenderConstraint,
 }
 
 struct Route {
@@ -39,6 +41,7 @@ struct Route {
     template: String,
     allow_workload: bool,
     mode: Option<Mode>,
+    require_sender_constraint: SenderConstraint,
 }
 
 /// All configured routes, one matcher per method.
@@ -77,6 +80,7 @@ impl RouteTable {
                 template: config.path.clone(),
                 allow_workload: config.allow_workload,
                 mode: config.mode,
+                require_sender_constraint: config.require_sender_constraint.unwrap_or_default(),
             });
         }
         Ok(table)
@@ -102,6 +106,7 @@ impl RouteTable {
             params,
             allow_workload: route.allow_workload,
             mode: route.mode,
+            require_sender_constraint: route.require_sender_constraint,
         })
     }
 

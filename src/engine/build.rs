@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use super::Engine;
 use crate::authn::authenticator::Authenticator;
+use crate::authn::sender_constraint::SenderConstraints;
 use crate::authz::evaluator::Evaluator;
 use crate::config::Config;
 
@@ -37,18 +38,21 @@ impl Engine {
     /// conform to it. Every problem of every stage is reported at once.
     pub fn from_config(config: &Config) -> Result<Engine, LoadError> {
         let authenticator = Authenticator::from_config(config);
+        let sender = SenderConstraints::from_config(config).map_err(|e| vec![e.to_string()]);
         let evaluator = Evaluator::from_config(config, &principal_types(config));
-        match (authenticator, evaluator) {
-            (Ok(authenticator), Ok(evaluator)) => Ok(Engine::compose(
+        match (authenticator, sender, evaluator) {
+            (Ok(authenticator), Ok(sender), Ok(evaluator)) => Ok(Engine::compose(
                 config,
                 Arc::new(authenticator),
+                Arc::new(sender),
                 evaluator,
                 1,
             )),
-            (authenticator, evaluator) => Err(LoadError {
+            (authenticator, sender, evaluator) => Err(LoadError {
                 problems: authenticator
                     .err()
                     .into_iter()
+                    .chain(sender.err())
                     .chain(evaluator.err())
                     .flatten()
                     .collect(),
@@ -68,6 +72,7 @@ impl Engine {
         Ok(Engine::compose(
             config,
             self.authenticator.clone(),
+            self.sender.clone(),
             evaluator,
             self.generation + 1,
         ))
@@ -92,11 +97,13 @@ impl Engine {
     fn compose(
         config: &Config,
         authenticator: Arc<Authenticator>,
+        sender: Arc<SenderConstraints>,
         evaluator: Evaluator,
         generation: u64,
     ) -> Engine {
         Engine {
             authenticator,
+            sender,
             evaluator,
             response: config.response.clone(),
             realm: config.application.name.clone(),

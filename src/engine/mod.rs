@@ -19,7 +19,9 @@ pub use build::LoadError;
 use crate::attributes::HttpRequest;
 use crate::authn::authenticator::Authenticator;
 pub use crate::authn::authenticator::{Authentication, CredentialCounters};
-use crate::authn::{TokenError, VerifiedToken};
+use crate::authn::credential::PresentedCredential;
+use crate::authn::sender_constraint::SenderConstraints;
+use crate::authn::{TokenBinding, TokenError, VerifiedToken};
 use crate::authz::evaluator::Evaluator;
 use crate::authz::mapping::{DirectError, DirectRequest};
 use crate::authz::policy_store::PolicyStore;
@@ -34,6 +36,9 @@ use crate::revocation::RevocationStore;
 pub struct Engine {
     /// Shared with the engines reloaded from this one.
     authenticator: Arc<Authenticator>,
+    /// Shared with the engines reloaded from this one (the DPoP replay
+    /// cache must outlive a policy reload).
+    sender: Arc<SenderConstraints>,
     evaluator: Evaluator,
     response: ResponseConfig,
     realm: String,
@@ -52,6 +57,7 @@ fn record_identity<'a>(
 ) -> Result<&'a VerifiedToken, DenyReason> {
     if let Some(token) = &authentication.token {
         decision.credential = Some(token.credential.as_str());
+        decision.binding = token.binding.as_ref().map(TokenBinding::kind);
         decision.subject = Some(token.subject.clone());
         decision.issuer = Some(token.issuer.clone());
         decision.jti = token.jti.clone();
@@ -211,6 +217,20 @@ impl Engine {
             .map_err(DenyReason::Unauthenticated)?;
         let authentication = self.authenticator.authenticate(credential, now).await;
         let token = record_identity(&authentication, decision)?;
+        // Per request, after the (cached) verification: a proof is for one
+        // request, a certificate for one connection.
+        let access_token = match credential {
+            PresentedCredential::Bearer(token) => Some(token),
+            _ => None,
+        };
+        let route_requires = route
+            .as_ref()
+            .map(|r| r.require_sender_constraint)
+            .unwrap_or_default();
+        self.sender
+            .check(http, token, access_token, route_requires, now)
+            .await
+            .map_err(DenyReason::Unauthenticated)?;
         let principal = self.evaluator.principal(token).map_err(|e| {
             decision.errors.push(e.to_string());
             DenyReason::SchemaMismatch
@@ -246,6 +266,9 @@ impl Engine {
         decision: &mut Decision,
     ) -> Result<(), DirectStop> {
         let token = record_identity(authentication, decision)?;
+        self.sender
+            .check_without_request(token)
+            .map_err(DenyReason::Unauthenticated)?;
         let principal = self.evaluator.principal(token).map_err(|e| {
             decision.errors.push(e.to_string());
             DenyReason::SchemaMismatch

@@ -438,6 +438,8 @@ pub(crate) mod test_support {
             key_id: "k1".into(),
             api_key_id: None,
             credential: crate::authn::CredentialKind::Jwt,
+            binding: None,
+            status: None,
         }
     }
 

@@ -1,0 +1,475 @@
+//! Sender-constrained tokens through the real server over gRPC: DPoP-bound
+//! tokens (RFC 9449) with real proofs, certificate-bound tokens (RFC 8705)
+//! with real client certificates, and `require_sender_constraint` per issuer
+//! and per route.
+
+mod common;
+
+use base64::Engine as _;
+use common::pki::TestCa;
+use common::*;
+use jsonwebtoken::{EncodingKey, Header};
+use portcullis::authn::dpop::jwk_thumbprint;
+use serde_json::{Value, json};
+
+/// A DPoP key held by a client: signs proofs with its public JWK in the header.
+struct DpopKey {
+    key: TestKey,
+}
+
+impl DpopKey {
+    fn new() -> DpopKey {
+        DpopKey {
+            key: TestKey::es256(),
+        }
+    }
+
+    fn public_jwk(&self) -> Value {
+        let mut jwk = self.key.public_jwk();
+        // A proof's key travels bare: no kid, alg or use needed.
+        if let Some(map) = jwk.as_object_mut() {
+            map.retain(|k, _| matches!(k.as_str(), "kty" | "crv" | "x" | "y"));
+        }
+        jwk
+    }
+
+    fn jkt(&self) -> String {
+        jwk_thumbprint(&self.public_jwk()).expect("an EC key has a thumbprint")
+    }
+
+    /// A proof for `method` `htu`, bound to `access_token`, issued at `iat`.
+    fn proof_at(&self, method: &str, htu: &str, access_token: &str, iat: i64) -> String {
+        let mut header = Header::new(jsonwebtoken::Algorithm::ES256);
+        header.typ = Some("dpop+jwt".into());
+        header.jwk = Some(serde_json::from_value(self.public_jwk()).unwrap());
+        let ath = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(
+            aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, access_token.as_bytes()),
+        );
+        let claims = json!({
+            "jti": uuid_like(),
+            "htm": method,
+            "htu": htu,
+            "iat": iat,
+            "ath": ath,
+        });
+        let key = EncodingKey::from_ec_pem(self.key.pem.as_bytes()).unwrap();
+        jsonwebtoken::encode(&header, &claims, &key).unwrap()
+    }
+
+    fn proof(&self, method: &str, htu: &str, access_token: &str) -> String {
+        self.proof_at(method, htu, access_token, now())
+    }
+}
+
+fn uuid_like() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    format!("proof-{}-{}", now(), NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
+/// A token of the fixture's issuer with `cnf` set.
+fn bound_token(fx: &Fixture, cnf: Value) -> String {
+    let mut claims = claims("alice", &["orders:read"], &["customer"]);
+    claims["cnf"] = cnf;
+    fx.es256().sign(&claims)
+}
+
+const HTU: &str = "https://orders.example.test/orders/1";
+
+/// A Check request for GET /orders/1 with `authorization` and `dpop` as given.
+fn request(
+    authorization: Option<String>,
+    dpop: Option<String>,
+) -> envoy_types_request::CheckRequest {
+    let mut request = envoy_request("GET", "/orders/1", None);
+    let http = http_mut(&mut request);
+    if let Some(value) = authorization {
+        http.headers.insert("authorization".into(), value);
+    }
+    if let Some(proof) = dpop {
+        http.headers.insert("dpop".into(), proof);
+    }
+    request
+}
+
+mod envoy_types_request {
+    pub use envoy_types::pb::envoy::service::auth::v3::CheckRequest;
+}
+
+/// The reason class Portcullis put in the dynamic metadata.
+fn reason_of(out: &Outcome) -> String {
+    out.metadata["reason"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// The client certificate as Envoy reports it (`include_peer_certificate`):
+/// URL-encoded PEM.
+fn with_peer_certificate(
+    mut request: envoy_types_request::CheckRequest,
+    cert_pem: &str,
+) -> envoy_types_request::CheckRequest {
+    let encoded =
+        percent_encoding::utf8_percent_encode(cert_pem, percent_encoding::NON_ALPHANUMERIC)
+            .to_string();
+    if let Some(source) = request.attributes.as_mut().and_then(|a| a.source.as_mut()) {
+        source.certificate = encoded;
+    }
+    request
+}
+
+/// base64url SHA-256 of a PEM certificate's DER: its `x5t#S256`.
+fn x5t_s256(cert_pem: &str) -> String {
+    let der = rustls_pki_der(cert_pem);
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &der))
+}
+
+fn rustls_pki_der(cert_pem: &str) -> Vec<u8> {
+    let body: String = cert_pem
+        .lines()
+        .filter(|l| !l.starts_with("-----"))
+        .collect();
+    base64::engine::general_purpose::STANDARD
+        .decode(body)
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_dpop_bound_token_needs_a_valid_proof_by_its_key() {
+    let fx = Fixture::new();
+    let server = fx.serve().await;
+    let client = DpopKey::new();
+    let token = bound_token(&fx, json!({ "jkt": client.jkt() }));
+
+    // The right proof: allowed, and the audit line says how it was bound.
+    let proof = client.proof("GET", HTU, &token);
+    let out = outcome(
+        &server
+            .check(request(Some(format!("DPoP {token}")), Some(proof.clone())))
+            .await,
+    );
+    assert_eq!(out.http_status, 200, "{out:?}");
+    assert_eq!(fx.audit_line(&out.decision_id)["binding"], "dpop");
+
+    // The same proof again: a replay.
+    let out = outcome(
+        &server
+            .check(request(Some(format!("DPoP {token}")), Some(proof)))
+            .await,
+    );
+    assert_eq!(
+        (out.http_status, reason_of(&out).as_str()),
+        (401, "dpop_replayed")
+    );
+    assert!(
+        out.header("www-authenticate")
+            .is_some_and(|v| v.starts_with("DPoP ") && v.contains("invalid_dpop_proof")),
+        "{out:?}"
+    );
+
+    let cases: Vec<(&str, Option<String>, Option<String>)> = vec![
+        // Presented as a bearer token, with or without a proof.
+        (
+            "dpop_bound_as_bearer",
+            Some(format!("Bearer {token}")),
+            Some(client.proof("GET", HTU, &token)),
+        ),
+        (
+            "dpop_bound_as_bearer",
+            Some(format!("Bearer {token}")),
+            None,
+        ),
+        ("dpop_proof_missing", Some(format!("DPoP {token}")), None),
+        (
+            "dpop_wrong_method",
+            Some(format!("DPoP {token}")),
+            Some(client.proof("POST", HTU, &token)),
+        ),
+        (
+            "dpop_wrong_uri",
+            Some(format!("DPoP {token}")),
+            Some(client.proof("GET", "https://orders.example.test/orders/2", &token)),
+        ),
+        (
+            "dpop_wrong_uri",
+            Some(format!("DPoP {token}")),
+            Some(client.proof("GET", "https://evil.example.test/orders/1", &token)),
+        ),
+        (
+            "dpop_stale",
+            Some(format!("DPoP {token}")),
+            Some(client.proof_at("GET", HTU, &token, now() - 600)),
+        ),
+        (
+            "dpop_stale",
+            Some(format!("DPoP {token}")),
+            Some(client.proof_at("GET", HTU, &token, now() + 600)),
+        ),
+        (
+            "dpop_wrong_access_token",
+            Some(format!("DPoP {token}")),
+            Some(client.proof("GET", HTU, "another-token")),
+        ),
+        // A thief's own key: a valid proof, but not by the bound key.
+        (
+            "dpop_key_mismatch",
+            Some(format!("DPoP {token}")),
+            Some(DpopKey::new().proof("GET", HTU, &token)),
+        ),
+        (
+            "dpop_proof_malformed",
+            Some(format!("DPoP {token}")),
+            Some("not.a.proof".into()),
+        ),
+    ];
+    for (reason, authorization, dpop) in cases {
+        let out = outcome(&server.check(request(authorization.clone(), dpop)).await);
+        assert_eq!(
+            (out.http_status, reason_of(&out).as_str()),
+            (401, reason),
+            "{authorization:?}: {out:?}"
+        );
+    }
+
+    // The query string is not part of htu.
+    let mut with_query = request(
+        Some(format!("DPoP {token}")),
+        Some(client.proof("GET", HTU, &token)),
+    );
+    http_mut(&mut with_query).path = "/orders/1?fields=all".into();
+    let out = outcome(&server.check(with_query).await);
+    assert_eq!(out.http_status, 200, "{out:?}");
+}
+
+#[tokio::test]
+async fn the_dpop_scheme_with_an_unbound_token_is_refused() {
+    let fx = Fixture::new();
+    let server = fx.serve().await;
+    let token = fx.es256().token("alice", &["orders:read"], &["customer"]);
+    let client = DpopKey::new();
+    let out = outcome(
+        &server
+            .check(request(
+                Some(format!("DPoP {token}")),
+                Some(client.proof("GET", HTU, &token)),
+            ))
+            .await,
+    );
+    assert_eq!(
+        (out.http_status, reason_of(&out).as_str()),
+        (401, "dpop_scheme_unbound")
+    );
+    // As a bearer token it is what it always was.
+    let out = outcome(
+        &server
+            .check(request(Some(format!("Bearer {token}")), None))
+            .await,
+    );
+    assert_eq!(out.http_status, 200, "{out:?}");
+}
+
+#[tokio::test]
+async fn a_certificate_bound_token_needs_its_certificate() {
+    let fx = Fixture::new();
+    fx.append_config(
+        "\n[sender_constraint]\nclient_certificate_header = \"x-forwarded-client-cert\"\n",
+    );
+    let server = fx.serve().await;
+    let ca = TestCa::new("clients");
+    let mine = ca.client("checkout", None);
+    let other = ca.client("thief", None);
+    let token = bound_token(&fx, json!({ "x5t#S256": x5t_s256(&mine.cert_pem) }));
+    let bearer = || Some(format!("Bearer {token}"));
+
+    let out = outcome(
+        &server
+            .check(with_peer_certificate(
+                request(bearer(), None),
+                &mine.cert_pem,
+            ))
+            .await,
+    );
+    assert_eq!(out.http_status, 200, "{out:?}");
+    assert_eq!(fx.audit_line(&out.decision_id)["binding"], "mtls");
+
+    let out = outcome(
+        &server
+            .check(with_peer_certificate(
+                request(bearer(), None),
+                &other.cert_pem,
+            ))
+            .await,
+    );
+    assert_eq!(
+        (out.http_status, reason_of(&out).as_str()),
+        (401, "certificate_mismatch")
+    );
+    let out = outcome(&server.check(request(bearer(), None)).await);
+    assert_eq!(
+        (out.http_status, reason_of(&out).as_str()),
+        (401, "certificate_mismatch")
+    );
+
+    // From a trusted front proxy, as one x-forwarded-client-cert element.
+    let hash = hex::encode(aws_lc_rs::digest::digest(
+        &aws_lc_rs::digest::SHA256,
+        &rustls_pki_der(&mine.cert_pem),
+    ));
+    let mut forwarded = request(bearer(), None);
+    http_mut(&mut forwarded).headers.insert(
+        "x-forwarded-client-cert".into(),
+        format!("By=spiffe://front/proxy;Hash={hash};Subject=\"CN=checkout\""),
+    );
+    let out = outcome(&server.check(forwarded).await);
+    assert_eq!(out.http_status, 200, "{out:?}");
+    // Two elements are ambiguous: refused.
+    let mut two = request(bearer(), None);
+    http_mut(&mut two).headers.insert(
+        "x-forwarded-client-cert".into(),
+        format!("Hash={hash},Hash={hash}"),
+    );
+    let out = outcome(&server.check(two).await);
+    assert_eq!(
+        (out.http_status, reason_of(&out).as_str()),
+        (401, "certificate_mismatch")
+    );
+}
+
+#[tokio::test]
+async fn an_issuer_or_a_route_can_require_a_bound_token() {
+    let fx = Fixture::new();
+    // The route GET /orders/{id} requires `mtls`; the issuer requires `any`.
+    let config = std::fs::read_to_string(fx.config_path()).unwrap();
+    let config = config
+        .replacen(
+            "roles_claim = \"roles\"",
+            "roles_claim = \"roles\"\nrequire_sender_constraint = \"any\"",
+            1,
+        )
+        .replacen(
+            "path = \"/orders/{id}\"",
+            "path = \"/orders/{id}\"\nrequire_sender_constraint = \"mtls\"",
+            1,
+        );
+    std::fs::write(fx.config_path(), config).unwrap();
+    let server = fx.serve().await;
+    let client = DpopKey::new();
+    let ca = TestCa::new("clients");
+    let cert = ca.client("checkout", None);
+
+    let bearer = fx.es256().token("alice", &["orders:read"], &["customer"]);
+    let dpop_bound = bound_token(&fx, json!({ "jkt": client.jkt() }));
+    let cert_bound = bound_token(&fx, json!({ "x5t#S256": x5t_s256(&cert.cert_pem) }));
+
+    // GET /orders: the issuer's `any`.
+    let list = |authorization: String, dpop: Option<String>| {
+        let mut r = request(Some(authorization), dpop);
+        http_mut(&mut r).path = "/orders".into();
+        r
+    };
+    let out = outcome(&server.check(list(format!("Bearer {bearer}"), None)).await);
+    assert_eq!(
+        (out.http_status, reason_of(&out).as_str()),
+        (401, "sender_constraint_required")
+    );
+    let proof = client.proof("GET", "https://orders.example.test/orders", &dpop_bound);
+    let out = outcome(
+        &server
+            .check(list(format!("DPoP {dpop_bound}"), Some(proof)))
+            .await,
+    );
+    assert_eq!(out.http_status, 200, "{out:?}");
+
+    // GET /orders/1: the route's `mtls` too; a DPoP-bound token is not enough.
+    let proof = client.proof("GET", HTU, &dpop_bound);
+    let out = outcome(
+        &server
+            .check(request(Some(format!("DPoP {dpop_bound}")), Some(proof)))
+            .await,
+    );
+    assert_eq!(
+        (out.http_status, reason_of(&out).as_str()),
+        (401, "sender_constraint_required")
+    );
+    let out = outcome(
+        &server
+            .check(with_peer_certificate(
+                request(Some(format!("Bearer {cert_bound}")), None),
+                &cert.cert_pem,
+            ))
+            .await,
+    );
+    assert_eq!(out.http_status, 200, "{out:?}");
+}
+
+#[tokio::test]
+async fn policies_can_read_how_the_token_is_bound() {
+    let fx = Fixture::new();
+    // Deleting an order needs a bound token, whatever else allows it.
+    std::fs::write(
+        fx.path("policies/bound.cedar"),
+        "@id(\"delete-needs-bound-token\")\nforbid (principal, action == Action::\"delete /orders/{id}\", resource)\nunless { context.token has binding };\n",
+    )
+    .unwrap();
+    let server = fx.serve().await;
+    let client = DpopKey::new();
+    let htu = "https://orders.example.test/orders/1";
+    let delete = |authorization: String, dpop: Option<String>| {
+        let mut r = request(Some(authorization), dpop);
+        http_mut(&mut r).method = "DELETE".into();
+        r
+    };
+    let bearer = fx.es256().token("alice", &["orders:write"], &["admin"]);
+    let out = outcome(&server.check(delete(format!("Bearer {bearer}"), None)).await);
+    assert_eq!(
+        (out.http_status, reason_of(&out).as_str()),
+        (403, "policy_denied"),
+        "{out:?}"
+    );
+    let line = fx.audit_line(&out.decision_id);
+    assert!(
+        line["policies"]
+            .as_array()
+            .is_some_and(|p| p.iter().any(|id| id == "delete-needs-bound-token")),
+        "{line}"
+    );
+
+    let mut claims = claims("alice", &["orders:write"], &["admin"]);
+    claims["cnf"] = json!({ "jkt": client.jkt() });
+    let bound = fx.es256().sign(&claims);
+    let out = outcome(
+        &server
+            .check(delete(
+                format!("DPoP {bound}"),
+                Some(client.proof("DELETE", htu, &bound)),
+            ))
+            .await,
+    );
+    assert_eq!(out.http_status, 200, "{out:?}");
+}
+
+#[tokio::test]
+async fn a_cnf_the_server_cannot_check_is_refused() {
+    let fx = Fixture::new();
+    let server = fx.serve().await;
+    for (cnf, reason) in [
+        (json!({ "jwk": { "kty": "EC" } }), "unsupported_binding"),
+        (json!({}), "unsupported_binding"),
+        (json!({ "jkt": "short" }), "malformed_token"),
+        (json!("jkt"), "malformed_token"),
+    ] {
+        let token = bound_token(&fx, cnf.clone());
+        let out = outcome(
+            &server
+                .check(request(Some(format!("Bearer {token}")), None))
+                .await,
+        );
+        assert_eq!(
+            (out.http_status, reason_of(&out).as_str()),
+            (401, reason),
+            "{cnf}"
+        );
+    }
+}
