@@ -415,11 +415,12 @@ impl StatusLists {
         let list = StatusList::decode(bits, lst, self.max_decompressed_bytes)?;
         let ttl = match claims.get("ttl") {
             None | Some(Value::Null) => self.default_ttl,
+            // A positive number of seconds (a fraction counts as a whole second).
             Some(ttl) => ttl
-                .as_u64()
-                .filter(|ttl| *ttl > 0)
-                .map(|ttl| i64::try_from(ttl).unwrap_or(i64::MAX))
-                .ok_or(ListError::Invalid("ttl is not a positive integer"))?,
+                .as_f64()
+                .filter(|ttl| ttl.is_finite() && *ttl > 0.0)
+                .map(|ttl| ttl.ceil().min(i64::MAX as f64) as i64)
+                .ok_or(ListError::Invalid("ttl is not a positive number"))?,
         };
         let mut fresh_until = now.saturating_add(ttl.max(self.min_refresh));
         let exp =
@@ -665,5 +666,14 @@ mod tests {
                 .read_claims(&claims(serde_json::json!({"ttl": -1})), 1000)
                 .is_err()
         );
+        assert_eq!(fresh(serde_json::json!({"ttl": 30.2})), 1031);
+        assert_eq!(fresh(serde_json::json!({"ttl": 1e300})), i64::MAX);
+        for ttl in [serde_json::json!(0), serde_json::json!(-0.5)] {
+            assert!(
+                lists
+                    .read_claims(&claims(serde_json::json!({ "ttl": ttl })), 1000)
+                    .is_err()
+            );
+        }
     }
 }
