@@ -634,3 +634,66 @@ async fn polled_sets_are_applied_and_acknowledged_in_the_next_poll() {
 
     inst.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_refuses_an_unusable_ssf_section_listing_every_problem() {
+    let fx = Fixture::with_keys(vec![TestKey::es256()]);
+    let tx = Transmitter::new();
+    let section = ssf_section(
+        &fx,
+        &tx,
+        "jwks_uri = \"http://idp.example.test/jwks\"\npoll_url = \"http://idp.example.test/poll\"\nalgorithms = [\"HS256\"]",
+    );
+    let path = instance_config(&fx, "bad", "[revocation]\ndata_dir = \"data\"", &section);
+    let config = portcullis::config::Config::load(&path).unwrap();
+    let problems = portcullis::ssf::validate(config.ssf.as_ref().unwrap());
+    let text = problems.join("\n");
+    for expected in [
+        "exactly one of jwks_file and jwks_uri",
+        "\"HS256\" is not accepted",
+        "poll_url must be an https:// URL",
+    ] {
+        assert!(text.contains(expected), "{expected:?} not in {text}");
+    }
+    let (_, _, task) = portcullis::serve::spawn(config).await.unwrap();
+    let error = task.await.unwrap().unwrap_err().to_string();
+    assert!(error.contains("invalid [ssf] configuration"), "{error}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_set_the_store_cannot_take_is_answered_503_for_the_transmitter_to_retry() {
+    let fx = Fixture::with_keys(vec![TestKey::es256()]);
+    let tx = Transmitter::new();
+    let (push, port) = push_settings(&fx);
+    let inst = Instance::start(
+        &instance_config(
+            &fx,
+            "a",
+            "[revocation]\ndata_dir = \"data\"\nmax_entries = 1",
+            &ssf_section(&fx, &tx, &push),
+        ),
+        fx.path("a.audit.log"),
+    )
+    .await;
+    wait_listening(port).await;
+    let pusher = Pusher::new(port);
+    let (bob, _) = token(fx.es256(), "bob", now() - 60);
+    let revoke = |sub: &str| {
+        tx.sign(&Transmitter::claims(
+            SESSION_REVOKED,
+            json!({"subject": iss_sub(sub), "event_timestamp": now()}),
+        ))
+    };
+    let (status, body) = pusher.push(&revoke("alice")).await;
+    assert_eq!(status, 202, "{body}");
+    // The store is full: not applied, not acknowledged (503); a retry of the
+    // same SET gets the same answer while the store stays full.
+    let bob_set = revoke("bob");
+    for _ in 0..2 {
+        let (status, _) = pusher.push(&bob_set).await;
+        assert_eq!(status, 503);
+    }
+    assert_allowed(&inst, &bob).await;
+    assert_eq!(list(&inst).await.len(), 1);
+    inst.stop().await;
+}
