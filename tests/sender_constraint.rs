@@ -4,6 +4,8 @@
 //! and per route.
 
 mod common;
+#[path = "common/redis.rs"]
+mod redis_harness;
 
 use base64::Engine as _;
 use common::pki::TestCa;
@@ -472,4 +474,50 @@ async fn a_cnf_the_server_cannot_check_is_refused() {
             "{cnf}"
         );
     }
+}
+
+#[tokio::test]
+async fn a_proof_replayed_to_another_instance_sharing_redis_is_refused() {
+    let redis = redis_harness::RedisServer::start();
+    let fx = Fixture::new();
+    fx.append_config(&format!(
+        "\n[revocation]\nredis_url = \"{}\"\nredis_prefix = \"dpop-test:\"\n",
+        redis.url()
+    ));
+    // Two instances of one deployment: same configuration, same Redis.
+    let first = fx.serve().await;
+    let second = fx.serve().await;
+    let client = DpopKey::new();
+    let token = bound_token(&fx, json!({ "jkt": client.jkt() }));
+    let proof = client.proof("GET", HTU, &token);
+    let asked = || request(Some(format!("DPoP {token}")), Some(proof.clone()));
+
+    let out = outcome(&first.check(asked()).await);
+    assert_eq!(out.http_status, 200, "{out:?}");
+    let out = outcome(&second.check(asked()).await);
+    assert_eq!(
+        (out.http_status, reason_of(&out).as_str()),
+        (401, "dpop_replayed")
+    );
+
+    // Redis gone: the replay check cannot be made, so DPoP requests are
+    // refused (503, a dependency failed), while bearer tokens still work.
+    drop(redis);
+    let fresh = client.proof("GET", HTU, &token);
+    let out = outcome(
+        &second
+            .check(request(Some(format!("DPoP {token}")), Some(fresh)))
+            .await,
+    );
+    assert_eq!(
+        (out.http_status, reason_of(&out).as_str()),
+        (503, "dpop_replay_check_failed")
+    );
+    let bearer = fx.es256().token("alice", &["orders:read"], &["customer"]);
+    let out = outcome(
+        &second
+            .check(request(Some(format!("Bearer {bearer}")), None))
+            .await,
+    );
+    assert_eq!(out.http_status, 200, "{out:?}");
 }
