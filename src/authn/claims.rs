@@ -125,7 +125,7 @@ fn is_sha256_base64url(text: &str) -> bool {
 /// non-negative integer `idx` and an `https://` `uri` is malformed.
 pub(crate) fn status_reference(
     claims: &Value,
-) -> Result<Option<super::status_list::StatusReference>, TokenError> {
+) -> Result<Option<super::StatusReference>, TokenError> {
     let status = match claims.get("status") {
         None | Some(Value::Null) => return Ok(None),
         Some(Value::Object(status)) => status,
@@ -143,7 +143,7 @@ pub(crate) fn status_reference(
         .and_then(Value::as_str)
         .filter(|uri| uri.starts_with("https://") && uri.len() <= 2048)
         .ok_or(TokenError::Malformed)?;
-    Ok(Some(super::status_list::StatusReference {
+    Ok(Some(super::StatusReference {
         uri: uri.to_owned(),
         idx,
     }))

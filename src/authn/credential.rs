@@ -136,8 +136,8 @@ mod tests {
 }
 
 /// Fuzz target of bearer extraction from the `Authorization` header (see
-/// [`crate::fuzz`]). Oracle: no panic, and a token only from a `Bearer`
-/// value, non-empty, within the size bound, in RFC 6750's alphabet.
+/// [`crate::fuzz`]). Oracle: no panic, and a token only from a `Bearer` or
+/// `DPoP` value, non-empty, within the size bound, in RFC 6750's alphabet.
 #[cfg(test)]
 mod fuzz {
     use super::*;
@@ -147,6 +147,7 @@ mod fuzz {
     fn fuzz_bearer_extraction() {
         let seeds = bytes([
             "Bearer eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJhIn0.c2ln",
+            "DPoP eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJhIn0.c2ln",
             "bearer\tpck_ci_0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
             "Basic dXNlcjpwYXNz",
             "Bearer a b",
@@ -164,7 +165,10 @@ mod fuzz {
                 let header = String::from_utf8_lossy(input);
                 if let Ok(token) = bearer_token(Some(&header)) {
                     let scheme = header.trim_start().split([' ', '\t']).next().unwrap_or("");
-                    assert!(scheme.eq_ignore_ascii_case("bearer"));
+                    assert!(
+                        scheme.eq_ignore_ascii_case("bearer")
+                            || scheme.eq_ignore_ascii_case("dpop")
+                    );
                     assert!(!token.is_empty() && token.len() <= MAX_TOKEN_BYTES);
                     assert!(token.bytes().all(is_b64token_byte));
                     assert!(header.trim_end().ends_with(token));

@@ -284,7 +284,17 @@ pub struct VerifiedToken {
     /// The key or certificate the token is bound to (`cnf`), if any.
     pub binding: Option<TokenBinding>,
     /// Where the token's status is published (`status.status_list`), if anywhere.
-    pub status: Option<status_list::StatusReference>,
+    pub status: Option<StatusReference>,
+}
+
+/// A token's `status.status_list` claim (Token Status List): which entry of
+/// which list holds its status. Checked by [`status_list`].
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct StatusReference {
+    /// `uri`: where the Status List Token is fetched.
+    pub uri: String,
+    /// `idx`: the token's entry in the list.
+    pub idx: u64,
 }
 
 /// What a sender-constrained token is bound to (its `cnf` claim, RFC 7800).

@@ -18,6 +18,7 @@
 //! itself: it meets `mtls` and `any`.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use base64::Engine as _;
 
@@ -52,7 +53,11 @@ pub fn scheme(authorization: Option<&str>) -> Scheme {
 /// and where client certificates come from.
 #[derive(Debug)]
 pub struct SenderConstraints {
-    dpop: DpopVerifier,
+    /// Shared with the stages rebuilt from this one while its settings stay
+    /// the same: its replay cache must outlive a configuration reload.
+    dpop: Arc<DpopVerifier>,
+    /// What `dpop` was built from (settings, Redis URL and prefix), hashed.
+    dpop_settings: [u8; 32],
     by_issuer: HashMap<String, SenderConstraint>,
     client_certificate_header: Option<String>,
 }
@@ -69,12 +74,22 @@ impl SenderConstraints {
     /// another instance is refused.
     pub fn from_config(config: &Config) -> Result<SenderConstraints, SenderConstraintError> {
         let settings = &config.sender_constraint;
+        let dpop_settings = crate::digest::sha256(
+            format!(
+                "{settings:?}\n{:?}\n{}",
+                config.revocation.redis_url.as_ref().map(|u| u.expose()),
+                config.revocation.redis_prefix
+            )
+            .as_bytes(),
+        );
         let mut dpop =
             DpopVerifier::new(settings).map_err(|e| SenderConstraintError(e.to_string()))?;
         if let Some(url) = &config.revocation.redis_url {
             let client =
                 super::dpop::redis_client(url).map_err(|e| SenderConstraintError(e.to_string()))?;
-            dpop = dpop.with_shared_replay(client, &config.revocation.redis_prefix);
+            // `<prefix>:dpop:<hash>`, beside `<prefix>:revocations`.
+            let prefix = format!("{}:", config.revocation.redis_prefix);
+            dpop = dpop.with_shared_replay(client, &prefix);
         }
         let client_certificate_header = match &settings.client_certificate_header {
             Some(name) => {
@@ -90,7 +105,8 @@ impl SenderConstraints {
             None => None,
         };
         Ok(SenderConstraints {
-            dpop,
+            dpop: Arc::new(dpop),
+            dpop_settings,
             by_issuer: config
                 .issuers
                 .iter()
@@ -98,6 +114,15 @@ impl SenderConstraints {
                 .collect(),
             client_certificate_header,
         })
+    }
+
+    /// Keeps `previous`'s DPoP verifier (and so the proofs it has seen) when
+    /// the DPoP settings did not change: a configuration reload must not
+    /// open a window in which recent proofs can be replayed.
+    pub fn continue_from(&mut self, previous: &SenderConstraints) {
+        if self.dpop_settings == previous.dpop_settings {
+            self.dpop = previous.dpop.clone();
+        }
     }
 
     /// Checks that `http`'s sender holds what `token` is bound to, and that the

@@ -33,21 +33,13 @@ use jsonwebtoken::{Algorithm, Validation};
 use serde::Deserialize;
 use serde_json::Value;
 
+pub use super::StatusReference;
 use super::claims::{numeric_date, secs_i64};
 use super::jwks::is_accepted_algorithm;
 use super::jwt::{Issuer, IssuerSet};
 use super::keys::{BodyError, FetchError, http_client, read_limited};
 use super::{TokenError, VerifiedToken};
 use crate::config::Config;
-
-/// A token's `status.status_list` claim: which entry of which list holds its status.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct StatusReference {
-    /// `uri`: where the Status List Token is fetched.
-    pub uri: String,
-    /// `idx`: the token's entry in the list.
-    pub idx: u64,
-}
 
 /// The media type asked for (`Accept`) and the `typ` required (without its
 /// `application/` prefix) of a Status List Token.

@@ -19,7 +19,24 @@ pub(super) async fn validate(path: &Path) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::FAILURE);
         }
     };
-    match Engine::from_config(&config) {
+    let engine = Engine::from_config(&config).map_err(|e| e.problems);
+    // The Shared Signals receiver is not part of the engine: checked beside it.
+    let ssf_problems = config
+        .ssf
+        .as_ref()
+        .map(crate::ssf::validate)
+        .unwrap_or_default();
+    let engine = match (engine, ssf_problems.is_empty()) {
+        (Ok(engine), true) => Ok(engine),
+        (Ok(_), false) => Err(crate::engine::LoadError {
+            problems: ssf_problems,
+        }),
+        (Err(mut problems), _) => {
+            problems.extend(ssf_problems);
+            Err(crate::engine::LoadError { problems })
+        }
+    };
+    match engine {
         Ok(engine) => {
             let fetch_problems = engine.authenticator().fetch_remote_keys_once().await;
             for problem in &fetch_problems {

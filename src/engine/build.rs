@@ -90,6 +90,10 @@ impl Engine {
             engine.authenticator.set_revocations(store.clone());
         }
         engine.authenticator.continue_counters(&self.authenticator);
+        // Built just above, so not shared yet.
+        if let Some(sender) = Arc::get_mut(&mut engine.sender) {
+            sender.continue_from(&self.sender);
+        }
         engine.generation = self.generation + 1;
         Ok(engine)
     }

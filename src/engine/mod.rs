@@ -307,8 +307,11 @@ impl Engine {
     /// credential failures, the policy mode for policy denies.
     fn is_dry_run(&self, verdict: Verdict, policy_mode: impl FnOnce() -> Mode) -> bool {
         match verdict {
-            // A revocation is an operator's explicit order: enforced in every mode.
-            Verdict::Deny(DenyReason::Unauthenticated(TokenError::Revoked)) => false,
+            // A revocation is an operator's explicit order, a status list
+            // entry the issuer's: enforced in every mode.
+            Verdict::Deny(DenyReason::Unauthenticated(
+                TokenError::Revoked | TokenError::StatusNotValid,
+            )) => false,
             Verdict::Deny(DenyReason::Unauthenticated(_)) => self.token_mode == Mode::DryRun,
             Verdict::Deny(
                 DenyReason::PolicyDenied

@@ -131,6 +131,11 @@ async fn dry_run_lets_denies_through_marked_but_never_a_revocation() {
     let mut decision = Decision::new("GET", "/orders/7");
     let reason = record_identity(&revoked, &mut decision).unwrap_err();
     assert!(!engine.is_dry_run(Verdict::Deny(reason), || Mode::DryRun));
+    // The issuer's own revocation, through its status list, neither.
+    let status = DenyReason::Unauthenticated(TokenError::StatusNotValid);
+    assert!(!engine.is_dry_run(Verdict::Deny(status), || Mode::DryRun));
+    let expired = DenyReason::Unauthenticated(TokenError::Expired);
+    assert!(engine.is_dry_run(Verdict::Deny(expired), || Mode::DryRun));
 }
 
 #[tokio::test]
