@@ -521,3 +521,26 @@ async fn a_proof_replayed_to_another_instance_sharing_redis_is_refused() {
     );
     assert_eq!(out.http_status, 200, "{out:?}");
 }
+
+#[tokio::test]
+async fn a_spent_proof_stays_spent_across_a_configuration_reload() {
+    let fx = Fixture::new();
+    let server = fx.serve().await;
+    let client = DpopKey::new();
+    let token = bound_token(&fx, json!({ "jkt": client.jkt() }));
+    let proof = client.proof("GET", HTU, &token);
+    let asked = || request(Some(format!("DPoP {token}")), Some(proof.clone()));
+    let out = outcome(&server.check(asked()).await);
+    assert_eq!(out.http_status, 200, "{out:?}");
+
+    // The configuration file is reloaded (every stage rebuilt): the proofs
+    // seen before are still remembered.
+    let state = server.running.state();
+    let rebuilt = state.engine().unwrap().rebuild(&fx.config()).unwrap();
+    state.install(rebuilt).await;
+    let out = outcome(&server.check(asked()).await);
+    assert_eq!(
+        (out.http_status, reason_of(&out).as_str()),
+        (401, "dpop_replayed")
+    );
+}
