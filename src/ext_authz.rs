@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use envoy_types::pb::envoy::config::core::v3::address::Address;
 use envoy_types::pb::envoy::config::core::v3::header_value_option::HeaderAppendAction;
-use envoy_types::pb::envoy::config::core::v3::{HeaderValue, HeaderValueOption};
+use envoy_types::pb::envoy::config::core::v3::{HeaderValue, HeaderValueOption, QueryParameter};
 use envoy_types::pb::envoy::service::auth::v3::attribute_context::HttpRequest as EnvoyHttpRequest;
 use envoy_types::pb::envoy::service::auth::v3::authorization_server::Authorization;
 use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
@@ -18,8 +18,8 @@ use envoy_types::pb::envoy::r#type::v3::{HttpStatus, StatusCode as HttpStatusCod
 use envoy_types::pb::google::protobuf::{ListValue, Struct, Value, value::Kind};
 use envoy_types::pb::google::rpc;
 
+use crate::answer::Answer;
 use crate::attributes::{HttpRequest, parse_source_ip};
-use crate::authn::TokenError;
 use crate::authn::workload::spiffe_id_from_certificate;
 use crate::config::ResponseConfig;
 use crate::decision::{BadRequest, Decision, DenyReason, Verdict};
@@ -155,40 +155,22 @@ fn string_value(s: &str) -> Value {
     }
 }
 
-/// Builds the response Envoy acts on. `credential_header` is the API-key header,
-/// removed with `authorization` when `remove_authorization` is set.
+/// Builds the response Envoy acts on: the [`Answer`] of the decision,
+/// encoded, with the decision's id, reason, principal and policies in the
+/// dynamic metadata. `credential_header` is the API-key header, removed with
+/// `authorization` when `remove_authorization` is set.
 pub(crate) fn check_response(
     decision: &Decision,
     response: &ResponseConfig,
     realm: &str,
     credential_header: Option<&str>,
 ) -> CheckResponse {
-    // A dry-run deny is answered as an allow; the real verdict stays in the
-    // audit line and the metadata.
     let verdict = decision.effective_verdict();
-    let http_response = match verdict {
-        Verdict::Allow => {
-            let mut headers = Vec::new();
-            if let (false, Some(subject)) = (response.subject_header.is_empty(), &decision.subject)
-            {
-                headers.push(header(&response.subject_header, subject));
-            }
-            // Credentials stay at the edge when asked: the bearer token and the
-            // API-key header.
-            let headers_to_remove = if response.remove_authorization {
-                std::iter::once("authorization".to_owned())
-                    .chain(credential_header.map(str::to_owned))
-                    .collect()
-            } else {
-                Vec::new()
-            };
-            HttpResponse::OkResponse(OkHttpResponse {
-                headers,
-                headers_to_remove,
-                ..Default::default()
-            })
-        }
-        Verdict::Deny(reason) => HttpResponse::DeniedResponse(denied(decision, reason, realm)),
+    let answer = crate::answer::answer(decision, response, realm, credential_header);
+    let http_response = if answer.is_allow() {
+        HttpResponse::OkResponse(ok_response(answer))
+    } else {
+        HttpResponse::DeniedResponse(denied_response(answer))
     };
     let mut metadata = Struct::default();
     metadata
@@ -226,83 +208,46 @@ pub(crate) fn check_response(
     }
 }
 
-fn denied(decision: &Decision, reason: DenyReason, realm: &str) -> DeniedHttpResponse {
-    let status = match Verdict::Deny(reason).http_status() {
-        400 => HttpStatusCode::BadRequest,
-        401 => HttpStatusCode::Unauthorized,
-        503 => HttpStatusCode::ServiceUnavailable,
-        _ => HttpStatusCode::Forbidden,
-    };
-    let mut headers = vec![header("content-type", "application/json")];
-    let body = match reason {
-        // Our dependency failed, not the caller's credential: no challenge.
-        DenyReason::Unauthenticated(token) if token.is_dependency_failure() => serde_json::json!({
-            "error": "temporarily_unavailable",
-            "error_description": token.public_description(),
-            "decision_id": decision.id,
-        }),
-        DenyReason::Unauthenticated(token) => {
-            headers.push(header("www-authenticate", &www_authenticate(token, realm)));
-            serde_json::json!({
-                "error": if no_bearer_credential(token) {
-                    "unauthorized"
-                } else if token.is_dpop_proof_error() {
-                    "invalid_dpop_proof"
-                } else {
-                    "invalid_token"
-                },
-                "error_description": token.public_description(),
-                "decision_id": decision.id,
-            })
-        }
-        DenyReason::BadRequest(bad) => serde_json::json!({
-            "error": "bad_request",
-            "error_description": match bad {
-                BadRequest::MissingHttpAttributes => "the check request has no HTTP attributes",
-                BadRequest::NonCanonicalPath => "the request path is not in canonical form",
-                BadRequest::MissingMethodOrPath => "the request has no method or path",
-            },
-            "decision_id": decision.id,
-        }),
-        DenyReason::NotReady => serde_json::json!({
-            "error": "unavailable",
-            "decision_id": decision.id,
-        }),
-        _ => serde_json::json!({
-            "error": "forbidden",
-            "decision_id": decision.id,
-        }),
-    };
+fn ok_response(answer: Answer) -> OkHttpResponse {
+    OkHttpResponse {
+        headers: answer
+            .upstream_headers
+            .iter()
+            .map(|(name, value)| header(name, value))
+            .collect(),
+        headers_to_remove: answer.upstream_headers_to_remove,
+        query_parameters_to_set: answer
+            .query_to_set
+            .into_iter()
+            .map(|(key, value)| QueryParameter { key, value })
+            .collect(),
+        query_parameters_to_remove: answer.query_to_remove,
+        response_headers_to_add: answer
+            .client_headers
+            .iter()
+            .map(|(name, value)| header(name, value))
+            .collect(),
+        ..Default::default()
+    }
+}
+
+fn denied_response(answer: Answer) -> DeniedHttpResponse {
     DeniedHttpResponse {
         status: Some(HttpStatus {
-            code: status as i32,
+            code: status_code(answer.status) as i32,
         }),
-        headers,
-        body: body.to_string(),
+        headers: answer
+            .client_headers
+            .iter()
+            .map(|(name, value)| header(name, value))
+            .collect(),
+        body: answer.body,
     }
 }
 
-/// RFC 6750 section 3.1: no error code when the request carries no bearer
-/// credential at all (none, or another scheme such as `Basic`).
-fn www_authenticate(token: TokenError, realm: &str) -> String {
-    let realm = realm.replace(['"', '\\'], "");
-    if no_bearer_credential(token) {
-        format!("Bearer realm=\"{realm}\"")
-    } else if token.is_dpop_proof_error() {
-        format!(
-            "DPoP realm=\"{realm}\", error=\"invalid_dpop_proof\", error_description=\"{}\"",
-            token.public_description()
-        )
-    } else {
-        format!(
-            "Bearer realm=\"{realm}\", error=\"invalid_token\", error_description=\"{}\"",
-            token.public_description()
-        )
-    }
-}
-
-fn no_bearer_credential(token: TokenError) -> bool {
-    matches!(token, TokenError::Missing | TokenError::NotBearer)
+/// Envoy's `StatusCode` enum for an HTTP status (403 for one it lacks).
+fn status_code(status: u16) -> HttpStatusCode {
+    HttpStatusCode::try_from(i32::from(status)).unwrap_or(HttpStatusCode::Forbidden)
 }
 
 /// The `envoy.service.auth.v3.Authorization` service.

@@ -14,6 +14,7 @@
 #![warn(unreachable_pub)]
 
 pub mod admin;
+pub mod answer;
 pub mod attributes;
 pub mod audit;
 pub mod authn;
