@@ -89,6 +89,60 @@ pub struct Config {
     /// The Shared Signals (CAEP/RISC) receiver; absent means off.
     #[serde(default)]
     pub ssf: Option<SsfConfig>,
+    /// The HTTP authorization listener (Envoy's `http_service` mode, forward
+    /// auth); absent means off.
+    #[serde(default)]
+    pub http_authz: Option<HttpAuthzConfig>,
+    /// The OpenID AuthZEN Authorization API listener; absent means off.
+    #[serde(default)]
+    pub authzen: Option<AuthzenConfig>,
+}
+
+/// `[http_authz]`: a plain-HTTP listener that decides requests described in
+/// HTTP rather than in an ext_authz `CheckRequest`: Envoy's ext_authz filter
+/// in `http_service` mode (the original request's method, path, and headers)
+/// and forward-auth proxies (`X-Forwarded-Method`, `-Proto`, `-Host`, `-Uri`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpAuthzConfig {
+    /// Address of the listener.
+    pub listen: SocketAddr,
+    /// The `path_prefix` Envoy's `http_service` puts before the original
+    /// path; removed before deciding. Empty: none.
+    #[serde(default)]
+    pub path_prefix: String,
+    /// Path of forward-auth requests, whose original request is described by
+    /// `X-Forwarded-*` headers.
+    #[serde(default = "default_forward_auth_path")]
+    pub forward_auth_path: String,
+}
+
+fn default_forward_auth_path() -> String {
+    "/forward-auth".to_owned()
+}
+
+/// `[authzen]`: the OpenID AuthZEN Authorization API 1.0 (`POST
+/// /access/v1/evaluation`, `/access/v1/evaluations`, and the metadata at
+/// `/.well-known/authzen-configuration`). Callers (policy enforcement points)
+/// authenticate with the bearer token of `token_file`, or with a client
+/// certificate when `tls.client_ca_file` is set.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthzenConfig {
+    /// Address of the listener.
+    pub listen: SocketAddr,
+    /// File holding the bearer token callers present.
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// TLS on the listener; with `client_ca_file`, callers may authenticate
+    /// with a client certificate instead of the token.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+    /// The URL this API is reached at, as published in the metadata
+    /// (`policy_decision_point` and the endpoints). Unset: built from the
+    /// request's `Host`.
+    #[serde(default)]
+    pub base_url: Option<String>,
 }
 
 /// `[telemetry]`: OpenTelemetry trace export and the Prometheus endpoint.
@@ -1263,6 +1317,27 @@ impl Config {
         }
         if let Some(tls) = self.admin.as_mut().and_then(|a| a.tls.as_mut()) {
             tls.resolve_paths(resolve);
+        }
+        if let Some(ssf) = &mut self.ssf {
+            for file in [
+                &mut ssf.jwks_file,
+                &mut ssf.push_token_file,
+                &mut ssf.poll_token_file,
+                &mut ssf.remote.ca_file,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                resolve(file);
+            }
+        }
+        if let Some(authzen) = &mut self.authzen {
+            if let Some(file) = &mut authzen.token_file {
+                resolve(file);
+            }
+            if let Some(tls) = &mut authzen.tls {
+                tls.resolve_paths(resolve);
+            }
         }
     }
 
