@@ -85,6 +85,10 @@ pub struct Listeners {
     pub admin: Option<TcpListener>,
     /// `GET /metrics` (`[telemetry] metrics_listen`), when configured.
     pub metrics: Option<TcpListener>,
+    /// The HTTP authorization listener (`[http_authz] listen`), when configured.
+    pub http_authz: Option<TcpListener>,
+    /// The AuthZEN API (`[authzen] listen`), when configured.
+    pub authzen: Option<TcpListener>,
 }
 
 impl Listeners {
@@ -122,6 +126,14 @@ impl Listeners {
                 Some(addr) => Some(bind("metrics", addr).await?),
                 None => None,
             },
+            http_authz: match config.http_authz.as_ref().map(|h| h.listen) {
+                Some(addr) => Some(bind("http_authz", addr).await?),
+                None => None,
+            },
+            authzen: match config.authzen.as_ref().map(|a| a.listen) {
+                Some(addr) => Some(bind("authzen", addr).await?),
+                None => None,
+            },
         })
     }
 
@@ -138,6 +150,16 @@ impl Listeners {
     /// The bound metrics address, when there is a metrics listener.
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         self.metrics.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// The bound HTTP authorization address, when configured.
+    pub fn http_authz_addr(&self) -> Option<SocketAddr> {
+        self.http_authz.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// The bound AuthZEN address, when configured.
+    pub fn authzen_addr(&self) -> Option<SocketAddr> {
+        self.authzen.as_ref().and_then(|l| l.local_addr().ok())
     }
 }
 
@@ -203,6 +225,8 @@ pub async fn serve(
         grpc,
         admin: admin_listener,
         metrics: metrics_listener,
+        http_authz: http_authz_listener,
+        authzen: authzen_listener,
     } = listeners;
     let grace = config.server.shutdown_grace;
     let audit = match &config.audit.file {
@@ -400,6 +424,12 @@ pub async fn serve(
         }
     }
 
+    // [http_authz]: Envoy's http_service mode and forward auth, through the
+    // engine in `running.state()` (started in src/http_authz.rs).
+    let _ = http_authz_listener;
+    // [authzen]: the AuthZEN API, through the same engine (src/authzen/).
+    let _ = authzen_listener;
+
     tracing::info!(
         policies = engine.policies().len(),
         dir = %config.policies.dir.display(),
@@ -455,6 +485,10 @@ pub struct Addresses {
     pub admin: Option<SocketAddr>,
     /// The metrics endpoint, when configured.
     pub metrics: Option<SocketAddr>,
+    /// The HTTP authorization listener, when configured.
+    pub http_authz: Option<SocketAddr>,
+    /// The AuthZEN API, when configured.
+    pub authzen: Option<SocketAddr>,
 }
 
 /// Binds `config`'s listeners and runs [`serve`] on a task: the addresses it
@@ -482,6 +516,8 @@ pub async fn spawn(
         })?,
         admin: listeners.admin_addr(),
         metrics: listeners.metrics_addr(),
+        http_authz: listeners.http_authz_addr(),
+        authzen: listeners.authzen_addr(),
     };
     let shutdown = Shutdown::new();
     let task = tokio::spawn(serve(config, listeners, shutdown.clone()));
