@@ -26,6 +26,7 @@ pub mod decision;
 pub(crate) mod digest;
 pub mod engine;
 pub(crate) mod ext_authz;
+pub(crate) mod http_authz;
 #[cfg(test)]
 pub(crate) mod fuzz;
 pub(crate) mod openapi;

@@ -425,8 +425,17 @@ pub async fn serve(
     }
 
     // [http_authz]: Envoy's http_service mode and forward auth, through the
-    // engine in `running.state()` (started in src/http_authz.rs).
-    let _ = http_authz_listener;
+    // engine in `running.state()`; stops with the background tasks.
+    if let (Some(listener), Some(http_authz)) = (http_authz_listener, &config.http_authz) {
+        if let Ok(addr) = listener.local_addr() {
+            tracing::info!(%addr, "http_authz listening (Envoy http_service and forward auth)");
+        }
+        track(crate::http_authz::spawn(
+            listener,
+            http_authz,
+            running.state().clone(),
+        ));
+    }
     // [authzen]: the AuthZEN API, through the same engine (src/authzen/).
     let _ = authzen_listener;
 
