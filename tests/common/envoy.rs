@@ -77,7 +77,15 @@ pub struct EnvoySetup {
     /// TLS on the client-facing listener, requiring a client certificate
     /// (which the ext_authz filter sends with `include_peer_certificate`).
     pub downstream_tls: Option<DownstreamTls>,
+    /// The ext_authz filter in `http_service` mode, asking Portcullis' HTTP
+    /// authorization listener at this address (with `path_prefix`
+    /// [`HTTP_AUTHZ_PREFIX`]) instead of the gRPC `portcullis` cluster.
+    pub http_authz: Option<SocketAddr>,
 }
+
+/// The `path_prefix` of the generated `http_service` (and of the
+/// `[http_authz]` table the tests pair it with).
+pub const HTTP_AUTHZ_PREFIX: &str = "/authz";
 
 /// Files of the client-facing listener's TLS: its certificate and key (for
 /// `localhost`) and the CA client certificates must chain to.
@@ -108,6 +116,7 @@ impl EnvoySetup {
             collector: None,
             mtls: None,
             downstream_tls: None,
+            http_authz: None,
         }
     }
 
@@ -190,6 +199,48 @@ impl EnvoySetup {
         let status_on_error = match self.status_on_error {
             Some(code) => format!("\n                      status_on_error: {{ code: {code} }}"),
             None => String::new(),
+        };
+        // The authorization service: gRPC (the default), or Portcullis' HTTP
+        // listener with the request and response headers it needs.
+        let (authz_service, http_authz_cluster) = match self.http_authz {
+            None => (
+                r#"grpc_service:
+                        envoy_grpc: { cluster_name: portcullis }
+                        timeout: 2s"#
+                    .to_owned(),
+                String::new(),
+            ),
+            Some(addr) => (
+                format!(
+                    r#"http_service:
+                        server_uri: {{ uri: "http://{addr}", cluster: portcullis_http, timeout: 2s }}
+                        path_prefix: {HTTP_AUTHZ_PREFIX}
+                        authorization_request:
+                          headers_to_add:
+                            - {{ key: x-forwarded-for, value: "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%" }}
+                        authorization_response:
+                          allowed_upstream_headers:
+                            patterns: [ {{ prefix: x-portcullis- }} ]
+                          allowed_client_headers:
+                            patterns: [ {{ exact: content-type }}, {{ exact: www-authenticate }} ]
+                      allowed_headers:
+                        patterns:
+                          - {{ exact: x-forwarded-proto }}
+                          - {{ exact: dpop }}
+                          - {{ exact: x-api-key }}"#
+                ),
+                format!(
+                    r#"
+    - name: portcullis_http
+      type: STATIC
+      connect_timeout: 0.25s
+      load_assignment:
+        cluster_name: portcullis_http
+        endpoints:
+          - lb_endpoints:{}"#,
+                    endpoints(&[addr])
+                ),
+            ),
         };
         let (tracing, collector_cluster) = match self.collector {
             Some(collector) => (
@@ -280,9 +331,7 @@ static_resources:
                     typed_config:
                       "@type": type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz
                       transport_api_version: V3
-                      grpc_service:
-                        envoy_grpc: {{ cluster_name: portcullis }}
-                        timeout: 2s
+                      {authz_service}
                       failure_mode_allow: false
                       include_peer_certificate: true{status_on_error}
                   - name: envoy.filters.http.router
@@ -306,7 +355,7 @@ static_resources:
       load_assignment:
         cluster_name: upstream
         endpoints:
-          - lb_endpoints:{upstream}{collector_cluster}
+          - lb_endpoints:{upstream}{collector_cluster}{http_authz_cluster}
 "#,
             normalize = self.normalize,
             access_log = access_log.display(),
