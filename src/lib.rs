@@ -20,6 +20,7 @@ pub mod audit;
 pub mod authn;
 pub mod authorizer;
 pub mod authz;
+pub mod authzen;
 pub mod cli;
 pub mod config;
 pub mod decision;

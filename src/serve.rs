@@ -252,6 +252,15 @@ pub async fn serve(
         }
         None => None,
     };
+    // [authzen]: token and certificates are read now; it starts with the store.
+    let authzen = config
+        .authzen
+        .as_ref()
+        .map(crate::authzen::Authzen::prepare)
+        .transpose()
+        .map_err(|problems| {
+            ServeError::Start(format!("invalid [authzen]: {}", problems.join("; ")))
+        })?;
     // Certificates are read before anything answers: a bad file stops the start.
     let load_tls = |tls: Option<&crate::config::TlsConfig>, section: &str| {
         tls.map(|t| {
@@ -436,8 +445,13 @@ pub async fn serve(
             running.state().clone(),
         ));
     }
-    // [authzen]: the AuthZEN API, through the same engine (src/authzen/).
-    let _ = authzen_listener;
+    // [authzen]: the AuthZEN API, through the same engine (src/authzen/);
+    // stops with the background tasks.
+    if let (Some(listener), Some(authzen)) = (authzen_listener, authzen) {
+        for task in authzen.start(listener, running.state().clone()) {
+            track(task);
+        }
+    }
 
     tracing::info!(
         policies = engine.policies().len(),
