@@ -122,7 +122,7 @@ pub(crate) fn spawn(
 #[derive(Debug)]
 enum Described {
     /// A request to decide.
-    Request(HttpRequest),
+    Request(Box<HttpRequest>),
     /// A request that cannot be decided: a path outside `path_prefix`.
     Outside { method: String, path: String },
 }
@@ -279,7 +279,7 @@ fn describe(
         .get("x-forwarded-for")
         .and_then(|v| v.rsplit(',').next())
         .and_then(parse_source_ip);
-    Described::Request(HttpRequest {
+    Described::Request(Box::new(HttpRequest {
         method: method.to_ascii_uppercase(),
         path,
         host,
@@ -290,7 +290,7 @@ fn describe(
         peer_certificate: None,
         context_extensions: HashMap::new(),
         caller: None,
-    })
+    }))
 }
 
 /// The answer as an HTTP response: an allow is a 200 whose headers Envoy
@@ -389,7 +389,7 @@ mod tests {
 
     fn request(described: Described) -> HttpRequest {
         match described {
-            Described::Request(http) => http,
+            Described::Request(http) => *http,
             other => panic!("not a request: {other:?}"),
         }
     }
