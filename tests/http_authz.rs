@@ -365,6 +365,29 @@ async fn forward_auth_allows_denies_and_refuses_what_it_cannot_decide() {
     let reply = forward("GET", "/orders/7/../admin", Some(reader.clone())).await;
     assert_eq!(reply.status, 400, "{reply:?}");
 
+    // The client address is the last X-Forwarded-For entry, the one the
+    // proxy wrote: the quickstart forbids 203.0.113.0/24.
+    for (forwarded_for, status) in [
+        ("10.0.0.1, 203.0.113.9", 403),
+        ("203.0.113.9, 10.0.0.1", 200),
+        ("::ffff:203.0.113.9", 403),
+    ] {
+        let reply = send(
+            listener,
+            "GET",
+            "/forward-auth",
+            &[
+                ("x-forwarded-method", "GET"),
+                ("x-forwarded-uri", "/orders/42"),
+                ("x-forwarded-for", forwarded_for),
+                ("authorization", reader.as_str()),
+            ],
+        )
+        .await
+        .unwrap();
+        assert_eq!(reply.status, status, "{forwarded_for}: {reply:?}");
+    }
+
     // What cannot be decided: 400 through the pipeline (audited).
     let bearer = [("authorization", reader.as_str())];
     for (path, headers) in [
