@@ -195,6 +195,24 @@ enum Endpoint {
     Evaluations,
 }
 
+impl Endpoint {
+    /// The audit line's `method`.
+    fn method(self) -> &'static str {
+        match self {
+            Endpoint::Evaluation => EVALUATION_METHOD,
+            Endpoint::Evaluations => EVALUATIONS_METHOD,
+        }
+    }
+
+    /// The audit line's `path`.
+    fn path(self) -> &'static str {
+        match self {
+            Endpoint::Evaluation => EVALUATION_PATH,
+            Endpoint::Evaluations => EVALUATIONS_PATH,
+        }
+    }
+}
+
 impl Api {
     async fn answer(
         &self,
@@ -285,12 +303,12 @@ impl Api {
         let parent = remote_parent(|name| headers.get(name).and_then(|v| v.to_str().ok()));
         match endpoint {
             Endpoint::Evaluation => match model::parse_evaluation(&body) {
-                Ok(evaluation) => self.evaluation(&evaluation, caller, parent).await,
+                Ok(evaluation) => self.evaluation(endpoint, &evaluation, caller, parent).await,
                 Err(e) => bad_request(&e),
             },
             Endpoint::Evaluations => match model::parse_evaluations(&body) {
                 Ok(Evaluations::Single(evaluation)) => {
-                    self.evaluation(&evaluation, caller, parent).await
+                    self.evaluation(endpoint, &evaluation, caller, parent).await
                 }
                 Ok(Evaluations::Many { semantic, items }) => {
                     self.evaluations(semantic, &items, caller, parent).await
@@ -402,7 +420,7 @@ impl Api {
         engine: &Engine,
         evaluation: &Evaluation,
         caller: &Option<Arc<str>>,
-        method: &str,
+        endpoint: Endpoint,
         span: &RequestSpan,
     ) -> Result<Decision, BadRequest> {
         let (identity, direct) =
@@ -415,12 +433,8 @@ impl Api {
             .span()
             .in_scope(|| engine.decide_direct(&authentication, &direct))
             .map_err(model::engine_error)?;
-        decision.method = method.to_owned();
-        decision.path = match method {
-            EVALUATIONS_METHOD => EVALUATIONS_PATH,
-            _ => EVALUATION_PATH,
-        }
-        .to_owned();
+        decision.method = endpoint.method().to_owned();
+        decision.path = endpoint.path().to_owned();
         decision.credential = Some(CREDENTIAL);
         decision.caller = caller.clone();
         Ok(decision)
@@ -444,6 +458,7 @@ impl Api {
 
     async fn evaluation(
         &self,
+        endpoint: Endpoint,
         evaluation: &Evaluation,
         caller: Option<Arc<str>>,
         parent: Option<opentelemetry::Context>,
@@ -453,7 +468,7 @@ impl Api {
             Err(response) => return response,
         };
         let span = RequestSpan::start("portcullis.authzen.evaluation", parent);
-        match Self::decide(&engine, evaluation, &caller, EVALUATION_METHOD, &span) {
+        match Self::decide(&engine, evaluation, &caller, endpoint, &span) {
             Ok(decision) => {
                 self.account(&decision, &span);
                 json_response(&model::decision_json(&decision))
@@ -477,19 +492,19 @@ impl Api {
         let mut results = Vec::with_capacity(items.len());
         for (i, item) in items.iter().enumerate() {
             let prefix = format!("evaluations[{i}].");
-            let decided = item.clone().and_then(|evaluation| {
+            let decided = item.as_ref().map_err(Clone::clone).and_then(|evaluation| {
                 // Each decision has its own span, a child of the batch's.
                 let span = batch_span
                     .span()
                     .in_scope(|| RequestSpan::start("portcullis.authzen.evaluation", None));
-                Self::decide(&engine, &evaluation, &caller, EVALUATIONS_METHOD, &span)
+                Self::decide(&engine, evaluation, &caller, Endpoint::Evaluations, &span)
                     .map(|decision| (decision, span))
                     .map_err(|e| BadRequest {
                         field: format!("{prefix}{}", e.field),
                         message: e.message,
                     })
             });
-            let (json, allowed) = match &decided {
+            let (mut json, allowed) = match &decided {
                 Ok((decision, span)) => {
                     self.account(decision, span);
                     (
@@ -504,7 +519,6 @@ impl Api {
                 Semantic::DenyOnFirstDeny => !allowed,
                 Semantic::PermitOnFirstPermit => allowed,
             };
-            let mut json = json;
             if stop && let Some(context) = json.get_mut("context").and_then(Value::as_object_mut) {
                 context.insert(
                     "evaluations_semantic".into(),
