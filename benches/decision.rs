@@ -233,6 +233,7 @@ fn benches(c: &mut Criterion) {
         credential: CredentialKind::Jwt,
         binding: None,
         status: None,
+        claims: Vec::new(),
     };
     let mapped = request(None);
     let params = vec![("id".to_owned(), "7".to_owned())];

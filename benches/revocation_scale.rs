@@ -114,6 +114,7 @@ fn token(jti: &str) -> VerifiedToken {
         credential: CredentialKind::Jwt,
         binding: None,
         status: None,
+        claims: Vec::new(),
     }
 }
 

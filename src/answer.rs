@@ -4,9 +4,11 @@
 //! Envoy's gRPC protocol, the HTTP authorization listener) only encode an
 //! [`Answer`]; no adapter decides what a response contains.
 
+pub mod profile;
+
 use crate::authn::TokenError;
 use crate::config::ResponseConfig;
-use crate::decision::{BadRequest, Decision, DenyReason, Verdict};
+use crate::decision::{BadRequest, Decision, DenyProblem, DenyReason, Verdict};
 
 /// The answer to one decision, independent of the protocol that carries it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -64,15 +66,62 @@ pub fn answer(
             } else {
                 Vec::new()
             };
-            Answer {
+            let mut answer = Answer {
                 status: 200,
                 upstream_headers,
                 upstream_headers_to_remove,
                 ..Answer::default()
+            };
+            if let Some(shaping) = &decision.shaping {
+                answer
+                    .upstream_headers
+                    .extend(shaping.upstream_headers.iter().cloned());
+                for name in &shaping.remove_upstream_headers {
+                    if !answer.upstream_headers_to_remove.contains(name) {
+                        answer.upstream_headers_to_remove.push(name.clone());
+                    }
+                }
+                answer.query_to_set = shaping.set_query.clone();
+                answer.query_to_remove = shaping.remove_query.clone();
+                answer.client_headers = shaping.client_headers.clone();
             }
+            answer
         }
-        Verdict::Deny(reason) => denied(decision, reason, realm),
+        Verdict::Deny(reason) => {
+            let mut answer = denied(decision, reason, realm);
+            // Profiles shape policy denies only: a 401 keeps its challenge.
+            if let (DenyReason::PolicyDenied, Some(shaping)) = (reason, &decision.shaping) {
+                if let Some(problem) = &shaping.deny {
+                    answer.status = problem.status;
+                    answer.client_headers = vec![(
+                        "content-type".to_owned(),
+                        "application/problem+json".to_owned(),
+                    )];
+                    answer.body = problem_body(problem, decision);
+                }
+                answer
+                    .client_headers
+                    .extend(shaping.client_headers.iter().cloned());
+            }
+            answer
+        }
     }
+}
+
+/// RFC 9457 problem details, with the decision id as an extension member.
+fn problem_body(problem: &DenyProblem, decision: &Decision) -> String {
+    let mut body = serde_json::json!({
+        "type": problem.problem_type.as_deref().unwrap_or("about:blank"),
+        "status": problem.status,
+        "decision_id": decision.id,
+    });
+    if let Some(title) = &problem.title {
+        body["title"] = title.as_str().into();
+    }
+    if let Some(detail) = &problem.detail {
+        body["detail"] = detail.as_str().into();
+    }
+    body.to_string()
 }
 
 fn denied(decision: &Decision, reason: DenyReason, realm: &str) -> Answer {

@@ -663,6 +663,7 @@ struct AuditRecord<'a> {
     jti: Option<&'a str>,
     credential: Option<&'static str>,
     binding: Option<&'static str>,
+    response: Option<ResponseNames<'a>>,
     api_key_id: Option<&'a str>,
     caller: Option<&'a str>,
     method: &'a str,
@@ -672,6 +673,33 @@ struct AuditRecord<'a> {
     latency_us: u64,
     trace_id: Option<&'a str>,
     span_id: Option<&'a str>,
+}
+
+/// What response profiles changed, by name only (values may carry claims).
+#[derive(serde::Serialize)]
+struct ResponseNames<'a> {
+    profiles: &'a [String],
+    upstream_headers_set: Vec<&'a str>,
+    upstream_headers_removed: &'a [String],
+    query_set: Vec<&'a str>,
+    query_removed: &'a [String],
+    client_headers: Vec<&'a str>,
+    deny_status: Option<u16>,
+}
+
+impl<'a> ResponseNames<'a> {
+    fn of(shaping: &'a crate::decision::Shaping) -> ResponseNames<'a> {
+        let names = |pairs: &'a [(String, String)]| pairs.iter().map(|(n, _)| n.as_str()).collect();
+        ResponseNames {
+            profiles: &shaping.profiles,
+            upstream_headers_set: names(&shaping.upstream_headers),
+            upstream_headers_removed: &shaping.remove_upstream_headers,
+            query_set: names(&shaping.set_query),
+            query_removed: &shaping.remove_query,
+            client_headers: names(&shaping.client_headers),
+            deny_status: shaping.deny.as_ref().map(|d| d.status),
+        }
+    }
 }
 
 impl<'a> AuditRecord<'a> {
@@ -703,6 +731,7 @@ impl<'a> AuditRecord<'a> {
             jti: decision.jti.as_deref(),
             credential: decision.credential,
             binding: decision.binding,
+            response: decision.shaping.as_deref().map(ResponseNames::of),
             api_key_id: decision.api_key_id.as_deref(),
             caller: decision.caller.as_deref(),
             method: &decision.method,

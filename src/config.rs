@@ -64,6 +64,10 @@ pub struct Config {
     /// What an allow response adds to the upstream request.
     #[serde(default)]
     pub response: ResponseConfig,
+    /// Named response profiles, applied by a route's `response` or a
+    /// policy's `@response("<name>")` annotation.
+    #[serde(default)]
+    pub responses: Vec<ResponseProfileConfig>,
     /// The decision log.
     #[serde(default)]
     pub audit: AuditConfig,
@@ -810,6 +814,74 @@ pub struct RouteConfig {
     /// issuer's requirement): `none`, `dpop`, `mtls` or `any`.
     #[serde(default)]
     pub require_sender_constraint: Option<SenderConstraint>,
+    /// The `[[responses]]` profile applied to this route's allows and policy
+    /// denies.
+    #[serde(default)]
+    pub response: Option<String>,
+}
+
+/// `[[responses]]`: what an allow changes on the upstream request and the
+/// client's response, and what a policy deny answers. Applied by a route's
+/// `response` and by the determining policies' `@response("<name>")`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResponseProfileConfig {
+    /// The profile's name, as routes and annotations refer to it.
+    pub name: String,
+    /// On allow: headers set on the upstream request; values are templates
+    /// over the verified identity (`{subject}`, `{claims.tenant}`, ...).
+    #[serde(default)]
+    pub upstream_headers: std::collections::BTreeMap<String, String>,
+    /// On allow: headers removed from the upstream request.
+    #[serde(default)]
+    pub remove_upstream_headers: Vec<String>,
+    /// On allow: query parameters set on the upstream request (templates).
+    #[serde(default)]
+    pub set_query: std::collections::BTreeMap<String, String>,
+    /// On allow: query parameters removed from the upstream request.
+    #[serde(default)]
+    pub remove_query: Vec<String>,
+    /// On allow and on a policy deny: headers added to the client's
+    /// response (static values).
+    #[serde(default)]
+    pub client_headers: std::collections::BTreeMap<String, String>,
+    /// On a policy deny: the HTTP status (400 to 599), answered with an RFC
+    /// 9457 `application/problem+json` body.
+    #[serde(default)]
+    pub deny_status: Option<u16>,
+    /// The problem's `title`.
+    #[serde(default)]
+    pub deny_title: Option<String>,
+    /// The problem's `detail`.
+    #[serde(default)]
+    pub deny_detail: Option<String>,
+    /// The problem's `type` (a URI).
+    #[serde(default)]
+    pub deny_type: Option<String>,
+}
+
+impl Config {
+    /// The claim names the response profiles' templates read
+    /// (`{claims.<name>}`), so the credential stage keeps them.
+    pub fn response_claims(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .responses
+            .iter()
+            .flat_map(|p| p.upstream_headers.values().chain(p.set_query.values()))
+            .flat_map(|template| {
+                template
+                    .split('{')
+                    .skip(1)
+                    .filter_map(|rest| rest.split_once('}'))
+                    .filter_map(|(var, _)| var.trim().strip_prefix("claims."))
+                    .map(str::to_owned)
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        names.sort();
+        names.dedup();
+        names
+    }
 }
 
 /// Which proof of possession a token must carry.

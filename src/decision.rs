@@ -119,6 +119,8 @@ pub struct Decision {
     pub credential: Option<&'static str>,
     /// How the token is bound to its sender (`dpop`, `mtls`), if it is.
     pub binding: Option<&'static str>,
+    /// What the `[[responses]]` profiles that applied add to the answer.
+    pub shaping: Option<std::sync::Arc<Shaping>>,
     /// HTTP method.
     pub method: String,
     /// HTTP path without query string.
@@ -134,6 +136,39 @@ pub struct Decision {
     /// The mTLS identity of the connection that asked (Envoy, or the service
     /// calling `IsAuthorized`): see `crate::tls::PeerInfo::caller`.
     pub caller: Option<std::sync::Arc<str>>,
+}
+
+/// What response profiles add to a decision's answer, rendered for its
+/// identity (see `crate::answer::profile`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Shaping {
+    /// The profiles that applied, route's first.
+    pub profiles: Vec<String>,
+    /// On allow: headers set on the upstream request.
+    pub upstream_headers: Vec<(String, String)>,
+    /// On allow: headers removed from the upstream request.
+    pub remove_upstream_headers: Vec<String>,
+    /// On allow: query parameters set.
+    pub set_query: Vec<(String, String)>,
+    /// On allow: query parameters removed.
+    pub remove_query: Vec<String>,
+    /// Headers added to the client's response (allow and policy deny).
+    pub client_headers: Vec<(String, String)>,
+    /// How a policy deny is answered, when a profile says.
+    pub deny: Option<DenyProblem>,
+}
+
+/// An RFC 9457 problem a policy deny is answered with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DenyProblem {
+    /// The HTTP status (400 to 599).
+    pub status: u16,
+    /// `title`.
+    pub title: Option<String>,
+    /// `detail`.
+    pub detail: Option<String>,
+    /// `type` (a URI; `about:blank` when unset).
+    pub problem_type: Option<String>,
 }
 
 impl Decision {
@@ -152,6 +187,7 @@ impl Decision {
             jti: None,
             credential: None,
             binding: None,
+            shaping: None,
             api_key_id: None,
             method: method.to_owned(),
             path: path.to_owned(),

@@ -189,6 +189,37 @@ pub(crate) fn check_response(
             .fields
             .insert("principal".into(), string_value(principal));
     }
+    if let Some(shaping) = &decision.shaping {
+        let list = |items: Vec<&str>| Value {
+            kind: Some(Kind::ListValue(ListValue {
+                values: items.into_iter().map(string_value).collect(),
+            })),
+        };
+        metadata.fields.insert(
+            "response_profiles".into(),
+            list(shaping.profiles.iter().map(String::as_str).collect()),
+        );
+        metadata.fields.insert(
+            "upstream_headers_set".into(),
+            list(
+                shaping
+                    .upstream_headers
+                    .iter()
+                    .map(|(n, _)| n.as_str())
+                    .collect(),
+            ),
+        );
+        metadata.fields.insert(
+            "upstream_headers_removed".into(),
+            list(
+                shaping
+                    .remove_upstream_headers
+                    .iter()
+                    .map(String::as_str)
+                    .collect(),
+            ),
+        );
+    }
     metadata.fields.insert(
         "policies".into(),
         Value {

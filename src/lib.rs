@@ -27,9 +27,9 @@ pub mod decision;
 pub(crate) mod digest;
 pub mod engine;
 pub(crate) mod ext_authz;
-pub(crate) mod http_authz;
 #[cfg(test)]
 pub(crate) mod fuzz;
+pub(crate) mod http_authz;
 pub(crate) mod openapi;
 pub(crate) mod policy_tests;
 pub mod reload;

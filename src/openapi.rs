@@ -105,6 +105,7 @@ fn route_config(op: &Operation) -> RouteConfig {
         allow_workload: false,
         mode: None,
         require_sender_constraint: None,
+        response: None,
     }
 }
 

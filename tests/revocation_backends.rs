@@ -143,6 +143,7 @@ fn token(sub: &str) -> VerifiedToken {
         credential: CredentialKind::Jwt,
         binding: None,
         status: None,
+        claims: Vec::new(),
     }
 }
 

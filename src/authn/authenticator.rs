@@ -91,9 +91,13 @@ impl Authenticator {
     pub fn from_config(config: &Config) -> Result<Authenticator, Vec<String>> {
         let mut problems = Vec::new();
         let mut issuers = Vec::new();
+        let captured_claims = config.response_claims();
         for issuer in &config.issuers {
             match Issuer::from_config(issuer) {
-                Ok(loaded) => issuers.push(loaded),
+                Ok(mut loaded) => {
+                    loaded.captured_claims = captured_claims.clone();
+                    issuers.push(loaded)
+                }
                 Err(e) => problems.push(format!("issuer {}: {e}", issuer.issuer)),
             }
         }

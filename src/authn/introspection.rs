@@ -449,6 +449,7 @@ impl Introspector {
             binding: binding(response)?,
             // The endpoint itself is the token's status.
             status: None,
+            claims: Vec::new(),
         })
     }
 }

@@ -52,6 +52,8 @@ pub struct Issuer {
     pub keys: Arc<IssuerKeys>,
     /// Introspection of opaque tokens, when configured.
     pub introspection: Option<Arc<Introspector>>,
+    /// Claims kept in the verified token for response templates.
+    pub captured_claims: Vec<String>,
 }
 
 /// Errors building an issuer.
@@ -87,6 +89,7 @@ impl Issuer {
             principal_claim: config.principal_claim.clone(),
             keys,
             introspection,
+            captured_claims: Vec::new(),
         })
     }
 
@@ -274,6 +277,11 @@ impl IssuerSet {
             credential: CredentialKind::Jwt,
             binding: binding(&claims)?,
             status: status_reference(&claims)?,
+            claims: issuer
+                .captured_claims
+                .iter()
+                .filter_map(|name| claim_text(&claims, name).map(|value| (name.clone(), value)))
+                .collect(),
         };
         Ok((verified, window))
     }
@@ -290,6 +298,16 @@ impl IssuerSet {
             .iter()
             .filter_map(|i| i.introspection.as_ref())
             .collect()
+    }
+}
+
+/// A claim as text for a response template: a string as it is, a number or
+/// a boolean in JSON form; other types (objects, arrays, null) are not text.
+fn claim_text(claims: &Value, name: &str) -> Option<String> {
+    match claims.get(name)? {
+        Value::String(s) => Some(s.clone()),
+        value @ (Value::Number(_) | Value::Bool(_)) => Some(value.to_string()),
+        _ => None,
     }
 }
 

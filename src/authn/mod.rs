@@ -285,6 +285,9 @@ pub struct VerifiedToken {
     pub binding: Option<TokenBinding>,
     /// Where the token's status is published (`status.status_list`), if anywhere.
     pub status: Option<StatusReference>,
+    /// The claims `[[responses]]` templates read (`{claims.<name>}`), as text:
+    /// strings as they are, numbers and booleans in JSON form. JWTs only.
+    pub claims: Vec<(String, String)>,
 }
 
 /// A token's `status.status_list` claim (Token Status List): which entry of

@@ -328,6 +328,7 @@ mod tests {
             credential,
             binding,
             status: None,
+            claims: Vec::new(),
         }
     }
 

@@ -127,6 +127,7 @@ mod tests {
             credential: CredentialKind::Jwt,
             binding: None,
             status: None,
+            claims: Vec::new(),
         })
     }
 

@@ -60,6 +60,7 @@ impl WorkloadIdentities {
             credential: CredentialKind::Workload,
             binding: None,
             status: None,
+            claims: Vec::new(),
         })
     }
 }

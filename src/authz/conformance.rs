@@ -158,5 +158,6 @@ fn probe_token(principal_type: &str, roles: bool, with_optional_claims: bool) ->
         credential: CredentialKind::Jwt,
         binding: None,
         status: None,
+        claims: Vec::new(),
     }
 }

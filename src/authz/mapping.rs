@@ -1092,6 +1092,7 @@ mod tests {
             credential: crate::authn::CredentialKind::Jwt,
             binding: None,
             status: None,
+            claims: Vec::new(),
         }
     }
 

@@ -34,6 +34,8 @@ pub struct RouteMatch<'a> {
     pub mode: Option<Mode>,
     /// The proof of possession the route requires (`none` when unset).
     pub require_sender_constraint: SenderConstraint,
+    /// The route's `[[responses]]` profile, if it names one.
+    pub response: Option<&'a str>,
 }
 
 struct Route {
@@ -42,6 +44,7 @@ struct Route {
     allow_workload: bool,
     mode: Option<Mode>,
     require_sender_constraint: SenderConstraint,
+    response: Option<String>,
 }
 
 /// All configured routes, one matcher per method.
@@ -81,6 +84,7 @@ impl RouteTable {
                 allow_workload: config.allow_workload,
                 mode: config.mode,
                 require_sender_constraint: config.require_sender_constraint.unwrap_or_default(),
+                response: config.response.clone(),
             });
         }
         Ok(table)
@@ -107,6 +111,7 @@ impl RouteTable {
             allow_workload: route.allow_workload,
             mode: route.mode,
             require_sender_constraint: route.require_sender_constraint,
+            response: route.response.as_deref(),
         })
     }
 
@@ -168,6 +173,7 @@ mod tests {
             allow_workload: false,
             mode: None,
             require_sender_constraint: None,
+            response: None,
         }
     }
 

@@ -77,12 +77,14 @@ pub(super) async fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
         (false, true) => "allow",
         (false, false) => "deny",
     };
+    let answer = crate::answer::answer(
+        &decision,
+        engine.response_config(),
+        engine.realm(),
+        engine.authenticator().api_key_header(),
+    );
     writeln!(out, "decision:  {shown}")?;
-    writeln!(
-        out,
-        "status:    {}",
-        decision.effective_verdict().http_status()
-    )?;
+    writeln!(out, "status:    {}", answer.status)?;
     writeln!(out, "reason:    {}", decision.verdict.class())?;
     writeln!(
         out,
@@ -102,6 +104,58 @@ pub(super) async fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
     writeln!(out, "policies:  {}", list(&decision.policies))?;
     writeln!(out, "errors:    {}", list(&decision.errors))?;
     if explain {
+        let pairs = |items: &[(String, String)]| {
+            if items.is_empty() {
+                "(none)".to_owned()
+            } else {
+                items
+                    .iter()
+                    .map(|(name, value)| format!("{name}: {value}"))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            }
+        };
+        let profiles = decision
+            .shaping
+            .as_ref()
+            .map(|s| s.profiles.clone())
+            .unwrap_or_default();
+        writeln!(out, "response:")?;
+        writeln!(out, "  profiles:               {}", list(&profiles))?;
+        if answer.is_allow() {
+            writeln!(
+                out,
+                "  upstream headers set:   {}",
+                pairs(&answer.upstream_headers)
+            )?;
+            writeln!(
+                out,
+                "  upstream headers removed: {}",
+                list(&answer.upstream_headers_to_remove)
+            )?;
+            writeln!(
+                out,
+                "  query set:              {}",
+                pairs(&answer.query_to_set)
+            )?;
+            writeln!(
+                out,
+                "  query removed:          {}",
+                list(&answer.query_to_remove)
+            )?;
+            writeln!(
+                out,
+                "  client headers:         {}",
+                pairs(&answer.client_headers)
+            )?;
+        } else {
+            writeln!(
+                out,
+                "  headers:                {}",
+                pairs(&answer.client_headers)
+            )?;
+            writeln!(out, "  body:                   {}", answer.body)?;
+        }
         match cedar_request {
             Some(request) => writeln!(
                 out,

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use super::Engine;
+use crate::answer::profile::ResponseProfiles;
 use crate::authn::authenticator::Authenticator;
 use crate::authn::sender_constraint::SenderConstraints;
 use crate::authz::evaluator::Evaluator;
@@ -40,20 +41,26 @@ impl Engine {
         let authenticator = Authenticator::from_config(config);
         let sender = SenderConstraints::from_config(config).map_err(|e| vec![e.to_string()]);
         let evaluator = Evaluator::from_config(config, &principal_types(config));
-        match (authenticator, sender, evaluator) {
-            (Ok(authenticator), Ok(sender), Ok(evaluator)) => Ok(Engine::compose(
+        let responses = match &evaluator {
+            Ok(evaluator) => ResponseProfiles::load(config, evaluator.policies()),
+            Err(_) => Ok(ResponseProfiles::default()),
+        };
+        match (authenticator, sender, evaluator, responses) {
+            (Ok(authenticator), Ok(sender), Ok(evaluator), Ok(responses)) => Ok(Engine::compose(
                 config,
                 Arc::new(authenticator),
                 Arc::new(sender),
                 evaluator,
+                Arc::new(responses),
                 1,
             )),
-            (authenticator, sender, evaluator) => Err(LoadError {
+            (authenticator, sender, evaluator, responses) => Err(LoadError {
                 problems: authenticator
                     .err()
                     .into_iter()
                     .chain(sender.err())
                     .chain(evaluator.err())
+                    .chain(responses.err())
                     .flatten()
                     .collect(),
             }),
@@ -69,11 +76,15 @@ impl Engine {
     pub fn reload_policies(&self, config: &Config) -> Result<Engine, LoadError> {
         let evaluator = Evaluator::from_config(config, &principal_types(config))
             .map_err(|problems| LoadError { problems })?;
+        // The policies' @response annotations are checked against the profiles.
+        let responses = ResponseProfiles::load(config, evaluator.policies())
+            .map_err(|problems| LoadError { problems })?;
         Ok(Engine::compose(
             config,
             self.authenticator.clone(),
             self.sender.clone(),
             evaluator,
+            Arc::new(responses),
             self.generation + 1,
         ))
     }
@@ -103,11 +114,13 @@ impl Engine {
         authenticator: Arc<Authenticator>,
         sender: Arc<SenderConstraints>,
         evaluator: Evaluator,
+        responses: Arc<ResponseProfiles>,
         generation: u64,
     ) -> Engine {
         Engine {
             authenticator,
             sender,
+            responses,
             evaluator,
             response: config.response.clone(),
             realm: config.application.name.clone(),

@@ -16,6 +16,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 pub use build::LoadError;
 
+use crate::answer::profile::ResponseProfiles;
 use crate::attributes::HttpRequest;
 use crate::authn::authenticator::Authenticator;
 pub use crate::authn::authenticator::{Authentication, CredentialCounters};
@@ -40,6 +41,8 @@ pub struct Engine {
     /// cache must outlive a policy reload).
     sender: Arc<SenderConstraints>,
     evaluator: Evaluator,
+    /// The `[[responses]]` profiles, bound to this generation's policies.
+    responses: Arc<ResponseProfiles>,
     response: ResponseConfig,
     realm: String,
     token_mode: Mode,
@@ -251,11 +254,24 @@ impl Engine {
         })?;
         decision.policies = outcome.policies.clone();
         decision.errors = outcome.errors.clone();
-        match (outcome.allowed, !outcome.errors.is_empty()) {
+        let verdict = match (outcome.allowed, !outcome.errors.is_empty()) {
             (true, _) => Ok(()),
             (false, true) => Err(DenyReason::PolicyError),
             (false, false) => Err(DenyReason::PolicyDenied),
+        };
+        if !self.responses.is_empty() && matches!(verdict, Ok(()) | Err(DenyReason::PolicyDenied)) {
+            decision.shaping = self
+                .responses
+                .render(
+                    route.as_ref().and_then(|r| r.response),
+                    &decision.policies,
+                    verdict.is_ok(),
+                    token,
+                    &decision.id,
+                )
+                .map(Arc::new);
         }
+        verdict
     }
 
     /// `IsAuthorized`: the established identity, then the evaluation stage.

@@ -440,6 +440,7 @@ pub(crate) mod test_support {
             credential: crate::authn::CredentialKind::Jwt,
             binding: None,
             status: None,
+            claims: Vec::new(),
         }
     }
 

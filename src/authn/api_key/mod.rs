@@ -198,6 +198,7 @@ impl ApiKeyIdentity {
             credential: super::CredentialKind::ApiKey,
             binding: None,
             status: None,
+            claims: Vec::new(),
         }
     }
 }
