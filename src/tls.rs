@@ -73,6 +73,9 @@ pub(crate) enum TlsError {
 /// the files it came from.
 pub(crate) struct ServerTls {
     files: TlsConfig,
+    /// The ALPN protocols offered: `h2` for gRPC, also `http/1.1` for the
+    /// HTTP listeners.
+    alpn: Vec<Vec<u8>>,
     current: ArcSwap<rustls::ServerConfig>,
     /// SHA-256 over the three files' bytes as last loaded.
     loaded: Mutex<[u8; 32]>,
@@ -91,9 +94,20 @@ impl std::fmt::Debug for ServerTls {
 impl ServerTls {
     /// Loads the certificate chain, key and optional client CA named by `files`.
     pub(crate) fn load(files: &TlsConfig) -> Result<Arc<ServerTls>, TlsError> {
-        let (config, digest) = build(files)?;
+        // gRPC is HTTP/2.
+        Self::load_with_alpn(files, vec![b"h2".to_vec()])
+    }
+
+    /// [`Self::load`] for an HTTP listener: HTTP/2 and HTTP/1.1 offered.
+    pub(crate) fn load_http(files: &TlsConfig) -> Result<Arc<ServerTls>, TlsError> {
+        Self::load_with_alpn(files, vec![b"h2".to_vec(), b"http/1.1".to_vec()])
+    }
+
+    fn load_with_alpn(files: &TlsConfig, alpn: Vec<Vec<u8>>) -> Result<Arc<ServerTls>, TlsError> {
+        let (config, digest) = build(files, &alpn)?;
         Ok(Arc::new(ServerTls {
             files: files.clone(),
+            alpn,
             current: ArcSwap::from_pointee(config),
             loaded: Mutex::new(digest),
         }))
@@ -114,7 +128,7 @@ impl ServerTls {
         if *loaded == digest {
             return Ok(false);
         }
-        let (config, digest) = build(&self.files)?;
+        let (config, digest) = build(&self.files, &self.alpn)?;
         self.current.store(Arc::new(config));
         *loaded = digest;
         Ok(true)
@@ -185,7 +199,10 @@ fn certificates(path: &Path, bytes: &[u8]) -> Result<Vec<CertificateDer<'static>
 }
 
 /// The rustls configuration from `files`, and the digest of what was read.
-fn build(files: &TlsConfig) -> Result<(rustls::ServerConfig, [u8; 32]), TlsError> {
+fn build(
+    files: &TlsConfig,
+    alpn: &[Vec<u8>],
+) -> Result<(rustls::ServerConfig, [u8; 32]), TlsError> {
     // Digest first, then read: a file replaced in between is seen as changed
     // at the next reload, never as loaded when it was not.
     let digest = files_digest(files)?;
@@ -219,8 +236,7 @@ fn build(files: &TlsConfig) -> Result<(rustls::ServerConfig, [u8; 32]), TlsError
     let mut config = builder
         .with_single_cert(chain, key)
         .map_err(|e| TlsError::Rustls(e.to_string()))?;
-    // gRPC is HTTP/2.
-    config.alpn_protocols = vec![b"h2".to_vec()];
+    config.alpn_protocols = alpn.to_vec();
     Ok((config, digest))
 }
 

@@ -236,6 +236,9 @@ pub enum CredentialKind {
     ApiKey,
     /// An mTLS peer's SPIFFE identity, on a route that allows it.
     Workload,
+    /// A subject asserted by an authenticated AuthZEN caller (the policy
+    /// enforcement point vouches for it; nothing is presented to verify).
+    Authzen,
 }
 
 impl CredentialKind {
@@ -245,6 +248,7 @@ impl CredentialKind {
             CredentialKind::Jwt => "jwt",
             CredentialKind::Introspected => "introspection",
             CredentialKind::ApiKey => "api_key",
+            CredentialKind::Authzen => "authzen",
             CredentialKind::Workload => "workload",
         }
     }

@@ -176,7 +176,9 @@ impl SenderConstraints {
                 .get(&token.issuer)
                 .copied()
                 .unwrap_or_default(),
-            CredentialKind::ApiKey | CredentialKind::Workload => SenderConstraint::None,
+            CredentialKind::ApiKey | CredentialKind::Workload | CredentialKind::Authzen => {
+                SenderConstraint::None
+            }
         };
         for required in [issuer_requires, route_requires] {
             if !meets(token, required) {
@@ -207,7 +209,9 @@ impl SenderConstraints {
                         Err(TokenError::SenderConstraintRequired)
                     }
                 }
-                CredentialKind::ApiKey | CredentialKind::Workload => Ok(()),
+                CredentialKind::ApiKey | CredentialKind::Workload | CredentialKind::Authzen => {
+                    Ok(())
+                }
             },
         }
     }

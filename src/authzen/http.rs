@@ -53,9 +53,6 @@ pub const EVALUATION_METHOD: &str = "AuthZEN.evaluation";
 /// The same, for decisions of an `evaluations` request.
 pub const EVALUATIONS_METHOD: &str = "AuthZEN.evaluations";
 
-/// The audit line's `credential` of an AuthZEN subject.
-pub const CREDENTIAL: &str = "authzen";
-
 /// Most connections served at once; further ones wait to be accepted.
 const MAX_CONNECTIONS: usize = 1024;
 /// How long a client may take to send a request head (HTTP/1.1).
@@ -435,7 +432,6 @@ impl Api {
             .map_err(model::engine_error)?;
         decision.method = endpoint.method().to_owned();
         decision.path = endpoint.path().to_owned();
-        decision.credential = Some(CREDENTIAL);
         decision.caller = caller.clone();
         Ok(decision)
     }

@@ -87,7 +87,7 @@ impl Authzen {
                 }
             },
         };
-        let tls = match config.tls.as_ref().map(ServerTls::load).transpose() {
+        let tls = match config.tls.as_ref().map(ServerTls::load_http).transpose() {
             Ok(tls) => tls,
             Err(e) => {
                 problems.push(format!("cannot load [authzen.tls]: {e}"));

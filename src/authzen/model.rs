@@ -417,9 +417,8 @@ pub fn direct(
         client_id: None,
         key_id: String::new(),
         api_key_id: None,
-        // Not bound to anything, checked against nothing further: as an API
-        // key. The audit line says `authzen` (set by the adapter).
-        credential: CredentialKind::ApiKey,
+        // Asserted by the authenticated caller: not bound, nothing to verify.
+        credential: CredentialKind::Authzen,
         binding: None,
         status: None,
         claims: Vec::new(),

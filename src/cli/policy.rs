@@ -20,19 +20,27 @@ pub(super) async fn validate(path: &Path) -> anyhow::Result<ExitCode> {
         }
     };
     let engine = Engine::from_config(&config).map_err(|e| e.problems);
-    // The Shared Signals receiver is not part of the engine: checked beside it.
-    let ssf_problems = config
+    // The Shared Signals receiver and the AuthZEN API are not part of the
+    // engine: checked beside it.
+    let mut side_problems = config
         .ssf
         .as_ref()
         .map(crate::ssf::validate)
         .unwrap_or_default();
-    let engine = match (engine, ssf_problems.is_empty()) {
+    side_problems.extend(
+        config
+            .authzen
+            .as_ref()
+            .map(crate::authzen::validate)
+            .unwrap_or_default(),
+    );
+    let engine = match (engine, side_problems.is_empty()) {
         (Ok(engine), true) => Ok(engine),
         (Ok(_), false) => Err(crate::engine::LoadError {
-            problems: ssf_problems,
+            problems: side_problems,
         }),
         (Err(mut problems), _) => {
-            problems.extend(ssf_problems);
+            problems.extend(side_problems);
             Err(crate::engine::LoadError { problems })
         }
     };
