@@ -458,6 +458,8 @@ const AUDIT_FIELDS: &[&str] = &[
     "issuer",
     "jti",
     "credential",
+    "binding",
+    "response",
     "api_key_id",
     "caller",
     "method",
