@@ -33,6 +33,7 @@ pub(crate) mod http_authz;
 pub(crate) mod openapi;
 pub(crate) mod policy_tests;
 pub mod reload;
+pub mod replay;
 pub mod revocation;
 pub mod serve;
 pub mod server;

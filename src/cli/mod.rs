@@ -8,6 +8,7 @@ mod admin_client;
 mod check;
 mod keys;
 mod policy;
+mod replay;
 mod revoke;
 mod status;
 
@@ -79,6 +80,8 @@ pub enum Command {
     Validate(ConfigArg),
     /// Decide one request offline and explain the decision.
     Check(CheckArgs),
+    /// Re-decide recorded decisions with proposed policies and report what would change.
+    Replay(ReplayArgs),
     /// Revoke a credential on a running server (through its admin API).
     Revoke(RevokeArgs),
     /// List the revocations in force on a running server.
@@ -326,6 +329,33 @@ pub struct CheckArgs {
     explain: bool,
 }
 
+/// Arguments of `replay`.
+#[derive(Debug, Args)]
+#[command(group(ArgGroup::new("input").required(true).args(["requests", "audit"])))]
+pub struct ReplayArgs {
+    /// The TOML configuration file (its routes, application and key file).
+    #[arg(long, short, env = "PORTCULLIS_CONFIG")]
+    config: PathBuf,
+    /// The proposed policy folder (default: the configuration's `[policies] dir`).
+    #[arg(long, value_name = "DIR")]
+    policies: Option<PathBuf>,
+    /// Recorded decision inputs, one JSON object per line (exact replay).
+    #[arg(long, value_name = "FILE")]
+    requests: Option<PathBuf>,
+    /// Audit lines: only API-key and workload decisions are re-decided.
+    #[arg(long, value_name = "FILE")]
+    audit: Option<PathBuf>,
+    /// Examples shown per action and per policy.
+    #[arg(long, value_name = "N", default_value_t = 3)]
+    examples: usize,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Exit 0 even when a denied decision would now be allowed.
+    #[arg(long)]
+    allow_opened: bool,
+}
+
 /// `token` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum TokenCommand {
@@ -383,6 +413,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Some(server) => check::check_remote(&server, args).await,
             None => check::check(args).await,
         },
+        Command::Replay(args) => replay::replay(args),
         Command::Revoke(args) => revoke::revoke(args).await,
         Command::Revocations(args) => revoke::revocations(args).await,
         Command::Status(args) => status::status(args).await,
