@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 
-use super::{FromOpenApiArgs, load_engine};
+use super::{FromOpenApiArgs, TestArgs, load_engine};
 use crate::config::Config;
 use crate::engine::Engine;
 
@@ -96,25 +96,20 @@ pub(super) fn from_openapi(args: FromOpenApiArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-pub(super) async fn policy_test(path: &Path) -> anyhow::Result<ExitCode> {
-    let config = Config::load(path)?;
+pub(super) async fn policy_test(args: TestArgs) -> anyhow::Result<ExitCode> {
+    let config = Config::load(&args.config.config)?;
     let engine = load_engine(&config)?;
     let key = crate::policy_tests::test_signing_key()?;
     engine
         .authenticator()
         .trust_test_key(&key)
         .map_err(|e| anyhow::anyhow!("cannot trust the test key: {e}"))?;
-    let report = crate::policy_tests::run(&engine, &key, &config.policies.dir).await?;
+    let report = crate::policy_tests::run(&engine, &key, &config).await?;
     let mut out = std::io::stdout().lock();
     for case in &report.cases {
         match &case.failure {
             None => writeln!(out, "ok    {}", case.name)?,
-            Some(diff) => writeln!(
-                out,
-                "FAIL  {}
-{diff}",
-                case.name
-            )?,
+            Some(diff) => writeln!(out, "FAIL  {}\n{diff}", case.name)?,
         }
     }
     let failed = report.cases.iter().filter(|c| c.failure.is_some()).count();
@@ -131,7 +126,46 @@ pub(super) async fn policy_test(path: &Path) -> anyhow::Result<ExitCode> {
             report.unexercised.join(", ")
         )?;
     }
-    Ok(if report.passed() {
+    writeln!(out, "{}", report.coverage_line())?;
+    if args.coverage {
+        writeln!(out, "cases determined per policy:")?;
+        for policy in &report.coverage {
+            writeln!(
+                out,
+                "  {:>4}  {}  {}",
+                policy.cases,
+                policy.id,
+                policy.location()
+            )?;
+        }
+        let uncovered: Vec<_> = report.coverage.iter().filter(|p| p.cases == 0).collect();
+        if !uncovered.is_empty() {
+            writeln!(out, "uncovered policies:")?;
+            for policy in uncovered {
+                writeln!(out, "  {}  {}", policy.location(), policy.id)?;
+            }
+        }
+    }
+    if let Some(path) = &args.coverage_json {
+        let json = serde_json::to_string_pretty(&report.coverage_json())?;
+        if path.as_os_str() == "-" {
+            writeln!(out, "{json}")?;
+        } else {
+            std::fs::write(path, format!("{json}\n"))
+                .with_context(|| format!("cannot write {}", path.display()))?;
+        }
+    }
+    let mut ok = report.passed();
+    if let Some(min) = args.min_coverage
+        && !report.coverage_at_least(min)
+    {
+        writeln!(
+            out,
+            "coverage below the minimum: --min-coverage {min}% not reached"
+        )?;
+        ok = false;
+    }
+    Ok(if ok {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
