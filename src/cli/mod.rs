@@ -93,8 +93,8 @@ pub enum Command {
     /// Route tools.
     #[command(subcommand)]
     Routes(RoutesCommand),
-    /// Run the policy tests in `<policies>/tests/*.toml`.
-    Test(ConfigArg),
+    /// Run the policy tests in `<policies>/tests/` (`*.toml`, `*.yaml`, `*.yml`) and report policy coverage.
+    Test(TestArgs),
     /// Development tokens (for trying things out only).
     #[command(subcommand)]
     Token(TokenCommand),
@@ -108,6 +108,34 @@ pub enum Command {
 pub enum RoutesCommand {
     /// Write `[[routes]]` and the Cedar schema's actions from an OpenAPI 3 document.
     FromOpenapi(FromOpenApiArgs),
+}
+
+/// Arguments of `test`.
+#[derive(Debug, Args)]
+pub struct TestArgs {
+    #[command(flatten)]
+    config: ConfigArg,
+    /// Also print per policy the number of cases it determined and its `file:line`, then the uncovered policies.
+    #[arg(long)]
+    coverage: bool,
+    /// Write the coverage as JSON to this file (`-`: standard output).
+    #[arg(long, value_name = "FILE")]
+    coverage_json: Option<PathBuf>,
+    /// Fail (exit code 1) when fewer than this percentage of the policies determined a decision.
+    #[arg(long, value_name = "PCT", value_parser = parse_percent)]
+    min_coverage: Option<f64>,
+}
+
+fn parse_percent(text: &str) -> Result<f64, String> {
+    let value: f64 = text
+        .trim_end_matches('%')
+        .parse()
+        .map_err(|_| format!("not a number: {text:?}"))?;
+    if (0.0..=100.0).contains(&value) {
+        Ok(value)
+    } else {
+        Err(format!("must be between 0 and 100, found {value}"))
+    }
 }
 
 /// Arguments of `routes from-openapi`.
@@ -418,7 +446,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Revocations(args) => revoke::revocations(args).await,
         Command::Status(args) => status::status(args).await,
         Command::Reload(args) => status::reload(args).await,
-        Command::Test(args) => policy::policy_test(&args.config).await,
+        Command::Test(args) => policy::policy_test(args).await,
         Command::Routes(RoutesCommand::FromOpenapi(args)) => policy::from_openapi(args),
         Command::Token(TokenCommand::Mint(args)) => keys::mint(args),
         Command::ApiKey(ApiKeyCommand::Create(args)) => keys::create_api_key(args),
