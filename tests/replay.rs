@@ -3,8 +3,8 @@
 //! policies: an opening change (a new permit) is reported deny → allow and
 //! fails unless `--allow-opened`; a closing change is counted allow → deny;
 //! the same policies leave everything unchanged; malformed lines are reported
-//! by number and never stop the others; audit lines replay API keys only
-//! (JWTs skipped) and say which fields they lack; 100,000 records are
+//! by number and never stop the others; audit lines replay API keys and
+//! workloads (JWTs skipped) and say which fields they lack; 100,000 records are
 //! replayed with the time reported.
 
 mod common;
@@ -386,5 +386,38 @@ fn a_hundred_thousand_records_are_replayed_and_timed() {
     eprintln!(
         "replayed 100000 records in {seconds:.3} s ({rate:.0} records/s); the run took {:.3} s",
         wall.as_secs_f64()
+    );
+}
+
+#[test]
+fn audit_lines_of_workloads_replay_their_spiffe_identity() {
+    let fx = Fixture::new();
+    fx.append_config("\n[workload]\ntrust_domains = [\"cluster.local\"]\n");
+    let spiffe = "spiffe://cluster.local/ns/shop/sa/checkout";
+    let line = json!({"type":"decision","decision_id":"w1","outcome":"deny","dry_run":false,
+        "principal":format!("Workload::\"{spiffe}\""),"credential":"workload","api_key_id":null,
+        "issuer":"workload","caller":null,"method":"GET","path":"/orders"});
+    let audit = fx.path("audit.jsonl");
+    write_lines(&audit, &[line.to_string()]);
+    let checkout = proposed(&fx, "checkout", |cedar| {
+        cedar
+            + &format!(
+                r#"
+@id("checkout-lists-orders")
+permit (principal == Workload::"{spiffe}", action == Action::"get /orders", resource);
+"#
+            )
+    });
+    let audit = path_arg(&audit);
+    let (code, report) = replay_json(&fx, &["--audit", &audit]);
+    assert_eq!(code, Some(0), "{report}");
+    assert_eq!(report["unchanged"], 1, "{report}");
+    let (code, report) = replay_json(&fx, &["--policies", &checkout, "--audit", &audit]);
+    assert_eq!(code, Some(1), "{report}");
+    let opened = &report["deny_to_allow"]["by_policy"]["checkout-lists-orders"];
+    assert_eq!(opened["count"], 1, "{report}");
+    assert_eq!(
+        opened["examples"][0]["principal"],
+        format!("Workload::\"{spiffe}\"")
     );
 }
