@@ -508,25 +508,18 @@ mod tests {
 
     fn token() -> VerifiedToken {
         VerifiedToken {
-            issuer: "https://idp.test".into(),
-            subject: "alice".into(),
-            principal_type: "User".into(),
-            principal_id: "alice".into(),
-            jti: None,
-            issued_at: 0,
-            expires_at: 0,
             scopes: vec!["a".into(), "b".into()],
             roles: vec!["admin".into()],
-            client_id: None,
-            key_id: String::new(),
-            api_key_id: None,
-            credential: CredentialKind::Jwt,
-            binding: None,
-            status: None,
             claims: vec![
                 ("tenant".into(), "acme".into()),
                 ("evil".into(), "x\r\ninjected: 1".into()),
             ],
+            ..VerifiedToken::principal_only(
+                "https://idp.test",
+                "User",
+                "alice",
+                CredentialKind::Jwt,
+            )
         }
     }
 

@@ -124,15 +124,21 @@ pub struct IssuerSet {
     issuers: HashMap<String, Issuer>,
 }
 
+/// The members of a JOSE header that signed tokens are judged on (access
+/// tokens, status lists, security event tokens), read before the signature.
 #[derive(Deserialize)]
-struct RawHeader {
-    alg: String,
+pub(crate) struct JoseHeader {
+    /// The signature algorithm's name.
+    pub(crate) alg: String,
+    /// The key id.
     #[serde(default)]
-    kid: Option<String>,
+    pub(crate) kid: Option<String>,
+    /// The media type of the token.
     #[serde(default)]
-    typ: Option<String>,
+    pub(crate) typ: Option<String>,
+    /// Critical extensions (none is implemented: their presence refuses).
     #[serde(default)]
-    crit: Option<Value>,
+    pub(crate) crit: Option<Value>,
 }
 
 impl IssuerSet {
@@ -184,7 +190,7 @@ impl IssuerSet {
         else {
             return Err(TokenError::Malformed);
         };
-        let header: RawHeader = decode_json(header_b64)?;
+        let header: JoseHeader = decode_json(header_b64)?;
         // `none`, HMAC and unknown names are refused before anything else, so an
         // `alg: none` token (empty signature) is reported as what it is.
         let header_alg: Algorithm = header

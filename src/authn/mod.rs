@@ -294,6 +294,37 @@ pub struct VerifiedToken {
     pub claims: Vec<(String, String)>,
 }
 
+impl VerifiedToken {
+    /// An identity that is only a principal: no claims, times, scopes, roles
+    /// or binding. For identities vouched for by the connection or the
+    /// caller (a workload's SPIFFE ID, an AuthZEN subject), and for tests.
+    pub fn principal_only(
+        issuer: &str,
+        principal_type: &str,
+        principal_id: &str,
+        credential: CredentialKind,
+    ) -> VerifiedToken {
+        VerifiedToken {
+            issuer: issuer.to_owned(),
+            subject: principal_id.to_owned(),
+            principal_type: principal_type.to_owned(),
+            principal_id: principal_id.to_owned(),
+            jti: None,
+            issued_at: 0,
+            expires_at: 0,
+            scopes: Vec::new(),
+            roles: Vec::new(),
+            client_id: None,
+            key_id: String::new(),
+            api_key_id: None,
+            credential,
+            binding: None,
+            status: None,
+            claims: Vec::new(),
+        }
+    }
+}
+
 /// A token's `status.status_list` claim (Token Status List): which entry of
 /// which list holds its status. Checked by [`status_list`].
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

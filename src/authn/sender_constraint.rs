@@ -317,22 +317,8 @@ mod tests {
 
     fn token(binding: Option<TokenBinding>, credential: CredentialKind) -> VerifiedToken {
         VerifiedToken {
-            issuer: "https://idp.test".into(),
-            subject: "alice".into(),
-            principal_type: "User".into(),
-            principal_id: "alice".into(),
-            jti: None,
-            issued_at: 0,
-            expires_at: 0,
-            scopes: Vec::new(),
-            roles: Vec::new(),
-            client_id: None,
-            key_id: String::new(),
-            api_key_id: None,
-            credential,
             binding,
-            status: None,
-            claims: Vec::new(),
+            ..VerifiedToken::principal_only("https://idp.test", "User", "alice", credential)
         }
     }
 

@@ -30,13 +30,12 @@ use std::time::Duration;
 use arc_swap::ArcSwapOption;
 use base64::Engine as _;
 use jsonwebtoken::{Algorithm, Validation};
-use serde::Deserialize;
 use serde_json::Value;
 
 pub use super::StatusReference;
 use super::claims::{numeric_date, secs_i64};
 use super::jwks::is_accepted_algorithm;
-use super::jwt::{Issuer, IssuerSet};
+use super::jwt::{Issuer, IssuerSet, JoseHeader};
 use super::keys::{BodyError, FetchError, http_client, read_limited};
 use super::{TokenError, VerifiedToken};
 use crate::config::Config;
@@ -228,17 +227,6 @@ fn secs_ceil(duration: Duration) -> i64 {
     } else {
         whole
     }
-}
-
-#[derive(Deserialize)]
-struct RawHeader {
-    alg: String,
-    #[serde(default)]
-    kid: Option<String>,
-    #[serde(default)]
-    typ: Option<String>,
-    #[serde(default)]
-    crit: Option<Value>,
 }
 
 impl StatusLists {
@@ -441,7 +429,7 @@ async fn verify_list_token(
     else {
         return Err(ListError::Invalid("not a compact JWS"));
     };
-    let header: RawHeader = base64::engine::general_purpose::URL_SAFE_NO_PAD
+    let header: JoseHeader = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(header_b64)
         .ok()
         .and_then(|bytes| serde_json::from_slice(&bytes).ok())

@@ -44,24 +44,12 @@ impl WorkloadIdentities {
         if !self.trust_domains.iter().any(|d| d == &domain) {
             return None;
         }
-        Some(VerifiedToken {
-            issuer: "workload".into(),
-            subject: peer_principal.to_owned(),
-            principal_type: self.principal_type.clone(),
-            principal_id: peer_principal.to_owned(),
-            jti: None,
-            issued_at: 0,
-            expires_at: 0,
-            scopes: Vec::new(),
-            roles: Vec::new(),
-            client_id: None,
-            key_id: String::new(),
-            api_key_id: None,
-            credential: CredentialKind::Workload,
-            binding: None,
-            status: None,
-            claims: Vec::new(),
-        })
+        Some(VerifiedToken::principal_only(
+            "workload",
+            &self.principal_type,
+            peer_principal,
+            CredentialKind::Workload,
+        ))
     }
 }
 

@@ -404,25 +404,13 @@ pub fn direct(
         ));
     }
     let resource_type = schema_type(schema, &evaluation.resource.entity_type, "resource.type")?;
-    let identity = VerifiedToken {
-        issuer: ISSUER.to_owned(),
-        subject: evaluation.subject.id.clone(),
-        principal_type: principal_type.to_string(),
-        principal_id: evaluation.subject.id.clone(),
-        jti: None,
-        issued_at: 0,
-        expires_at: 0,
-        scopes: Vec::new(),
-        roles: Vec::new(),
-        client_id: None,
-        key_id: String::new(),
-        api_key_id: None,
-        // Asserted by the authenticated caller: not bound, nothing to verify.
-        credential: CredentialKind::Authzen,
-        binding: None,
-        status: None,
-        claims: Vec::new(),
-    };
+    // Asserted by the authenticated caller: not bound, nothing to verify.
+    let identity = VerifiedToken::principal_only(
+        ISSUER,
+        &principal_type.to_string(),
+        &evaluation.subject.id,
+        CredentialKind::Authzen,
+    );
     let request = DirectRequest {
         action: evaluation.action.name.clone(),
         resource: DirectEntity {

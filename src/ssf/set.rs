@@ -14,10 +14,10 @@ use std::sync::Arc;
 use base64::Engine as _;
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, Validation};
-use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use crate::authn::jwks::is_accepted_algorithm;
+use crate::authn::jwt::JoseHeader;
 use crate::authn::keys::IssuerKeys;
 use crate::revocation::{MAX_ID_BYTES, Target};
 
@@ -167,17 +167,6 @@ pub struct VerifiedSet {
     pub events: Vec<Event>,
 }
 
-#[derive(Deserialize)]
-struct Header {
-    alg: String,
-    #[serde(default)]
-    kid: Option<String>,
-    #[serde(default)]
-    typ: Option<String>,
-    #[serde(default)]
-    crit: Option<Value>,
-}
-
 /// Verifies SETs of one transmitter.
 #[derive(Debug)]
 pub struct Verifier {
@@ -241,7 +230,7 @@ impl Verifier {
         if payload_b64.is_empty() || signature_b64.is_empty() {
             return Err(invalid("unsigned SET").into());
         }
-        let header: Header = decode_json(header_b64, "the JOSE header")?;
+        let header: JoseHeader = decode_json(header_b64, "the JOSE header")?;
         let typ = header.typ.as_deref().unwrap_or_default();
         let typ = typ
             .get(..12)
