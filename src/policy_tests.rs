@@ -35,9 +35,9 @@ use serde_json::{Map, Value, json};
 
 use crate::attributes::{HttpRequest, parse_source_ip};
 use crate::authn::api_key::ApiKeyIdentity;
-use crate::authn::claims::{check_lifetime, numeric_date, roles, scopes, secs_i64, string_claim};
+use crate::authn::introspection::ResponseRules;
 use crate::authn::mint::SigningKey;
-use crate::authn::{CredentialKind, TokenError, VerifiedToken};
+use crate::authn::{TokenError, VerifiedToken};
 use crate::authz::routes::is_canonical_path;
 use crate::config::{Config, IssuerConfig};
 use crate::decision::{BadRequest, Decision, DenyReason, Verdict};
@@ -448,10 +448,9 @@ fn api_key_identity(config: &Config, case: &ApiKeyCase) -> Result<VerifiedToken,
 
 /// The identity an introspection response vouches for. The issuer is the one
 /// the response's `iss` names, else the introspecting issuer whose `issuer`
-/// sorts first. The response is checked and mapped by the rules of
-/// `authn::introspection` (`active`, `iss`, `exp`/`nbf` with leeway, lifetime,
-/// `aud`, principal claim, scopes, roles, `client_id`), repeated here because
-/// the introspector keeps them private to its HTTP call.
+/// sorts first. The response is checked and mapped by the introspector's own
+/// rules (`active`, `iss`, `exp`/`nbf` with leeway, lifetime, `aud`, principal
+/// claim, scopes, roles, `client_id`, `cnf`).
 fn introspected_identity(
     config: &Config,
     claims: &Map<String, Value>,
@@ -477,70 +476,7 @@ fn introspected_identity(
     for (name, value) in claims {
         response.insert(name.clone(), relative_time(name, value, now, case)?);
     }
-    Ok(verify_introspection(issuer, &Value::Object(response), now))
-}
-
-/// `authn::introspection`'s checks of an active response, for `issuer`.
-fn verify_introspection(
-    issuer: &IssuerConfig,
-    response: &Value,
-    now: i64,
-) -> Result<VerifiedToken, TokenError> {
-    if response.get("active").and_then(Value::as_bool) != Some(true) {
-        return Err(TokenError::InactiveToken);
-    }
-    match response.get("iss") {
-        None | Some(Value::Null) => {}
-        Some(Value::String(iss)) if *iss == issuer.issuer => {}
-        Some(_) => return Err(TokenError::UnknownIssuer),
-    }
-    let leeway = secs_i64(issuer.leeway);
-    let exp = numeric_date(response, "exp")?;
-    let iat = numeric_date(response, "iat")?;
-    if let Some(exp) = exp
-        && exp <= now.saturating_sub(leeway)
-    {
-        return Err(TokenError::Expired);
-    }
-    if let Some(nbf) = numeric_date(response, "nbf")?
-        && nbf > now.saturating_add(leeway)
-    {
-        return Err(TokenError::NotYetValid);
-    }
-    if let (Some(exp), Some(iat)) = (exp, iat) {
-        check_lifetime(exp, iat, issuer.max_token_lifetime)?;
-    }
-    match response.get("aud") {
-        None | Some(Value::Null) => {}
-        Some(Value::String(aud)) if issuer.audiences.contains(aud) => {}
-        Some(Value::Array(auds))
-            if auds
-                .iter()
-                .filter_map(Value::as_str)
-                .any(|a| issuer.audiences.iter().any(|ours| ours == a)) => {}
-        Some(_) => return Err(TokenError::WrongAudience),
-    }
-    let principal_id = string_claim(response, &issuer.principal_claim)
-        .filter(|s| !s.is_empty())
-        .ok_or(TokenError::MissingClaim)?;
-    Ok(VerifiedToken {
-        issuer: issuer.issuer.clone(),
-        subject: string_claim(response, "sub").unwrap_or_else(|| principal_id.clone()),
-        principal_type: issuer.principal_type.clone(),
-        principal_id,
-        jti: string_claim(response, "jti"),
-        issued_at: iat.unwrap_or_default(),
-        expires_at: exp.unwrap_or_default(),
-        scopes: scopes(response),
-        roles: roles(response, &issuer.roles_claim),
-        client_id: string_claim(response, "client_id").or_else(|| string_claim(response, "azp")),
-        key_id: String::new(),
-        api_key_id: None,
-        credential: CredentialKind::Introspected,
-        binding: None,
-        status: None,
-        claims: Vec::new(),
-    })
+    Ok(ResponseRules::from_config(issuer).verify(&Value::Object(response), now))
 }
 
 /// Decides `http` for an identity the credential stage would have

@@ -200,13 +200,22 @@ pub struct Introspector {
     timeout: Duration,
     token_prefixes: Vec<String>,
     issuer: String,
+    rules: ResponseRules,
+    keys: Arc<IssuerKeys>,
+}
+
+/// What an introspection answer is checked against and mapped with: one
+/// issuer's token rules. Shared by the introspector and `portcullis test`'s
+/// introspected-token cases, so both judge an answer the same way.
+#[derive(Debug, Clone)]
+pub(crate) struct ResponseRules {
+    issuer: String,
     audiences: Vec<String>,
     leeway: i64,
     max_lifetime: Duration,
     roles_claim: String,
     principal_type: String,
     principal_claim: String,
-    keys: Arc<IssuerKeys>,
 }
 
 impl std::fmt::Debug for Introspector {
@@ -269,12 +278,7 @@ impl Introspector {
             timeout: config.remote.timeout,
             token_prefixes: settings.prefixes().to_vec(),
             issuer: config.issuer.clone(),
-            audiences: config.audiences.clone(),
-            leeway: secs_i64(config.leeway),
-            max_lifetime: config.max_token_lifetime,
-            roles_claim: config.roles_claim.clone(),
-            principal_type: config.principal_type.clone(),
-            principal_claim: config.principal_claim.clone(),
+            rules: ResponseRules::from_config(config),
             keys,
         }))
     }
@@ -391,6 +395,26 @@ impl Introspector {
     }
 
     fn verify_response(&self, response: &Value, now: i64) -> Result<VerifiedToken, TokenError> {
+        self.rules.verify(response, now)
+    }
+}
+
+impl ResponseRules {
+    /// The rules of `config`'s issuer.
+    pub(crate) fn from_config(config: &IssuerConfig) -> ResponseRules {
+        ResponseRules {
+            issuer: config.issuer.clone(),
+            audiences: config.audiences.clone(),
+            leeway: secs_i64(config.leeway),
+            max_lifetime: config.max_token_lifetime,
+            roles_claim: config.roles_claim.clone(),
+            principal_type: config.principal_type.clone(),
+            principal_claim: config.principal_claim.clone(),
+        }
+    }
+
+    /// Checks an introspection answer at `now` and maps it to an identity.
+    pub(crate) fn verify(&self, response: &Value, now: i64) -> Result<VerifiedToken, TokenError> {
         if response.get("active").and_then(Value::as_bool) != Some(true) {
             return Err(TokenError::InactiveToken);
         }
