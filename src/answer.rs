@@ -169,6 +169,11 @@ fn denied(decision: &Decision, reason: DenyReason, realm: &str) -> Answer {
             "decision_id": decision.id,
         }),
     };
+    // A 503 is ours (not loaded yet, or a dependency of the credential
+    // check failed), not the caller's: say when to try again.
+    if status == 503 {
+        headers.push(("retry-after".to_owned(), RETRY_AFTER_SECS.to_owned()));
+    }
     Answer {
         status,
         client_headers: headers,
@@ -176,6 +181,10 @@ fn denied(decision: &Decision, reason: DenyReason, realm: &str) -> Answer {
         ..Answer::default()
     }
 }
+
+/// `Retry-After` of a 503, in seconds: loading and dependency outages are
+/// usually over, or failed over, within a second or two.
+const RETRY_AFTER_SECS: &str = "1";
 
 /// RFC 6750 section 3.1: no error code when the request carries no bearer
 /// credential at all (none, or another scheme such as `Basic`).

@@ -37,6 +37,7 @@ async fn health_is_not_serving_until_policies_and_keys_load() {
     );
     assert_eq!(out.http_status, 503);
     assert_eq!(out.grpc_code, 14);
+    assert_eq!(out.header("retry-after"), Some("1"));
     assert_eq!(fx.audit_line(&out.decision_id)["reason"], "not_ready");
 
     state

@@ -513,6 +513,8 @@ async fn a_proof_replayed_to_another_instance_sharing_redis_is_refused() {
         (out.http_status, reason_of(&out).as_str()),
         (503, "dpop_replay_check_failed")
     );
+    assert_eq!(out.header("retry-after"), Some("1"));
+    assert!(out.header("www-authenticate").is_none(), "{out:?}");
     let bearer = fx.es256().token("alice", &["orders:read"], &["customer"]);
     let out = outcome(
         &second
