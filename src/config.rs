@@ -1186,6 +1186,12 @@ pub struct AuditConfig {
     /// 2). `0` writes each line before its response is sent.
     #[serde(default)]
     pub flush_interval_ms: Option<u64>,
+    /// Also record, in each `Check` decision line, the identity and request
+    /// facts policies can read (`inputs`: scopes, roles, times, host,
+    /// scheme, source address...; never the token), so `portcullis replay`
+    /// can re-decide it exactly.
+    #[serde(default)]
+    pub record_inputs: bool,
 }
 
 /// The default `[audit] flush_interval_ms`.

@@ -121,6 +121,9 @@ pub struct Decision {
     pub binding: Option<&'static str>,
     /// What the `[[responses]]` profiles that applied add to the answer.
     pub shaping: Option<std::sync::Arc<Shaping>>,
+    /// What the policies could read, for an exact replay (`[audit]
+    /// record_inputs`); `Check` decisions that reached the policies only.
+    pub inputs: Option<Box<DecisionInputs>>,
     /// HTTP method.
     pub method: String,
     /// HTTP path without query string.
@@ -158,6 +161,35 @@ pub struct Shaping {
     pub deny: Option<DenyProblem>,
 }
 
+/// The identity and request facts of a decision beyond what the audit line
+/// always says: with it, a decision line is a `portcullis replay` record.
+/// Never the token, its signature or key.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct DecisionInputs {
+    /// The principal's Cedar type.
+    pub principal_type: String,
+    /// The principal's Cedar id.
+    pub principal_id: String,
+    /// The credential's roles.
+    pub roles: Vec<String>,
+    /// The credential's scopes.
+    pub scopes: Vec<String>,
+    /// `iat`, seconds since the epoch.
+    pub iat: i64,
+    /// `exp`, seconds since the epoch.
+    pub exp: i64,
+    /// `client_id` (or `azp`).
+    pub client_id: Option<String>,
+    /// The request's host.
+    pub host: String,
+    /// The request's scheme.
+    pub scheme: String,
+    /// The client's address.
+    pub source_ip: Option<String>,
+    /// The trusted mTLS peer identity, when the route allows workloads.
+    pub workload: Option<String>,
+}
+
 /// An RFC 9457 problem a policy deny is answered with.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DenyProblem {
@@ -188,6 +220,7 @@ impl Decision {
             credential: None,
             binding: None,
             shaping: None,
+            inputs: None,
             api_key_id: None,
             method: method.to_owned(),
             path: path.to_owned(),

@@ -297,6 +297,14 @@ fn parse_request(line: &str) -> Parsed {
 }
 
 fn parse_audit(line: &str, api_keys: &ApiKeyIdentities) -> Parsed {
+    // A line with `inputs` (`[audit] record_inputs`) holds a whole record:
+    // it is replayed exactly, whatever the credential.
+    if let Ok(serde_json::Value::Object(mut fields)) = serde_json::from_str(line)
+        && let Some(serde_json::Value::Object(inputs)) = fields.remove("inputs")
+    {
+        fields.extend(inputs);
+        return parse_request(&serde_json::Value::Object(fields).to_string());
+    }
     let a: AuditLine = match serde_json::from_str(line) {
         Ok(a) => a,
         Err(e) => return Parsed::Malformed(e.to_string()),

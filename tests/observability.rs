@@ -460,6 +460,7 @@ const AUDIT_FIELDS: &[&str] = &[
     "credential",
     "binding",
     "response",
+    "inputs",
     "api_key_id",
     "caller",
     "method",

@@ -121,6 +121,7 @@ impl Engine {
             authenticator,
             sender,
             responses,
+            record_inputs: config.audit.record_inputs,
             evaluator,
             response: config.response.clone(),
             realm: config.application.name.clone(),

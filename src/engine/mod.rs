@@ -28,7 +28,7 @@ use crate::authz::mapping::{DirectError, DirectRequest};
 use crate::authz::policy_store::PolicyStore;
 use crate::authz::routes::is_canonical_path;
 use crate::config::{Mode, ResponseConfig};
-use crate::decision::{BadRequest, Decision, DenyReason, Verdict};
+use crate::decision::{BadRequest, Decision, DecisionInputs, DenyReason, Verdict};
 use crate::revocation::RevocationStore;
 
 /// A loaded engine: the credential stage, one policy generation's evaluator,
@@ -43,6 +43,8 @@ pub struct Engine {
     evaluator: Evaluator,
     /// The `[[responses]]` profiles, bound to this generation's policies.
     responses: Arc<ResponseProfiles>,
+    /// `[audit] record_inputs`: decisions carry their inputs.
+    record_inputs: bool,
     response: ResponseConfig,
     realm: String,
     token_mode: Mode,
@@ -248,6 +250,21 @@ impl Engine {
             .ok_or(DenyReason::NoRoute)?;
         decision.action = Some(self.evaluator.action_name(facts.action));
         decision.resource = Some(self.evaluator.application_name().to_owned());
+        if self.record_inputs {
+            decision.inputs = Some(Box::new(DecisionInputs {
+                principal_type: token.principal_type.clone(),
+                principal_id: token.principal_id.clone(),
+                roles: token.roles.clone(),
+                scopes: token.scopes.clone(),
+                iat: token.issued_at,
+                exp: token.expires_at,
+                client_id: token.client_id.clone(),
+                host: http.host.clone(),
+                scheme: http.scheme.clone(),
+                source_ip: http.source_ip.map(|ip| ip.to_string()),
+                workload: facts.workload.map(str::to_owned),
+            }));
+        }
         let outcome = self.evaluator.evaluate(token, facts).map_err(|e| {
             decision.errors.push(e.to_string());
             DenyReason::SchemaMismatch
