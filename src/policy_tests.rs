@@ -38,6 +38,7 @@ use crate::authn::api_key::ApiKeyIdentity;
 use crate::authn::introspection::ResponseRules;
 use crate::authn::mint::SigningKey;
 use crate::authn::{TokenError, VerifiedToken};
+use crate::authz::policy_store::annotation_line;
 use crate::authz::routes::is_canonical_path;
 use crate::config::{Config, IssuerConfig};
 use crate::decision::{BadRequest, Decision, DenyReason, Verdict};
@@ -405,20 +406,6 @@ fn coverage(
         .collect();
     out.sort_by(|a, b| a.id.cmp(&b.id));
     out
-}
-
-/// The 1-based line of `@id("<id>")` in `text`.
-fn annotation_line(text: &str, id: &str) -> Option<usize> {
-    let quoted = serde_json::to_string(id).ok()?;
-    text.lines()
-        .position(|line| {
-            line.split("@id").skip(1).any(|rest| {
-                let rest = rest.trim_start();
-                rest.strip_prefix('(')
-                    .is_some_and(|rest| rest.trim_start().starts_with(&quoted))
-            })
-        })
-        .map(|index| index + 1)
 }
 
 /// Seconds since the epoch.

@@ -504,3 +504,33 @@ expect = "allow"
         "{stderr}"
     );
 }
+
+#[test]
+fn validate_warns_about_policies_no_route_can_reach() {
+    let fx = Fixture::new();
+    let schema = fx.path("policies/orders.cedarschema");
+    let mut text = std::fs::read_to_string(&schema).unwrap();
+    text.push_str(
+        "\naction \"export orders\" appliesTo {\n  principal: [User],\n  resource: [Application],\n  context: { http: Http, path_params: {}, token: Token },\n};\n",
+    );
+    std::fs::write(&schema, text).unwrap();
+    std::fs::write(
+        fx.path("policies/export.cedar"),
+        "// Exports are asked for by the reporting service only.\n@id(\"export-admins\")\npermit (principal in Role::\"admin\", action == Action::\"export orders\", resource);\n",
+    )
+    .unwrap();
+    let out = portcullis(&["validate", "--config", &path_arg(&fx.config_path())]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "a warning is not an error: {stderr}");
+    assert!(
+        stderr.contains("export.cedar:2: policy \"export-admins\" names only actions no route maps to (Action::\"export orders\")"),
+        "{stderr}"
+    );
+    // The shipped policies all sit on routed actions: no such warning.
+    let quiet = portcullis(&[
+        "validate",
+        "--config",
+        &path_arg(&Fixture::new().config_path()),
+    ]);
+    assert!(!String::from_utf8_lossy(&quiet.stderr).contains("no route maps to"));
+}

@@ -86,6 +86,54 @@ impl Evaluator {
         })
     }
 
+    /// Warnings, with file and line, for policies that name only actions no
+    /// route (nor `default_action`) maps to: `Check` can never reach them,
+    /// only `IsAuthorized` and AuthZEN questions can. Policies on any action,
+    /// or on an action group, are not judged.
+    pub fn unrouted_policies(&self) -> Vec<String> {
+        let routed: std::collections::HashSet<cedar_policy::EntityUid> = self
+            .routes
+            .actions()
+            .map(|(action, _)| self.mapping.action(action))
+            .chain(self.default_action.iter().map(|a| self.mapping.action(a)))
+            .collect();
+        let schema = &self.store.schema;
+        let groups: std::collections::HashSet<&cedar_policy::EntityUid> =
+            schema.action_groups().collect();
+        let mut warnings = Vec::new();
+        for policy in self.store.policies.policies() {
+            let named: Vec<cedar_policy::EntityUid> = match policy.action_constraint() {
+                cedar_policy::ActionConstraint::Any => continue,
+                cedar_policy::ActionConstraint::Eq(uid) => vec![uid],
+                cedar_policy::ActionConstraint::In(uids) => uids,
+            };
+            if named
+                .iter()
+                .any(|uid| routed.contains(uid) || groups.contains(uid))
+            {
+                continue;
+            }
+            let id = policy.id().to_string();
+            // A linked policy's text is its template's.
+            let source = policy.template_id().unwrap_or(policy.id());
+            let file = self.store.policy_files.get(source);
+            let line = file
+                .and_then(|f| std::fs::read_to_string(f).ok())
+                .and_then(|text| super::policy_store::annotation_line(&text, source.as_ref()));
+            let place = match (file, line) {
+                (Some(f), Some(l)) => format!("{}:{l}", f.display()),
+                (Some(f), None) => f.display().to_string(),
+                _ => "policies".to_owned(),
+            };
+            let actions: Vec<String> = named.iter().map(ToString::to_string).collect();
+            warnings.push(format!(
+                "{place}: policy {id:?} names only actions no route maps to ({}): Check never reaches it, only IsAuthorized and AuthZEN questions",
+                actions.join(", ")
+            ));
+        }
+        warnings
+    }
+
     /// The loaded policy folder.
     pub fn policies(&self) -> &PolicyStore {
         &self.store

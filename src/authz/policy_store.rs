@@ -510,6 +510,21 @@ fn line_column(text: &str, offset: usize) -> (usize, usize) {
     (line, offset - line_start + 1)
 }
 
+/// The 1-based line of `@id("<id>")` in `text` (Cedar's API gives a
+/// parsed policy no source location), for diagnostics naming file and line.
+pub fn annotation_line(text: &str, id: &str) -> Option<usize> {
+    let quoted = serde_json::to_string(id).ok()?;
+    text.lines()
+        .position(|line| {
+            line.split("@id").skip(1).any(|rest| {
+                let rest = rest.trim_start();
+                rest.strip_prefix('(')
+                    .is_some_and(|rest| rest.trim_start().starts_with(&quoted))
+            })
+        })
+        .map(|index| index + 1)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -57,6 +57,9 @@ pub(super) async fn validate(path: &Path) -> anyhow::Result<ExitCode> {
             for warning in &engine.policies().warnings {
                 eprintln!("warning: {warning}");
             }
+            for warning in engine.evaluator().unrouted_policies() {
+                eprintln!("warning: {warning}");
+            }
             println!(
                 "ok: {} policies, {} issuer(s), {} route(s) valid",
                 engine.policies().len(),
