@@ -326,24 +326,12 @@ fn parse_audit(line: &str, api_keys: &ApiKeyIdentities) -> Parsed {
     let principal_id = uid.id().unescaped().to_owned();
     let (token, workload, missing) = match a.credential.as_deref() {
         Some("workload") => {
-            let token = VerifiedToken {
-                issuer: "workload".into(),
-                subject: principal_id.clone(),
-                principal_type,
-                principal_id: principal_id.clone(),
-                jti: None,
-                issued_at: 0,
-                expires_at: 0,
-                scopes: Vec::new(),
-                roles: Vec::new(),
-                client_id: None,
-                key_id: String::new(),
-                api_key_id: None,
-                credential: CredentialKind::Workload,
-                binding: None,
-                status: None,
-                claims: Vec::new(),
-            };
+            let token = VerifiedToken::principal_only(
+                "workload",
+                &principal_type,
+                &principal_id,
+                CredentialKind::Workload,
+            );
             (token, Some(principal_id), WORKLOAD_MISSING)
         }
         Some("api_key") => {
