@@ -114,18 +114,9 @@ impl AuthorizerService {
     /// Accounts for one decision exactly as `Check` does: audit line,
     /// metrics and span attributes, from the same [`Decision`].
     fn account(&self, decision: &Decision, span: &RequestSpan) {
-        span.span().in_scope(|| {
-            self.state
-                .account(decision, decision.effective_verdict().http_status(), span);
-            tracing::debug!(
-                decision_id = %decision.id,
-                outcome = decision.verdict.class(),
-                principal = decision.principal.as_deref().unwrap_or(""),
-                action = decision.action.as_deref().unwrap_or(""),
-                method = %decision.method,
-                "is_authorized"
-            );
-        });
+        let status = decision.effective_verdict().http_status();
+        self.state
+            .account_in_span(decision, status, span, "is_authorized");
     }
 }
 

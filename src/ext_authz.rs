@@ -21,8 +21,8 @@ use envoy_types::pb::google::rpc;
 use crate::answer::Answer;
 use crate::attributes::{HttpRequest, parse_source_ip};
 use crate::authn::workload::spiffe_id_from_certificate;
-use crate::config::ResponseConfig;
 use crate::decision::{BadRequest, Decision, DenyReason, Verdict};
+use crate::engine::Engine;
 use crate::state::ServerState;
 use crate::telemetry::traces::{RequestSpan, remote_parent};
 use tracing::Instrument as _;
@@ -136,11 +136,11 @@ pub(crate) fn http_request(check: CheckRequest) -> Option<HttpRequest> {
     })
 }
 
-fn header(key: &str, value: &str) -> HeaderValueOption {
+fn header(key: String, value: String) -> HeaderValueOption {
     HeaderValueOption {
         header: Some(HeaderValue {
-            key: key.to_owned(),
-            value: value.to_owned(),
+            key,
+            value,
             ..Default::default()
         }),
         // Overwrite so a client cannot smuggle its own identity header upstream.
@@ -155,18 +155,11 @@ fn string_value(s: &str) -> Value {
     }
 }
 
-/// Builds the response Envoy acts on: the [`Answer`] of the decision,
-/// encoded, with the decision's id, reason, principal and policies in the
-/// dynamic metadata. `credential_header` is the API-key header, removed with
-/// `authorization` when `remove_authorization` is set.
-pub(crate) fn check_response(
-    decision: &Decision,
-    response: &ResponseConfig,
-    realm: &str,
-    credential_header: Option<&str>,
-) -> CheckResponse {
+/// Builds the response Envoy acts on: `answer` (the decision's
+/// [`Answer`]) encoded, with the decision's id, reason, principal and
+/// policies in the dynamic metadata.
+pub(crate) fn check_response(decision: &Decision, answer: Answer) -> CheckResponse {
     let verdict = decision.effective_verdict();
-    let answer = crate::answer::answer(decision, response, realm, credential_header);
     let http_response = if answer.is_allow() {
         HttpResponse::OkResponse(ok_response(answer))
     } else {
@@ -243,7 +236,7 @@ fn ok_response(answer: Answer) -> OkHttpResponse {
     OkHttpResponse {
         headers: answer
             .upstream_headers
-            .iter()
+            .into_iter()
             .map(|(name, value)| header(name, value))
             .collect(),
         headers_to_remove: answer.upstream_headers_to_remove,
@@ -255,7 +248,7 @@ fn ok_response(answer: Answer) -> OkHttpResponse {
         query_parameters_to_remove: answer.query_to_remove,
         response_headers_to_add: answer
             .client_headers
-            .iter()
+            .into_iter()
             .map(|(name, value)| header(name, value))
             .collect(),
         ..Default::default()
@@ -269,7 +262,7 @@ fn denied_response(answer: Answer) -> DeniedHttpResponse {
         }),
         headers: answer
             .client_headers
-            .iter()
+            .into_iter()
             .map(|(name, value)| header(name, value))
             .collect(),
         body: answer.body,
@@ -335,28 +328,11 @@ impl Authorization for CheckService {
             }
         };
         decision.caller = caller;
-        let status = decision.effective_verdict().http_status();
-        span.span().in_scope(|| {
-            self.state.account(&decision, status, &span);
-            tracing::debug!(
-                decision_id = %decision.id,
-                outcome = decision.verdict.class(),
-                principal = decision.principal.as_deref().unwrap_or(""),
-                action = decision.action.as_deref().unwrap_or(""),
-                "check"
-            );
-        });
-        let response = match &engine {
-            Some(engine) => check_response(
-                &decision,
-                engine.response_config(),
-                engine.realm(),
-                engine.authenticator().api_key_header(),
-            ),
-            // Not loaded yet: a 503 Envoy passes on (health is NOT_SERVING meanwhile).
-            None => check_response(&decision, &ResponseConfig::default(), "", None),
-        };
-        Ok(tonic::Response::new(response))
+        // Not loaded yet: a 503 Envoy passes on (health is NOT_SERVING meanwhile).
+        let answer = Engine::answer(engine.as_deref(), &decision);
+        self.state
+            .account_in_span(&decision, answer.status, &span, "check");
+        Ok(tonic::Response::new(check_response(&decision, answer)))
     }
 }
 
@@ -509,12 +485,7 @@ mod fuzz {
         fn decide(&self, check: CheckRequest) -> Option<(HttpRequest, bool)> {
             let http = http_request(check)?;
             let decision = self.runtime.block_on(self.engine.decide_at(&http, NOW));
-            let response = check_response(
-                &decision,
-                self.engine.response_config(),
-                self.engine.realm(),
-                self.engine.authenticator().api_key_header(),
-            );
+            let response = check_response(&decision, Engine::answer(Some(&self.engine), &decision));
             let allowed = response.status.as_ref().map(|s| s.code) == Some(grpc_code::OK);
             assert_eq!(allowed, decision.verdict == Verdict::Allow, "{decision:?}");
             Some((http, allowed))

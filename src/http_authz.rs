@@ -39,8 +39,9 @@ use tracing::Instrument as _;
 
 use crate::answer::Answer;
 use crate::attributes::{HttpRequest, parse_source_ip};
-use crate::config::{HttpAuthzConfig, ResponseConfig};
+use crate::config::HttpAuthzConfig;
 use crate::decision::{BadRequest, Decision, DenyReason, Verdict};
+use crate::engine::Engine;
 use crate::state::ServerState;
 use crate::telemetry::traces::{RequestSpan, remote_parent};
 
@@ -192,27 +193,9 @@ async fn handle(
             engine.decide(&http).instrument(span.span().clone()).await
         }
     };
-    let status = decision.effective_verdict().http_status();
-    span.span().in_scope(|| {
-        state.account(&decision, status, &span);
-        tracing::debug!(
-            decision_id = %decision.id,
-            outcome = decision.verdict.class(),
-            principal = decision.principal.as_deref().unwrap_or(""),
-            action = decision.action.as_deref().unwrap_or(""),
-            "http_authz"
-        );
-    });
-    let answer = match &engine {
-        Some(engine) => crate::answer::answer(
-            &decision,
-            engine.response_config(),
-            engine.realm(),
-            engine.authenticator().api_key_header(),
-        ),
-        // Not loaded yet: a 503 (Envoy answers its `status_on_error`).
-        None => crate::answer::answer(&decision, &ResponseConfig::default(), "", None),
-    };
+    // Not loaded yet: a 503 (Envoy answers its `status_on_error`).
+    let answer = Engine::answer(engine.as_deref(), &decision);
+    state.account_in_span(&decision, answer.status, &span, "http_authz");
     encode(answer, &decision.id)
 }
 

@@ -83,6 +83,31 @@ impl ServerState {
         span.record_decision(decision, http_status);
     }
 
+    /// [`Self::account`] inside the request's span, plus the debug log line
+    /// every door writes; `door` names it (`check`, `http_authz`, ...).
+    /// `http_status` is what the caller got (a response profile may change a
+    /// deny's status).
+    pub fn account_in_span(
+        &self,
+        decision: &Decision,
+        http_status: u16,
+        span: &RequestSpan,
+        door: &'static str,
+    ) {
+        span.span().in_scope(|| {
+            self.account(decision, http_status, span);
+            tracing::debug!(
+                decision_id = %decision.id,
+                outcome = decision.verdict.class(),
+                principal = decision.principal.as_deref().unwrap_or(""),
+                action = decision.action.as_deref().unwrap_or(""),
+                method = %decision.method,
+                door,
+                "decision"
+            );
+        });
+    }
+
     /// Publishes `engine` to new checks and reports SERVING (unless the audit
     /// log cannot take decisions, see [`ServerState::audit_ready`]).
     pub async fn install(&self, engine: Engine) {

@@ -123,6 +123,8 @@ async fn a_forbid_with_a_profile_answers_with_its_problem() {
         fx.audit_line(&out.decision_id)["response"]["deny_status"],
         404
     );
+    // The audit line says what the caller got.
+    assert_eq!(fx.audit_line(&out.decision_id)["status"], 404);
 
     // A 401 keeps its challenge whatever the route's profile says.
     let out = outcome(&server.check(envoy_request("GET", "/orders/7", None)).await);

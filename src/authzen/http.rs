@@ -438,18 +438,9 @@ impl Api {
 
     /// Audit line, metrics and span attributes, as for every decision.
     fn account(&self, decision: &Decision, span: &RequestSpan) {
-        span.span().in_scope(|| {
-            self.state
-                .account(decision, decision.effective_verdict().http_status(), span);
-            tracing::debug!(
-                decision_id = %decision.id,
-                outcome = decision.verdict.class(),
-                principal = decision.principal.as_deref().unwrap_or(""),
-                action = decision.action.as_deref().unwrap_or(""),
-                method = %decision.method,
-                "authzen"
-            );
-        });
+        let status = decision.effective_verdict().http_status();
+        self.state
+            .account_in_span(decision, status, span, "authzen");
     }
 
     async fn evaluation(

@@ -11,6 +11,7 @@ use anyhow::{Context as _, bail};
 use super::{CheckArgs, load_engine};
 use crate::attributes::{HttpRequest, parse_source_ip};
 use crate::config::Config;
+use crate::engine::Engine;
 
 fn request_from_args(args: CheckArgs) -> anyhow::Result<HttpRequest> {
     let mut http = HttpRequest {
@@ -77,12 +78,7 @@ pub(super) async fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
         (false, true) => "allow",
         (false, false) => "deny",
     };
-    let answer = crate::answer::answer(
-        &decision,
-        engine.response_config(),
-        engine.realm(),
-        engine.authenticator().api_key_header(),
-    );
+    let answer = Engine::answer(Some(&engine), &decision);
     writeln!(out, "decision:  {shown}")?;
     writeln!(out, "status:    {}", answer.status)?;
     writeln!(out, "reason:    {}", decision.verdict.class())?;

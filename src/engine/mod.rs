@@ -121,6 +121,20 @@ impl Engine {
         &self.response
     }
 
+    /// The answer to `decision` with this engine's response settings; with no
+    /// engine loaded yet, the defaults (a 503 for every request).
+    pub fn answer(engine: Option<&Engine>, decision: &Decision) -> crate::answer::Answer {
+        match engine {
+            Some(engine) => crate::answer::answer(
+                decision,
+                &engine.response,
+                &engine.realm,
+                engine.authenticator.api_key_header(),
+            ),
+            None => crate::answer::answer(decision, &ResponseConfig::default(), "", None),
+        }
+    }
+
     /// Decides `http` now and also returns the Cedar request that was built for
     /// it (principal with its parents, action, resource, context) as JSON, when
     /// the pipeline got that far. For `check --explain` and the admin `Explain`
