@@ -25,7 +25,6 @@
 //! that proxy (plain HTTP/1.1, like `/metrics`).
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -33,7 +32,6 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Bytes, Incoming};
 use hyper::header::{HeaderName, HeaderValue};
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tracing::Instrument as _;
 
@@ -42,6 +40,7 @@ use crate::attributes::{HttpRequest, parse_source_ip};
 use crate::config::HttpAuthzConfig;
 use crate::decision::{BadRequest, Decision, DenyReason, Verdict};
 use crate::engine::Engine;
+use crate::http_listener::{self, Limits};
 use crate::state::ServerState;
 use crate::telemetry::traces::{RequestSpan, remote_parent};
 
@@ -84,39 +83,20 @@ pub(crate) fn spawn(
         path_prefix: config.path_prefix.clone(),
         forward_auth_path: config.forward_auth_path.clone(),
     });
-    tokio::spawn(async move {
-        let mut connections = tokio::task::JoinSet::new();
-        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-        loop {
-            let Ok(slot) = slots.clone().acquire_owned().await else {
-                break;
-            };
-            let stream = match listener.accept().await {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    tracing::warn!(error = %e, "http_authz listener: accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
+    let limits = Limits {
+        max_connections: MAX_CONNECTIONS,
+        header_read_timeout: HEADER_READ_TIMEOUT,
+        max_buf_size: MAX_REQUEST_HEAD_BYTES,
+    };
+    tokio::spawn(http_listener::serve(
+        listener,
+        limits,
+        "http_authz",
+        move |request| {
             let (state, settings) = (state.clone(), settings.clone());
-            connections.spawn(async move {
-                let _slot = slot;
-                let service = hyper::service::service_fn(move |request| {
-                    let (state, settings) = (state.clone(), settings.clone());
-                    async move { Ok::<_, Infallible>(handle(request, &settings, &state).await) }
-                });
-                // A caller that hangs up mid-response is not our problem.
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(HEADER_READ_TIMEOUT)
-                    .max_buf_size(MAX_REQUEST_HEAD_BYTES)
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
-            while connections.try_join_next().is_some() {}
-        }
-    })
+            async move { handle(request, &settings, &state).await }
+        },
+    ))
 }
 
 /// What the request on the wire describes.

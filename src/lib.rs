@@ -30,6 +30,7 @@ pub(crate) mod ext_authz;
 #[cfg(test)]
 pub(crate) mod fuzz;
 pub(crate) mod http_authz;
+pub(crate) mod http_listener;
 pub(crate) mod openapi;
 pub(crate) mod policy_tests;
 pub mod reload;

@@ -7,7 +7,6 @@
 //! 64 KiB; `503` when the keys are not loaded or the store refused the write
 //! (the transmitter retries); `404`/`405` elsewhere.
 
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,12 +16,12 @@ use hyper::header::{
     ALLOW, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, HeaderValue, WWW_AUTHENTICATE,
 };
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
 use subtle::ConstantTimeEq as _;
 use tokio::net::TcpListener;
 
 use super::set::{ErrorCode, MAX_SET_BYTES};
 use super::{Failure, Processor};
+use crate::http_listener::{self, Limits};
 
 /// Connections served at once; more wait in the kernel's accept queue.
 pub const MAX_CONNECTIONS: usize = 64;
@@ -45,36 +44,16 @@ pub struct Endpoint {
 /// Serves `endpoint` on `listener` until the task is aborted.
 pub async fn serve(listener: TcpListener, endpoint: Endpoint) {
     let endpoint = Arc::new(endpoint);
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    let mut connections = tokio::task::JoinSet::new();
-    loop {
-        let Ok(slot) = slots.clone().acquire_owned().await else {
-            break;
-        };
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
-            Err(e) => {
-                tracing::warn!(error = %e, "Shared Signals push endpoint: accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
+    let limits = Limits {
+        max_connections: MAX_CONNECTIONS,
+        header_read_timeout: HEADER_READ_TIMEOUT,
+        max_buf_size: MAX_SET_BYTES + 16 * 1024,
+    };
+    http_listener::serve(listener, limits, "ssf push", move |request| {
         let endpoint = endpoint.clone();
-        connections.spawn(async move {
-            let _slot = slot;
-            let service = hyper::service::service_fn(move |request| {
-                let endpoint = endpoint.clone();
-                async move { Ok::<_, Infallible>(respond(request, &endpoint).await) }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT)
-                .max_buf_size(MAX_SET_BYTES + 16 * 1024)
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        });
-        while connections.try_join_next().is_some() {}
-    }
+        async move { respond(request, &endpoint).await }
+    })
+    .await
 }
 
 fn reply(status: StatusCode, body: Option<serde_json::Value>) -> Response<Full<Bytes>> {
