@@ -173,6 +173,22 @@ pub struct TelemetryConfig {
     /// Application log format when `--log-format` is not given: `plain` or `json`.
     #[serde(default)]
     pub log_format: Option<String>,
+    /// Also send each decision (audit) record as an OTLP log record to
+    /// `otlp_endpoint`, batched off the request path.
+    #[serde(default)]
+    pub decision_logs: bool,
+    /// Most decision log records waiting for export.
+    #[serde(default = "default_decision_log_queue")]
+    pub decision_log_queue: usize,
+    /// What a full export queue does: `drop` (the record is counted and
+    /// dropped; the audit line is still written) or `block` (the request
+    /// waits for room).
+    #[serde(default = "default_decision_log_overflow")]
+    pub decision_log_overflow: String,
+    /// Audit fields replaced by `"masked"` in exported records (e.g.
+    /// `principal`, `path`).
+    #[serde(default)]
+    pub decision_log_mask: Vec<String>,
 }
 
 impl Default for TelemetryConfig {
@@ -184,8 +200,20 @@ impl Default for TelemetryConfig {
             sampling_ratio: default_sampling_ratio(),
             metrics_listen: None,
             log_format: None,
+            decision_logs: false,
+            decision_log_queue: default_decision_log_queue(),
+            decision_log_overflow: default_decision_log_overflow(),
+            decision_log_mask: Vec::new(),
         }
     }
+}
+
+fn default_decision_log_queue() -> usize {
+    8192
+}
+
+fn default_decision_log_overflow() -> String {
+    "drop".to_owned()
 }
 
 fn default_service_name() -> String {
@@ -633,6 +661,11 @@ pub struct IssuerConfig {
     /// `dpop`, `mtls` or `any`. A bound token is checked whatever this says.
     #[serde(default)]
     pub require_sender_constraint: SenderConstraint,
+    /// The scopes this issuer can grant, when declared: `portcullis validate`
+    /// warns about policies and routes needing a scope no issuer grants.
+    /// Unset: not declared (no warning). Tokens are not checked against it.
+    #[serde(default)]
+    pub scopes: Option<Vec<String>>,
 }
 
 /// `[issuers.remote]`: how remote keys are fetched and refreshed.
@@ -933,6 +966,22 @@ pub struct SenderConstraintConfig {
     /// no peer certificate of its own. Unset: only Envoy's peer certificate.
     #[serde(default)]
     pub client_certificate_header: Option<String>,
+    /// Require a server-issued nonce in every DPoP proof (RFC 9449 section
+    /// 9): a proof without a valid one is refused with `use_dpop_nonce` and
+    /// the answer carries a fresh `DPoP-Nonce`.
+    #[serde(default)]
+    pub dpop_nonce: bool,
+    /// How long an issued nonce is accepted.
+    #[serde(
+        default = "default_dpop_nonce_lifetime",
+        deserialize_with = "de_duration"
+    )]
+    pub dpop_nonce_lifetime: Duration,
+    /// File holding the secret nonces are derived from (at least 32 bytes),
+    /// shared by every instance so a nonce issued by one is accepted by the
+    /// others. Unset: a random secret per process (one instance only).
+    #[serde(default)]
+    pub dpop_nonce_secret_file: Option<PathBuf>,
 }
 
 impl Default for SenderConstraintConfig {
@@ -943,8 +992,15 @@ impl Default for SenderConstraintConfig {
             dpop_clock_skew: default_dpop_clock_skew(),
             dpop_replay_entries: default_dpop_replay_entries(),
             client_certificate_header: None,
+            dpop_nonce: false,
+            dpop_nonce_lifetime: default_dpop_nonce_lifetime(),
+            dpop_nonce_secret_file: None,
         }
     }
+}
+
+fn default_dpop_nonce_lifetime() -> Duration {
+    Duration::from_secs(300)
 }
 
 fn default_dpop_algorithms() -> Vec<String> {
@@ -1076,6 +1132,22 @@ pub struct SsfConfig {
     /// Clock skew tolerated on a SET's `iat`.
     #[serde(default = "default_leeway", deserialize_with = "de_duration")]
     pub leeway: Duration,
+    /// The transmitter's configuration metadata (HTTPS), where its stream
+    /// management endpoints are found. Unset:
+    /// `<issuer>/.well-known/ssf-configuration` when stream management is used.
+    #[serde(default)]
+    pub configuration_url: Option<String>,
+    /// The id of the stream this receiver reads (the transmitter's `stream_id`).
+    #[serde(default)]
+    pub stream_id: Option<String>,
+    /// File holding the bearer token presented to the transmitter's stream
+    /// management endpoints (status, add/remove subject, verification).
+    #[serde(default)]
+    pub management_token_file: Option<PathBuf>,
+    /// How often the receiver asks the transmitter for a verification event
+    /// and checks that it arrives; zero (the default) asks never.
+    #[serde(default, deserialize_with = "de_duration")]
+    pub verification_interval: Duration,
 }
 
 fn default_ssf_push_path() -> String {
@@ -1401,6 +1473,7 @@ impl Config {
                 &mut ssf.jwks_file,
                 &mut ssf.push_token_file,
                 &mut ssf.poll_token_file,
+                &mut ssf.management_token_file,
                 &mut ssf.remote.ca_file,
             ]
             .into_iter()
@@ -1887,6 +1960,18 @@ impl TelemetryConfig {
         {
             return Err(format!(
                 "telemetry.metrics_listen must differ from server.listen, both are {metrics}"
+            ));
+        }
+        if self.decision_logs && self.otlp_endpoint.is_none() {
+            return Err("telemetry.decision_logs needs telemetry.otlp_endpoint".into());
+        }
+        if self.decision_log_queue == 0 {
+            return Err("telemetry.decision_log_queue must be at least 1".into());
+        }
+        if !matches!(self.decision_log_overflow.as_str(), "drop" | "block") {
+            return Err(format!(
+                "telemetry.decision_log_overflow must be \"drop\" or \"block\", found {:?}",
+                self.decision_log_overflow
             ));
         }
         match self.log_format.as_deref() {
