@@ -10,6 +10,7 @@ mod keys;
 mod policy;
 mod replay;
 mod revoke;
+mod ssf;
 mod status;
 
 use std::net::SocketAddr;
@@ -101,6 +102,66 @@ pub enum Command {
     /// API keys for machine clients.
     #[command(subcommand, name = "apikey")]
     ApiKey(ApiKeyCommand),
+    /// Shared Signals stream management at the transmitter (`[ssf]`): status, subjects, verification.
+    #[command(subcommand)]
+    Ssf(SsfCommand),
+}
+
+/// `ssf` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum SsfCommand {
+    /// Print the stream's status at the transmitter (exit 1 unless enabled).
+    Status(ConfigArg),
+    /// Add a subject to the stream.
+    AddSubject(AddSubjectArgs),
+    /// Remove a subject from the stream.
+    RemoveSubject(SubjectArgs),
+    /// Ask the transmitter to send a verification event.
+    Verify(VerifyArgs),
+}
+
+/// A subject identifier (RFC 9493), by one of the options.
+#[derive(Debug, Args)]
+#[command(group(
+    ArgGroup::new("subject")
+        .required(true)
+        .args(["email", "iss_sub", "opaque", "subject_json"])
+))]
+pub struct SubjectArgs {
+    #[command(flatten)]
+    config: ConfigArg,
+    /// `{"format": "email", "email": EMAIL}`.
+    #[arg(long)]
+    email: Option<String>,
+    /// `{"format": "iss_sub", "iss": ISS, "sub": SUB}`.
+    #[arg(long, num_args = 2, value_names = ["ISS", "SUB"])]
+    iss_sub: Option<Vec<String>>,
+    /// `{"format": "opaque", "id": ID}`.
+    #[arg(long, value_name = "ID")]
+    opaque: Option<String>,
+    /// Any subject identifier, or an SSF complex subject, as JSON.
+    #[arg(long, value_name = "JSON")]
+    subject_json: Option<String>,
+}
+
+/// Arguments of `ssf add-subject`.
+#[derive(Debug, Args)]
+pub struct AddSubjectArgs {
+    #[command(flatten)]
+    subject: SubjectArgs,
+    /// Send `"verified": false`: the subject was not verified by the receiver.
+    #[arg(long)]
+    unverified: bool,
+}
+
+/// Arguments of `ssf verify`.
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    #[command(flatten)]
+    config: ConfigArg,
+    /// The `state` the verification event must carry (default: fresh random).
+    #[arg(long)]
+    state: Option<String>,
 }
 
 /// `routes` subcommands.
@@ -450,6 +511,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Routes(RoutesCommand::FromOpenapi(args)) => policy::from_openapi(args),
         Command::Token(TokenCommand::Mint(args)) => keys::mint(args),
         Command::ApiKey(ApiKeyCommand::Create(args)) => keys::create_api_key(args),
+        Command::Ssf(command) => ssf::run(command).await,
         Command::Token(TokenCommand::Jwks(args)) => {
             let key = keys::signing_key(&args)?;
             println!("{}", serde_json::to_string_pretty(&key.public_jwks())?);

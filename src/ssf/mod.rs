@@ -12,11 +12,16 @@
 //!   transmitter to deliver again. Revocations are idempotent, and recently
 //!   applied `jti`s are remembered, so a duplicate is harmless;
 //! - [`Receiver`] checks the `[ssf]` configuration and starts the push
-//!   listener, the poll loop and the key refresh.
+//!   listener, the poll loop, the key refresh and, with a
+//!   `verification_interval`, the verification requests;
+//! - [`stream`] is the client of the transmitter's stream management
+//!   endpoints (metadata, status, subjects, verification), used by that task
+//!   and by `portcullis ssf`.
 
 pub mod poll;
 pub mod push;
 pub mod set;
+pub mod stream;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -53,7 +58,8 @@ pub enum SsfError {
 }
 
 /// The problems of an `[ssf]` section, none when it is usable (what
-/// [`Receiver::new`] refuses). Token files are read, the CA file too.
+/// [`Receiver::new`] refuses), stream management settings included. Token
+/// files are read, the CA file too.
 pub fn validate(config: &SsfConfig) -> Vec<String> {
     match Receiver::new(config) {
         Ok(_) => Vec::new(),
@@ -103,6 +109,8 @@ pub struct Receiver {
     push_token: Option<String>,
     poll_token: Option<String>,
     poll_client: Option<reqwest::Client>,
+    /// The verification requests' client, when `verification_interval` > 0.
+    management: Option<stream::ManagementClient>,
 }
 
 impl Receiver {
@@ -110,7 +118,8 @@ impl Receiver {
     /// exactly one of `jwks_file` (read now) and `jwks_uri` (HTTPS); known,
     /// accepted `algorithms`; `push_listen` or `poll_url` (HTTPS) set;
     /// `push_path` starting with `/`; token files readable and not empty;
-    /// `poll_max_events` and `poll_interval` above zero.
+    /// `poll_max_events` and `poll_interval` above zero; the stream
+    /// management settings consistent ([`stream::problems`]).
     pub fn new(config: &SsfConfig) -> Result<Receiver, SsfError> {
         let mut problems = Vec::new();
         if config.issuer.is_empty() {
@@ -177,6 +186,14 @@ impl Receiver {
                 Err(e) => problems.push(format!("[ssf] {e}")),
             }
         }
+        problems.extend(stream::problems(config));
+        let mut management = None;
+        if !config.verification_interval.is_zero() && problems.is_empty() {
+            match stream::ManagementClient::new(config) {
+                Ok(client) => management = Some(client),
+                Err(e) => problems.push(e.to_string()),
+            }
+        }
         let keys = if problems.is_empty() {
             match issuer_keys(config) {
                 Ok(keys) => Some(keys),
@@ -196,6 +213,7 @@ impl Receiver {
                 push_token,
                 poll_token,
                 poll_client,
+                management,
             }),
             _ => Err(SsfError::Config(problems)),
         }
@@ -203,13 +221,18 @@ impl Receiver {
 
     /// Starts receiving into `store`, counting events in `state`'s metrics:
     /// binds the push listener (when `push_listen` is set), starts the poll
-    /// loop (when `poll_url` is set) and the key refresh (remote keys).
+    /// loop (when `poll_url` is set), the key refresh (remote keys) and the
+    /// verification requests (when `verification_interval` is above zero).
     /// Returns the tasks; aborting them stops the receiver.
     pub async fn start(
         self,
         store: Arc<RevocationStore>,
         state: Arc<ServerState>,
     ) -> Result<Vec<JoinHandle<()>>, SsfError> {
+        let verification = self
+            .management
+            .is_some()
+            .then(|| Arc::new(stream::Verification::default()));
         let processor = Arc::new(Processor {
             verifier: Verifier {
                 issuer: self.config.issuer.clone(),
@@ -219,7 +242,8 @@ impl Receiver {
                 leeway: i64::try_from(self.config.leeway.as_secs()).unwrap_or(i64::MAX),
             },
             store,
-            state,
+            state: state.clone(),
+            verification: verification.clone(),
             seen: moka::sync::Cache::builder()
                 .max_capacity(SEEN_CAPACITY)
                 .time_to_live(SEEN_TTL)
@@ -255,6 +279,20 @@ impl Receiver {
                 processor,
             })));
         }
+        if let (Some(client), Some(verification)) = (self.management, verification) {
+            let interval = self.config.verification_interval;
+            tracing::info!(
+                ?interval,
+                url = client.configuration_url(),
+                "Shared Signals stream verification started"
+            );
+            tasks.push(tokio::spawn(stream::run_verification(
+                client,
+                interval,
+                verification,
+                state,
+            )));
+        }
         Ok(tasks)
     }
 }
@@ -287,6 +325,8 @@ pub struct Processor {
     verifier: Verifier,
     store: Arc<RevocationStore>,
     state: Arc<ServerState>,
+    /// The verification asked for, when the receiver asks.
+    verification: Option<Arc<stream::Verification>>,
     seen: moka::sync::Cache<String, ()>,
 }
 
@@ -307,6 +347,68 @@ fn truncated(s: &str, max: usize) -> &str {
 }
 
 impl Processor {
+    /// Counts a verification event against the one asked for (`ignored`
+    /// when the receiver asks for none). Never revokes anything.
+    fn verified(&self, jti: &str, event: &set::Event) {
+        let state = event.state.as_deref().map(|s| truncated(s, 256));
+        let outcome = match &self.verification {
+            Some(verification) => verification.observe(event.state.as_deref()),
+            None => "ignored",
+        };
+        self.state
+            .metrics()
+            .record_ssf_event("verification", outcome);
+        if outcome == "unexpected" {
+            tracing::warn!(
+                jti,
+                state,
+                "Shared Signals: a verification event this receiver did not ask for (or asked for too long ago)"
+            );
+        } else {
+            tracing::info!(jti, state, outcome, "Shared Signals: verification event");
+        }
+    }
+
+    /// Logs and counts a stream status change; paused or disabled is a
+    /// warning: revocations no longer flow.
+    fn stream_updated(&self, jti: &str, event: &set::Event) {
+        let outcome = match event.status.as_deref() {
+            Some("enabled") => "enabled",
+            Some("paused") => "paused",
+            Some("disabled") => "disabled",
+            _ => "unknown",
+        };
+        self.state
+            .metrics()
+            .record_ssf_event("stream-updated", outcome);
+        let reason = event.reason.as_deref().map(|r| truncated(r, 256));
+        match outcome {
+            "enabled" => {
+                tracing::info!(
+                    jti,
+                    status = outcome,
+                    reason,
+                    "Shared Signals: the transmitter enabled the stream"
+                );
+            }
+            "unknown" => {
+                tracing::warn!(
+                    jti,
+                    reason,
+                    "Shared Signals: stream-updated event without a known status"
+                );
+            }
+            _ => {
+                tracing::warn!(
+                    jti,
+                    status = outcome,
+                    reason,
+                    "Shared Signals: the transmitter {outcome} the stream: revocation events no longer arrive"
+                );
+            }
+        }
+    }
+
     /// Verifies `set` and applies its events; `Ok` means acknowledge it.
     pub async fn process(&self, set: &str) -> Result<Processed, Failure> {
         let metrics = self.state.metrics();
@@ -330,6 +432,17 @@ impl Processor {
         let mut applied = false;
         for event in &verified.events {
             let label = event.kind.label();
+            match event.kind {
+                EventKind::Verification => {
+                    self.verified(jti, event);
+                    continue;
+                }
+                EventKind::StreamUpdated => {
+                    self.stream_updated(jti, event);
+                    continue;
+                }
+                _ => {}
+            }
             if !event.unmapped.is_empty() {
                 tracing::info!(jti, event = %event.event_type, unmapped = ?event.unmapped, "Shared Signals: subject identifiers that name nothing revocable are ignored");
             }

@@ -99,8 +99,12 @@ impl From<SetError> for Rejection {
 pub enum EventKind {
     /// Revoke what the subject names; the short name of the event type.
     Revoking(&'static str),
-    /// A stream verification event: acknowledged only.
+    /// A stream verification event: matched against the receiver's request
+    /// (its `state`), never a revocation.
     Verification,
+    /// The transmitter changed the stream's status (`enabled`, `paused`,
+    /// `disabled`): logged and counted, never a revocation.
+    StreamUpdated,
     /// Any other event type: acknowledged only.
     Other,
 }
@@ -111,6 +115,7 @@ impl EventKind {
         match self {
             EventKind::Revoking(name) => name,
             EventKind::Verification => "verification",
+            EventKind::StreamUpdated => "stream-updated",
             EventKind::Other => "other",
         }
     }
@@ -136,8 +141,10 @@ pub fn classify(event_type: &str) -> EventKind {
             _ => {}
         }
     }
-    if event_type.strip_prefix(SSF) == Some("verification") {
-        return EventKind::Verification;
+    match event_type.strip_prefix(SSF) {
+        Some("verification") => return EventKind::Verification,
+        Some("stream-updated") => return EventKind::StreamUpdated,
+        _ => {}
     }
     EventKind::Other
 }
@@ -154,6 +161,14 @@ pub struct Event {
     /// Subject identifiers (or members) that name nothing revocable, by
     /// format (`email`, `phone_number`, ...), for the log.
     pub unmapped: Vec<String>,
+    /// The `state` of a verification event (SSF 1.0 §8.1.4.1), when it is a
+    /// string.
+    pub state: Option<String>,
+    /// The `status` of a stream-updated event (SSF 1.0 §8.1.5), when it is a
+    /// string.
+    pub status: Option<String>,
+    /// The `reason` of a stream-updated event, when it is a string.
+    pub reason: Option<String>,
 }
 
 /// A verified SET.
@@ -345,7 +360,19 @@ impl Verifier {
                 kind,
                 targets: Vec::new(),
                 unmapped: Vec::new(),
+                state: None,
+                status: None,
+                reason: None,
             };
+            let text = |name: &str| payload.get(name).and_then(Value::as_str).map(str::to_owned);
+            match kind {
+                EventKind::Verification => event.state = text("state"),
+                EventKind::StreamUpdated => {
+                    event.status = text("status");
+                    event.reason = text("reason");
+                }
+                _ => {}
+            }
             if matches!(kind, EventKind::Revoking(_)) {
                 // CAEP/RISC put the subject in the event; SSF 1.0 in `sub_id`.
                 let cut_off = numeric_date(payload, "event_timestamp")?
@@ -479,6 +506,9 @@ mod tests {
             kind: EventKind::Revoking("session-revoked"),
             targets: Vec::new(),
             unmapped: Vec::new(),
+            state: None,
+            status: None,
+            reason: None,
         };
         subject_targets(&subject, 100, &mut event);
         event
@@ -497,6 +527,10 @@ mod tests {
         assert_eq!(
             classify("https://schemas.openid.net/secevent/ssf/event-type/verification"),
             EventKind::Verification
+        );
+        assert_eq!(
+            classify("https://schemas.openid.net/secevent/ssf/event-type/stream-updated"),
+            EventKind::StreamUpdated
         );
         assert_eq!(
             classify("https://schemas.openid.net/secevent/caep/event-type/token-claims-change"),
