@@ -108,6 +108,27 @@ pub fn answer(
     }
 }
 
+/// With server nonces on (`nonce` gives one), hands a DPoP client the
+/// current nonce (`DPoP-Nonce`, RFC 9449 §8.2 and §9): on an allowed request
+/// made with a DPoP proof, and on a 401 that answers with the `DPoP`
+/// challenge, so the client's next proof can carry it.
+pub fn add_dpop_nonce(
+    answer: &mut Answer,
+    decision: &Decision,
+    nonce: impl FnOnce() -> Option<String>,
+) {
+    let wants_nonce = match decision.verdict {
+        Verdict::Allow => decision.binding == Some("dpop"),
+        Verdict::Deny(DenyReason::Unauthenticated(token)) => {
+            token.is_dpop_proof_error() && !token.is_dependency_failure()
+        }
+        Verdict::Deny(_) => decision.binding == Some("dpop") && answer.is_allow(),
+    };
+    if wants_nonce && let Some(nonce) = nonce() {
+        answer.client_headers.push(("dpop-nonce".to_owned(), nonce));
+    }
+}
+
 /// RFC 9457 problem details, with the decision id as an extension member.
 fn problem_body(problem: &DenyProblem, decision: &Decision) -> String {
     let mut body = serde_json::json!({
@@ -142,6 +163,8 @@ fn denied(decision: &Decision, reason: DenyReason, realm: &str) -> Answer {
             serde_json::json!({
                 "error": if no_bearer_credential(token) {
                     "unauthorized"
+                } else if token.needs_dpop_nonce() {
+                    "use_dpop_nonce"
                 } else if token.is_dpop_proof_error() {
                     "invalid_dpop_proof"
                 } else {
@@ -193,8 +216,13 @@ fn www_authenticate(token: TokenError, realm: &str) -> String {
     if no_bearer_credential(token) {
         format!("Bearer realm=\"{realm}\"")
     } else if token.is_dpop_proof_error() {
+        let error = if token.needs_dpop_nonce() {
+            "use_dpop_nonce"
+        } else {
+            "invalid_dpop_proof"
+        };
         format!(
-            "DPoP realm=\"{realm}\", error=\"invalid_dpop_proof\", error_description=\"{}\"",
+            "DPoP realm=\"{realm}\", error=\"{error}\", error_description=\"{}\"",
             token.public_description()
         )
     } else {

@@ -1468,6 +1468,9 @@ impl Config {
         if let Some(tls) = self.admin.as_mut().and_then(|a| a.tls.as_mut()) {
             tls.resolve_paths(resolve);
         }
+        if let Some(file) = &mut self.sender_constraint.dpop_nonce_secret_file {
+            resolve(file);
+        }
         if let Some(ssf) = &mut self.ssf {
             for file in [
                 &mut ssf.jwks_file,
@@ -1972,6 +1975,48 @@ impl TelemetryConfig {
             return Err(format!(
                 "telemetry.decision_log_overflow must be \"drop\" or \"block\", found {:?}",
                 self.decision_log_overflow
+            ));
+        }
+        // The audit line's fields (docs/reference/audit-line.md); src/audit.rs
+        // tests that every field it writes is accepted here.
+        const AUDIT_FIELDS: &[&str] = &[
+            "type",
+            "ts_ms",
+            "decision_id",
+            "outcome",
+            "dry_run",
+            "would",
+            "status",
+            "reason",
+            "failed_check",
+            "principal",
+            "action",
+            "resource",
+            "policies",
+            "errors",
+            "issuer",
+            "jti",
+            "credential",
+            "binding",
+            "response",
+            "inputs",
+            "api_key_id",
+            "caller",
+            "method",
+            "path",
+            "policy_generation",
+            "policy_digest",
+            "latency_us",
+            "trace_id",
+            "span_id",
+        ];
+        if let Some(unknown) = self
+            .decision_log_mask
+            .iter()
+            .find(|f| !AUDIT_FIELDS.contains(&f.as_str()))
+        {
+            return Err(format!(
+                "telemetry.decision_log_mask: {unknown:?} is not an audit line field (see docs/reference/audit-line.md)"
             ));
         }
         match self.log_format.as_deref() {

@@ -7,13 +7,12 @@
 mod common;
 
 use base64::Engine as _;
+use common::dpop::DpopKey;
 use common::envoy::{DownstreamTls, Envoy, EnvoySetup, send_tls};
 use common::pki::TestCa;
 use common::served::Served;
 use common::upstream::Upstream;
 use common::*;
-use jsonwebtoken::{EncodingKey, Header};
-use portcullis::authn::dpop::jwk_thumbprint;
 use serde_json::{Value, json};
 
 fn sha256(bytes: &[u8]) -> Vec<u8> {
@@ -24,31 +23,6 @@ fn sha256(bytes: &[u8]) -> Vec<u8> {
 
 fn b64url(bytes: &[u8]) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
-}
-
-/// A client's DPoP key: its public JWK and proofs signed with it.
-struct DpopKey(TestKey);
-
-impl DpopKey {
-    fn jwk(&self) -> Value {
-        let mut jwk = self.0.public_jwk();
-        if let Some(map) = jwk.as_object_mut() {
-            map.retain(|k, _| matches!(k.as_str(), "kty" | "crv" | "x" | "y"));
-        }
-        jwk
-    }
-
-    fn proof(&self, jti: &str, method: &str, htu: &str, token: &str) -> String {
-        let mut header = Header::new(jsonwebtoken::Algorithm::ES256);
-        header.typ = Some("dpop+jwt".into());
-        header.jwk = Some(serde_json::from_value(self.jwk()).unwrap());
-        let claims = json!({
-            "jti": jti, "htm": method, "htu": htu, "iat": now(),
-            "ath": b64url(&sha256(token.as_bytes())),
-        });
-        let key = EncodingKey::from_ec_pem(self.0.pem.as_bytes()).unwrap();
-        jsonwebtoken::encode(&header, &claims, &key).unwrap()
-    }
 }
 
 fn fixture() -> Fixture {
@@ -67,15 +41,15 @@ async fn a_dpop_bound_token_passes_envoy_only_with_a_fresh_proof_by_its_key() {
     let upstream = Upstream::start().await;
     let envoy = Envoy::start(&EnvoySetup::new(portcullis.addr, upstream.addr)).await;
 
-    let client = DpopKey(TestKey::es256());
+    let client = DpopKey::new();
     let mut claims = claims("alice", &["orders:read"], &["customer"]);
-    claims["cnf"] = json!({ "jkt": jwk_thumbprint(&client.jwk()).unwrap() });
+    claims["cnf"] = json!({ "jkt": client.jkt() });
     let token = fx.es256().sign(&claims);
     // What Envoy reports for a plain listener reached as `localhost`.
     let htu = "http://localhost/orders/1";
     let dpop_auth = format!("DPoP {token}");
 
-    let proof = client.proof("p1", "GET", htu, &token);
+    let proof = client.proof("GET", htu, &token);
     let reply = envoy
         .send(
             "GET",
@@ -111,7 +85,7 @@ async fn a_dpop_bound_token_passes_envoy_only_with_a_fresh_proof_by_its_key() {
     assert_eq!(reply.status, 401, "{reply:?}");
 
     // A proof for another path.
-    let other = client.proof("p2", "GET", "http://localhost/orders/2", &token);
+    let other = client.proof("GET", "http://localhost/orders/2", &token);
     let reply = envoy
         .send(
             "GET",
@@ -139,6 +113,61 @@ async fn a_dpop_bound_token_passes_envoy_only_with_a_fresh_proof_by_its_key() {
             "{reason} in {reasons:?}"
         );
     }
+}
+
+/// RFC 9449 server nonces through Envoy: the client's first proof gets a 401
+/// `use_dpop_nonce` with a `DPoP-Nonce` header, the retry carrying it reaches
+/// the upstream, and the allowed response hands the client the nonce on.
+#[tokio::test]
+async fn with_server_nonces_the_client_retries_with_the_nonce_envoy_hands_it() {
+    let fx = fixture();
+    fx.append_config("\n[sender_constraint]\ndpop_nonce = true\n");
+    let portcullis = Served::start(&fx, &[]).await;
+    let upstream = Upstream::start().await;
+    let envoy = Envoy::start(&EnvoySetup::new(portcullis.addr, upstream.addr)).await;
+
+    let client = DpopKey::new();
+    let mut claims = claims("alice", &["orders:read"], &["customer"]);
+    claims["cnf"] = json!({ "jkt": client.jkt() });
+    let token = fx.es256().sign(&claims);
+    let htu = "http://localhost/orders/1";
+    let dpop_auth = format!("DPoP {token}");
+
+    let first = client.proof("GET", htu, &token);
+    let reply = envoy
+        .send(
+            "GET",
+            "/orders/1",
+            &[("authorization", &dpop_auth), ("dpop", &first)],
+        )
+        .await;
+    assert_eq!(reply.status, 401, "{reply:?}");
+    assert!(
+        reply
+            .header("www-authenticate")
+            .is_some_and(|v| v.starts_with("DPoP ") && v.contains("error=\"use_dpop_nonce\"")),
+        "{reply:?}"
+    );
+    let nonce = reply
+        .header("dpop-nonce")
+        .expect("the 401 carries DPoP-Nonce")
+        .to_owned();
+    assert_eq!(upstream.count(), 0);
+
+    let retry = client.proof_with_nonce("GET", htu, &token, &nonce);
+    let reply = envoy
+        .send(
+            "GET",
+            "/orders/1",
+            &[("authorization", &dpop_auth), ("dpop", &retry)],
+        )
+        .await;
+    assert_eq!(reply.status, 200, "{reply:?}");
+    assert_eq!(upstream.count(), 1);
+    assert!(
+        reply.header("dpop-nonce").is_some(),
+        "the allowed response hands the nonce on: {reply:?}"
+    );
 }
 
 #[tokio::test]

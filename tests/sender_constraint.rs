@@ -8,66 +8,10 @@ mod common;
 mod redis_harness;
 
 use base64::Engine as _;
+use common::dpop::DpopKey;
 use common::pki::TestCa;
 use common::*;
-use jsonwebtoken::{EncodingKey, Header};
-use portcullis::authn::dpop::jwk_thumbprint;
 use serde_json::{Value, json};
-
-/// A DPoP key held by a client: signs proofs with its public JWK in the header.
-struct DpopKey {
-    key: TestKey,
-}
-
-impl DpopKey {
-    fn new() -> DpopKey {
-        DpopKey {
-            key: TestKey::es256(),
-        }
-    }
-
-    fn public_jwk(&self) -> Value {
-        let mut jwk = self.key.public_jwk();
-        // A proof's key travels bare: no kid, alg or use needed.
-        if let Some(map) = jwk.as_object_mut() {
-            map.retain(|k, _| matches!(k.as_str(), "kty" | "crv" | "x" | "y"));
-        }
-        jwk
-    }
-
-    fn jkt(&self) -> String {
-        jwk_thumbprint(&self.public_jwk()).expect("an EC key has a thumbprint")
-    }
-
-    /// A proof for `method` `htu`, bound to `access_token`, issued at `iat`.
-    fn proof_at(&self, method: &str, htu: &str, access_token: &str, iat: i64) -> String {
-        let mut header = Header::new(jsonwebtoken::Algorithm::ES256);
-        header.typ = Some("dpop+jwt".into());
-        header.jwk = Some(serde_json::from_value(self.public_jwk()).unwrap());
-        let ath = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(
-            aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, access_token.as_bytes()),
-        );
-        let claims = json!({
-            "jti": uuid_like(),
-            "htm": method,
-            "htu": htu,
-            "iat": iat,
-            "ath": ath,
-        });
-        let key = EncodingKey::from_ec_pem(self.key.pem.as_bytes()).unwrap();
-        jsonwebtoken::encode(&header, &claims, &key).unwrap()
-    }
-
-    fn proof(&self, method: &str, htu: &str, access_token: &str) -> String {
-        self.proof_at(method, htu, access_token, now())
-    }
-}
-
-fn uuid_like() -> String {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    format!("proof-{}-{}", now(), NEXT.fetch_add(1, Ordering::Relaxed))
-}
 
 /// A token of the fixture's issuer with `cnf` set.
 fn bound_token(fx: &Fixture, cnf: Value) -> String {
@@ -544,5 +488,141 @@ async fn a_spent_proof_stays_spent_across_a_configuration_reload() {
     assert_eq!(
         (out.http_status, reason_of(&out).as_str()),
         (401, "dpop_replayed")
+    );
+}
+
+/// The `DPoP-Nonce` a response hands the client: on a deny, among the deny
+/// headers; on an allow, among the headers added to the upstream's response.
+fn dpop_nonce_of(out: &Outcome) -> Option<String> {
+    out.headers
+        .iter()
+        .chain(&out.ok_response_headers)
+        .find(|(name, _)| name == "dpop-nonce")
+        .map(|(_, value)| value.clone())
+}
+
+#[tokio::test]
+async fn with_server_nonces_a_proof_needs_a_nonce_the_deployment_issued() {
+    let fx = Fixture::new();
+    std::fs::write(
+        fx.path("nonce.secret"),
+        "0123456789abcdef0123456789abcdef\n",
+    )
+    .unwrap();
+    fx.append_config(
+        "\n[sender_constraint]\ndpop_nonce = true\ndpop_nonce_secret_file = \"nonce.secret\"\n",
+    );
+    // Two instances sharing the secret, and one of another deployment (its
+    // own random secret).
+    let first = fx.serve().await;
+    let second = fx.serve().await;
+    let other = Fixture::new();
+    other.append_config("\n[sender_constraint]\ndpop_nonce = true\n");
+    let stranger = other.serve().await;
+
+    let client = DpopKey::new();
+    let token = bound_token(&fx, json!({ "jkt": client.jkt() }));
+    let dpop = |proof: String| request(Some(format!("DPoP {token}")), Some(proof));
+
+    // No nonce yet: 401 use_dpop_nonce, with a nonce to retry with.
+    let out = outcome(&first.check(dpop(client.proof("GET", HTU, &token))).await);
+    assert_eq!(
+        (out.http_status, reason_of(&out).as_str()),
+        (401, "dpop_nonce_missing")
+    );
+    let challenge = out.header("www-authenticate").unwrap_or_default();
+    assert!(
+        challenge.starts_with("DPoP ") && challenge.contains("error=\"use_dpop_nonce\""),
+        "{out:?}"
+    );
+    assert_eq!(out.body["error"], "use_dpop_nonce");
+    let nonce = dpop_nonce_of(&out).expect("a 401 use_dpop_nonce carries DPoP-Nonce");
+
+    // The retry with it passes, on either instance of the deployment, and
+    // the allowed answer hands the nonce on for the next proof.
+    let out = outcome(
+        &first
+            .check(dpop(client.proof_with_nonce("GET", HTU, &token, &nonce)))
+            .await,
+    );
+    assert_eq!(out.http_status, 200, "{out:?}");
+    assert!(dpop_nonce_of(&out).is_some(), "{out:?}");
+    let out = outcome(
+        &second
+            .check(dpop(client.proof_with_nonce("GET", HTU, &token, &nonce)))
+            .await,
+    );
+    assert_eq!(out.http_status, 200, "{out:?}");
+
+    // Another deployment does not accept it: it answers with its own.
+    let stranger_token = bound_token(&other, json!({ "jkt": client.jkt() }));
+    let out = outcome(
+        &stranger
+            .check(request(
+                Some(format!("DPoP {stranger_token}")),
+                Some(client.proof_with_nonce("GET", HTU, &stranger_token, &nonce)),
+            ))
+            .await,
+    );
+    assert_eq!(
+        (out.http_status, reason_of(&out).as_str()),
+        (401, "dpop_nonce_invalid")
+    );
+    assert_ne!(dpop_nonce_of(&out).as_deref(), Some(nonce.as_str()));
+
+    // A made-up nonce, and other proof errors: the DPoP challenge carries a
+    // nonce too; a bearer token's refusal does not.
+    let out = outcome(
+        &first
+            .check(dpop(client.proof_with_nonce("GET", HTU, &token, "bm9wZQ")))
+            .await,
+    );
+    assert_eq!(reason_of(&out), "dpop_nonce_invalid");
+    let out = outcome(
+        &first
+            .check(dpop(client.proof_with_nonce("POST", HTU, &token, &nonce)))
+            .await,
+    );
+    assert_eq!(reason_of(&out), "dpop_wrong_method");
+    assert!(dpop_nonce_of(&out).is_some(), "{out:?}");
+    let bearer = fx.es256().token("alice", &["orders:read"], &["customer"]);
+    let out = outcome(
+        &first
+            .check(request(Some(format!("Bearer {bearer}")), None))
+            .await,
+    );
+    assert_eq!(out.http_status, 200, "{out:?}");
+    assert!(dpop_nonce_of(&out).is_none(), "{out:?}");
+
+    // The audit line has the reason class and never the nonce.
+    let lines = std::fs::read_to_string(fx.audit_path()).unwrap_or_default();
+    assert!(!lines.contains(&nonce));
+}
+
+#[test]
+fn a_short_or_missing_nonce_secret_is_refused_at_load() {
+    let fx = Fixture::new();
+    std::fs::write(fx.path("short.secret"), "too short").unwrap();
+    fx.append_config(
+        "\n[sender_constraint]\ndpop_nonce = true\ndpop_nonce_secret_file = \"short.secret\"\n",
+    );
+    let out = portcullis(&["validate", "--config", &path_arg(&fx.config_path())]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("at least 32 bytes"), "{stderr}");
+    assert!(
+        !stderr.contains("too short"),
+        "the secret is never shown: {stderr}"
+    );
+
+    let fx = Fixture::new();
+    fx.append_config(
+        "\n[sender_constraint]\ndpop_nonce = true\ndpop_nonce_secret_file = \"absent.secret\"\n",
+    );
+    let out = portcullis(&["validate", "--config", &path_arg(&fx.config_path())]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("dpop_nonce_secret_file"),
+        "{out:?}"
     );
 }

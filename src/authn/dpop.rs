@@ -63,6 +63,12 @@ pub enum DpopError {
     /// The replay cache could not be asked (shared cache unreachable): fail closed.
     #[error("DPoP proof replay check failed")]
     ReplayCheckFailed,
+    /// Server nonces are required (`dpop_nonce`) and the proof carries none.
+    #[error("DPoP proof has no server nonce")]
+    NonceMissing,
+    /// The proof's `nonce` was not issued by this deployment, or has expired.
+    #[error("DPoP proof nonce is invalid or expired")]
+    NonceInvalid,
 }
 
 impl DpopError {
@@ -81,7 +87,15 @@ impl DpopError {
             DpopError::KeyMismatch => "dpop_key_mismatch",
             DpopError::Replayed => "dpop_replayed",
             DpopError::ReplayCheckFailed => "dpop_replay_check_failed",
+            DpopError::NonceMissing => "dpop_nonce_missing",
+            DpopError::NonceInvalid => "dpop_nonce_invalid",
         }
+    }
+
+    /// The client must retry with the nonce it is sent (RFC 9449 §8:
+    /// `error="use_dpop_nonce"`).
+    pub fn needs_nonce(self) -> bool {
+        matches!(self, DpopError::NonceMissing | DpopError::NonceInvalid)
     }
 }
 
@@ -136,6 +150,105 @@ pub enum DpopConfigError {
     /// The Redis URL for the shared replay cache is not usable.
     #[error("invalid Redis URL for the DPoP replay cache: {0}")]
     RedisUrl(String),
+    /// `dpop_nonce_lifetime` is zero: every nonce would be expired.
+    #[error("[sender_constraint] dpop_nonce_lifetime must be more than zero")]
+    ZeroNonceLifetime,
+    /// The nonce secret is too short (the file's contents are never shown).
+    #[error(
+        "[sender_constraint] dpop_nonce_secret_file must hold at least {MIN_NONCE_SECRET_BYTES} bytes"
+    )]
+    ShortNonceSecret,
+    /// No random secret could be drawn for the nonces.
+    #[error("no random nonce secret could be drawn from the system")]
+    NoRandom,
+}
+
+/// Shortest nonce secret accepted, in bytes.
+pub const MIN_NONCE_SECRET_BYTES: usize = 32;
+
+/// Bytes of the truncated HMAC-SHA256 in a nonce (128 bits: forging one is
+/// out of reach; the nonce stays short in every request).
+const NONCE_MAC_BYTES: usize = 16;
+
+/// Server nonces (RFC 9449 §8 and §9), stateless: a nonce is its issue time
+/// and an HMAC of it under a secret, so any instance holding the secret
+/// accepts it without shared state. Issue times are rounded down to a tenth
+/// of the lifetime (1 s to 60 s), so one nonce serves many requests and the
+/// `DPoP-Nonce` header rarely changes; the replay cache, not the nonce,
+/// keeps a proof from being used twice.
+pub struct DpopNonces {
+    key: aws_lc_rs::hmac::Key,
+    lifetime: i64,
+    granularity: i64,
+    clock_skew: i64,
+}
+
+// Hand-written: the key must never be printed.
+impl std::fmt::Debug for DpopNonces {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DpopNonces")
+            .field("lifetime", &self.lifetime)
+            .field("granularity", &self.granularity)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DpopNonces {
+    /// Nonces under `secret` (at least [`MIN_NONCE_SECRET_BYTES`]), accepted
+    /// for `lifetime` after issue and `clock_skew` before (instances' clocks
+    /// differ a little).
+    pub fn new(
+        secret: &[u8],
+        lifetime: Duration,
+        clock_skew: Duration,
+    ) -> Result<DpopNonces, DpopConfigError> {
+        if secret.len() < MIN_NONCE_SECRET_BYTES {
+            return Err(DpopConfigError::ShortNonceSecret);
+        }
+        let lifetime = i64::try_from(lifetime.as_secs()).unwrap_or(i64::MAX);
+        if lifetime == 0 {
+            return Err(DpopConfigError::ZeroNonceLifetime);
+        }
+        Ok(DpopNonces {
+            key: aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, secret),
+            lifetime,
+            granularity: (lifetime / 10).clamp(1, 60),
+            clock_skew: i64::try_from(clock_skew.as_secs()).unwrap_or(i64::MAX),
+        })
+    }
+
+    /// Nonces under a fresh random secret: only this process accepts them.
+    pub fn random(lifetime: Duration, clock_skew: Duration) -> Result<DpopNonces, DpopConfigError> {
+        let mut secret = [0u8; MIN_NONCE_SECRET_BYTES];
+        aws_lc_rs::rand::fill(&mut secret).map_err(|_| DpopConfigError::NoRandom)?;
+        DpopNonces::new(&secret, lifetime, clock_skew)
+    }
+
+    /// The nonce to hand out at `now` (Unix seconds).
+    pub fn issue(&self, now: i64) -> String {
+        let issued = now - now.rem_euclid(self.granularity);
+        let mut nonce = [0u8; 8 + NONCE_MAC_BYTES];
+        nonce[..8].copy_from_slice(&issued.to_be_bytes());
+        let tag = aws_lc_rs::hmac::sign(&self.key, &nonce[..8]);
+        nonce[8..].copy_from_slice(&tag.as_ref()[..NONCE_MAC_BYTES]);
+        b64().encode(nonce)
+    }
+
+    /// Whether `nonce` was issued under this secret and is still fresh at `now`.
+    pub fn accepts(&self, nonce: &str, now: i64) -> bool {
+        let mut bytes = [0u8; 8 + NONCE_MAC_BYTES];
+        if nonce.len() > 64 || b64().decode_slice(nonce, &mut bytes) != Ok(bytes.len()) {
+            return false;
+        }
+        let tag = aws_lc_rs::hmac::sign(&self.key, &bytes[..8]);
+        let authentic: bool = tag.as_ref()[..NONCE_MAC_BYTES].ct_eq(&bytes[8..]).into();
+        let mut issued = [0u8; 8];
+        issued.copy_from_slice(&bytes[..8]);
+        let issued = i64::from_be_bytes(issued);
+        authentic
+            && issued <= now.saturating_add(self.clock_skew)
+            && now.saturating_sub(issued) <= self.lifetime
+    }
 }
 
 /// The request a proof must be for.
@@ -189,6 +302,7 @@ pub struct DpopVerifier {
     window: Duration,
     local: LocalReplay,
     shared: Option<SharedReplay>,
+    nonces: Option<DpopNonces>,
 }
 
 // Hand-written: the Redis client's URL may hold a password.
@@ -203,6 +317,7 @@ impl std::fmt::Debug for DpopVerifier {
                 "shared_replay_prefix",
                 &self.shared.as_ref().map(|s| s.prefix.as_str()),
             )
+            .field("nonces", &self.nonces)
             .finish()
     }
 }
@@ -263,7 +378,19 @@ impl DpopVerifier {
             window,
             local: LocalReplay::new(config.dpop_replay_entries, window),
             shared: None,
+            nonces: None,
         })
+    }
+
+    /// Requires every proof to carry a nonce `nonces` issued (RFC 9449 §9).
+    pub fn with_nonces(mut self, nonces: DpopNonces) -> DpopVerifier {
+        self.nonces = Some(nonces);
+        self
+    }
+
+    /// A nonce to send the client (`DPoP-Nonce`), when nonces are required.
+    pub fn fresh_nonce(&self, now: i64) -> Option<String> {
+        self.nonces.as_ref().map(|n| n.issue(now))
     }
 
     /// Also records each proof in Redis (`SET <key_prefix>dpop:<hex> 1 NX PX
@@ -385,6 +512,14 @@ impl DpopVerifier {
         if !verified {
             return Err(DpopError::BadSignature);
         }
+        // After the signature: a nonce error sends the client a new nonce,
+        // which only a proof by the token's key earns.
+        if let Some(nonces) = &self.nonces {
+            let nonce = claims.nonce.as_deref().ok_or(DpopError::NonceMissing)?;
+            if !nonces.accepts(nonce, now) {
+                return Err(DpopError::NonceInvalid);
+            }
+        }
         Ok(VerifiedProof { jkt, jti, iat })
     }
 }
@@ -406,6 +541,7 @@ struct ProofClaims {
     htu: Option<String>,
     iat: Option<Value>,
     ath: Option<String>,
+    nonce: Option<String>,
 }
 
 fn b64() -> base64::engine::GeneralPurpose {
@@ -922,6 +1058,89 @@ mod tests {
 
     async fn verify(key: &ProofKey, proof: &str) -> Result<VerifiedProof, DpopError> {
         verify_with(key, proof, |_| {}).await
+    }
+
+    fn nonces(secret: &[u8]) -> DpopNonces {
+        DpopNonces::new(secret, Duration::from_secs(300), Duration::from_secs(5)).unwrap()
+    }
+
+    /// With nonces required, a proof needs one this deployment issued, still
+    /// fresh: missing, forged, foreign and expired nonces are refused, each
+    /// with its class, and only after the signature checked out.
+    #[tokio::test]
+    async fn nonces_are_required_when_configured() {
+        let secret = [7u8; 32];
+        let with_nonces = DpopVerifier::new(&config())
+            .unwrap()
+            .with_nonces(nonces(&secret));
+        let key = es256();
+        let check = |proof: String| {
+            let verifier = &with_nonces;
+            async move {
+                verifier
+                    .verify(&proof, &request(&key.thumbprint), NOW)
+                    .await
+            }
+        };
+        assert_eq!(check(key.proof()).await, Err(DpopError::NonceMissing));
+        let issued = with_nonces.fresh_nonce(NOW).unwrap();
+        let with = |nonce: &str| {
+            let nonce = nonce.to_owned();
+            key.proof_with(move |c| {
+                c.insert("nonce".into(), json!(nonce));
+            })
+        };
+        assert!(check(with(&issued)).await.is_ok());
+        // Issued by another deployment (another secret).
+        let foreign = nonces(&[8u8; 32]).issue(NOW);
+        assert_eq!(check(with(&foreign)).await, Err(DpopError::NonceInvalid));
+        // Expired: issued longer than the lifetime ago.
+        let old = nonces(&secret).issue(NOW - 400);
+        assert_eq!(check(with(&old)).await, Err(DpopError::NonceInvalid));
+        // From the future beyond the clock skew.
+        let future = nonces(&secret).issue(NOW + 120);
+        assert_eq!(check(with(&future)).await, Err(DpopError::NonceInvalid));
+        // Tampered: another issue time under the old tag.
+        let mut bytes = b64().decode(&issued).unwrap();
+        bytes[7] ^= 1;
+        assert_eq!(
+            check(with(&b64().encode(&bytes))).await,
+            Err(DpopError::NonceInvalid)
+        );
+        for junk in ["", "not base64!", &"A".repeat(100)] {
+            assert_eq!(check(with(junk)).await, Err(DpopError::NonceInvalid));
+        }
+        // The signature is checked first: a forged proof is a bad signature.
+        let mut forged = key.proof();
+        forged.push('A');
+        assert_eq!(check(forged).await, Err(DpopError::BadSignature));
+        // Without nonces configured, none is asked for or handed out.
+        assert!(verifier().fresh_nonce(NOW).is_none());
+    }
+
+    /// One nonce serves a tenth of the lifetime; the next one differs and both
+    /// are accepted while fresh.
+    #[test]
+    fn nonces_rotate_in_steps_and_overlap() {
+        let n = nonces(&[1u8; 32]);
+        let start = NOW - NOW.rem_euclid(30);
+        assert_eq!(n.issue(start), n.issue(start + 29));
+        let next = n.issue(start + 30);
+        assert_ne!(n.issue(start), next);
+        assert!(n.accepts(&n.issue(start), start + 300));
+        assert!(!n.accepts(&n.issue(start), start + 301));
+        assert!(n.accepts(&next, start + 30));
+    }
+
+    #[test]
+    fn a_short_secret_or_a_zero_lifetime_is_refused() {
+        let short = DpopNonces::new(&[0u8; 31], Duration::from_secs(60), Duration::ZERO);
+        assert_eq!(short.err(), Some(DpopConfigError::ShortNonceSecret));
+        let zero = DpopNonces::new(&[0u8; 32], Duration::ZERO, Duration::ZERO);
+        assert_eq!(zero.err(), Some(DpopConfigError::ZeroNonceLifetime));
+        let random = DpopNonces::random(Duration::from_secs(60), Duration::ZERO).unwrap();
+        assert!(random.accepts(&random.issue(NOW), NOW));
+        assert!(!format!("{random:?}").contains("key:"));
     }
 
     /// Valid proofs from EC P-256, Ed25519 and RSA (PKCS#1 and PSS) keys verify

@@ -198,6 +198,12 @@ impl TokenError {
         matches!(self, TokenError::Dpop(_) | TokenError::DpopBoundAsBearer)
     }
 
+    /// The proof lacked a valid server nonce: the client retries with the
+    /// `DPoP-Nonce` it is sent (`error="use_dpop_nonce"`).
+    pub fn needs_dpop_nonce(self) -> bool {
+        matches!(self, TokenError::Dpop(e) if e.needs_nonce())
+    }
+
     /// What the caller is told in `error_description`: enough to fix an honest
     /// mistake, nothing that helps probe keys or issuers.
     pub fn public_description(self) -> &'static str {
@@ -211,6 +217,9 @@ impl TokenError {
             }
             TokenError::Dpop(dpop::DpopError::ReplayCheckFailed) => {
                 "the DPoP proof could not be checked; retry later"
+            }
+            TokenError::Dpop(dpop::DpopError::NonceMissing | dpop::DpopError::NonceInvalid) => {
+                "the DPoP proof must carry the server's nonce"
             }
             TokenError::Dpop(_) | TokenError::DpopBoundAsBearer => "the DPoP proof is invalid",
             TokenError::DpopSchemeUnbound => "the access token is not DPoP-bound",

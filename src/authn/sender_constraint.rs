@@ -22,7 +22,7 @@ use std::sync::Arc;
 
 use base64::Engine as _;
 
-use super::dpop::{DpopError, DpopVerifier, ProofRequest};
+use super::dpop::{DpopError, DpopNonces, DpopVerifier, ProofRequest};
 use super::{CredentialKind, TokenBinding, TokenError, VerifiedToken};
 use crate::attributes::HttpRequest;
 use crate::config::{Config, SenderConstraint};
@@ -62,6 +62,22 @@ pub struct SenderConstraints {
     client_certificate_header: Option<String>,
 }
 
+/// The nonce secret file's bytes, without a trailing newline (editors add
+/// one). The error never shows the contents.
+fn read_nonce_secret(path: &std::path::Path) -> Result<Vec<u8>, SenderConstraintError> {
+    let mut bytes = std::fs::read(path).map_err(|e| {
+        SenderConstraintError(format!(
+            "dpop_nonce_secret_file {}: {}",
+            path.display(),
+            e.kind()
+        ))
+    })?;
+    while bytes.last().is_some_and(|b| matches!(b, b'\n' | b'\r')) {
+        bytes.pop();
+    }
+    Ok(bytes)
+}
+
 /// A setting of `[sender_constraint]` that cannot be used.
 #[derive(Debug, thiserror::Error)]
 #[error("[sender_constraint]: {0}")]
@@ -74,16 +90,35 @@ impl SenderConstraints {
     /// another instance is refused.
     pub fn from_config(config: &Config) -> Result<SenderConstraints, SenderConstraintError> {
         let settings = &config.sender_constraint;
+        let nonce_secret = match (&settings.dpop_nonce_secret_file, settings.dpop_nonce) {
+            (Some(path), true) => Some(read_nonce_secret(path)?),
+            _ => None,
+        };
+        // The secret's digest is part of the settings: a rotated secret file
+        // takes effect on reload.
         let dpop_settings = crate::digest::sha256(
             format!(
-                "{settings:?}\n{:?}\n{}",
+                "{settings:?}\n{:?}\n{}\n{:?}",
                 config.revocation.redis_url.as_ref().map(|u| u.expose()),
-                config.revocation.redis_prefix
+                config.revocation.redis_prefix,
+                nonce_secret.as_deref().map(crate::digest::sha256),
             )
             .as_bytes(),
         );
         let mut dpop =
             DpopVerifier::new(settings).map_err(|e| SenderConstraintError(e.to_string()))?;
+        if settings.dpop_nonce {
+            let nonces = match &nonce_secret {
+                Some(secret) => DpopNonces::new(
+                    secret,
+                    settings.dpop_nonce_lifetime,
+                    settings.dpop_clock_skew,
+                ),
+                None => DpopNonces::random(settings.dpop_nonce_lifetime, settings.dpop_clock_skew),
+            }
+            .map_err(|e| SenderConstraintError(e.to_string()))?;
+            dpop = dpop.with_nonces(nonces);
+        }
         if let Some(url) = &config.revocation.redis_url {
             let client =
                 super::dpop::redis_client(url).map_err(|e| SenderConstraintError(e.to_string()))?;
@@ -114,6 +149,12 @@ impl SenderConstraints {
                 .collect(),
             client_certificate_header,
         })
+    }
+
+    /// A nonce to send a DPoP client (`DPoP-Nonce`) at `now`, when
+    /// `[sender_constraint] dpop_nonce` is on.
+    pub fn fresh_dpop_nonce(&self, now: i64) -> Option<String> {
+        self.dpop.fresh_nonce(now)
     }
 
     /// Keeps `previous`'s DPoP verifier (and so the proofs it has seen) when

@@ -125,12 +125,18 @@ impl Engine {
     /// engine loaded yet, the defaults (a 503 for every request).
     pub fn answer(engine: Option<&Engine>, decision: &Decision) -> crate::answer::Answer {
         match engine {
-            Some(engine) => crate::answer::answer(
-                decision,
-                &engine.response,
-                &engine.realm,
-                engine.authenticator.api_key_header(),
-            ),
+            Some(engine) => {
+                let mut answer = crate::answer::answer(
+                    decision,
+                    &engine.response,
+                    &engine.realm,
+                    engine.authenticator.api_key_header(),
+                );
+                crate::answer::add_dpop_nonce(&mut answer, decision, || {
+                    engine.sender.fresh_dpop_nonce(unix_now())
+                });
+                answer
+            }
             None => crate::answer::answer(decision, &ResponseConfig::default(), "", None),
         }
     }

@@ -332,6 +332,9 @@ pub struct Outcome {
     pub metadata: Value,
     pub decision_id: String,
     pub ok_headers_to_remove: Vec<String>,
+    /// On allow: headers added to the upstream's response for the client
+    /// (`response_headers_to_add`).
+    pub ok_response_headers: Vec<(String, String)>,
 }
 
 impl Outcome {
@@ -371,6 +374,7 @@ pub fn outcome(response: &CheckResponse) -> Outcome {
             metadata,
             decision_id,
             ok_headers_to_remove: ok.headers_to_remove.clone(),
+            ok_response_headers: header_pairs(&ok.response_headers_to_add),
         },
         Some(HttpResponse::DeniedResponse(denied)) => Outcome {
             grpc_code,
@@ -380,6 +384,7 @@ pub fn outcome(response: &CheckResponse) -> Outcome {
             metadata,
             decision_id,
             ok_headers_to_remove: Vec::new(),
+            ok_response_headers: Vec::new(),
         },
         other => panic!("unexpected http_response {other:?}"),
     }
@@ -416,6 +421,7 @@ pub fn portcullis(args: &[&str]) -> std::process::Output {
 pub fn path_arg(p: &Path) -> String {
     p.display().to_string()
 }
+pub mod dpop;
 pub mod envoy;
 pub mod idp;
 pub mod instance;
