@@ -115,16 +115,9 @@ impl Evaluator {
             }
             let id = policy.id().to_string();
             // A linked policy's text is its template's.
-            let source = policy.template_id().unwrap_or(policy.id());
-            let file = self.store.policy_files.get(source);
-            let line = file
-                .and_then(|f| std::fs::read_to_string(f).ok())
-                .and_then(|text| super::policy_store::annotation_line(&text, source.as_ref()));
-            let place = match (file, line) {
-                (Some(f), Some(l)) => format!("{}:{l}", f.display()),
-                (Some(f), None) => f.display().to_string(),
-                _ => "policies".to_owned(),
-            };
+            let place = self
+                .store
+                .location(policy.template_id().unwrap_or(policy.id()));
             let actions: Vec<String> = named.iter().map(ToString::to_string).collect();
             warnings.push(format!(
                 "{place}: policy {id:?} names only actions no route maps to ({}): Check never reaches it, only IsAuthorized and AuthZEN questions",
@@ -132,6 +125,50 @@ impl Evaluator {
             ));
         }
         warnings
+    }
+
+    /// Warnings, with file and line, for each scope a policy tests for
+    /// (see [`PolicyStore::scopes_tested`]) that no issuer declares in
+    /// `[[issuers]] scopes`; `granted` comes from [`declared_scopes`]. Routes
+    /// name no scopes: a route needs a scope only through its policies.
+    pub fn undeclared_scopes(&self, granted: &std::collections::BTreeSet<String>) -> Vec<String> {
+        self.store
+            .scopes_tested()
+            .into_iter()
+            .filter(|test| !granted.contains(&test.scope))
+            .map(|test| {
+                format!(
+                    "{}: policy {:?} tests for scope {:?}, which no issuer's `scopes` declares: no token can carry it",
+                    self.store.location(&test.policy),
+                    test.policy.to_string(),
+                    test.scope
+                )
+            })
+            .collect()
+    }
+
+    /// Warnings, with file and line, for each `forbid` that overrides no
+    /// permit (see [`PolicyStore::shadowed_forbids`]): default deny already
+    /// denies every request it matches, so it changes no decision (only
+    /// which policy a deny names).
+    pub fn shadowed_forbids(&self) -> Vec<String> {
+        self.store
+            .shadowed_forbids()
+            .into_iter()
+            .map(|forbid| {
+                let reasons: Vec<String> = forbid
+                    .actions
+                    .iter()
+                    .map(|(action, why)| format!("{why} {action}"))
+                    .collect();
+                format!(
+                    "{}: forbid {:?} overrides no permit: {}",
+                    self.store.location(&forbid.policy),
+                    forbid.policy.to_string(),
+                    reasons.join("; ")
+                )
+            })
+            .collect()
     }
 
     /// The loaded policy folder.
@@ -292,6 +329,22 @@ impl Evaluator {
             "context": context,
         }))
     }
+}
+
+/// The scopes tokens can carry, when the configuration says: the union of
+/// `[[issuers]] scopes`, if every issuer (JWT or introspection) declares
+/// them. `None` (nothing to judge against) when an issuer does not declare
+/// them, when there is no issuer, or when API keys are configured (a key
+/// can be created with any scope at any time).
+pub fn declared_scopes(config: &Config) -> Option<std::collections::BTreeSet<String>> {
+    if config.issuers.is_empty() || config.api_keys.is_some() {
+        return None;
+    }
+    let mut granted = std::collections::BTreeSet::new();
+    for issuer in &config.issuers {
+        granted.extend(issuer.scopes.as_ref()?.iter().cloned());
+    }
+    Some(granted)
 }
 
 #[cfg(test)]

@@ -525,6 +525,343 @@ pub fn annotation_line(text: &str, id: &str) -> Option<usize> {
         .map(|index| index + 1)
 }
 
+/// The 1-based line where the `index`-th statement (policy or template,
+/// from 0) of a policy file starts, its annotations included: the first
+/// token after the `index`-th `;` outside strings and comments. For
+/// policies without `@id`, whose id is `<file>#<index>`.
+pub fn statement_line(text: &str, index: usize) -> Option<usize> {
+    let bytes = text.as_bytes();
+    let (mut line, mut at, mut ends) = (1usize, 0usize, 0usize);
+    // Looking for the first token of the wanted statement.
+    let mut seeking = index == 0;
+    while at < bytes.len() {
+        let b = bytes[at];
+        match b {
+            b'\n' => line += 1,
+            b'/' if bytes.get(at + 1) == Some(&b'/') => {
+                while at < bytes.len() && bytes[at] != b'\n' {
+                    at += 1;
+                }
+                continue;
+            }
+            _ if b.is_ascii_whitespace() => {}
+            _ if seeking => return Some(line),
+            b'"' => {
+                at += 1;
+                while at < bytes.len() && bytes[at] != b'"' {
+                    match bytes[at] {
+                        b'\\' => at += 1,
+                        b'\n' => line += 1,
+                        _ => {}
+                    }
+                    at += 1;
+                }
+            }
+            b';' => {
+                ends += 1;
+                seeking = ends == index;
+            }
+            _ => {}
+        }
+        at += 1;
+    }
+    None
+}
+
+/// A scope a policy tests for: a string literal compared with
+/// `context.token.scopes` by `contains`, `containsAll` or `containsAny`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScopeTest {
+    /// The policy or template.
+    pub policy: PolicyId,
+    /// The scope, as written.
+    pub scope: String,
+}
+
+/// A `forbid` that can change no decision: on every action it applies to,
+/// no `permit` can apply, so default deny already denies what it matches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShadowedForbid {
+    /// The forbid policy or template.
+    pub policy: PolicyId,
+    /// Each action it applies to, with why no permit applies to it there.
+    pub actions: Vec<(EntityUid, String)>,
+}
+
+/// The entity type a scope constraint fixes, when it fixes one (`==`, `is`,
+/// `is … in`); `None` when any type could match (`in`, any, a slot).
+fn fixed_type_principal(c: &cedar_policy::TemplatePrincipalConstraint) -> Option<EntityTypeName> {
+    use cedar_policy::TemplatePrincipalConstraint as C;
+    match c {
+        C::Eq(Some(uid)) => Some(uid.type_name().clone()),
+        C::Is(ty) | C::IsIn(ty, _) => Some(ty.clone()),
+        _ => None,
+    }
+}
+
+fn fixed_type_resource(c: &cedar_policy::TemplateResourceConstraint) -> Option<EntityTypeName> {
+    use cedar_policy::TemplateResourceConstraint as C;
+    match c {
+        C::Eq(Some(uid)) => Some(uid.type_name().clone()),
+        C::Is(ty) | C::IsIn(ty, _) => Some(ty.clone()),
+        _ => None,
+    }
+}
+
+fn principal_as_template(
+    c: cedar_policy::PrincipalConstraint,
+) -> cedar_policy::TemplatePrincipalConstraint {
+    use cedar_policy::{PrincipalConstraint as P, TemplatePrincipalConstraint as T};
+    match c {
+        P::Any => T::Any,
+        P::In(uid) => T::In(Some(uid)),
+        P::Eq(uid) => T::Eq(Some(uid)),
+        P::Is(ty) => T::Is(ty),
+        P::IsIn(ty, uid) => T::IsIn(ty, Some(uid)),
+    }
+}
+
+fn resource_as_template(
+    c: cedar_policy::ResourceConstraint,
+) -> cedar_policy::TemplateResourceConstraint {
+    use cedar_policy::{ResourceConstraint as R, TemplateResourceConstraint as T};
+    match c {
+        R::Any => T::Any,
+        R::In(uid) => T::In(Some(uid)),
+        R::Eq(uid) => T::Eq(Some(uid)),
+        R::Is(ty) => T::Is(ty),
+        R::IsIn(ty, uid) => T::IsIn(ty, Some(uid)),
+    }
+}
+
+/// What the scope analysis needs of one policy or template.
+struct Statement {
+    id: PolicyId,
+    effect: cedar_policy::Effect,
+    action: cedar_policy::ActionConstraint,
+    principal_type: Option<EntityTypeName>,
+    resource_type: Option<EntityTypeName>,
+    est: Option<serde_json::Value>,
+}
+
+impl PolicyStore {
+    /// The static policies and the templates, each once (a linked policy is
+    /// its template's text).
+    fn statements(&self) -> Vec<Statement> {
+        let policies = self
+            .policies
+            .policies()
+            .filter(|p| p.template_id().is_none())
+            .map(|p| Statement {
+                id: p.id().clone(),
+                effect: p.effect(),
+                action: p.action_constraint(),
+                principal_type: fixed_type_principal(&principal_as_template(
+                    p.principal_constraint(),
+                )),
+                resource_type: fixed_type_resource(&resource_as_template(p.resource_constraint())),
+                est: p.to_json().ok(),
+            });
+        let templates = self.policies.templates().map(|t| Statement {
+            id: t.id().clone(),
+            effect: t.effect(),
+            action: t.action_constraint(),
+            principal_type: fixed_type_principal(&t.principal_constraint()),
+            resource_type: fixed_type_resource(&t.resource_constraint()),
+            est: t.to_json().ok(),
+        });
+        policies.chain(templates).collect()
+    }
+
+    /// Where a policy or template is written, for warnings: `file:line` of
+    /// its `@id` annotation, or of its statement when its id is
+    /// `<file>#<n>`; the file alone when neither is found.
+    pub fn location(&self, id: &PolicyId) -> String {
+        let Some(file) = self.policy_files.get(id) else {
+            return "policies".to_owned();
+        };
+        let text = std::fs::read_to_string(file).ok();
+        let line = text.as_deref().and_then(|text| {
+            annotation_line(text, id.as_ref()).or_else(|| {
+                let name = file.file_name()?.to_string_lossy();
+                let index = AsRef::<str>::as_ref(id).strip_prefix(&format!("{name}#"))?;
+                statement_line(text, index.parse().ok()?)
+            })
+        });
+        match line {
+            Some(line) => format!("{}:{line}", file.display()),
+            None => file.display().to_string(),
+        }
+    }
+
+    /// Every scope the policies and templates test for, in policy order:
+    /// string literals in `context.token.scopes.contains("s")`,
+    /// `.containsAll([...])`, `.containsAny([...])` and
+    /// `[...].containsAny(context.token.scopes)`, wherever they sit in a
+    /// condition (negated or not). Scopes computed at run time, or tested by
+    /// other means (`==` on the set, a variable), are not seen.
+    pub fn scopes_tested(&self) -> Vec<ScopeTest> {
+        let mut found = Vec::new();
+        for statement in self.statements() {
+            let mut scopes = Vec::new();
+            if let Some(est) = &statement.est {
+                collect_scope_tests(est, &mut scopes);
+            }
+            let mut seen = std::collections::HashSet::new();
+            for scope in scopes {
+                if seen.insert(scope.clone()) {
+                    found.push(ScopeTest {
+                        policy: statement.id.clone(),
+                        scope,
+                    });
+                }
+            }
+        }
+        found
+    }
+
+    /// The `forbid` policies and templates no `permit` could be overridden
+    /// by. For each action of the schema a forbid's action scope covers
+    /// (`==`, `in [..]`, `in` a group, any action), a permit (static,
+    /// linked or a template) counts when its action scope covers the same
+    /// action and its principal and resource types, where both scopes fix
+    /// one (`==`, `is`), are the same. Conditions are not read: a permit
+    /// whose `when` can never hold still counts, so this never warns about
+    /// a forbid that can matter. A forbid that covers no action at all is
+    /// not judged.
+    pub fn shadowed_forbids(&self) -> Vec<ShadowedForbid> {
+        let statements = self.statements();
+        // Each action with itself and the groups it is in.
+        let groups_of: Vec<(EntityUid, Vec<EntityUid>)> = self
+            .schema
+            .actions()
+            .map(|action| {
+                let mut groups = vec![action.clone()];
+                if let Some(ancestors) = self.entities.ancestors(action) {
+                    groups.extend(ancestors.cloned());
+                }
+                (action.clone(), groups)
+            })
+            .collect();
+        let covers =
+            |constraint: &cedar_policy::ActionConstraint, groups: &[EntityUid]| match constraint {
+                cedar_policy::ActionConstraint::Any => true,
+                cedar_policy::ActionConstraint::Eq(uid) => &groups[0] == uid,
+                cedar_policy::ActionConstraint::In(uids) => uids.iter().any(|u| groups.contains(u)),
+            };
+        let disjoint = |a: &Option<EntityTypeName>, b: &Option<EntityTypeName>| matches!((a, b), (Some(a), Some(b)) if a != b);
+        let mut shadowed = Vec::new();
+        for forbid in statements
+            .iter()
+            .filter(|s| s.effect == cedar_policy::Effect::Forbid)
+        {
+            let mut actions = Vec::new();
+            let mut overrides_some = false;
+            for (action, groups) in &groups_of {
+                if !covers(&forbid.action, groups) {
+                    continue;
+                }
+                let permits: Vec<&Statement> = statements
+                    .iter()
+                    .filter(|s| {
+                        s.effect == cedar_policy::Effect::Permit && covers(&s.action, groups)
+                    })
+                    .collect();
+                if permits.is_empty() {
+                    actions.push((action.clone(), "no permit applies to action".to_owned()));
+                    continue;
+                }
+                let fits = permits.iter().any(|p| {
+                    !disjoint(&p.principal_type, &forbid.principal_type)
+                        && !disjoint(&p.resource_type, &forbid.resource_type)
+                });
+                if fits {
+                    overrides_some = true;
+                    break;
+                }
+                let types = [
+                    forbid
+                        .principal_type
+                        .as_ref()
+                        .map(|t| format!("principal type {t}")),
+                    forbid
+                        .resource_type
+                        .as_ref()
+                        .map(|t| format!("resource type {t}")),
+                ];
+                let types: Vec<String> = types.into_iter().flatten().collect();
+                actions.push((
+                    action.clone(),
+                    format!("no permit for {} applies to action", types.join(" and ")),
+                ));
+            }
+            if !overrides_some && !actions.is_empty() {
+                shadowed.push(ShadowedForbid {
+                    policy: forbid.id.clone(),
+                    actions,
+                });
+            }
+        }
+        shadowed
+    }
+}
+
+/// Is `expr` (EST) `context.token.scopes`?
+fn is_token_scopes(expr: &serde_json::Value) -> bool {
+    let attr = |expr: &serde_json::Value, name: &str| -> Option<serde_json::Value> {
+        let access = expr.get(".")?;
+        (access.get("attr")?.as_str()? == name).then(|| access.get("left").cloned())?
+    };
+    attr(expr, "scopes")
+        .and_then(|token| attr(&token, "token"))
+        .is_some_and(|context| context.get("Var").and_then(|v| v.as_str()) == Some("context"))
+}
+
+/// The string literals of `expr` (EST): a string, or a set literal's strings.
+fn string_literals(expr: &serde_json::Value, out: &mut Vec<String>) {
+    if let Some(value) = expr.get("Value") {
+        match value {
+            serde_json::Value::String(s) => out.push(s.clone()),
+            serde_json::Value::Array(items) => {
+                out.extend(items.iter().filter_map(|i| i.as_str().map(str::to_owned)))
+            }
+            _ => {}
+        }
+    } else if let Some(serde_json::Value::Array(items)) = expr.get("Set") {
+        for item in items {
+            if let Some(serde_json::Value::String(s)) = item.get("Value") {
+                out.push(s.clone());
+            }
+        }
+    }
+}
+
+/// Walks a policy's EST for scope tests (see [`PolicyStore::scopes_tested`]).
+fn collect_scope_tests(value: &serde_json::Value, out: &mut Vec<String>) {
+    match value {
+        serde_json::Value::Object(map) => {
+            for (key, inner) in map {
+                if let ("contains" | "containsAll" | "containsAny", Some(left), Some(right)) =
+                    (key.as_str(), inner.get("left"), inner.get("right"))
+                {
+                    if is_token_scopes(left) {
+                        string_literals(right, out);
+                    } else if key == "containsAny" && is_token_scopes(right) {
+                        string_literals(left, out);
+                    }
+                }
+                collect_scope_tests(inner, out);
+            }
+        }
+        serde_json::Value::Array(items) => {
+            for item in items {
+                collect_scope_tests(item, out);
+            }
+        }
+        _ => {}
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -650,6 +987,160 @@ action "get /x" appliesTo { principal: [User], resource: [Application], context:
                 "{bad}: {err}"
             );
         }
+    }
+
+    const LINT_SCHEMA: &str = r#"
+entity Role;
+entity User in [Role];
+entity Client in [Role];
+entity Application;
+type Token = { scopes: Set<String> };
+action reads;
+action "get /a", "get /b" in [reads] appliesTo {
+  principal: [User, Client], resource: [Application], context: { token: Token }
+};
+action "delete /a" appliesTo {
+  principal: [User, Client], resource: [Application], context: { token: Token }
+};
+"#;
+
+    fn lint_store(policies: &str) -> (tempfile::TempDir, PolicyStore) {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "s.cedarschema", LINT_SCHEMA);
+        write(dir.path(), "p.cedar", policies);
+        let store = PolicyStore::load(dir.path()).unwrap();
+        (dir, store)
+    }
+
+    #[test]
+    fn statement_lines_skip_comments_and_strings() {
+        let text = "// a; comment\npermit(principal, action, resource)\n  when { \"x;y\" == \"x;y\" };\n\n@id(\"b\")\nforbid(principal, action, resource);\nforbid(principal, action, resource);";
+        assert_eq!(statement_line(text, 0), Some(2));
+        assert_eq!(statement_line(text, 1), Some(5));
+        assert_eq!(statement_line(text, 2), Some(7));
+        assert_eq!(statement_line(text, 3), None);
+    }
+
+    #[test]
+    fn scope_tests_are_the_literals_compared_with_the_token_scopes() {
+        let (_dir, store) = lint_store(
+            r#"@id("one")
+permit(principal, action == Action::"get /a", resource)
+when { context.token.scopes.contains("a:read") || !context.token.scopes.containsAll(["a:x", "a:y"]) };
+@id("any")
+permit(principal, action == Action::"get /b", resource)
+when { ["b:read", "b:all"].containsAny(context.token.scopes) && ["not-a-scope"].contains("not-a-scope") };
+@id("none")
+permit(principal, action == Action::"delete /a", resource)
+when { context.token.scopes == ["exact"] };
+"#,
+        );
+        let mut found: Vec<(String, String)> = store
+            .scopes_tested()
+            .into_iter()
+            .map(|t| (t.policy.to_string(), t.scope))
+            .collect();
+        found.sort();
+        let expected = [
+            ("any", "b:all"),
+            ("any", "b:read"),
+            ("one", "a:read"),
+            ("one", "a:x"),
+            ("one", "a:y"),
+        ];
+        assert_eq!(
+            found,
+            expected.map(|(p, s)| (p.to_owned(), s.to_owned())).to_vec()
+        );
+    }
+
+    fn shadowed(store: &PolicyStore) -> Vec<(String, Vec<String>)> {
+        store
+            .shadowed_forbids()
+            .into_iter()
+            .map(|f| {
+                let actions = f
+                    .actions
+                    .iter()
+                    .map(|(a, why)| format!("{why} {a}"))
+                    .collect();
+                (f.policy.to_string(), actions)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_forbid_on_actions_no_permit_names_is_shadowed() {
+        let (_dir, store) = lint_store(
+            r#"permit(principal, action == Action::"get /a", resource);
+@id("on-delete")
+forbid(principal, action == Action::"delete /a", resource);
+@id("on-get")
+forbid(principal, action in [Action::"get /a", Action::"delete /a"], resource);
+@id("on-reads")
+forbid(principal, action in Action::"reads", resource);
+@id("everywhere")
+forbid(principal, action, resource);
+"#,
+        );
+        assert_eq!(
+            shadowed(&store),
+            vec![(
+                "on-delete".to_owned(),
+                vec![r#"no permit applies to action Action::"delete /a""#.to_owned()]
+            )]
+        );
+    }
+
+    #[test]
+    fn group_permits_and_templates_count_and_disjoint_types_do_not() {
+        let (_dir, store) = lint_store(
+            r#"permit(principal, action in Action::"reads", resource);
+permit(principal == ?principal, action == Action::"delete /a", resource);
+@id("get-b")
+forbid(principal, action == Action::"get /b", resource);
+@id("delete-a")
+forbid(principal is User, action == Action::"delete /a", resource);
+"#,
+        );
+        assert!(shadowed(&store).is_empty(), "{:?}", shadowed(&store));
+
+        let (_dir, store) = lint_store(
+            r#"permit(principal is Client, action == Action::"delete /a", resource);
+permit(principal in Role::"admin", action == Action::"get /a", resource);
+@id("users-delete")
+forbid(principal is User, action == Action::"delete /a", resource);
+@id("users-get")
+forbid(principal is User, action == Action::"get /a", resource);
+"#,
+        );
+        assert_eq!(
+            shadowed(&store),
+            vec![(
+                "users-delete".to_owned(),
+                vec![
+                    r#"no permit for principal type User applies to action Action::"delete /a""#
+                        .to_owned()
+                ]
+            )]
+        );
+    }
+
+    #[test]
+    fn locations_name_the_annotation_or_the_statement() {
+        let (dir, store) = lint_store(
+            "permit(principal, action == Action::\"get /a\", resource);\n\n// why\n@id(\"late\")\nforbid(principal, action == Action::\"delete /a\", resource);\nforbid(principal, action == Action::\"delete /a\", resource);\n",
+        );
+        let file = dir.path().join("p.cedar").display().to_string();
+        assert_eq!(store.location(&PolicyId::new("late")), format!("{file}:4"));
+        assert_eq!(
+            store.location(&PolicyId::new("p.cedar#2")),
+            format!("{file}:6")
+        );
+        assert_eq!(
+            store.location(&PolicyId::new("p.cedar#0")),
+            format!("{file}:1")
+        );
     }
 }
 

@@ -60,6 +60,14 @@ pub(super) async fn validate(path: &Path) -> anyhow::Result<ExitCode> {
             for warning in engine.evaluator().unrouted_policies() {
                 eprintln!("warning: {warning}");
             }
+            if let Some(granted) = crate::authz::evaluator::declared_scopes(&config) {
+                for warning in engine.evaluator().undeclared_scopes(&granted) {
+                    eprintln!("warning: {warning}");
+                }
+            }
+            for warning in engine.evaluator().shadowed_forbids() {
+                eprintln!("warning: {warning}");
+            }
             println!(
                 "ok: {} policies, {} issuer(s), {} route(s) valid",
                 engine.policies().len(),
