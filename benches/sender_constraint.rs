@@ -9,6 +9,9 @@
 //!   `Authorization: DPoP` and a new proof every iteration (a replayed proof
 //!   is refused), the replay cache in memory. The proofs are signed outside
 //!   the timed part (`iter_batched_ref`);
+//! - `dpop_nonce`: `dpop_memory` with server nonces required
+//!   (`[sender_constraint] dpop_nonce`): each proof carries the nonce, which
+//!   is checked (one HMAC) and handed on in the answer (one more);
 //! - `dpop_redis`: the same with the replay cache shared through a real
 //!   `redis-server` (`[revocation] redis_url`, `appendfsync everysec`) started
 //!   by the bench: one `SET NX` round trip more;
@@ -34,7 +37,6 @@ mod redis_harness;
 use std::hint::black_box;
 use std::io::Write as _;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use aws_lc_rs::rand::SystemRandom;
 use aws_lc_rs::signature::{
@@ -42,17 +44,17 @@ use aws_lc_rs::signature::{
     UnparsedPublicKey,
 };
 use base64::Engine as _;
+use common::dpop::DpopKey;
 use common::idp::TestIdp;
 use common::{Fixture, TestKey, add_discovery_issuer, claims, jwks_of, now, wait_for};
 use criterion::{BatchSize, Criterion, criterion_group};
 use jsonwebtoken::{EncodingKey, Header};
 use portcullis::attributes::HttpRequest;
-use portcullis::authn::dpop::jwk_thumbprint;
 use portcullis::config::Secret;
 use portcullis::decision::Decision;
 use portcullis::engine::Engine;
 use redis_harness::RedisServer;
-use serde_json::{Value, json};
+use serde_json::json;
 use tokio::runtime::Runtime;
 
 const GROUP: &str = "sender_constraint";
@@ -60,51 +62,6 @@ const HTU: &str = "https://orders.example.test/orders/7";
 
 fn b64(bytes: &[u8]) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
-}
-
-/// A client's DPoP key: signs proofs carrying its public JWK.
-struct DpopKey {
-    encoding: EncodingKey,
-    jwk: Value,
-}
-
-impl DpopKey {
-    fn new() -> DpopKey {
-        let key = TestKey::es256();
-        let mut jwk = key.public_jwk();
-        if let Some(map) = jwk.as_object_mut() {
-            map.retain(|k, _| matches!(k.as_str(), "kty" | "crv" | "x" | "y"));
-        }
-        DpopKey {
-            encoding: EncodingKey::from_ec_pem(key.pem.as_bytes()).unwrap(),
-            jwk,
-        }
-    }
-
-    fn jkt(&self) -> String {
-        jwk_thumbprint(&self.jwk).expect("an EC key has a thumbprint")
-    }
-
-    /// A new proof (unique `jti`) for `GET` [`HTU`] with `access_token`.
-    fn proof(&self, access_token: &str) -> String {
-        static NEXT: AtomicU64 = AtomicU64::new(0);
-        let mut header = Header::new(jsonwebtoken::Algorithm::ES256);
-        header.typ = Some("dpop+jwt".into());
-        header.jwk = Some(serde_json::from_value(self.jwk.clone()).unwrap());
-        let ath = b64(aws_lc_rs::digest::digest(
-            &aws_lc_rs::digest::SHA256,
-            access_token.as_bytes(),
-        )
-        .as_ref());
-        let claims = json!({
-            "jti": format!("bench-{}-{}", now(), NEXT.fetch_add(1, Ordering::Relaxed)),
-            "htm": "GET",
-            "htu": HTU,
-            "iat": now(),
-            "ath": ath,
-        });
-        jsonwebtoken::encode(&header, &claims, &self.encoding).unwrap()
-    }
 }
 
 /// `GET /orders/7` on `orders.example.test` with `authorization` and,
@@ -146,6 +103,8 @@ struct Setup {
     /// The same configuration with `[revocation] redis_url`: DPoP proofs are
     /// also recorded in Redis.
     shared: Engine,
+    /// The fixture's configuration with `[sender_constraint] dpop_nonce`.
+    nonced: Engine,
     bearer: String,
     bound: String,
     dpop: DpopKey,
@@ -185,6 +144,11 @@ fn setup(rt: &Runtime) -> Setup {
         engine.authenticator().is_ready()
     }));
 
+    let mut nonced_config = config.clone();
+    nonced_config.sender_constraint.dpop_nonce = true;
+    nonced_config.sender_constraint.dpop_nonce_lifetime = std::time::Duration::from_secs(3600);
+    let nonced = Engine::from_config(&nonced_config).unwrap();
+
     let redis = RedisServer::start_with_appendfsync("everysec");
     let mut shared_config = config;
     shared_config.revocation.redis_url = Some(Secret::new(redis.url()));
@@ -207,6 +171,7 @@ fn setup(rt: &Runtime) -> Setup {
         list_issuer_bearer: idp_key.sign(&list_issuer_claims),
         engine,
         shared,
+        nonced,
         _fx: fx,
         idp,
         redis,
@@ -252,7 +217,8 @@ fn benches(c: &mut Criterion) {
     });
 
     // Every decide case runs through iter_batched_ref, so each pays the same
-    // harness costs (the request built and the decision dropped untimed).
+    // harness costs (the request built and the decision dropped untimed), and
+    // builds the answer the caller gets (where a DPoP nonce is handed on).
     let repeated = |name: &str, authorization: String| {
         let http = request(authorization, None);
         allowed(decide(&setup.engine, &http), name); // warms the caches (and the list)
@@ -269,29 +235,52 @@ fn benches(c: &mut Criterion) {
         group.bench_function(&name, |b| {
             b.iter_batched_ref(
                 || http.clone(),
-                |http| allowed(decide(&setup.engine, black_box(http)), &name),
+                |http| {
+                    let decision = allowed(decide(&setup.engine, black_box(http)), &name);
+                    Engine::answer(Some(&setup.engine), &decision)
+                },
                 BatchSize::SmallInput,
             )
         });
     }
 
-    for (name, engine) in [
-        ("dpop_memory", &setup.engine),
-        ("dpop_redis", &setup.shared),
+    // The nonce the nonced engine hands a client whose proof has none.
+    let refused = decide(
+        &setup.nonced,
+        &request(
+            format!("DPoP {}", setup.bound),
+            Some(setup.dpop.proof("GET", HTU, &setup.bound)),
+        ),
+    );
+    let nonce = Engine::answer(Some(&setup.nonced), &refused)
+        .client_headers
+        .into_iter()
+        .find(|(name, _)| name == "dpop-nonce")
+        .map(|(_, value)| value)
+        .expect("a use_dpop_nonce answer carries DPoP-Nonce");
+    for (name, engine, nonce) in [
+        ("dpop_memory", &setup.engine, None),
+        ("dpop_nonce", &setup.nonced, Some(nonce.as_str())),
+        ("dpop_redis", &setup.shared, None),
     ] {
         let fresh = || {
-            request(
-                format!("DPoP {}", setup.bound),
-                Some(setup.dpop.proof(&setup.bound)),
-            )
+            let proof = match nonce {
+                Some(nonce) => setup.dpop.proof_with_nonce("GET", HTU, &setup.bound, nonce),
+                None => setup.dpop.proof("GET", HTU, &setup.bound),
+            };
+            request(format!("DPoP {}", setup.bound), Some(proof))
         };
         // Token cache, decision cache and (for Redis) the connection warm.
         let warm = allowed(decide(engine, &fresh()), name);
         assert_eq!(warm.binding, Some("dpop"), "{name}: the proof was checked");
+        // The answer is built in the timed part: the nonce is handed on there.
         group.bench_function(name, |b| {
             b.iter_batched_ref(
                 fresh,
-                |http| allowed(decide(engine, black_box(http)), name),
+                |http| {
+                    let decision = allowed(decide(engine, black_box(http)), name);
+                    Engine::answer(Some(engine), &decision)
+                },
                 BatchSize::SmallInput,
             )
         });
@@ -335,6 +324,7 @@ fn main() {
     for case in [
         "bearer_cached",
         "dpop_memory",
+        "dpop_nonce",
         "dpop_redis",
         "status_list_warm",
         "bearer_cached_list_issuer",
