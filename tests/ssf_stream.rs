@@ -1,0 +1,751 @@
+//! Shared Signals stream management, as a transmitter meets the receiver:
+//! the test is the transmitter, serving over real HTTPS (a private CA) its
+//! configuration metadata (`/.well-known/ssf-configuration`), the status,
+//! add-subject, remove-subject and verification endpoints, recording what it
+//! is sent and checking the management token; it answers a verification
+//! request by pushing a real signed verification SET to the receiver's push
+//! endpoint (or queueing it for the receiver's poll, or not at all). The
+//! `portcullis ssf` commands run as the real binary; verification runs in
+//! instances started by `serve::spawn`, and its outcomes are read on the
+//! real `/metrics` endpoint.
+
+mod common;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use common::*;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::service::TowerToHyperService;
+use jsonwebtoken::{EncodingKey, Header};
+use portcullis::admin::pb;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _};
+use serde_json::{Value, json};
+use tokio_rustls::TlsAcceptor;
+
+const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
+const RECEIVER: &str = "https://portcullis.example.test/ssf";
+const PUSH_TOKEN: &str = "push-token-0123456789abcdef";
+const MANAGEMENT_TOKEN: &str = "management-token-0123456789abcdef";
+const STREAM_ID: &str = "stream-f00d";
+const VERIFICATION: &str = "https://schemas.openid.net/secevent/ssf/event-type/verification";
+const STREAM_UPDATED: &str = "https://schemas.openid.net/secevent/ssf/event-type/stream-updated";
+
+type Instance = common::instance::AdminInstance;
+
+static SEQ: AtomicU64 = AtomicU64::new(0);
+
+fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::SeqCst)
+    )
+}
+
+/// How the transmitter answers a verification request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Answer {
+    /// Pushes the verification SET with the requested state.
+    Push,
+    /// Pushes a verification SET with another state.
+    PushWrongState,
+    /// Queues the verification SET for the receiver's next poll.
+    Poll,
+    /// Answers 204 and sends nothing.
+    Silent,
+}
+
+/// One request the transmitter received.
+#[derive(Debug, Clone)]
+struct Recorded {
+    method: String,
+    path: String,
+    query: Option<String>,
+    authorization: Option<String>,
+    body: Value,
+}
+
+/// The transmitter: keys, stream state, what it was sent.
+struct Transmitter {
+    /// Its `iss` (of the SETs), `https://localhost:<port>`.
+    issuer: String,
+    /// The `issuer` its metadata names (normally `issuer`).
+    metadata_issuer: Mutex<String>,
+    key: TestKey,
+    status: Mutex<Value>,
+    answer: Mutex<Answer>,
+    /// The receiver's push endpoint.
+    push_url: Mutex<Option<String>>,
+    /// SETs waiting for the receiver's poll, by `jti`.
+    poll_queue: Mutex<Vec<(String, String)>>,
+    requests: Mutex<Vec<Recorded>>,
+}
+
+impl Transmitter {
+    fn jwks(&self) -> Value {
+        jwks_of(&[&self.key])
+    }
+
+    fn sign(&self, claims: &Value) -> String {
+        let mut header = Header::new(self.key.algorithm);
+        header.kid = Some(self.key.kid().to_owned());
+        header.typ = Some("secevent+jwt".to_owned());
+        let encoding = EncodingKey::from_ec_pem(self.key.pem.as_bytes()).unwrap();
+        jsonwebtoken::encode(&header, claims, &encoding).unwrap()
+    }
+
+    /// A SET about the stream with one event, a fresh `jti`, issued now.
+    fn set(&self, event_type: &str, event: Value) -> (String, String) {
+        let jti = unique("set");
+        let claims = json!({
+            "iss": self.issuer,
+            "aud": [RECEIVER],
+            "iat": now(),
+            "jti": jti,
+            "sub_id": {"format": "opaque", "id": STREAM_ID},
+            "events": { event_type: event },
+        });
+        (jti, self.sign(&claims))
+    }
+
+    fn base(&self) -> &str {
+        &self.issuer
+    }
+
+    fn requests_to(&self, path: &str) -> Vec<Recorded> {
+        self.requests
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|r| r.path == path)
+            .cloned()
+            .collect()
+    }
+
+    fn metadata(&self) -> Value {
+        let base = self.base();
+        json!({
+            "spec_version": "1_0",
+            "issuer": *self.metadata_issuer.lock().unwrap(),
+            "jwks_uri": format!("{base}/jwks"),
+            "delivery_methods_supported": ["urn:ietf:rfc:8935", "urn:ietf:rfc:8936"],
+            "configuration_endpoint": format!("{base}/ssf/stream"),
+            "status_endpoint": format!("{base}/ssf/status"),
+            "add_subject_endpoint": format!("{base}/ssf/subjects:add"),
+            "remove_subject_endpoint": format!("{base}/ssf/subjects:remove"),
+            "verification_endpoint": format!("{base}/ssf/verify"),
+        })
+    }
+
+    /// Delivers the verification SET answering `state`, as `answer` says.
+    async fn answer_verification(self: Arc<Self>, state: String) {
+        let answer = *self.answer.lock().unwrap();
+        let state = match answer {
+            Answer::Silent => return,
+            Answer::PushWrongState => "a-state-nobody-asked-for".to_owned(),
+            Answer::Push | Answer::Poll => state,
+        };
+        let (jti, set) = self.set(VERIFICATION, json!({"state": state}));
+        if answer == Answer::Poll {
+            self.poll_queue.lock().unwrap().push((jti, set));
+            return;
+        }
+        let url = self.push_url.lock().unwrap().clone().unwrap();
+        let response = reqwest::Client::new()
+            .post(url)
+            .bearer_auth(PUSH_TOKEN)
+            .header("content-type", "application/secevent+jwt")
+            .body(set)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 202);
+    }
+}
+
+fn json_response(status: StatusCode, body: Value) -> Response {
+    (status, axum::Json(body)).into_response()
+}
+
+async fn handle(
+    State(tx): State<Arc<Transmitter>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let authorization = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let path = uri.path().to_owned();
+    tx.requests.lock().unwrap().push(Recorded {
+        method: method.to_string(),
+        path: path.clone(),
+        query: uri.query().map(str::to_owned),
+        authorization: authorization.clone(),
+        body: serde_json::from_slice(&body).unwrap_or(Value::Null),
+    });
+    match path.as_str() {
+        "/.well-known/ssf-configuration" => return json_response(StatusCode::OK, tx.metadata()),
+        "/jwks" => return json_response(StatusCode::OK, tx.jwks()),
+        // The poll endpoint takes no token in these tests.
+        "/poll" => {
+            let sets: serde_json::Map<String, Value> = tx
+                .poll_queue
+                .lock()
+                .unwrap()
+                .drain(..)
+                .map(|(jti, set)| (jti, Value::from(set)))
+                .collect();
+            return json_response(
+                StatusCode::OK,
+                json!({"sets": sets, "moreAvailable": false}),
+            );
+        }
+        _ => {}
+    }
+    if authorization.as_deref() != Some(&*format!("Bearer {MANAGEMENT_TOKEN}")) {
+        return json_response(StatusCode::UNAUTHORIZED, json!({"error": "unauthorized"}));
+    }
+    let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    match (method.as_str(), path.as_str()) {
+        ("GET", "/ssf/status") => json_response(StatusCode::OK, tx.status.lock().unwrap().clone()),
+        ("POST", "/ssf/subjects:add") => StatusCode::OK.into_response(),
+        ("POST", "/ssf/subjects:remove") => StatusCode::NO_CONTENT.into_response(),
+        ("POST", "/ssf/verify") => {
+            let state = request["state"].as_str().unwrap_or_default().to_owned();
+            tokio::spawn(tx.clone().answer_verification(state));
+            StatusCode::NO_CONTENT.into_response()
+        }
+        _ => StatusCode::NOT_FOUND.into_response(),
+    }
+}
+
+/// Starts a transmitter over HTTPS with a certificate of `ca`, answering
+/// verification requests as `answer` says.
+async fn start_transmitter(ca: &common::pki::TestCa, answer: Answer) -> Arc<Transmitter> {
+    let server = ca.server();
+    let certs = vec![CertificateDer::from_pem_slice(server.cert_pem.as_bytes()).unwrap()];
+    let key = PrivateKeyDer::from_pem_slice(server.key_pem.as_bytes()).unwrap();
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let acceptor = TlsAcceptor::from(Arc::new(tls));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let issuer = format!(
+        "https://localhost:{}",
+        listener.local_addr().unwrap().port()
+    );
+    let tx = Arc::new(Transmitter {
+        metadata_issuer: Mutex::new(issuer.clone()),
+        issuer,
+        key: TestKey::es256(),
+        status: Mutex::new(json!({"stream_id": STREAM_ID, "status": "enabled"})),
+        answer: Mutex::new(answer),
+        push_url: Mutex::new(None),
+        poll_queue: Mutex::new(Vec::new()),
+        requests: Mutex::new(Vec::new()),
+    });
+    let app = Router::new().fallback(handle).with_state(tx.clone());
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            let acceptor = acceptor.clone();
+            let service = TowerToHyperService::new(app.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let _ = auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tls), service)
+                    .await;
+            });
+        }
+    });
+    tx
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Files the `[ssf]` section names: the transmitter's JWKS and CA, the
+/// push and management tokens.
+struct Files {
+    jwks: PathBuf,
+    ca: PathBuf,
+    push_token: PathBuf,
+    management_token: PathBuf,
+}
+
+fn files(fx: &Fixture, tx: &Transmitter, ca: &common::pki::TestCa) -> Files {
+    let files = Files {
+        jwks: fx.path("transmitter-jwks.json"),
+        ca: fx.path("transmitter-ca.pem"),
+        push_token: fx.path("push-token"),
+        management_token: fx.path("management-token"),
+    };
+    std::fs::write(&files.jwks, tx.jwks().to_string()).unwrap();
+    std::fs::write(&files.ca, &ca.pem).unwrap();
+    std::fs::write(&files.push_token, format!("{PUSH_TOKEN}\n")).unwrap();
+    std::fs::write(&files.management_token, format!("{MANAGEMENT_TOKEN}\n")).unwrap();
+    files
+}
+
+/// Writes `name.toml`: the fixture's configuration, a revocation data
+/// folder, an admin API and an `[ssf]` section receiving from `tx` by push
+/// on `push_port`, with `extra` keys and the transmitter's CA.
+fn config(
+    fx: &Fixture,
+    tx: &Transmitter,
+    ca: &common::pki::TestCa,
+    name: &str,
+    push_port: u16,
+    extra: &str,
+) -> PathBuf {
+    let f = files(fx, tx, ca);
+    let base = std::fs::read_to_string(fx.config_path()).unwrap();
+    let text = format!(
+        "{base}\n[revocation]\ndata_dir = \"data-{name}\"\n[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"{ADMIN_TOKEN}\"\n\
+         [ssf]\nissuer = \"{}\"\naudience = \"{RECEIVER}\"\njwks_file = \"{}\"\n\
+         push_listen = \"127.0.0.1:{push_port}\"\npush_token_file = \"{}\"\n\
+         management_token_file = \"{}\"\n{extra}\n[ssf.remote]\nca_file = \"{}\"\n",
+        tx.issuer,
+        f.jwks.display(),
+        f.push_token.display(),
+        f.management_token.display(),
+        f.ca.display(),
+    );
+    let path = fx.path(&format!("{name}.toml"));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Runs `portcullis <args>` off the runtime (the transmitter answers on it).
+async fn run(args: Vec<String>) -> (i32, String, String) {
+    let output = tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        portcullis(&args)
+    })
+    .await
+    .unwrap();
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+fn ssf_args(command: &str, config: &std::path::Path, rest: &[&str]) -> Vec<String> {
+    let mut args = vec![
+        "ssf".to_owned(),
+        command.to_owned(),
+        "--config".to_owned(),
+        path_arg(config),
+    ];
+    args.extend(rest.iter().map(|s| (*s).to_owned()));
+    args
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ssf_commands_manage_the_stream_at_the_transmitter() {
+    let fx = Fixture::with_keys(vec![TestKey::es256()]);
+    let ca = common::pki::TestCa::new("transmitter CA");
+    let tx = start_transmitter(&ca, Answer::Silent).await;
+    let path = config(
+        &fx,
+        &tx,
+        &ca,
+        "cli",
+        free_port(),
+        &format!("stream_id = \"{STREAM_ID}\""),
+    );
+    let bearer = format!("Bearer {MANAGEMENT_TOKEN}");
+
+    // status: read from the endpoint the metadata (at the issuer's
+    // well-known address: configuration_url is unset) names.
+    let (code, out, err) = run(ssf_args("status", &path, &[])).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(out.trim(), format!("stream {STREAM_ID}: enabled"));
+    assert_eq!(
+        tx.requests_to("/.well-known/ssf-configuration").len(),
+        1,
+        "metadata read once"
+    );
+    let status = tx.requests_to("/ssf/status");
+    assert_eq!(status.len(), 1);
+    assert_eq!(status[0].method, "GET");
+    assert_eq!(
+        status[0].query.as_deref(),
+        Some(&*format!("stream_id={STREAM_ID}"))
+    );
+    assert_eq!(status[0].authorization.as_deref(), Some(&*bearer));
+
+    // A paused stream: printed with its reason, exit 1.
+    *tx.status.lock().unwrap() =
+        json!({"stream_id": STREAM_ID, "status": "paused", "reason": "maintenance"});
+    let (code, out, _) = run(ssf_args("status", &path, &[])).await;
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("paused") && out.contains("reason: maintenance"),
+        "{out}"
+    );
+
+    // add-subject, each form of subject.
+    let added = [
+        (
+            vec!["--email", "alice@example.test"],
+            json!({"format": "email", "email": "alice@example.test"}),
+            true,
+        ),
+        (
+            vec!["--iss-sub", ISSUER, "alice", "--unverified"],
+            json!({"format": "iss_sub", "iss": ISSUER, "sub": "alice"}),
+            false,
+        ),
+        (
+            vec!["--opaque", "u-42"],
+            json!({"format": "opaque", "id": "u-42"}),
+            true,
+        ),
+        (
+            vec![
+                "--subject-json",
+                r#"{"user": {"format": "opaque", "id": "u-43"}, "tenant": {"format": "opaque", "id": "t1"}}"#,
+            ],
+            json!({"user": {"format": "opaque", "id": "u-43"}, "tenant": {"format": "opaque", "id": "t1"}}),
+            true,
+        ),
+    ];
+    for (args, subject, verified) in &added {
+        let (code, out, err) = run(ssf_args("add-subject", &path, args)).await;
+        assert_eq!(code, 0, "{args:?}: {out}{err}");
+        assert!(
+            out.contains(&format!("added to stream {STREAM_ID}")),
+            "{out}"
+        );
+        let last = tx.requests_to("/ssf/subjects:add").pop().unwrap();
+        assert_eq!(last.method, "POST");
+        assert_eq!(last.authorization.as_deref(), Some(&*bearer));
+        assert_eq!(
+            last.body,
+            json!({"stream_id": STREAM_ID, "subject": subject, "verified": verified}),
+            "{args:?}"
+        );
+    }
+
+    // remove-subject.
+    let (code, out, err) = run(ssf_args("remove-subject", &path, &["--opaque", "u-42"])).await;
+    assert_eq!(code, 0, "{out}{err}");
+    let removed = tx.requests_to("/ssf/subjects:remove");
+    assert_eq!(removed.len(), 1);
+    assert_eq!(
+        removed[0].body,
+        json!({"stream_id": STREAM_ID, "subject": {"format": "opaque", "id": "u-42"}})
+    );
+    assert_eq!(removed[0].authorization.as_deref(), Some(&*bearer));
+
+    // verify: with a chosen state, and a fresh one.
+    let (code, out, err) = run(ssf_args("verify", &path, &["--state", "s-1"])).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("state s-1"), "{out}");
+    let (code, out, _) = run(ssf_args("verify", &path, &[])).await;
+    assert_eq!(code, 0, "{out}");
+    let verify = tx.requests_to("/ssf/verify");
+    assert_eq!(verify.len(), 2);
+    assert_eq!(
+        verify[0].body,
+        json!({"stream_id": STREAM_ID, "state": "s-1"})
+    );
+    assert_eq!(verify[0].authorization.as_deref(), Some(&*bearer));
+    let fresh = verify[1].body["state"].as_str().unwrap();
+    assert_eq!(fresh.len(), 32, "{fresh}");
+    assert!(out.contains(fresh), "{out}");
+
+    // A subject that is not an identifier is refused before anything is sent.
+    let before = tx.requests.lock().unwrap().len();
+    let (code, _, err) = run(ssf_args(
+        "add-subject",
+        &path,
+        &["--subject-json", r#"{"email": "a@b.test"}"#],
+    ))
+    .await;
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("format"), "{err}");
+    assert_eq!(tx.requests.lock().unwrap().len(), before);
+
+    // A wrong management token: the transmitter's 401, explained; the token
+    // itself is never printed.
+    std::fs::write(fx.path("management-token"), "not-the-token-0123456789").unwrap();
+    let (code, out, err) = run(ssf_args("status", &path, &[])).await;
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(
+        err.contains("401") && err.contains("management token"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("not-the-token") && !out.contains("not-the-token"),
+        "{err}"
+    );
+    std::fs::write(fx.path("management-token"), MANAGEMENT_TOKEN).unwrap();
+
+    // Metadata naming another issuer: refused, no endpoint of it is called.
+    *tx.metadata_issuer.lock().unwrap() = "https://impostor.example.test".to_owned();
+    let before = tx.requests_to("/ssf/status").len();
+    let (code, _, err) = run(ssf_args("status", &path, &[])).await;
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("https://impostor.example.test") && err.contains("refused"),
+        "{err}"
+    );
+    assert_eq!(tx.requests_to("/ssf/status").len(), before);
+    assert!(!err.contains(MANAGEMENT_TOKEN), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn validate_refuses_inconsistent_stream_management_settings() {
+    let fx = Fixture::with_keys(vec![TestKey::es256()]);
+    let ca = common::pki::TestCa::new("transmitter CA");
+    let tx = start_transmitter(&ca, Answer::Silent).await;
+    let good = config(
+        &fx,
+        &tx,
+        &ca,
+        "good",
+        free_port(),
+        &format!("stream_id = \"{STREAM_ID}\"\nverification_interval = \"1m\""),
+    );
+    let (code, out, err) = run(vec!["validate".into(), "--config".into(), path_arg(&good)]).await;
+    assert_eq!(code, 0, "{out}{err}");
+
+    let cases = [
+        (
+            "verification_interval = \"1m\"",
+            "verification_interval is set without stream_id",
+        ),
+        (
+            "stream_id = \"s\"\nverification_interval = \"100ms\"",
+            "at least 1s",
+        ),
+        (
+            "stream_id = \"s\"\nconfiguration_url = \"http://idp.example.test/c\"",
+            "configuration_url must be an https:// URL",
+        ),
+    ];
+    for (i, (extra, expected)) in cases.iter().enumerate() {
+        let path = config(&fx, &tx, &ca, &format!("bad{i}"), free_port(), extra);
+        let (code, out, err) =
+            run(vec!["validate".into(), "--config".into(), path_arg(&path)]).await;
+        assert_eq!(code, 1, "{extra}: {out}{err}");
+        assert!(err.contains(expected), "{extra}: {err}");
+    }
+    let empty_token = fx.path("empty-token");
+    std::fs::write(&empty_token, "\n").unwrap();
+    let path = config(&fx, &tx, &ca, "bad-token", free_port(), "");
+    let text = std::fs::read_to_string(&path).unwrap().replace(
+        &path_arg(&fx.path("management-token")),
+        &path_arg(&empty_token),
+    );
+    std::fs::write(&path, text).unwrap();
+    let (code, _, err) = run(vec!["validate".into(), "--config".into(), path_arg(&path)]).await;
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("management_token_file") && err.contains("is empty"),
+        "{err}"
+    );
+}
+
+/// An instance receiving from `tx` by push, asking for a verification
+/// event every second (plus `extra`).
+async fn verifying_instance(
+    fx: &Fixture,
+    tx: &Arc<Transmitter>,
+    ca: &common::pki::TestCa,
+    extra: &str,
+) -> Instance {
+    let port = free_port();
+    *tx.push_url.lock().unwrap() = Some(format!("http://127.0.0.1:{port}/ssf/events"));
+    let path = config(
+        fx,
+        tx,
+        ca,
+        "a",
+        port,
+        &format!("stream_id = \"{STREAM_ID}\"\nverification_interval = \"1s\"\n{extra}"),
+    );
+    Instance::start(&path, fx.path("a.audit.log")).await
+}
+
+fn verification(outcome: &str) -> String {
+    format!("portcullis_ssf_events_total{{event=\"verification\",outcome=\"{outcome}\"}}")
+}
+
+/// Waits until the metric `sample` reaches `at_least`.
+async fn metric_reaches(instance: &Instance, sample: &str, at_least: f64) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let value = instance.metric(sample).await;
+        if value >= at_least {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{sample} is {value} after 30s, expected {at_least}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn revocations(instance: &Instance) -> Vec<pb::Revocation> {
+    let request = with_bearer(pb::ListRevocationsRequest {}, ADMIN_TOKEN);
+    instance
+        .admin()
+        .await
+        .list_revocations(request)
+        .await
+        .unwrap()
+        .into_inner()
+        .revocations
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_requested_verification_event_pushed_back_is_counted_verified() {
+    let fx = Fixture::with_keys(vec![TestKey::es256()]);
+    let ca = common::pki::TestCa::new("transmitter CA");
+    let tx = start_transmitter(&ca, Answer::Push).await;
+    let inst = verifying_instance(&fx, &tx, &ca, "").await;
+
+    metric_reaches(&inst, &verification("verified"), 2.0).await;
+    assert_eq!(inst.metric(&verification("unexpected")).await, 0.0);
+    // Each request: the stream, a fresh 128-bit state, the management token.
+    let requests = tx.requests_to("/ssf/verify");
+    assert!(requests.len() >= 2, "{requests:?}");
+    let states: Vec<&str> = requests
+        .iter()
+        .map(|r| r.body["state"].as_str().unwrap())
+        .collect();
+    for r in &requests {
+        assert_eq!(r.body["stream_id"], STREAM_ID);
+        assert_eq!(
+            r.authorization.as_deref(),
+            Some(&*format!("Bearer {MANAGEMENT_TOKEN}"))
+        );
+    }
+    assert!(states.iter().all(|s| s.len() == 32), "{states:?}");
+    assert_ne!(states[0], states[1]);
+    // The metadata was read once, at the issuer's well-known address.
+    assert_eq!(tx.requests_to("/.well-known/ssf-configuration").len(), 1);
+    assert!(revocations(&inst).await.is_empty());
+    inst.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_verification_event_with_a_wrong_state_is_unexpected_and_revokes_nothing() {
+    let fx = Fixture::with_keys(vec![TestKey::es256()]);
+    let ca = common::pki::TestCa::new("transmitter CA");
+    let tx = start_transmitter(&ca, Answer::PushWrongState).await;
+    let inst = verifying_instance(&fx, &tx, &ca, "").await;
+    let alice = fx.es256().token("alice", &["orders:read"], &[]);
+
+    metric_reaches(&inst, &verification("unexpected"), 1.0).await;
+    // The round whose answer was wrong is missed when the next begins.
+    metric_reaches(&inst, &verification("missed"), 1.0).await;
+    assert_eq!(inst.metric(&verification("verified")).await, 0.0);
+    assert!(revocations(&inst).await.is_empty());
+    let out = outcome(
+        &inst
+            .server
+            .check(envoy_request("GET", "/orders/1", Some(&alice)))
+            .await,
+    );
+    assert_eq!(out.http_status, 200, "{out:?}");
+
+    // The transmitter pauses the stream: counted, nothing revoked.
+    let (_, set) = tx.set(
+        STREAM_UPDATED,
+        json!({"status": "paused", "reason": "maintenance"}),
+    );
+    let response = reqwest::Client::new()
+        .post(tx.push_url.lock().unwrap().clone().unwrap())
+        .bearer_auth(PUSH_TOKEN)
+        .header("content-type", "application/secevent+jwt")
+        .body(set)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    assert_eq!(
+        inst.metric("portcullis_ssf_events_total{event=\"stream-updated\",outcome=\"paused\"}")
+            .await,
+        1.0
+    );
+    assert!(revocations(&inst).await.is_empty());
+    inst.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_verification_the_transmitter_never_sends_is_counted_missed() {
+    let fx = Fixture::with_keys(vec![TestKey::es256()]);
+    let ca = common::pki::TestCa::new("transmitter CA");
+    let tx = start_transmitter(&ca, Answer::Silent).await;
+    let inst = verifying_instance(&fx, &tx, &ca, "").await;
+
+    metric_reaches(&inst, &verification("missed"), 2.0).await;
+    assert_eq!(inst.metric(&verification("verified")).await, 0.0);
+    assert_eq!(inst.metric(&verification("request_failed")).await, 0.0);
+    assert!(tx.requests_to("/ssf/verify").len() >= 3);
+    inst.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_verification_event_delivered_by_poll_is_counted_verified() {
+    let fx = Fixture::with_keys(vec![TestKey::es256()]);
+    let ca = common::pki::TestCa::new("transmitter CA");
+    let tx = start_transmitter(&ca, Answer::Poll).await;
+    let poll = format!(
+        "poll_url = \"{}/poll\"\npoll_interval = \"200ms\"",
+        tx.base()
+    );
+    let inst = verifying_instance(&fx, &tx, &ca, &poll).await;
+    metric_reaches(&inst, &verification("verified"), 1.0).await;
+    assert_eq!(inst.metric(&verification("unexpected")).await, 0.0);
+    inst.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_refuses_metadata_naming_another_issuer() {
+    let fx = Fixture::with_keys(vec![TestKey::es256()]);
+    let ca = common::pki::TestCa::new("transmitter CA");
+    let tx = start_transmitter(&ca, Answer::Push).await;
+    *tx.metadata_issuer.lock().unwrap() = "https://impostor.example.test".to_owned();
+    let inst = verifying_instance(&fx, &tx, &ca, "").await;
+
+    // Each round reads the metadata again, refuses it, and asks nothing.
+    metric_reaches(&inst, &verification("request_failed"), 2.0).await;
+    assert!(tx.requests_to("/.well-known/ssf-configuration").len() >= 2);
+    assert!(tx.requests_to("/ssf/verify").is_empty());
+    assert_eq!(inst.metric(&verification("verified")).await, 0.0);
+    assert_eq!(inst.metric(&verification("missed")).await, 0.0);
+    inst.stop().await;
+}
