@@ -686,8 +686,9 @@ async fn a_verification_event_with_a_wrong_state_is_unexpected_and_revokes_nothi
         STREAM_UPDATED,
         json!({"status": "paused", "reason": "maintenance"}),
     );
+    let push_url = tx.push_url.lock().unwrap().clone().unwrap();
     let response = reqwest::Client::new()
-        .post(tx.push_url.lock().unwrap().clone().unwrap())
+        .post(push_url)
         .bearer_auth(PUSH_TOKEN)
         .header("content-type", "application/secevent+jwt")
         .body(set)
