@@ -14,6 +14,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{Notify, watch};
 
 use crate::decision::Decision;
+use crate::telemetry::decision_logs::{DecisionLogStats, DecisionLogs};
 use crate::telemetry::traces::TraceIds;
 
 /// Where decision lines go, and when.
@@ -52,6 +53,9 @@ use crate::telemetry::traces::TraceIds;
 pub struct AuditLog {
     mode: Mode,
     health: Arc<Health>,
+    /// Each line also queued for export as an OTLP log record, when
+    /// `[telemetry] decision_logs` is on.
+    decision_logs: Option<DecisionLogs>,
 }
 
 enum Mode {
@@ -101,6 +105,10 @@ pub enum AuditUnavailable {
     /// The last write to the sink failed; it is being retried.
     #[error("audit_unavailable: the audit sink is failing writes (retrying)")]
     SinkFailing,
+    /// The decision-log export queue (`decision_log_overflow = "block"`)
+    /// stayed full for [`MAX_READY_WAIT`].
+    #[error("audit_unavailable: the decision log export queue is full")]
+    DecisionLogsFull,
     /// The writer is [`MAX_PENDING_BYTES`] behind and made no room in time.
     #[error("audit_unavailable: the audit writer is too far behind")]
     Behind,
@@ -235,6 +243,7 @@ impl AuditLog {
         AuditLog {
             mode: Mode::WriteThrough(Mutex::new(sink)),
             health: Arc::new(Health::new()),
+            decision_logs: None,
         }
     }
 
@@ -242,12 +251,22 @@ impl AuditLog {
     /// gathered over each `interval` at once. A zero interval keeps the log
     /// write-through.
     pub fn batched(self, interval: Duration) -> std::io::Result<AuditLog> {
-        let AuditLog { mode, health } = self;
+        let AuditLog {
+            mode,
+            health,
+            decision_logs,
+        } = self;
         let sink = match mode {
             Mode::WriteThrough(sink) if !interval.is_zero() => {
                 sink.into_inner().unwrap_or_else(|p| p.into_inner())
             }
-            mode => return Ok(AuditLog { mode, health }),
+            mode => {
+                return Ok(AuditLog {
+                    mode,
+                    health,
+                    decision_logs,
+                });
+            }
         };
         let shared = Arc::new(Shared {
             pending: Mutex::new(Pending::default()),
@@ -269,15 +288,37 @@ impl AuditLog {
                 ready_wait: MAX_READY_WAIT,
             }),
             health,
+            decision_logs,
         })
+    }
+
+    /// The same log, each line also queued for export as an OTLP log record
+    /// (`[telemetry] decision_logs`). With `decision_log_overflow = "block"`,
+    /// [`AuditLog::ready`] also waits for room in that queue.
+    pub fn with_decision_logs(mut self, logs: DecisionLogs) -> AuditLog {
+        self.decision_logs = Some(logs);
+        self
+    }
+
+    /// What decision-log export has counted; `None` when it is off.
+    pub fn decision_log_stats(&self) -> Option<DecisionLogStats> {
+        self.decision_logs.as_ref().map(DecisionLogs::stats)
     }
 
     /// Whether the log can take the line of a new decision: awaited before a
     /// request is decided. Never blocks a thread: when the writer is
     /// [`MAX_PENDING_BYTES`] behind it waits (asynchronously) for room, at most
     /// [`MAX_READY_WAIT`]. Refuses at once when the writer has stopped or the
-    /// sink is failing. Write-through logs are always ready.
+    /// sink is failing. Write-through logs are always ready. With decision logs in
+    /// `block` mode, also waits (the same bounded time) for room in their queue.
     pub async fn ready(&self) -> Result<(), AuditUnavailable> {
+        // `block` mode: no decision is made that its export queue cannot take
+        // (an immediate yes in `drop` mode or with room).
+        if let Some(logs) = &self.decision_logs
+            && !logs.ready(MAX_READY_WAIT).await
+        {
+            return Err(self.refuse(AuditUnavailable::DecisionLogsFull));
+        }
         let Mode::Batched(batch) = &self.mode else {
             return Ok(());
         };
@@ -378,6 +419,10 @@ impl AuditLog {
             tracing::error!(error = %e, decision_id = %decision.id, "cannot encode audit line");
             self.health.dropped(1);
             return;
+        }
+        // The same bytes as the audit line: the exported record cannot differ.
+        if let Some(logs) = &self.decision_logs {
+            logs.push(line);
         }
         line.push(b'\n');
         match &self.mode {
@@ -1030,5 +1075,39 @@ mod tests {
         drop(log);
         assert_eq!(health.lines_dropped.load(Ordering::Relaxed), 2);
         assert!(health.write_failures.load(Ordering::Relaxed) >= STOP_ATTEMPTS);
+    }
+
+    /// `[telemetry] decision_log_mask` accepts every field an audit line has
+    /// (config.rs keeps its own list: config names no other module), and
+    /// refuses a name that is not one.
+    #[test]
+    fn every_audit_field_can_be_masked_and_nothing_else() {
+        let decision = Decision::new("GET", "/orders/7");
+        let line =
+            serde_json::to_value(AuditRecord::new(&decision, 200, &TraceIds::default())).unwrap();
+        let fields: Vec<&String> = line.as_object().unwrap().keys().collect();
+        assert!(fields.len() > 20, "{fields:?}");
+        let config = |mask: &str| {
+            let text = format!(
+                "[policies]\ndir = \"policies\"\n[application]\nname = \"orders\"\n\
+                 [[issuers]]\nissuer = \"https://idp.test\"\naudiences = [\"a\"]\n\
+                 jwks_file = \"jwks.json\"\nmax_token_lifetime = \"15m\"\n\
+                 [[routes]]\nmethod = \"GET\"\npath = \"/orders/{{id}}\"\n\
+                 [telemetry]\notlp_endpoint = \"http://127.0.0.1:4317\"\n\
+                 decision_logs = true\ndecision_log_mask = {mask}\n"
+            );
+            crate::config::Config::from_toml(&text, Path::new("t.toml"), Path::new("/etc/p"))
+        };
+        let all = serde_json::to_string(&fields).unwrap();
+        if let Err(e) = config(&all) {
+            panic!("{e}");
+        }
+        let refused = config(r#"["principal", "subject"]"#)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            refused.contains("\"subject\" is not an audit line field"),
+            "{refused}"
+        );
     }
 }

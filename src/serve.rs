@@ -237,6 +237,15 @@ pub async fn serve(
     }
     .batched(config.audit.flush_interval())
     .map_err(|e| ServeError::Start(format!("cannot start the audit writer: {e}")))?;
+    // [telemetry] decision_logs: each audit line also exported as an OTLP log
+    // record; flushed once the gRPC server has stopped taking decisions.
+    let (audit, decision_logs) =
+        match crate::telemetry::decision_logs::DecisionLogs::start(&config.telemetry)
+            .map_err(|e| ServeError::Start(e.to_string()))?
+        {
+            Some((logs, export)) => (audit.with_decision_logs(logs), Some(export)),
+            None => (audit, None),
+        };
     let admin_token = match &config.admin {
         Some(admin) => Some(
             admin
@@ -484,6 +493,13 @@ pub async fn serve(
     }
     stop_background(&background, &tasks).await;
     running.shutdown(grace).await?;
+    // Every decision is queued by now (the HTTP doors stopped with the
+    // background tasks, the gRPC server just above).
+    if let Some(decision_logs) = decision_logs {
+        decision_logs
+            .shutdown(crate::telemetry::decision_logs::FLUSH_TIMEOUT)
+            .await;
+    }
     if let Some(metrics) = metrics {
         metrics.shutdown().await;
     }

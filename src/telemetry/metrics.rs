@@ -149,6 +149,29 @@ fn register_state(
         "1 when policies and keys are loaded and checks are decided",
         gauge(i64::from(engine.is_some())),
     );
+    // Only when `[telemetry] decision_logs` is on.
+    if let Some(logs) = audit.decision_log_stats() {
+        registry.register(
+            "decision_logs_exported",
+            "Decision log records the OTLP collector accepted",
+            counter(logs.exported),
+        );
+        registry.register(
+            "decision_logs_dropped",
+            "Decision log records dropped: the export queue was full (overflow drop), or still queued when shutdown gave up",
+            counter(logs.dropped),
+        );
+        registry.register(
+            "decision_logs_export_failures",
+            "Decision log records given up: their batch failed every export attempt, or the collector rejected them",
+            counter(logs.export_failures),
+        );
+        registry.register(
+            "decision_logs_queued",
+            "Decision log records waiting for export",
+            gauge(i64::try_from(logs.queued).unwrap_or(i64::MAX)),
+        );
+    }
     let audit = audit.stats();
     registry.register(
         "audit_writer_up",

@@ -1,12 +1,13 @@
 //! Telemetry: application logs (standard error, plain or JSON), trace export
-//! over OTLP with the caller's trace context ([`traces`]), and the Prometheus
-//! endpoint ([`metrics`]).
+//! over OTLP with the caller's trace context ([`traces`]), decision logs over
+//! OTLP ([`decision_logs`]), and the Prometheus endpoint ([`metrics`]).
 //!
 //! Decisions are not logged here: they go to the audit sink ([`crate::audit`]).
 //! One global subscriber carries both the log layer and, when `[telemetry]
 //! otlp_endpoint` is set, the OpenTelemetry layer; so `main` builds it once the
 //! configuration of `serve` is known (see [`init`]).
 
+pub mod decision_logs;
 pub mod metrics;
 pub mod traces;
 

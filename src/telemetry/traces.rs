@@ -93,16 +93,7 @@ impl TraceExport {
             .with_timeout(Duration::from_secs(10))
             .build()
             .map_err(|e| exporter_error(e.to_string()))?;
-        let resource = Resource::builder()
-            .with_service_name(config.service_name.clone())
-            .with_attribute(KeyValue::new("service.version", env!("CARGO_PKG_VERSION")))
-            .with_attributes(
-                config
-                    .resource_attributes
-                    .iter()
-                    .map(|(k, v)| KeyValue::new(k.clone(), v.clone())),
-            )
-            .build();
+        let resource = resource(config);
         // Parent-based: a caller's sampled (or not sampled) flag is followed, so a
         // trace is either whole or absent; the ratio applies to new traces only.
         let sampler =
@@ -154,6 +145,22 @@ impl TraceExport {
             tracing::warn!(error = %e, "trace export did not flush cleanly");
         }
     }
+}
+
+/// The resource exported spans (and decision logs) describe: `service.name`,
+/// `service.version`, the configured `resource_attributes`, and what the SDK
+/// detects (`telemetry.sdk.*`, `OTEL_RESOURCE_ATTRIBUTES`).
+pub(crate) fn resource(config: &TelemetryConfig) -> Resource {
+    Resource::builder()
+        .with_service_name(config.service_name.clone())
+        .with_attribute(KeyValue::new("service.version", env!("CARGO_PKG_VERSION")))
+        .with_attributes(
+            config
+                .resource_attributes
+                .iter()
+                .map(|(k, v)| KeyValue::new(k.clone(), v.clone())),
+        )
+        .build()
 }
 
 /// The two W3C trace headers, as found.
