@@ -1,5 +1,6 @@
 //! The command line: `serve`, `validate`, `check`, the admin API clients
-//! (`revoke`, `revocations`, `status`) and the `token` dev helpers.
+//! (`revoke`, `revocations`, `status`), the Shared Signals stream management
+//! commands (`ssf`) and the `token` dev helpers.
 //!
 //! This file holds the argument types and the dispatch; each command's
 //! implementation lives in the file named after its concern.
