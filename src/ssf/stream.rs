@@ -31,6 +31,8 @@ pub const MIN_VERIFICATION_INTERVAL: Duration = Duration::from_secs(1);
 /// States of earlier verification requests remembered, to tell a late event
 /// from one nobody asked for.
 const PAST_STATES: usize = 16;
+/// The name of the metadata call, in errors.
+const METADATA: &str = "transmitter configuration";
 /// The longest part of a transmitter's error answer quoted in an error.
 const MAX_QUOTED: usize = 200;
 
@@ -49,7 +51,7 @@ pub enum StreamError {
         reason: String,
     },
     /// The transmitter answered with an error status.
-    #[error("{what}: the transmitter answered {status}{}{detail}", hint(*.status))]
+    #[error("{what}: the transmitter answered {status}{}{detail}", hint(what, *.status))]
     Status {
         /// The call.
         what: &'static str,
@@ -90,8 +92,11 @@ pub enum StreamError {
 }
 
 /// What a few statuses mean, in the management API's terms.
-fn hint(status: u16) -> &'static str {
+fn hint(what: &str, status: u16) -> &'static str {
     match status {
+        404 if what == METADATA => {
+            " (no SSF configuration metadata there: check [ssf] configuration_url or issuer)"
+        }
         401 => " (the management token is missing or refused)",
         403 => " (the management token may not do this)",
         404 => " (no such stream, or no such subject)",
@@ -351,7 +356,7 @@ impl ManagementClient {
 
     /// Reads the transmitter's metadata and checks its `issuer`.
     pub async fn metadata(&self) -> Result<Metadata, StreamError> {
-        let what = "transmitter configuration";
+        let what = METADATA;
         let body = self
             .send(what, self.client.get(&self.configuration_url))
             .await?;
