@@ -171,6 +171,26 @@ async fn invalid_credentials_are_401_with_their_reason() {
             "wrong_audience",
         ),
         (
+            "audiences not naming us",
+            Some(with(json!({"aud": ["billing-api", "search"]}))),
+            "wrong_audience",
+        ),
+        (
+            "empty audience list",
+            Some(with(json!({"aud": []}))),
+            "wrong_audience",
+        ),
+        (
+            "audience list with a non-string",
+            Some(with(json!({"aud": [AUDIENCE, 7]}))),
+            "malformed_token",
+        ),
+        (
+            "audience as a number",
+            Some(with(json!({"aud": 7}))),
+            "malformed_token",
+        ),
+        (
             "lifetime too long",
             Some(with(json!({"iat": now, "exp": now + 7200}))),
             "lifetime_too_long",
@@ -567,4 +587,23 @@ async fn token_failures_can_be_dry_run_separately() {
             .await,
     );
     assert_eq!(out.http_status, 403);
+}
+
+/// `aud` may be a list: a token naming us among other audiences is accepted,
+/// signed by each key type (the keys are parsed once, at load).
+#[tokio::test]
+async fn an_audience_list_naming_us_is_accepted_for_every_key_type() {
+    let fx = Fixture::new();
+    let server = fx.serve().await;
+    for key in &fx.keys {
+        let mut c = claims("alice", &["orders:read"], &["customer"]);
+        c["aud"] = json!(["billing-api", AUDIENCE]);
+        let token = key.sign(&c);
+        let out = outcome(
+            &server
+                .check(envoy_request("GET", "/orders/7", Some(&token)))
+                .await,
+        );
+        assert_eq!(out.http_status, 200, "{:?}: {out:?}", key.algorithm);
+    }
 }

@@ -214,14 +214,9 @@ impl Authenticator {
     pub fn trust_test_key(&self, key: &SigningKey) -> Result<(), String> {
         let jwk = &key.public_jwks().keys[0];
         let decoding = jsonwebtoken::DecodingKey::from_jwk(jwk).map_err(|e| e.to_string())?;
+        let verification = VerificationKey::new(jsonwebtoken::Algorithm::ES256, decoding)?;
         for issuer in self.issuers.iter() {
-            issuer.keys.add_key(
-                key.kid(),
-                VerificationKey {
-                    algorithm: jsonwebtoken::Algorithm::ES256,
-                    key: decoding.clone(),
-                },
-            );
+            issuer.keys.add_key(key.kid(), verification.clone());
         }
         Ok(())
     }

@@ -5,10 +5,12 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 
+use aws_lc_rs::signature::ParsedPublicKey;
 use base64::Engine as _;
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, KeyAlgorithm, PublicKeyUse};
-use jsonwebtoken::{Algorithm, DecodingKey};
+use jsonwebtoken::{Algorithm, DecodingKey, DecodingKeyKind};
 
 /// Smallest RSA modulus accepted, in bits.
 pub const MIN_RSA_BITS: usize = 2048;
@@ -50,8 +52,64 @@ pub enum JwksError {
 pub struct VerificationKey {
     /// The pinned algorithm.
     pub algorithm: Algorithm,
-    /// The public key.
+    /// The public key, for jsonwebtoken (status lists, Security Event Tokens).
     pub key: DecodingKey,
+    /// The same key parsed once for aws-lc, so that the access-token path
+    /// does not parse (and, for RSA, rebuild) it on every verification.
+    parsed: Arc<ParsedPublicKey>,
+}
+
+impl VerificationKey {
+    /// `key` for `algorithm`, parsed now: a key aws-lc refuses (a point not
+    /// on the curve, a malformed modulus) is refused here, not at each token.
+    pub fn new(algorithm: Algorithm, key: DecodingKey) -> Result<VerificationKey, String> {
+        let parsed = parse_public_key(algorithm, &key)?;
+        Ok(VerificationKey {
+            algorithm,
+            key,
+            parsed: Arc::new(parsed),
+        })
+    }
+
+    /// Whether `signature` (raw bytes, JWS form) signs `message` with this
+    /// key and its pinned algorithm. RSA keys must be 2048 to 8192 bits.
+    pub fn verifies(&self, message: &[u8], signature: &[u8]) -> bool {
+        self.parsed.verify_sig(message, signature).is_ok()
+    }
+}
+
+/// The aws-lc verification algorithm of a JWS `alg`, with JWS's fixed-size
+/// ECDSA signatures.
+fn parse_public_key(algorithm: Algorithm, key: &DecodingKey) -> Result<ParsedPublicKey, String> {
+    use aws_lc_rs::signature as sig;
+    let rsa: Option<&'static sig::RsaParameters> = match algorithm {
+        Algorithm::RS256 => Some(&sig::RSA_PKCS1_2048_8192_SHA256),
+        Algorithm::RS384 => Some(&sig::RSA_PKCS1_2048_8192_SHA384),
+        Algorithm::RS512 => Some(&sig::RSA_PKCS1_2048_8192_SHA512),
+        Algorithm::PS256 => Some(&sig::RSA_PSS_2048_8192_SHA256),
+        Algorithm::PS384 => Some(&sig::RSA_PSS_2048_8192_SHA384),
+        Algorithm::PS512 => Some(&sig::RSA_PSS_2048_8192_SHA512),
+        _ => None,
+    };
+    let other: Option<&'static dyn sig::VerificationAlgorithm> = match algorithm {
+        Algorithm::ES256 => Some(&sig::ECDSA_P256_SHA256_FIXED),
+        Algorithm::ES384 => Some(&sig::ECDSA_P384_SHA384_FIXED),
+        Algorithm::EdDSA => Some(&sig::ED25519),
+        _ => None,
+    };
+    let parsed = match (key.kind(), rsa, other) {
+        (DecodingKeyKind::RsaModulusExponent { n, e }, Some(params), _) => {
+            sig::RsaPublicKeyComponents { n, e }.to_parsed_public_key(params)
+        }
+        (DecodingKeyKind::SecretOrDer(bytes), Some(params), _) => {
+            ParsedPublicKey::new(params, bytes)
+        }
+        (DecodingKeyKind::SecretOrDer(bytes), None, Some(algorithm)) => {
+            ParsedPublicKey::new(algorithm, bytes)
+        }
+        _ => return Err(format!("the key cannot verify {algorithm:?}")),
+    };
+    parsed.map_err(|e| format!("the {algorithm:?} public key is not usable: {e}"))
 }
 
 impl std::fmt::Debug for VerificationKey {
@@ -102,7 +160,7 @@ impl KeySet {
             .ok_or_else(|| JwksError::Shape("missing \"keys\" array".into()))?;
         let mut keys = HashMap::new();
         for (index, entry) in entries.iter().enumerate() {
-            let (kid, algorithm, key) = match parse_key(index, entry) {
+            let (kid, key) = match parse_key(index, entry) {
                 Ok(Some(found)) => found,
                 Ok(None) => continue,
                 Err(e) if strict => return Err(e),
@@ -111,10 +169,7 @@ impl KeySet {
                     continue;
                 }
             };
-            if keys
-                .insert(kid.clone(), VerificationKey { algorithm, key })
-                .is_some()
-            {
+            if keys.insert(kid.clone(), key).is_some() {
                 return Err(JwksError::DuplicateKid(kid));
             }
         }
@@ -147,11 +202,12 @@ impl KeySet {
     }
 }
 
-/// One JWKS entry: `None` for an encryption key, else its kid, pinned algorithm and key.
+/// One JWKS entry: `None` for an encryption key, else its kid and key (with
+/// its pinned algorithm).
 fn parse_key(
     index: usize,
     entry: &serde_json::Value,
-) -> Result<Option<(String, Algorithm, DecodingKey)>, JwksError> {
+) -> Result<Option<(String, VerificationKey)>, JwksError> {
     let kid_label = entry
         .get("kid")
         .and_then(|k| k.as_str())
@@ -174,7 +230,8 @@ fn parse_key(
         .ok_or_else(|| key_error("a \"kid\" is required".into()))?;
     let algorithm = pinned_algorithm(&jwk).map_err(key_error)?;
     let key = DecodingKey::from_jwk(&jwk).map_err(|e| key_error(e.to_string()))?;
-    Ok(Some((kid, algorithm, key)))
+    let key = VerificationKey::new(algorithm, key).map_err(key_error)?;
+    Ok(Some((kid, key)))
 }
 
 /// Strong signature algorithms we accept. No `none`, no HMAC (a shared secret in a
@@ -262,6 +319,18 @@ mod tests {
     fn ec_key_is_pinned_to_es256() {
         let set = KeySet::from_json(&format!(r#"{{"keys":[{EC_KEY}]}}"#)).unwrap();
         assert_eq!(set.get("k1").unwrap().algorithm, Algorithm::ES256);
+    }
+
+    /// A key aws-lc cannot use is refused when the set is loaded, not at
+    /// each token: here a P-256 "point" that is not on the curve.
+    #[test]
+    fn a_point_off_the_curve_is_refused_at_load() {
+        let off_curve = EC_KEY.replace(
+            "x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0",
+            "x_FEzRu8m36HLN_tue659LNpXW6pCyStikYjKIWI5a0",
+        );
+        let err = KeySet::from_json(&format!(r#"{{"keys":[{off_curve}]}}"#)).unwrap_err();
+        assert!(err.to_string().contains("not usable"), "{err}");
     }
 
     #[test]
