@@ -162,6 +162,19 @@ fn alert_rules_pass_promtool_and_every_alert_is_tested_and_has_a_runbook() {
         );
     }
 
+    // The rules read only documented metrics (a typo in a rule and in its
+    // test series alike would pass promtool and never fire).
+    let documented = documented_metrics();
+    for file in &files {
+        for name in metric_names(&std::fs::read_to_string(file).unwrap()) {
+            assert!(
+                documented.contains_key(documented_base(&documented, &name)),
+                "{} reads {name}, which docs/reference/metrics.md does not document",
+                file.display()
+            );
+        }
+    }
+
     // Each alert has its runbook entry, the anchor its rule links to.
     let runbook = std::fs::read_to_string(repo_root().join("docs/operations/alerts.md")).unwrap();
     for alert in &alerts {
@@ -251,17 +264,22 @@ fn dashboard_queries_are_valid_promql_over_documented_metrics() {
     let documented = documented_metrics();
     for expr in &exprs {
         for name in metric_names(expr) {
-            let base = ["_bucket", "_count", "_sum"]
-                .iter()
-                .find_map(|s| name.strip_suffix(s))
-                .filter(|b| documented.get(*b).is_some_and(|m| m.kind == "histogram"))
-                .unwrap_or(&name);
             assert!(
-                documented.contains_key(base),
+                documented.contains_key(documented_base(&documented, &name)),
                 "the dashboard reads {name}, which docs/reference/metrics.md does not document"
             );
         }
     }
+}
+
+/// The documented metric a series name belongs to: a histogram's for its
+/// `_bucket`, `_count` and `_sum` series, else the name itself.
+fn documented_base<'a>(documented: &BTreeMap<String, Documented>, name: &'a str) -> &'a str {
+    ["_bucket", "_count", "_sum"]
+        .iter()
+        .find_map(|s| name.strip_suffix(s))
+        .filter(|b| documented.get(*b).is_some_and(|m| m.kind == "histogram"))
+        .unwrap_or(name)
 }
 
 /// A metric as docs/reference/metrics.md documents it.
@@ -644,6 +662,39 @@ decision_logs = true
         }
     }
     assert_eq!(alerts, alert_names());
+
+    // An alert fires for real: a policy change the server rejects makes
+    // PortcullisPolicyReloadFailing fire from the scraped counter.
+    std::fs::write(
+        fx.path("policies").join("broken.cedar"),
+        "permit(principal,",
+    )
+    .unwrap();
+    let firing = eventually("PortcullisPolicyReloadFailing to fire", || async {
+        let answer = api.get("/api/v1/alerts").await?;
+        answer["data"]["alerts"]
+            .as_array()?
+            .iter()
+            .find(|a| {
+                a["labels"]["alertname"] == "PortcullisPolicyReloadFailing"
+                    && a["state"] == "firing"
+            })
+            .cloned()
+    })
+    .await;
+    assert_eq!(firing["labels"]["job"], "portcullis", "{firing}");
+    assert_eq!(firing["labels"]["severity"], "warning", "{firing}");
+    let others: Vec<Value> = api.get("/api/v1/alerts").await.expect("alerts")["data"]["alerts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["labels"]["alertname"] != "PortcullisPolicyReloadFailing")
+        .cloned()
+        .collect();
+    assert!(
+        others.is_empty(),
+        "no other alert should be pending or firing: {others:?}"
+    );
 
     // Every dashboard query evaluates.
     for expr in dashboard_exprs() {
