@@ -20,8 +20,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use aws_lc_rs::encoding::AsDer;
 use aws_lc_rs::rand::SystemRandom;
 use aws_lc_rs::signature::{
-    ECDSA_P256_SHA256_FIXED, ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, Ed25519KeyPair,
-    KeyPair, UnparsedPublicKey,
+    ECDSA_P256_SHA256_FIXED, ECDSA_P256_SHA256_FIXED_SIGNING, ED25519, EcdsaKeyPair,
+    Ed25519KeyPair, KeyPair, ParsedPublicKey, RSA_PKCS1_2048_8192_SHA256, UnparsedPublicKey,
 };
 use cedar_policy::Authorizer;
 use criterion::{Criterion, criterion_group};
@@ -69,6 +69,9 @@ struct Setup {
     /// The policy count of `large`.
     large_policies: usize,
     tokens: Vec<(&'static str, String)>,
+    /// Each token's public key parsed once (aws-lc `ParsedPublicKey`): the
+    /// crypto library's floor for verifying that token's signature.
+    floors: Vec<(&'static str, ParsedPublicKey)>,
 }
 
 fn setup() -> Setup {
@@ -96,6 +99,34 @@ fn setup() -> Setup {
             "EdDSA",
             SigningKey::from_pem(pkcs8_pem(ed.as_ref()).as_bytes(), Algorithm::EdDSA, None)
                 .unwrap(),
+        ),
+    ];
+    let floors = vec![
+        (
+            "ES256",
+            ParsedPublicKey::new(
+                &ECDSA_P256_SHA256_FIXED,
+                EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, es.as_ref())
+                    .unwrap()
+                    .public_key()
+                    .as_ref(),
+            )
+            .unwrap(),
+        ),
+        (
+            "RS256",
+            ParsedPublicKey::new(&RSA_PKCS1_2048_8192_SHA256, rsa.public_key().as_ref()).unwrap(),
+        ),
+        (
+            "EdDSA",
+            ParsedPublicKey::new(
+                &ED25519,
+                Ed25519KeyPair::from_pkcs8(ed.as_ref())
+                    .unwrap()
+                    .public_key()
+                    .as_ref(),
+            )
+            .unwrap(),
         ),
     ];
     let dir = tempfile::tempdir().unwrap();
@@ -149,6 +180,7 @@ fn setup() -> Setup {
         large,
         large_policies,
         tokens,
+        floors,
     }
 }
 
@@ -191,6 +223,21 @@ fn benches(c: &mut Criterion) {
                 .unwrap()
         })
     });
+
+    // The floor of each token's verification: its signature checked with a key
+    // parsed once, nothing else.
+    for ((name, token), (_, key)) in setup.tokens.iter().zip(&setup.floors) {
+        let (message, signature) = token.rsplit_once('.').unwrap();
+        let signature =
+            base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, signature)
+                .unwrap();
+        c.bench_function(&format!("floor_verify_{name}"), |b| {
+            b.iter(|| {
+                key.verify_sig(black_box(message.as_bytes()), black_box(&signature))
+                    .unwrap()
+            })
+        });
+    }
 
     // Token verification alone (parse, key lookup, signature, claim rules).
     let now_s = now();
@@ -364,6 +411,21 @@ fn main() {
                 ns / baseline
             );
         }
+    }
+    println!(
+        "\nthe cold path against the crypto floor (the same token's signature, key parsed once):"
+    );
+    for alg in ["ES256", "RS256", "EdDSA"] {
+        let Some(floor) = median_ns(&format!("floor_verify_{alg}")) else {
+            continue;
+        };
+        let ratio = |id: String| median_ns(&id).map(|ns| ns / floor).unwrap_or(f64::NAN);
+        println!(
+            "  {alg:<6} floor {:>7.1} µs   verify_token {:>5.2}x   uncached decision {:>5.2}x",
+            floor / 1000.0,
+            ratio(format!("verify_token_{alg}")),
+            ratio(format!("decide_allow_{alg}")),
+        );
     }
     if let (Some(small), Some(large)) = (
         median_ns("decide_allow_ES256"),
