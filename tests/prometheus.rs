@@ -339,6 +339,16 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// What is awaited, and a log file read only when the wait fails.
+struct LogOf<'a>(&'a str, &'a Path);
+
+impl std::fmt::Display for LogOf<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let log = std::fs::read_to_string(self.1).unwrap_or_default();
+        write!(f, "{}; {}:\n{log}", self.0, self.1.display())
+    }
+}
+
 /// Prometheus' HTTP API at `base`.
 struct PrometheusApi {
     base: String,
@@ -381,7 +391,7 @@ impl PrometheusApi {
 /// Polls `probe` every 250 ms until it returns something; panics after a
 /// generous bound (a wait for an event, not a timing assertion).
 async fn eventually<T, F: std::future::Future<Output = Option<T>>>(
-    what: &str,
+    what: impl std::fmt::Display,
     mut probe: impl FnMut() -> F,
 ) -> T {
     for _ in 0..240 {
@@ -511,9 +521,12 @@ decision_logs = true
         http: reqwest::Client::new(),
     };
 
-    // Scraped once every decision is in.
+    // Scraped once every decision is in. (Prometheus' own log is shown if
+    // that never happens.)
     let decided = cases.len().to_string();
-    eventually("Prometheus to scrape the decisions", || async {
+    let log = dir.path().join("prometheus.log");
+    let waiting = LogOf("Prometheus to scrape the decisions", &log);
+    eventually(waiting, || async {
         let answer = api
             .get("/api/v1/query?query=sum(portcullis_decisions_total)")
             .await?;
