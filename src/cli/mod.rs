@@ -103,7 +103,7 @@ pub enum Command {
     /// API keys for machine clients.
     #[command(subcommand, name = "apikey")]
     ApiKey(ApiKeyCommand),
-    /// Shared Signals stream management at the transmitter (`[ssf]`): status, subjects, verification.
+    /// Shared Signals stream management at the transmitter (`[ssf]`): the stream, its status, subjects, verification.
     #[command(subcommand)]
     Ssf(SsfCommand),
 }
@@ -119,6 +119,92 @@ pub enum SsfCommand {
     RemoveSubject(SubjectArgs),
     /// Ask the transmitter to send a verification event.
     Verify(VerifyArgs),
+    /// Create the receiver's stream at the transmitter, as `[ssf]` describes it; prints its stream_id.
+    CreateStream(CreateStreamArgs),
+    /// Print a stream's configuration at the transmitter (JSON).
+    GetStream(GetStreamArgs),
+    /// Change the stream's requested events or description, or replace its configuration.
+    UpdateStream(UpdateStreamArgs),
+    /// Delete the stream at the transmitter.
+    DeleteStream(DeleteStreamArgs),
+}
+
+/// Arguments of `ssf create-stream`.
+#[derive(Debug, Args)]
+pub struct CreateStreamArgs {
+    #[command(flatten)]
+    config: ConfigArg,
+    /// Push delivery (needed when `push_listen` is set): the public https:// URL that reaches the push endpoint.
+    #[arg(long, value_name = "URL")]
+    push_url: Option<String>,
+    /// The stream's description, for the transmitter's operators.
+    #[arg(long, value_name = "TEXT")]
+    description: Option<String>,
+    /// Create a stream although `[ssf] stream_id` is set (a second stream).
+    #[arg(long)]
+    force: bool,
+}
+
+/// Which stream: `--stream-id`, else `[ssf] stream_id`.
+#[derive(Debug, Args)]
+pub struct StreamIdArg {
+    /// The stream to manage, instead of `[ssf] stream_id`.
+    #[arg(long, value_name = "ID")]
+    stream_id: Option<String>,
+}
+
+/// Arguments of `ssf get-stream`.
+#[derive(Debug, Args)]
+pub struct GetStreamArgs {
+    #[command(flatten)]
+    config: ConfigArg,
+    #[command(flatten)]
+    stream: StreamIdArg,
+    /// Every stream of this receiver at the transmitter.
+    #[arg(long, conflicts_with = "stream_id")]
+    all: bool,
+}
+
+/// Arguments of `ssf update-stream`.
+#[derive(Debug, Args)]
+#[command(group(
+    ArgGroup::new("change")
+        .required(true)
+        .multiple(true)
+        .args(["event", "receiver_events", "description", "replace"])
+))]
+pub struct UpdateStreamArgs {
+    #[command(flatten)]
+    config: ConfigArg,
+    #[command(flatten)]
+    stream: StreamIdArg,
+    /// Set `events_requested` to these event type URIs (repeatable).
+    #[arg(long, value_name = "URI", conflicts_with = "receiver_events")]
+    event: Vec<String>,
+    /// Set `events_requested` to the event types Portcullis acts on (as `create-stream` does).
+    #[arg(long)]
+    receiver_events: bool,
+    /// Set the stream's description.
+    #[arg(long, value_name = "TEXT")]
+    description: Option<String>,
+    /// PUT the whole configuration `create-stream` would send (delivery from `[ssf]`, the push token), instead of a PATCH.
+    #[arg(long, conflicts_with_all = ["event"])]
+    replace: bool,
+    /// With `--replace` and push delivery: the public https:// URL of the push endpoint.
+    #[arg(long, value_name = "URL", requires = "replace")]
+    push_url: Option<String>,
+}
+
+/// Arguments of `ssf delete-stream`.
+#[derive(Debug, Args)]
+pub struct DeleteStreamArgs {
+    #[command(flatten)]
+    config: ConfigArg,
+    #[command(flatten)]
+    stream: StreamIdArg,
+    /// Confirm: the transmitter stops sending events for the stream.
+    #[arg(long)]
+    yes: bool,
 }
 
 /// A subject identifier (RFC 9493), by one of the options.

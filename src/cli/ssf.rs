@@ -1,14 +1,21 @@
-//! `ssf status|add-subject|remove-subject|verify`: the transmitter's stream
-//! management endpoints, as the receiver configured in `[ssf]` reaches them.
+//! `ssf status|add-subject|remove-subject|verify|create-stream|get-stream|
+//! update-stream|delete-stream`: the transmitter's stream management
+//! endpoints, as the receiver configured in `[ssf]` reaches them.
 
 use std::process::ExitCode;
 
 use anyhow::Context as _;
 use serde_json::{Value, json};
 
-use super::{AddSubjectArgs, ConfigArg, SsfCommand, SubjectArgs, VerifyArgs};
-use crate::config::Config;
-use crate::ssf::stream::{ManagementClient, Metadata, fresh_state};
+use super::{
+    AddSubjectArgs, ConfigArg, CreateStreamArgs, DeleteStreamArgs, GetStreamArgs, SsfCommand,
+    StreamIdArg, SubjectArgs, UpdateStreamArgs, VerifyArgs,
+};
+use crate::config::{Config, SsfConfig};
+use crate::ssf::stream::{
+    ManagementClient, Metadata, POLL_DELIVERY, RECEIVER_EVENTS, StreamConfiguration, StreamRequest,
+    fresh_state,
+};
 
 pub(super) async fn run(command: SsfCommand) -> anyhow::Result<ExitCode> {
     match command {
@@ -16,16 +23,28 @@ pub(super) async fn run(command: SsfCommand) -> anyhow::Result<ExitCode> {
         SsfCommand::AddSubject(args) => add_subject(args).await,
         SsfCommand::RemoveSubject(args) => remove_subject(args).await,
         SsfCommand::Verify(args) => verify(args).await,
+        SsfCommand::CreateStream(args) => create_stream(args).await,
+        SsfCommand::GetStream(args) => get_stream(args).await,
+        SsfCommand::UpdateStream(args) => update_stream(args).await,
+        SsfCommand::DeleteStream(args) => delete_stream(args).await,
     }
+}
+
+/// The `[ssf]` section of `--config`.
+fn ssf_config(args: &ConfigArg) -> anyhow::Result<SsfConfig> {
+    let config = Config::load(&args.config)?;
+    config
+        .ssf
+        .with_context(|| format!("{} has no [ssf] section", args.config.display()))
 }
 
 /// The client of `[ssf]` in `--config`, with the transmitter's metadata.
 async fn connect(args: &ConfigArg) -> anyhow::Result<(ManagementClient, Metadata)> {
-    let config = Config::load(&args.config)?;
-    let ssf = config
-        .ssf
-        .as_ref()
-        .with_context(|| format!("{} has no [ssf] section", args.config.display()))?;
+    let ssf = ssf_config(args)?;
+    connect_with(&ssf).await
+}
+
+async fn connect_with(ssf: &SsfConfig) -> anyhow::Result<(ManagementClient, Metadata)> {
     let client = ManagementClient::new(ssf)?;
     let metadata = client
         .metadata()
@@ -98,5 +117,156 @@ async fn verify(args: VerifyArgs) -> anyhow::Result<ExitCode> {
         "verification requested on stream {}: state {state}",
         client.stream_id()?
     );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `--stream-id`, else `[ssf] stream_id`.
+fn chosen_stream<'a>(
+    arg: &'a StreamIdArg,
+    client: &'a ManagementClient,
+) -> anyhow::Result<&'a str> {
+    match &arg.stream_id {
+        Some(id) if id.is_empty() => anyhow::bail!("--stream-id must not be empty"),
+        Some(id) => Ok(id),
+        None => Ok(client.stream_id()?),
+    }
+}
+
+/// Warns (stderr) about the events Portcullis acts on that the transmitter
+/// says it will not deliver, each with what is lost.
+fn warn_undelivered(stream: &StreamConfiguration) {
+    if stream.events_delivered.is_none() {
+        eprintln!(
+            "warning: the transmitter does not say which events it delivers (no events_delivered)"
+        );
+    }
+    for event in stream.undelivered() {
+        let lost = match crate::ssf::set::classify(event) {
+            crate::ssf::set::EventKind::Verification => "verification requests will go unanswered",
+            crate::ssf::set::EventKind::StreamUpdated => {
+                "a paused or disabled stream will not be reported"
+            }
+            _ => "revocations of that kind will not arrive",
+        };
+        eprintln!("warning: the transmitter will not deliver {event}: {lost}");
+    }
+}
+
+fn pretty(value: &Value) -> anyhow::Result<String> {
+    Ok(serde_json::to_string_pretty(value)?)
+}
+
+async fn create_stream(args: CreateStreamArgs) -> anyhow::Result<ExitCode> {
+    let ssf = ssf_config(&args.config)?;
+    // One receiver, one stream: a second one would deliver every event twice.
+    if let Some(existing) = &ssf.stream_id
+        && !args.force
+    {
+        anyhow::bail!(
+            "[ssf] stream_id is already set ({existing}): a new stream would be a second one; \
+             delete that one (ssf delete-stream) or give --force"
+        );
+    }
+    let request = StreamRequest::from_config(&ssf, args.push_url.as_deref(), args.description)?;
+    let (client, metadata) = connect_with(&ssf).await?;
+    let stream = client.create_stream(&metadata, &request).await?;
+    println!("created stream {}", stream.stream_id);
+    match &stream.events_delivered {
+        Some(events) if events.is_empty() => println!("events delivered: none"),
+        Some(events) => println!("events delivered: {}", events.join(" ")),
+        None => {}
+    }
+    warn_undelivered(&stream);
+    println!("add to [ssf] in {}:", args.config.config.display());
+    println!("stream_id = {:?}", stream.stream_id);
+    if request.method() == POLL_DELIVERY {
+        match &stream.endpoint_url {
+            Some(url) => {
+                println!("poll_url = {url:?}");
+                if !url.starts_with("https://") {
+                    eprintln!(
+                        "warning: the poll endpoint_url is not https://: [ssf] poll_url refuses it"
+                    );
+                }
+            }
+            None => eprintln!(
+                "warning: the transmitter gave no delivery endpoint_url to poll: ask its operators for [ssf] poll_url"
+            ),
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn get_stream(args: GetStreamArgs) -> anyhow::Result<ExitCode> {
+    let (client, metadata) = connect(&args.config).await?;
+    let stream_id = if args.all {
+        None
+    } else {
+        Some(chosen_stream(&args.stream, &client)?)
+    };
+    let streams = client.get_streams(&metadata, stream_id).await?;
+    let printed: Value = if args.all {
+        Value::Array(streams.into_iter().map(|s| s.redacted).collect())
+    } else {
+        streams
+            .into_iter()
+            .next()
+            .map(|s| s.redacted)
+            .context("the transmitter answered no stream configuration")?
+    };
+    println!("{}", pretty(&printed)?);
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn update_stream(args: UpdateStreamArgs) -> anyhow::Result<ExitCode> {
+    let ssf = ssf_config(&args.config)?;
+    let (client, metadata) = connect_with(&ssf).await?;
+    let stream_id = chosen_stream(&args.stream, &client)?.to_owned();
+    let stream = if args.replace {
+        let request = StreamRequest::from_config(&ssf, args.push_url.as_deref(), args.description)?;
+        client
+            .replace_stream(&metadata, &stream_id, &request)
+            .await?
+    } else {
+        let mut changes = json!({});
+        if args.receiver_events {
+            changes["events_requested"] = json!(RECEIVER_EVENTS);
+        } else if !args.event.is_empty() {
+            changes["events_requested"] = json!(args.event);
+        }
+        if let Some(description) = &args.description {
+            changes["description"] = json!(description);
+        }
+        client.update_stream(&metadata, &stream_id, changes).await?
+    };
+    println!("updated stream {stream_id}:");
+    println!("{}", pretty(&stream.redacted)?);
+    warn_undelivered(&stream);
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn delete_stream(args: DeleteStreamArgs) -> anyhow::Result<ExitCode> {
+    let ssf = ssf_config(&args.config)?;
+    let stream_id = match (&args.stream.stream_id, &ssf.stream_id) {
+        (Some(id), _) | (None, Some(id)) => id.clone(),
+        (None, None) => {
+            anyhow::bail!("[ssf] stream_id is not set: which stream to delete (--stream-id)")
+        }
+    };
+    // Checked before the transmitter is contacted: nothing is deleted by accident.
+    if !args.yes {
+        anyhow::bail!(
+            "deleting stream {stream_id} stops its events (revocations included): give --yes to confirm"
+        );
+    }
+    let (client, metadata) = connect_with(&ssf).await?;
+    client.delete_stream(&metadata, &stream_id).await?;
+    println!("deleted stream {stream_id}");
+    if ssf.stream_id.as_deref() == Some(&stream_id) {
+        println!(
+            "remove stream_id from [ssf] in {}",
+            args.config.config.display()
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }

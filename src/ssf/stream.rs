@@ -6,6 +6,10 @@
 //!   (`/.well-known/ssf-configuration`, its `issuer` must be `[ssf] issuer`
 //!   exactly) and calls the endpoints it names, over HTTPS only (the
 //!   `[ssf.remote]` client settings), with the management bearer token;
+//! - the stream itself is created, read, updated and deleted at the
+//!   metadata's `configuration_endpoint` (SSF 1.0 §8.1.1): [`StreamRequest`]
+//!   is what the receiver asks for (derived from `[ssf]`), and every answer
+//!   is checked into a [`StreamConfiguration`];
 //! - [`Verification`] remembers the `state` of the verification event the
 //!   receiver asked for, so that the one that arrives (pushed or polled) is
 //!   matched against it; [`run_verification`] asks for one every
@@ -35,6 +39,27 @@ const PAST_STATES: usize = 16;
 const METADATA: &str = "transmitter configuration";
 /// The longest part of a transmitter's error answer quoted in an error.
 const MAX_QUOTED: usize = 200;
+/// The name of the stream configuration calls, in errors.
+const CONFIGURATION: &str = "stream configuration";
+/// Push delivery (RFC 8935): the transmitter POSTs to the receiver.
+pub const PUSH_DELIVERY: &str = "urn:ietf:rfc:8935";
+/// Poll delivery (RFC 8936): the receiver polls the transmitter.
+pub const POLL_DELIVERY: &str = "urn:ietf:rfc:8936";
+/// The event types this receiver acts on, which `ssf create-stream` asks
+/// for: the revoking ones ([`super::set::classify`]), verification and
+/// stream-updated. Others would only be acknowledged.
+pub const RECEIVER_EVENTS: [&str; 8] = [
+    "https://schemas.openid.net/secevent/caep/event-type/session-revoked",
+    "https://schemas.openid.net/secevent/caep/event-type/credential-change",
+    "https://schemas.openid.net/secevent/risc/event-type/account-disabled",
+    "https://schemas.openid.net/secevent/risc/event-type/account-purged",
+    "https://schemas.openid.net/secevent/risc/event-type/account-credential-change-required",
+    "https://schemas.openid.net/secevent/risc/event-type/sessions-revoked",
+    "https://schemas.openid.net/secevent/ssf/event-type/verification",
+    "https://schemas.openid.net/secevent/ssf/event-type/stream-updated",
+];
+/// What a receiver stands for in a stream configuration the CLI prints.
+const REDACTED: &str = "(redacted)";
 
 /// Why a stream management call failed. Never carries the management token.
 #[derive(Debug, thiserror::Error)]
@@ -81,6 +106,9 @@ pub enum StreamError {
     /// The metadata does not name the endpoint a call needs.
     #[error("the transmitter's configuration has no {0}: it does not offer this")]
     NoEndpoint(&'static str),
+    /// The transmitter does not offer what the receiver would ask for.
+    #[error("the transmitter does not offer {0}")]
+    Unsupported(String),
     /// An endpoint of the metadata is not an `https://` URL.
     #[error("the transmitter's {what} {url:?} is not an https:// URL: refused")]
     NotHttps {
@@ -234,6 +262,7 @@ pub struct ManagementClient {
     client: reqwest::Client,
     configuration_url: String,
     issuer: String,
+    audience: String,
     token: Option<Secret>,
     stream_id: Option<String>,
 }
@@ -299,6 +328,7 @@ impl ManagementClient {
                 client,
                 configuration_url,
                 issuer: config.issuer.clone(),
+                audience: config.audience.clone(),
                 token,
                 stream_id: config.stream_id.clone(),
             }),
@@ -443,6 +473,411 @@ impl ManagementClient {
         )?;
         let body = json!({"stream_id": self.stream_id()?, "state": state});
         self.send("verification request", self.client.post(url).json(&body))
+            .await
+            .map(drop)
+    }
+}
+
+/// How the receiver asks for its stream's events (SSF 1.0 §8.1.1 `delivery`).
+pub enum Delivery {
+    /// RFC 8935: the transmitter POSTs each SET to `endpoint_url`, with
+    /// `authorization` as the `Authorization` header when set.
+    Push {
+        /// The receiver's public push URL.
+        endpoint_url: String,
+        /// `Bearer <push_token_file>`, a secret.
+        authorization: Option<Secret>,
+    },
+    /// RFC 8936: the transmitter gives the URL to poll in its answer.
+    Poll,
+}
+
+/// The receiver-supplied properties of a new stream (SSF 1.0 §8.1.1.1),
+/// derived from `[ssf]` by [`StreamRequest::from_config`]. Its `Debug`
+/// leaves out the push authorization header.
+pub struct StreamRequest {
+    /// How events are delivered.
+    pub delivery: Delivery,
+    /// The event types asked for.
+    pub events_requested: Vec<String>,
+    /// A description for the transmitter's operators, when given.
+    pub description: Option<String>,
+}
+
+impl std::fmt::Debug for StreamRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamRequest")
+            .field("method", &self.method())
+            .field("events_requested", &self.events_requested)
+            .field("description", &self.description)
+            .finish_non_exhaustive()
+    }
+}
+
+impl StreamRequest {
+    /// The request `[ssf]` implies: push delivery to `push_url` when
+    /// `push_listen` is set (`push_listen` is a local address behind TLS,
+    /// so the public URL must be given; with `push_token_file`, the
+    /// transmitter is told to send `Bearer <token>`), else poll delivery;
+    /// the events [`RECEIVER_EVENTS`].
+    pub fn from_config(
+        config: &SsfConfig,
+        push_url: Option<&str>,
+        description: Option<String>,
+    ) -> Result<StreamRequest, StreamError> {
+        let mut problems = Vec::new();
+        let delivery = match (&config.push_listen, push_url) {
+            (Some(_), Some(url)) => {
+                if !is_https_url(url) {
+                    problems.push(format!(
+                        "--push-url {url:?} must be an https:// URL (the public address of the push endpoint, behind TLS)"
+                    ));
+                }
+                let authorization = config
+                    .push_token_file
+                    .as_deref()
+                    .and_then(|path| super::read_token(path, "push_token_file", &mut problems))
+                    .map(|token| Secret::new(format!("Bearer {token}")));
+                Delivery::Push {
+                    endpoint_url: url.to_owned(),
+                    authorization,
+                }
+            }
+            (Some(listen), None) => {
+                problems.push(format!(
+                    "push_listen is set ({listen}): push delivery needs the public https:// URL the                      transmitter pushes to, which reaches that listener through TLS (--push-url)"
+                ));
+                Delivery::Poll
+            }
+            (None, Some(_)) => {
+                problems.push(
+                    "--push-url is given but push_listen is not set: nothing would receive the                      pushed events (set push_listen, or leave out --push-url for poll delivery)"
+                        .to_owned(),
+                );
+                Delivery::Poll
+            }
+            (None, None) => Delivery::Poll,
+        };
+        if problems.is_empty() {
+            Ok(StreamRequest {
+                delivery,
+                events_requested: RECEIVER_EVENTS.iter().map(|e| (*e).to_owned()).collect(),
+                description,
+            })
+        } else {
+            Err(StreamError::Config(problems))
+        }
+    }
+
+    /// The delivery method's URN.
+    pub fn method(&self) -> &'static str {
+        match self.delivery {
+            Delivery::Push { .. } => PUSH_DELIVERY,
+            Delivery::Poll => POLL_DELIVERY,
+        }
+    }
+
+    /// The JSON body: holds the push authorization header, never printed.
+    fn body(&self) -> Value {
+        let mut delivery = json!({"method": self.method()});
+        if let Delivery::Push {
+            endpoint_url,
+            authorization,
+        } = &self.delivery
+        {
+            delivery["endpoint_url"] = json!(endpoint_url);
+            if let Some(authorization) = authorization {
+                delivery["authorization_header"] = json!(authorization.expose());
+            }
+        }
+        let mut body = json!({"delivery": delivery, "events_requested": self.events_requested});
+        if let Some(description) = &self.description {
+            body["description"] = json!(description);
+        }
+        body
+    }
+}
+
+/// A stream configuration the transmitter answered (SSF 1.0 §8.1.1),
+/// checked: a JSON object with a `stream_id`; `iss` and `aud`, when present,
+/// name `[ssf] issuer` and `audience`; the members read have their types.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StreamConfiguration {
+    /// The stream's id.
+    pub stream_id: String,
+    /// The event types the transmitter will send (`None`: it does not say).
+    pub events_delivered: Option<Vec<String>>,
+    /// `delivery.method`, when given.
+    pub delivery_method: Option<String>,
+    /// `delivery.endpoint_url`: for poll delivery, the URL to poll.
+    pub endpoint_url: Option<String>,
+    /// The whole answer, with `delivery.authorization_header` redacted: the
+    /// transmitter may echo the push token back.
+    pub redacted: Value,
+}
+
+impl StreamConfiguration {
+    /// Of [`RECEIVER_EVENTS`], those the transmitter says it will not
+    /// deliver (none when it does not say).
+    pub fn undelivered(&self) -> Vec<&'static str> {
+        match &self.events_delivered {
+            Some(delivered) => RECEIVER_EVENTS
+                .iter()
+                .copied()
+                .filter(|e| !delivered.iter().any(|d| d == e))
+                .collect(),
+            None => Vec::new(),
+        }
+    }
+}
+
+/// Checks one stream configuration `value` of `[ssf] issuer` and
+/// `audience`.
+fn stream_configuration(
+    mut value: Value,
+    issuer: &str,
+    audience: &str,
+) -> Result<StreamConfiguration, String> {
+    let object = value
+        .as_object_mut()
+        .ok_or("a stream configuration is a JSON object")?;
+    let stream_id = match object.get("stream_id") {
+        Some(Value::String(id)) if !id.is_empty() => id.clone(),
+        Some(_) => return Err("stream_id must be a non-empty string".to_owned()),
+        None => return Err("stream_id is missing".to_owned()),
+    };
+    // Once the id is known, every reason names it: a stream that was
+    // created but refused must be found to be deleted.
+    let refused = |reason: String| format!("{reason} (stream {stream_id})");
+    if let Some(delivery) = object.get_mut("delivery") {
+        let delivery = delivery
+            .as_object_mut()
+            .ok_or_else(|| refused("delivery must be an object".to_owned()))?;
+        if delivery.contains_key("authorization_header") {
+            delivery.insert("authorization_header".to_owned(), json!(REDACTED));
+        }
+    }
+    match object.get("iss") {
+        None => {}
+        Some(Value::String(iss)) if iss == issuer => {}
+        Some(iss) => {
+            return Err(refused(format!(
+                "iss {iss} is not [ssf] issuer {issuer:?}: SETs of this stream would be refused"
+            )));
+        }
+    }
+    match object.get("aud") {
+        None => {}
+        Some(Value::String(aud)) if aud == audience => {}
+        Some(Value::Array(auds)) if auds.iter().any(|a| a.as_str() == Some(audience)) => {}
+        Some(aud) => {
+            return Err(refused(format!(
+                "aud {aud} does not name [ssf] audience {audience:?}: SETs of this stream would be refused"
+            )));
+        }
+    }
+    let strings = |key: &str| -> Result<Option<Vec<String>>, String> {
+        match object.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|i| i.as_str().map(str::to_owned))
+                .collect::<Option<Vec<_>>>()
+                .map(Some)
+                .ok_or_else(|| refused(format!("{key} must be an array of strings"))),
+            Some(_) => Err(refused(format!("{key} must be an array of strings"))),
+        }
+    };
+    let events_delivered = strings("events_delivered")?;
+    let delivery = object.get("delivery");
+    let text = |key: &str| -> Result<Option<String>, String> {
+        match delivery.and_then(|d| d.get(key)) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(_) => Err(refused(format!("delivery.{key} must be a string"))),
+        }
+    };
+    let delivery_method = text("method")?;
+    let endpoint_url = text("endpoint_url")?;
+    Ok(StreamConfiguration {
+        stream_id,
+        events_delivered,
+        delivery_method,
+        endpoint_url,
+        redacted: value,
+    })
+}
+
+impl ManagementClient {
+    /// The metadata's `configuration_endpoint`, with `stream_id` as the
+    /// query when given.
+    fn configuration_endpoint(
+        metadata: &Metadata,
+        stream_id: Option<&str>,
+    ) -> Result<reqwest::Url, StreamError> {
+        let url = endpoint(
+            metadata.configuration_endpoint.as_deref(),
+            "configuration_endpoint",
+        )?;
+        let mut url = reqwest::Url::parse(url).map_err(|e| StreamError::Invalid {
+            what: METADATA,
+            reason: format!("configuration_endpoint: {e}"),
+        })?;
+        if let Some(stream_id) = stream_id {
+            url.query_pairs_mut().append_pair("stream_id", stream_id);
+        }
+        Ok(url)
+    }
+
+    /// Parses and checks one stream configuration answer.
+    fn configuration(&self, body: &[u8]) -> Result<StreamConfiguration, StreamError> {
+        let invalid = |reason: String| StreamError::Invalid {
+            what: CONFIGURATION,
+            reason,
+        };
+        let value: Value = serde_json::from_slice(body).map_err(|e| invalid(e.to_string()))?;
+        stream_configuration(value, &self.issuer, &self.audience).map_err(invalid)
+    }
+
+    /// Creates the receiver's stream (`POST configuration_endpoint`):
+    /// refused before anything is sent when the metadata lists delivery
+    /// methods without the one asked for.
+    pub async fn create_stream(
+        &self,
+        metadata: &Metadata,
+        request: &StreamRequest,
+    ) -> Result<StreamConfiguration, StreamError> {
+        let url = Self::configuration_endpoint(metadata, None)?;
+        let method = request.method();
+        if !metadata.delivery_methods_supported.is_empty()
+            && !metadata
+                .delivery_methods_supported
+                .iter()
+                .any(|m| m == method)
+        {
+            return Err(StreamError::Unsupported(format!(
+                "the delivery method {method} (it lists {}): {}",
+                metadata.delivery_methods_supported.join(", "),
+                if method == PUSH_DELIVERY {
+                    "unset push_listen to poll"
+                } else {
+                    "set push_listen and give --push-url to be pushed to"
+                }
+            )));
+        }
+        let body = self
+            .send(CONFIGURATION, self.client.post(url).json(&request.body()))
+            .await?;
+        self.configuration(&body)
+    }
+
+    /// Reads the configuration of `stream_id`, or of every stream of the
+    /// receiver (an array, or one object, in the answer).
+    pub async fn get_streams(
+        &self,
+        metadata: &Metadata,
+        stream_id: Option<&str>,
+    ) -> Result<Vec<StreamConfiguration>, StreamError> {
+        let url = Self::configuration_endpoint(metadata, stream_id)?;
+        let body = self.send(CONFIGURATION, self.client.get(url)).await?;
+        let invalid = |reason: String| StreamError::Invalid {
+            what: CONFIGURATION,
+            reason,
+        };
+        let value: Value = serde_json::from_slice(&body).map_err(|e| invalid(e.to_string()))?;
+        let items = match (value, stream_id) {
+            (Value::Array(items), None) => items,
+            (value @ Value::Object(_), _) => vec![value],
+            (Value::Array(_), Some(_)) => {
+                return Err(invalid(
+                    "an array was answered for one stream_id".to_owned(),
+                ));
+            }
+            _ => {
+                return Err(invalid(
+                    "a stream configuration is a JSON object (an array of them for all streams)"
+                        .to_owned(),
+                ));
+            }
+        };
+        let streams = items
+            .into_iter()
+            .map(|item| stream_configuration(item, &self.issuer, &self.audience))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(invalid)?;
+        if let Some(wanted) = stream_id
+            && let Some(other) = streams.iter().find(|s| s.stream_id != wanted)
+        {
+            return Err(invalid(format!(
+                "it is the configuration of stream {}, not {wanted}",
+                other.stream_id
+            )));
+        }
+        Ok(streams)
+    }
+
+    /// Updates `stream_id` with the members of `changes` (`PATCH`), such
+    /// as `events_requested` and `description`.
+    pub async fn update_stream(
+        &self,
+        metadata: &Metadata,
+        stream_id: &str,
+        changes: Value,
+    ) -> Result<StreamConfiguration, StreamError> {
+        self.change_stream(metadata, stream_id, changes, false)
+            .await
+    }
+
+    /// Replaces the receiver-supplied properties of `stream_id` with
+    /// `request` (`PUT`): a new push URL or push token reaches the
+    /// transmitter this way.
+    pub async fn replace_stream(
+        &self,
+        metadata: &Metadata,
+        stream_id: &str,
+        request: &StreamRequest,
+    ) -> Result<StreamConfiguration, StreamError> {
+        self.change_stream(metadata, stream_id, request.body(), true)
+            .await
+    }
+
+    async fn change_stream(
+        &self,
+        metadata: &Metadata,
+        stream_id: &str,
+        changes: Value,
+        replace: bool,
+    ) -> Result<StreamConfiguration, StreamError> {
+        let url = Self::configuration_endpoint(metadata, None)?;
+        let mut body = changes;
+        body["stream_id"] = json!(stream_id);
+        let request = if replace {
+            self.client.put(url)
+        } else {
+            self.client.patch(url)
+        };
+        let answer = self.send(CONFIGURATION, request.json(&body)).await?;
+        let configuration = self.configuration(&answer)?;
+        if configuration.stream_id != stream_id {
+            return Err(StreamError::Invalid {
+                what: CONFIGURATION,
+                reason: format!(
+                    "it is the configuration of stream {}, not {stream_id}",
+                    configuration.stream_id
+                ),
+            });
+        }
+        Ok(configuration)
+    }
+
+    /// Deletes `stream_id` (`DELETE configuration_endpoint?stream_id=`).
+    pub async fn delete_stream(
+        &self,
+        metadata: &Metadata,
+        stream_id: &str,
+    ) -> Result<(), StreamError> {
+        let url = Self::configuration_endpoint(metadata, Some(stream_id))?;
+        self.send(CONFIGURATION, self.client.delete(url))
             .await
             .map(drop)
     }
@@ -704,5 +1139,89 @@ mod tests {
         assert_eq!(quoted(b""), "");
         assert_eq!(quoted(b"bad\nrequest"), ": bad request");
         assert!(quoted(&[b'x'; 500]).ends_with("..."));
+    }
+
+    #[test]
+    fn the_requested_events_are_the_ones_the_receiver_acts_on() {
+        use super::super::set::{EventKind, classify};
+        for event in RECEIVER_EVENTS {
+            assert_ne!(classify(event), EventKind::Other, "{event}");
+        }
+        let revoking = RECEIVER_EVENTS
+            .iter()
+            .filter(|e| matches!(classify(e), EventKind::Revoking(_)))
+            .count();
+        assert_eq!(revoking, 6);
+    }
+
+    #[test]
+    fn the_push_authorization_is_sent_but_never_debug_printed() {
+        let dir = std::env::temp_dir().join(format!("ssf-stream-unit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let token = dir.join("push-token");
+        std::fs::write(&token, "push-secret-123\n").unwrap();
+        let mut push = config("push_listen = \"127.0.0.1:8088\"");
+        push.push_token_file = Some(token);
+        let request =
+            StreamRequest::from_config(&push, Some("https://authz.test/ssf/events"), None).unwrap();
+        assert_eq!(
+            request.body()["delivery"],
+            json!({"method": PUSH_DELIVERY, "endpoint_url": "https://authz.test/ssf/events",
+                   "authorization_header": "Bearer push-secret-123"})
+        );
+        assert!(!format!("{request:?}").contains("push-secret"));
+        // Push without its public URL, or with a plain one: refused.
+        assert!(StreamRequest::from_config(&push, None, None).is_err());
+        assert!(StreamRequest::from_config(&push, Some("http://authz.test/e"), None).is_err());
+        // Without push_listen: poll, and a push URL makes no sense.
+        let poll = config("");
+        let request = StreamRequest::from_config(&poll, None, Some("d".into())).unwrap();
+        assert_eq!(request.body()["delivery"], json!({"method": POLL_DELIVERY}));
+        assert_eq!(request.body()["description"], "d");
+        assert!(StreamRequest::from_config(&poll, Some("https://a.test/e"), None).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn stream_configurations_are_checked_and_redacted() {
+        let check = |v: Value| stream_configuration(v, "https://tx.test", "rx");
+        let ok = check(json!({
+            "stream_id": "s1", "iss": "https://tx.test", "aud": ["other", "rx"],
+            "delivery": {"method": POLL_DELIVERY, "endpoint_url": "https://tx.test/poll",
+                         "authorization_header": "Bearer secret"},
+            "events_delivered": [RECEIVER_EVENTS[0]],
+        }))
+        .unwrap();
+        assert_eq!(ok.stream_id, "s1");
+        assert_eq!(ok.endpoint_url.as_deref(), Some("https://tx.test/poll"));
+        assert_eq!(ok.redacted["delivery"]["authorization_header"], REDACTED);
+        assert_eq!(ok.undelivered().len(), RECEIVER_EVENTS.len() - 1);
+        assert!(
+            check(json!({"stream_id": "s"}))
+                .unwrap()
+                .undelivered()
+                .is_empty()
+        );
+        for (bad, expected) in [
+            (json!([]), "JSON object"),
+            (json!({"events_delivered": []}), "stream_id is missing"),
+            (json!({"stream_id": 3}), "non-empty string"),
+            (
+                json!({"stream_id": "s", "iss": "https://evil.test"}),
+                "(stream s)",
+            ),
+            (json!({"stream_id": "s", "aud": "other"}), "audience"),
+            (
+                json!({"stream_id": "s", "events_delivered": "all"}),
+                "array of strings",
+            ),
+            (
+                json!({"stream_id": "s", "delivery": "push"}),
+                "delivery must be an object",
+            ),
+        ] {
+            let e = check(bad.clone()).unwrap_err();
+            assert!(e.contains(expected), "{bad}: {e}");
+        }
     }
 }
