@@ -1,6 +1,7 @@
 //! Shared Signals stream management, as a transmitter meets the receiver:
 //! the test is the transmitter, serving over real HTTPS (a private CA) its
-//! configuration metadata (`/.well-known/ssf-configuration`), the status,
+//! configuration metadata (`/.well-known/ssf-configuration`), the stream
+//! configuration endpoint (create, read, update, replace, delete), the status,
 //! add-subject, remove-subject and verification endpoints, recording what it
 //! is sent and checking the management token; it answers a verification
 //! request by pushing a real signed verification SET to the receiver's push
@@ -11,6 +12,7 @@
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -38,6 +40,20 @@ const MANAGEMENT_TOKEN: &str = "management-token-0123456789abcdef";
 const STREAM_ID: &str = "stream-f00d";
 const VERIFICATION: &str = "https://schemas.openid.net/secevent/ssf/event-type/verification";
 const STREAM_UPDATED: &str = "https://schemas.openid.net/secevent/ssf/event-type/stream-updated";
+const SESSION_REVOKED: &str = "https://schemas.openid.net/secevent/caep/event-type/session-revoked";
+const ACCOUNT_PURGED: &str = "https://schemas.openid.net/secevent/risc/event-type/account-purged";
+/// What `ssf create-stream` asks for, written out here: the test fails if
+/// the list changes unnoticed.
+const RECEIVER_EVENTS: [&str; 8] = [
+    SESSION_REVOKED,
+    "https://schemas.openid.net/secevent/caep/event-type/credential-change",
+    "https://schemas.openid.net/secevent/risc/event-type/account-disabled",
+    ACCOUNT_PURGED,
+    "https://schemas.openid.net/secevent/risc/event-type/account-credential-change-required",
+    "https://schemas.openid.net/secevent/risc/event-type/sessions-revoked",
+    VERIFICATION,
+    STREAM_UPDATED,
+];
 
 type Instance = common::instance::AdminInstance;
 
@@ -88,6 +104,16 @@ struct Transmitter {
     /// SETs waiting for the receiver's poll, by `jti`.
     poll_queue: Mutex<Vec<(String, String)>>,
     requests: Mutex<Vec<Recorded>>,
+    /// `delivery_methods_supported` of its metadata.
+    delivery_methods: Mutex<Vec<&'static str>>,
+    /// The event types it can deliver (`events_delivered` is the requested
+    /// ones among them).
+    events_supported: Mutex<Vec<String>>,
+    /// The streams created at its configuration endpoint, by id.
+    streams: Mutex<BTreeMap<String, Value>>,
+    /// When set, the configuration endpoint answers this (status 200 or
+    /// 201 as usual) instead of the stream: a broken transmitter.
+    configuration_answer: Mutex<Option<String>>,
 }
 
 impl Transmitter {
@@ -137,7 +163,7 @@ impl Transmitter {
             "spec_version": "1_0",
             "issuer": *self.metadata_issuer.lock().unwrap(),
             "jwks_uri": format!("{base}/jwks"),
-            "delivery_methods_supported": ["urn:ietf:rfc:8935", "urn:ietf:rfc:8936"],
+            "delivery_methods_supported": *self.delivery_methods.lock().unwrap(),
             "configuration_endpoint": format!("{base}/ssf/stream"),
             "status_endpoint": format!("{base}/ssf/status"),
             "add_subject_endpoint": format!("{base}/ssf/subjects:add"),
@@ -170,6 +196,108 @@ impl Transmitter {
             .unwrap();
         assert_eq!(response.status(), 202);
     }
+}
+
+impl Transmitter {
+    /// `events_delivered` for `requested`: those it supports.
+    fn delivered(&self, requested: &Value) -> Value {
+        let supported = self.events_supported.lock().unwrap();
+        let requested = requested.as_array().cloned().unwrap_or_default();
+        Value::from(
+            requested
+                .into_iter()
+                .filter(|e| supported.iter().any(|s| e.as_str() == Some(s)))
+                .collect::<Vec<_>>(),
+        )
+    }
+
+    /// A stream configuration from the receiver-supplied `request`: its
+    /// `delivery` echoed (the push `authorization_header` too, as some
+    /// transmitters do), a poll endpoint added for poll delivery.
+    fn configure(&self, stream_id: &str, request: &Value) -> Value {
+        let mut delivery = request["delivery"].clone();
+        if delivery["method"] == "urn:ietf:rfc:8936" {
+            delivery["endpoint_url"] = json!(format!("{}/poll/{stream_id}", self.base()));
+        }
+        let mut stream = json!({
+            "stream_id": stream_id,
+            "iss": self.issuer,
+            "aud": RECEIVER,
+            "delivery": delivery,
+            "events_supported": *self.events_supported.lock().unwrap(),
+            "events_requested": request["events_requested"],
+            "events_delivered": self.delivered(&request["events_requested"]),
+        });
+        if let Some(description) = request.get("description") {
+            stream["description"] = description.clone();
+        }
+        stream
+    }
+
+    /// The configuration endpoint: `stream_id` is the query's.
+    fn configuration(&self, method: &str, stream_id: Option<String>, request: Value) -> Response {
+        // A broken transmitter answers the same whatever is asked.
+        if let Some(text) = &*self.configuration_answer.lock().unwrap() {
+            let status = if method == "POST" {
+                StatusCode::CREATED
+            } else {
+                StatusCode::OK
+            };
+            return (status, text.clone()).into_response();
+        }
+        let answer = json_response;
+        let mut streams = self.streams.lock().unwrap();
+        let body_id = request["stream_id"].as_str().map(str::to_owned);
+        match method {
+            "POST" => {
+                let id = unique("stream");
+                let stream = self.configure(&id, &request);
+                streams.insert(id, stream.clone());
+                answer(StatusCode::CREATED, stream)
+            }
+            "GET" => match stream_id {
+                Some(id) => match streams.get(&id) {
+                    Some(stream) => answer(StatusCode::OK, stream.clone()),
+                    None => StatusCode::NOT_FOUND.into_response(),
+                },
+                None => answer(StatusCode::OK, streams.values().cloned().collect()),
+            },
+            "PATCH" => match body_id.and_then(|id| streams.get_mut(&id)) {
+                Some(stream) => {
+                    if let Some(events) = request.get("events_requested") {
+                        stream["events_requested"] = events.clone();
+                        stream["events_delivered"] = self.delivered(events);
+                    }
+                    if let Some(description) = request.get("description") {
+                        stream["description"] = description.clone();
+                    }
+                    answer(StatusCode::OK, stream.clone())
+                }
+                None => StatusCode::NOT_FOUND.into_response(),
+            },
+            "PUT" => match body_id {
+                Some(id) if streams.contains_key(&id) => {
+                    let stream = self.configure(&id, &request);
+                    streams.insert(id, stream.clone());
+                    answer(StatusCode::OK, stream)
+                }
+                _ => StatusCode::NOT_FOUND.into_response(),
+            },
+            "DELETE" => match stream_id.and_then(|id| streams.remove(&id)) {
+                Some(_) => StatusCode::NO_CONTENT.into_response(),
+                None => StatusCode::NOT_FOUND.into_response(),
+            },
+            _ => StatusCode::METHOD_NOT_ALLOWED.into_response(),
+        }
+    }
+}
+
+/// The `stream_id` of a request's query.
+fn query_stream_id(uri: &Uri) -> Option<String> {
+    let url = reqwest::Url::parse(&format!("https://x{uri}")).unwrap();
+    url.query_pairs()
+        .find(|(k, _)| k == "stream_id")
+        .map(|(_, v)| v.into_owned())
 }
 
 fn json_response(status: StatusCode, body: Value) -> Response {
@@ -219,6 +347,7 @@ async fn handle(
     }
     let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     match (method.as_str(), path.as_str()) {
+        (_, "/ssf/stream") => tx.configuration(method.as_str(), query_stream_id(&uri), request),
         ("GET", "/ssf/status") => json_response(StatusCode::OK, tx.status.lock().unwrap().clone()),
         ("POST", "/ssf/subjects:add") => StatusCode::OK.into_response(),
         ("POST", "/ssf/subjects:remove") => StatusCode::NO_CONTENT.into_response(),
@@ -260,6 +389,10 @@ async fn start_transmitter(ca: &common::pki::TestCa, answer: Answer) -> Arc<Tran
         push_url: Mutex::new(None),
         poll_queue: Mutex::new(Vec::new()),
         requests: Mutex::new(Vec::new()),
+        delivery_methods: Mutex::new(vec!["urn:ietf:rfc:8935", "urn:ietf:rfc:8936"]),
+        events_supported: Mutex::new(RECEIVER_EVENTS.iter().map(|e| (*e).to_owned()).collect()),
+        streams: Mutex::new(BTreeMap::new()),
+        configuration_answer: Mutex::new(None),
     });
     let app = Router::new().fallback(handle).with_state(tx.clone());
     tokio::spawn(async move {
@@ -749,4 +882,437 @@ async fn serve_refuses_metadata_naming_another_issuer() {
     assert_eq!(inst.metric(&verification("verified")).await, 0.0);
     assert_eq!(inst.metric(&verification("missed")).await, 0.0);
     inst.stop().await;
+}
+
+/// Runs `portcullis ssf <command>` and checks that neither the management
+/// token nor the push token appears in what it prints.
+async fn ssf(command: &str, config: &std::path::Path, rest: &[&str]) -> (i32, String, String) {
+    let (code, out, err) = run(ssf_args(command, config, rest)).await;
+    for secret in [MANAGEMENT_TOKEN, PUSH_TOKEN] {
+        assert!(
+            !out.contains(secret) && !err.contains(secret),
+            "{command} {rest:?} printed a token: {out}{err}"
+        );
+    }
+    (code, out, err)
+}
+
+/// `path`'s configuration without push delivery (no `push_listen`, no
+/// `push_token_file`): the receiver polls.
+fn without_push(path: &std::path::Path) {
+    let text: String = std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.starts_with("push_listen") && !l.starts_with("push_token_file"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(path, text).unwrap();
+}
+
+const PUBLIC_PUSH_URL: &str = "https://portcullis.example.test/ssf/events";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_stream_asks_for_the_receivers_events_by_push() {
+    let fx = Fixture::with_keys(vec![TestKey::es256()]);
+    let ca = common::pki::TestCa::new("transmitter CA");
+    let tx = start_transmitter(&ca, Answer::Silent).await;
+    // The transmitter cannot deliver RISC account-purged.
+    tx.events_supported
+        .lock()
+        .unwrap()
+        .retain(|e| e != ACCOUNT_PURGED);
+    let path = config(&fx, &tx, &ca, "create", free_port(), "");
+
+    // Push delivery needs the public URL: refused before anything is sent.
+    let (code, out, err) = ssf("create-stream", &path, &[]).await;
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(
+        err.contains("--push-url") && err.contains("push_listen"),
+        "{err}"
+    );
+    let (code, _, err) = ssf(
+        "create-stream",
+        &path,
+        &["--push-url", "http://plain.test/e"],
+    )
+    .await;
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("https://"), "{err}");
+    assert!(tx.requests.lock().unwrap().is_empty());
+
+    let (code, out, err) = ssf(
+        "create-stream",
+        &path,
+        &["--push-url", PUBLIC_PUSH_URL, "--description", "authz edge"],
+    )
+    .await;
+    assert_eq!(code, 0, "{out}{err}");
+    let created = tx.requests_to("/ssf/stream");
+    assert_eq!(created.len(), 1);
+    assert_eq!(created[0].method, "POST");
+    assert_eq!(created[0].query, None);
+    assert_eq!(
+        created[0].authorization.as_deref(),
+        Some(&*format!("Bearer {MANAGEMENT_TOKEN}"))
+    );
+    assert_eq!(
+        created[0].body,
+        json!({
+            "delivery": {
+                "method": "urn:ietf:rfc:8935",
+                "endpoint_url": PUBLIC_PUSH_URL,
+                "authorization_header": format!("Bearer {PUSH_TOKEN}"),
+            },
+            "events_requested": RECEIVER_EVENTS,
+            "description": "authz edge",
+        })
+    );
+    let stream_id = tx.streams.lock().unwrap().keys().next().unwrap().clone();
+    assert!(
+        out.contains(&format!("created stream {stream_id}")),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!("stream_id = \"{stream_id}\"")),
+        "{out}"
+    );
+    assert!(out.contains(SESSION_REVOKED), "{out}");
+    assert!(!out.contains("poll_url"), "{out}");
+    // The one event not delivered is warned about, and only it.
+    assert!(
+        err.contains(&format!("will not deliver {ACCOUNT_PURGED}"))
+            && err.contains("revocations of that kind will not arrive"),
+        "{err}"
+    );
+    assert_eq!(err.matches("warning:").count(), 1, "{err}");
+
+    // Once stream_id is set, another create-stream is refused unless --force.
+    let path = config(
+        &fx,
+        &tx,
+        &ca,
+        "created",
+        free_port(),
+        &format!("stream_id = \"{stream_id}\""),
+    );
+    let (code, out, err) = ssf("create-stream", &path, &["--push-url", PUBLIC_PUSH_URL]).await;
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(err.contains(&stream_id) && err.contains("--force"), "{err}");
+    assert_eq!(tx.requests_to("/ssf/stream").len(), 1);
+    let (code, out, err) = ssf(
+        "create-stream",
+        &path,
+        &["--push-url", PUBLIC_PUSH_URL, "--force"],
+    )
+    .await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(tx.streams.lock().unwrap().len(), 2);
+    // No description given: none sent.
+    let second = tx.requests_to("/ssf/stream").pop().unwrap();
+    assert!(
+        second.body.get("description").is_none(),
+        "{:?}",
+        second.body
+    );
+
+    // A transmitter that offers only poll: push is refused before the call.
+    *tx.delivery_methods.lock().unwrap() = vec!["urn:ietf:rfc:8936"];
+    let (code, out, err) = ssf(
+        "create-stream",
+        &path,
+        &["--push-url", PUBLIC_PUSH_URL, "--force"],
+    )
+    .await;
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(
+        err.contains("does not offer") && err.contains("urn:ietf:rfc:8935"),
+        "{err}"
+    );
+    assert_eq!(tx.requests_to("/ssf/stream").len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_stream_with_poll_delivery_prints_the_url_to_poll() {
+    let fx = Fixture::with_keys(vec![TestKey::es256()]);
+    let ca = common::pki::TestCa::new("transmitter CA");
+    let tx = start_transmitter(&ca, Answer::Silent).await;
+    let path = config(&fx, &tx, &ca, "poll", free_port(), "");
+    without_push(&path);
+
+    // A push URL without push_listen: nothing would receive the pushes.
+    let (code, _, err) = ssf("create-stream", &path, &["--push-url", PUBLIC_PUSH_URL]).await;
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("push_listen is not set"), "{err}");
+
+    let (code, out, err) = ssf("create-stream", &path, &[]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    let created = tx.requests_to("/ssf/stream");
+    assert_eq!(created.len(), 1);
+    assert_eq!(
+        created[0].body,
+        json!({
+            "delivery": {"method": "urn:ietf:rfc:8936"},
+            "events_requested": RECEIVER_EVENTS,
+        })
+    );
+    let stream_id = tx.streams.lock().unwrap().keys().next().unwrap().clone();
+    assert!(
+        out.contains(&format!("stream_id = \"{stream_id}\"")),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!("poll_url = \"{}/poll/{stream_id}\"", tx.base())),
+        "{out}"
+    );
+    assert!(!err.contains("warning"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_update_and_delete_stream_manage_the_configured_stream() {
+    let fx = Fixture::with_keys(vec![TestKey::es256()]);
+    let ca = common::pki::TestCa::new("transmitter CA");
+    let tx = start_transmitter(&ca, Answer::Silent).await;
+    let first = config(&fx, &tx, &ca, "first", free_port(), "");
+    let (code, out, err) = ssf("create-stream", &first, &["--push-url", PUBLIC_PUSH_URL]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    let stream_id = tx.streams.lock().unwrap().keys().next().unwrap().clone();
+    let path = config(
+        &fx,
+        &tx,
+        &ca,
+        "managed",
+        free_port(),
+        &format!("stream_id = \"{stream_id}\""),
+    );
+    let bearer = format!("Bearer {MANAGEMENT_TOKEN}");
+
+    // get-stream: the configuration as JSON, the echoed push authorization
+    // redacted (the ssf() helper checks the token is not printed).
+    let (code, out, err) = ssf("get-stream", &path, &[]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    let printed: Value = serde_json::from_str(&out).unwrap();
+    let mut expected = tx.streams.lock().unwrap()[&stream_id].clone();
+    assert_eq!(
+        expected["delivery"]["authorization_header"],
+        format!("Bearer {PUSH_TOKEN}"),
+        "the transmitter echoes it"
+    );
+    expected["delivery"]["authorization_header"] = json!("(redacted)");
+    assert_eq!(printed, expected);
+    let get = tx.requests_to("/ssf/stream").pop().unwrap();
+    assert_eq!(get.method, "GET");
+    assert_eq!(
+        get.query.as_deref(),
+        Some(&*format!("stream_id={stream_id}"))
+    );
+    assert_eq!(get.authorization.as_deref(), Some(&*bearer));
+
+    // --all: every stream, no stream_id in the query.
+    let (code, out, err) = ssf(
+        "create-stream",
+        &path,
+        &["--push-url", PUBLIC_PUSH_URL, "--force"],
+    )
+    .await;
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, out, err) = ssf("get-stream", &path, &["--all"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    let all: Vec<Value> = serde_json::from_str(&out).unwrap();
+    assert_eq!(all.len(), 2);
+    assert!(all.iter().any(|s| s["stream_id"] == *stream_id));
+    assert_eq!(tx.requests_to("/ssf/stream").pop().unwrap().query, None);
+
+    // update-stream: a PATCH with only what changes; the receiver's events
+    // left out are warned about.
+    let (code, out, err) = ssf(
+        "update-stream",
+        &path,
+        &[
+            "--event",
+            SESSION_REVOKED,
+            "--event",
+            VERIFICATION,
+            "--description",
+            "edge 2",
+        ],
+    )
+    .await;
+    assert_eq!(code, 0, "{out}{err}");
+    let patch = tx.requests_to("/ssf/stream").pop().unwrap();
+    assert_eq!(patch.method, "PATCH");
+    assert_eq!(patch.authorization.as_deref(), Some(&*bearer));
+    assert_eq!(
+        patch.body,
+        json!({"stream_id": stream_id, "events_requested": [SESSION_REVOKED, VERIFICATION], "description": "edge 2"})
+    );
+    assert!(
+        out.contains(&format!("updated stream {stream_id}")),
+        "{out}"
+    );
+    assert!(out.contains("\"edge 2\""), "{out}");
+    assert_eq!(
+        err.matches("warning: the transmitter will not deliver")
+            .count(),
+        6,
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!("will not deliver {STREAM_UPDATED}: a paused")),
+        "{err}"
+    );
+
+    // --receiver-events: back to what create-stream asks for.
+    let (code, out, err) = ssf("update-stream", &path, &["--receiver-events"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(
+        tx.requests_to("/ssf/stream").pop().unwrap().body,
+        json!({"stream_id": stream_id, "events_requested": RECEIVER_EVENTS})
+    );
+    assert!(!err.contains("warning"), "{err}");
+
+    // --replace: a PUT of the whole configuration, the push token included
+    // (a rotated token reaches the transmitter this way).
+    let new_url = "https://edge-2.example.test/ssf/events";
+    let (code, out, err) = ssf(
+        "update-stream",
+        &path,
+        &["--replace", "--push-url", new_url],
+    )
+    .await;
+    assert_eq!(code, 0, "{out}{err}");
+    let put = tx.requests_to("/ssf/stream").pop().unwrap();
+    assert_eq!(put.method, "PUT");
+    assert_eq!(
+        put.body,
+        json!({
+            "stream_id": stream_id,
+            "delivery": {
+                "method": "urn:ietf:rfc:8935",
+                "endpoint_url": new_url,
+                "authorization_header": format!("Bearer {PUSH_TOKEN}"),
+            },
+            "events_requested": RECEIVER_EVENTS,
+        })
+    );
+
+    // Nothing to change: refused by the argument parser, nothing sent.
+    let before = tx.requests_to("/ssf/stream").len();
+    let (code, _, err) = ssf("update-stream", &path, &[]).await;
+    assert_eq!(code, 2, "{err}");
+
+    // delete-stream needs --yes; refused before the transmitter is called.
+    let (code, out, err) = ssf("delete-stream", &path, &[]).await;
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(err.contains("--yes") && err.contains(&stream_id), "{err}");
+    assert_eq!(tx.requests_to("/ssf/stream").len(), before);
+    assert!(tx.streams.lock().unwrap().contains_key(&stream_id));
+    let (code, out, err) = ssf("delete-stream", &path, &["--yes"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains(&format!("deleted stream {stream_id}")),
+        "{out}"
+    );
+    assert!(out.contains("remove stream_id"), "{out}");
+    let delete = tx.requests_to("/ssf/stream").pop().unwrap();
+    assert_eq!(delete.method, "DELETE");
+    assert_eq!(
+        delete.query.as_deref(),
+        Some(&*format!("stream_id={stream_id}"))
+    );
+    assert_eq!(delete.authorization.as_deref(), Some(&*bearer));
+    assert!(!tx.streams.lock().unwrap().contains_key(&stream_id));
+
+    // It is gone: the transmitter's 404, explained, exit 2.
+    let (code, _, err) = ssf("get-stream", &path, &[]).await;
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("404") && err.contains("no such stream"),
+        "{err}"
+    );
+
+    // --stream-id names another stream than [ssf] stream_id.
+    let other = tx.streams.lock().unwrap().keys().next().unwrap().clone();
+    let (code, out, err) = ssf("delete-stream", &path, &["--stream-id", &other, "--yes"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(!out.contains("remove stream_id"), "{out}");
+    assert!(tx.streams.lock().unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_stream_configurations_are_refused() {
+    let fx = Fixture::with_keys(vec![TestKey::es256()]);
+    let ca = common::pki::TestCa::new("transmitter CA");
+    let tx = start_transmitter(&ca, Answer::Silent).await;
+    let path = config(&fx, &tx, &ca, "malformed", free_port(), "");
+    let create = ["--push-url", PUBLIC_PUSH_URL, "--force"];
+    let cases = [
+        ("<html>created</html>".to_owned(), "expected value"),
+        (
+            json!({"events_delivered": []}).to_string(),
+            "stream_id is missing",
+        ),
+        (
+            json!({"stream_id": ""}).to_string(),
+            "stream_id must be a non-empty string",
+        ),
+        (
+            json!({"stream_id": "s-9", "iss": "https://impostor.example.test"}).to_string(),
+            "is not [ssf] issuer",
+        ),
+        (
+            json!({"stream_id": "s-9", "aud": ["https://someone-else.test"]}).to_string(),
+            "does not name [ssf] audience",
+        ),
+        (
+            json!({"stream_id": "s-9", "events_delivered": "all"}).to_string(),
+            "events_delivered must be an array of strings",
+        ),
+    ];
+    for (answer, expected) in cases {
+        *tx.configuration_answer.lock().unwrap() = Some(answer.clone());
+        let (code, out, err) = ssf("create-stream", &path, &create).await;
+        assert_eq!(code, 2, "{answer}: {out}{err}");
+        assert!(
+            err.contains("stream configuration: the transmitter's answer is not valid")
+                && err.contains(expected),
+            "{answer}: {err}"
+        );
+        assert!(!out.contains("created stream"), "{answer}: {out}");
+    }
+    // A stream refused after it was created is named, to be deleted.
+    *tx.configuration_answer.lock().unwrap() =
+        Some(json!({"stream_id": "s-9", "iss": "https://impostor.example.test"}).to_string());
+    let (_, _, err) = ssf("create-stream", &path, &create).await;
+    assert!(err.contains("(stream s-9)"), "{err}");
+
+    // An answer without events_delivered: created, with a warning that it
+    // cannot be told which events arrive.
+    *tx.configuration_answer.lock().unwrap() = Some(json!({"stream_id": "s-10"}).to_string());
+    let (code, out, err) = ssf("create-stream", &path, &create).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("stream_id = \"s-10\""), "{out}");
+    assert!(
+        err.contains("does not say which events it delivers"),
+        "{err}"
+    );
+
+    // get-stream of a configured stream answered with another one.
+    let path = config(&fx, &tx, &ca, "other", free_port(), "stream_id = \"s-11\"");
+    let (code, _, err) = ssf("get-stream", &path, &[]).await;
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("not s-11"), "{err}");
+
+    // A wrong management token: the 401 explained, the token not printed.
+    std::fs::write(fx.path("management-token"), "not-the-token-0123456789").unwrap();
+    *tx.configuration_answer.lock().unwrap() = None;
+    let (code, out, err) = ssf("get-stream", &path, &["--all"]).await;
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(
+        err.contains("401") && err.contains("management token"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("not-the-token") && !out.contains("not-the-token"),
+        "{err}"
+    );
 }
