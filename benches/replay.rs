@@ -337,6 +337,19 @@ fn main() {
             records: 1_000,
         }
     };
+    // PORTCULLIS_BENCH_SERVICES / _USERS / _RECORDS override the sizes (the
+    // broad policies stay at most 300), to see what the cost grows with.
+    let sizes = Sizes {
+        services: common::env_usize("PORTCULLIS_BENCH_SERVICES")
+            .map_or(sizes.services, |n| n.max(1) as u64),
+        users: common::env_usize("PORTCULLIS_BENCH_USERS").map_or(sizes.users, |n| n.max(1) as u64),
+        records: common::env_usize("PORTCULLIS_BENCH_RECORDS").map_or(sizes.records, |n| n as u64),
+        ..sizes
+    };
+    let sizes = Sizes {
+        broad: sizes.broad.min(sizes.services),
+        ..sizes
+    };
     println!(
         "machine: {} ({} cores), load average {}",
         common::cpu_model(),
