@@ -173,7 +173,12 @@ async fn create_stream(args: CreateStreamArgs) -> anyhow::Result<ExitCode> {
     println!("created stream {}", stream.stream_id);
     match &stream.events_delivered {
         Some(events) if events.is_empty() => println!("events delivered: none"),
-        Some(events) => println!("events delivered: {}", events.join(" ")),
+        Some(events) => {
+            println!("events delivered:");
+            for event in events {
+                println!("  {event}");
+            }
+        }
         None => {}
     }
     warn_undelivered(&stream);
