@@ -1056,15 +1056,29 @@ async fn create_stream_with_poll_delivery_prints_the_url_to_poll() {
         })
     );
     let stream_id = tx.streams.lock().unwrap().keys().next().unwrap().clone();
-    assert!(
-        out.contains(&format!("stream_id = \"{stream_id}\"")),
-        "{out}"
-    );
-    assert!(
-        out.contains(&format!("poll_url = \"{}/poll/{stream_id}\"", tx.base())),
-        "{out}"
+    // What is printed, exactly: the lines to paste into [ssf] last.
+    let delivered: String = RECEIVER_EVENTS.iter().map(|e| format!("  {e}\n")).collect();
+    assert_eq!(
+        out,
+        format!(
+            "created stream {stream_id}\nevents delivered:\n{delivered}add to [ssf] in {}:\n\
+             stream_id = \"{stream_id}\"\npoll_url = \"{}/poll/{stream_id}\"\n",
+            path.display(),
+            tx.base()
+        )
     );
     assert!(!err.contains("warning"), "{err}");
+
+    // A transmitter that names no URL to poll: said so, nothing to paste.
+    *tx.configuration_answer.lock().unwrap() =
+        Some(json!({"stream_id": "s-12", "events_delivered": RECEIVER_EVENTS}).to_string());
+    let (code, out, err) = ssf("create-stream", &path, &[]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(!out.contains("poll_url"), "{out}");
+    assert!(
+        err.contains("gave no delivery endpoint_url to poll"),
+        "{err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

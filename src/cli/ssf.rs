@@ -152,6 +152,19 @@ fn warn_undelivered(stream: &StreamConfiguration) {
     }
 }
 
+/// The transmitter's text with control characters replaced: it must not
+/// drive the terminal.
+fn printable(text: &str) -> String {
+    text.chars()
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
+}
+
+/// `text` as a TOML string, to paste into `[ssf]`.
+fn toml_string(text: &str) -> String {
+    toml::Value::String(text.to_owned()).to_string()
+}
+
 fn pretty(value: &Value) -> anyhow::Result<String> {
     Ok(serde_json::to_string_pretty(value)?)
 }
@@ -170,24 +183,24 @@ async fn create_stream(args: CreateStreamArgs) -> anyhow::Result<ExitCode> {
     let request = StreamRequest::from_config(&ssf, args.push_url.as_deref(), args.description)?;
     let (client, metadata) = connect_with(&ssf).await?;
     let stream = client.create_stream(&metadata, &request).await?;
-    println!("created stream {}", stream.stream_id);
+    println!("created stream {}", printable(&stream.stream_id));
     match &stream.events_delivered {
         Some(events) if events.is_empty() => println!("events delivered: none"),
         Some(events) => {
             println!("events delivered:");
             for event in events {
-                println!("  {event}");
+                println!("  {}", printable(event));
             }
         }
         None => {}
     }
     warn_undelivered(&stream);
     println!("add to [ssf] in {}:", args.config.config.display());
-    println!("stream_id = {:?}", stream.stream_id);
+    println!("stream_id = {}", toml_string(&stream.stream_id));
     if request.method() == POLL_DELIVERY {
         match &stream.endpoint_url {
             Some(url) => {
-                println!("poll_url = {url:?}");
+                println!("poll_url = {}", toml_string(url));
                 if !url.starts_with("https://") {
                     eprintln!(
                         "warning: the poll endpoint_url is not https://: [ssf] poll_url refuses it"
