@@ -15,7 +15,11 @@
 //! - `portcullis replay --audit` with one writer policy edited to let anyone
 //!   write: the deny -> allow count must be exactly the recorded denied
 //!   writes to that service that the edit opens;
-//! - `portcullis test --coverage-json` on 3,300 cases in the folder's `tests/`.
+//! - `portcullis validate`, which must warn about nothing (every forbid of
+//!   the set can override a permit);
+//! - `portcullis test --coverage-json` on 3,600 cases in the folder's `tests/`
+//!   (TOML JWT cases per service; YAML cases per user link and per API-key
+//!   writer).
 //!
 //! The baseline of the same run is the engine deciding the same 100,000
 //! requests directly (route, request facts, sliced evaluation through a fresh
@@ -121,6 +125,12 @@ fn write_folder(dir: &Path, sizes: Sizes) -> String {
             ),
         )
         + &routes
+        // API keys, for the API-key cases (the key file may stay empty).
+        + &{
+            let keys = dir.join("keys.toml");
+            std::fs::write(&keys, "").unwrap();
+            format!("\n[api_keys]\nfile = {:?}\n", keys.display().to_string())
+        }
 }
 
 /// `portcullis test` cases: per service a reader, a writer and a suspended
@@ -143,6 +153,22 @@ fn write_cases(dir: &Path, sizes: Sizes) {
         }
     }
     std::fs::write(dir.join("services.toml"), cases).unwrap();
+    // YAML cases: per-user links (with the quickstart's read permit) and
+    // API-key writers.
+    let mut yaml = String::from("case:\n");
+    for u in 0..sizes.users.min(200) {
+        let _ = write!(
+            yaml,
+            "  - name: user{u} reads through the link\n    path: /orders/1\n    claims: {{ sub: user{u}, scope: \"orders:read\" }}\n    expect: allow\n    policies: [orders-read, read-user{u}]\n"
+        );
+    }
+    for i in 0..sizes.services.min(100) {
+        let _ = write!(
+            yaml,
+            "  - name: svc{i} API-key writers write\n    method: POST\n    path: /svc{i}/items\n    api_key: {{ id: bot{i}, principal: bot{i}, roles: [svc{i}-writer] }}\n    expect: allow\n    policies: [svc{i}-write]\n"
+        );
+    }
+    std::fs::write(dir.join("services.yaml"), yaml).unwrap();
 }
 
 /// One recorded decision and what the policies say of it.
@@ -472,6 +498,22 @@ fn main() {
     assert_eq!(allow_to_deny, 0, "{changed}");
 
     let config_arg = config_path.display().to_string();
+    // validate's analyses (unrouted actions, undeclared scopes, forbids that
+    // override nothing) on the large set: every forbid here can matter.
+    let started = Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args(["validate", "--config", &config_arg])
+        .output()
+        .expect("run portcullis validate");
+    let wall = started.elapsed().as_secs_f64();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let warnings = stderr
+        .lines()
+        .filter(|l| l.starts_with("warning: "))
+        .count();
+    assert_eq!(warnings, 0, "no false warning:\n{stderr}");
+    println!("portcullis validate: {wall:.2} s with loading, {warnings} warnings");
     let coverage_json = dir.path().join("coverage.json");
     let (out, wall, passed) = portcullis(&[
         "test",
