@@ -45,6 +45,11 @@ use portcullis::config::Config;
 use portcullis::engine::Engine;
 use serde_json::{Value, json};
 
+/// The binary's allocator, so that the in-process baseline allocates as the
+/// replaying binary does (the uncached decision path allocates a lot).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// The sizes of one run.
 #[derive(Debug, Clone, Copy)]
 struct Sizes {
