@@ -30,8 +30,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use cedar_policy::{
-    ActionConstraint, Entities, EntityTypeName, EntityUid, Policy, PolicySet, PrincipalConstraint,
-    ResourceConstraint,
+    ActionConstraint, Entities, EntityTypeName, EntityUid, Policy, PolicyId, PolicySet,
+    PrincipalConstraint, ResourceConstraint, SlotId, Template,
 };
 
 /// How many candidate policy sets the slice cache keeps.
@@ -90,12 +90,27 @@ impl Scope {
     }
 }
 
+/// What a slice needs to add one policy to its set.
+#[derive(Debug, Clone)]
+enum Member {
+    /// A static policy (a copy of the set's; boxed, so that the links,
+    /// most of a large set, take a fraction of its size).
+    Static(Box<Policy>),
+    /// A template-linked policy, kept as a link (its id, the index of its
+    /// template in [`PolicyIndex::templates`] and its slot values), not as a
+    /// static copy: a copy costs a parse of the template's text per link at
+    /// load and a whole policy tree per link in memory.
+    Link {
+        id: PolicyId,
+        template: u32,
+        values: HashMap<SlotId, EntityUid>,
+    },
+}
+
 /// One policy with its scope, ready to be checked without Cedar.
 #[derive(Debug, Clone)]
 struct IndexedPolicy {
-    /// A static policy: template links are stored as the equivalent static
-    /// policy, with the same id, so a slice is a plain set of static policies.
-    policy: Policy,
+    policy: Member,
     principal: Scope,
     action: ActionConstraint,
     resource: Scope,
@@ -179,6 +194,8 @@ pub enum Slice {
 /// An index of a policy set by principal and resource scope.
 pub struct PolicyIndex {
     policies: Vec<IndexedPolicy>,
+    /// The templates the links of `policies` name.
+    templates: Vec<Template>,
     buckets: Buckets,
     slices: moka::sync::Cache<Box<[u32]>, Arc<PolicySet>>,
 }
@@ -207,23 +224,55 @@ impl PolicyIndex {
     pub fn new(policies: &PolicySet) -> Result<PolicyIndex, IndexError> {
         let mut indexed = Vec::new();
         let mut buckets = Buckets::default();
+        let mut templates: Vec<Template> = Vec::new();
+        let mut template_numbers: HashMap<PolicyId, u32> = HashMap::new();
         for policy in policies.policies() {
-            let policy = if policy.is_static() {
-                policy.clone()
-            } else {
-                static_equivalent(policy)?
+            // A linked policy's constraints come with its slots filled in.
+            let principal = Scope::of_principal(policy.principal_constraint());
+            let action = policy.action_constraint();
+            let resource = Scope::of_resource(policy.resource_constraint());
+            let member = match (policy.template_id(), policy.template_links()) {
+                (None, _) => Member::Static(Box::new(policy.clone())),
+                (Some(template_id), Some(values)) => {
+                    let template = match template_numbers.get(template_id) {
+                        Some(n) => *n,
+                        None => {
+                            let template =
+                                policies.template(template_id).ok_or_else(|| IndexError {
+                                    id: policy.id().to_string(),
+                                    reason: format!("template {template_id} is not in the set"),
+                                })?;
+                            let n = templates.len() as u32;
+                            templates.push(template.clone());
+                            template_numbers.insert(template_id.clone(), n);
+                            n
+                        }
+                    };
+                    Member::Link {
+                        id: policy.id().clone(),
+                        template,
+                        values,
+                    }
+                }
+                (Some(_), None) => {
+                    return Err(IndexError {
+                        id: policy.id().to_string(),
+                        reason: "a linked policy without slot values".to_owned(),
+                    });
+                }
             };
             let entry = IndexedPolicy {
-                principal: Scope::of_principal(policy.principal_constraint()),
-                action: policy.action_constraint(),
-                resource: Scope::of_resource(policy.resource_constraint()),
-                policy,
+                principal,
+                action,
+                resource,
+                policy: member,
             };
             buckets.insert(&entry, indexed.len() as u32);
             indexed.push(entry);
         }
         Ok(PolicyIndex {
             policies: indexed,
+            templates,
             buckets,
             slices: moka::sync::Cache::builder()
                 .max_capacity(SLICE_CACHE_ENTRIES)
@@ -294,10 +343,32 @@ impl PolicyIndex {
             return Slice::Some(set);
         }
         let mut set = PolicySet::new();
+        let mut added_templates: Vec<u32> = Vec::new();
         for &i in key.iter() {
-            // Ids are unique in the source set, so adding cannot fail; if it
-            // did, the whole set is the safe answer.
-            if set.add(self.policies[i as usize].policy.clone()).is_err() {
+            // Ids are unique in the source set and links were made there, so
+            // adding and linking cannot fail; if they did, the whole set is
+            // the safe answer.
+            let added = match &self.policies[i as usize].policy {
+                Member::Static(policy) => set.add(Policy::clone(policy)).is_ok(),
+                Member::Link {
+                    id,
+                    template,
+                    values,
+                } => {
+                    let Some(source) = self.templates.get(*template as usize) else {
+                        return Slice::All;
+                    };
+                    if !added_templates.contains(template) {
+                        if set.add_template(source.clone()).is_err() {
+                            return Slice::All;
+                        }
+                        added_templates.push(*template);
+                    }
+                    set.link(source.id().clone(), id.clone(), values.clone())
+                        .is_ok()
+                }
+            };
+            if !added {
                 return Slice::All;
             }
         }
@@ -305,17 +376,6 @@ impl PolicyIndex {
         self.slices.insert(key, set.clone());
         Slice::Some(set)
     }
-}
-
-/// A template-linked policy as a static policy with the same id and the slots
-/// filled in (Cedar's JSON form of a linked policy has its slots replaced).
-fn static_equivalent(policy: &Policy) -> Result<Policy, IndexError> {
-    let problem = |reason: String| IndexError {
-        id: policy.id().to_string(),
-        reason,
-    };
-    let json = policy.to_json().map_err(|e| problem(e.to_string()))?;
-    Policy::from_json(Some(policy.id().clone()), json).map_err(|e| problem(e.to_string()))
 }
 
 #[cfg(test)]
@@ -333,7 +393,7 @@ mod tests {
     }
 
     #[test]
-    fn linked_policies_become_static_with_the_same_id_and_filled_scope() {
+    fn linked_policies_stay_links_with_the_same_id_and_filled_scope() {
         let mut policies =
             set(r#"permit(principal == ?principal, action, resource in ?resource);"#);
         let template = policies.templates().next().unwrap().id().clone();
@@ -350,8 +410,10 @@ mod tests {
         let index = PolicyIndex::new(&policies).unwrap();
         assert_eq!(index.len(), 1);
         let linked = &index.policies[0];
-        assert!(linked.policy.is_static());
-        assert_eq!(linked.policy.id().to_string(), "alice-docs");
+        assert!(
+            matches!(&linked.policy, Member::Link { id, template: 0, .. } if id.to_string() == "alice-docs")
+        );
+        assert_eq!(index.templates.len(), 1);
         assert!(matches!(&linked.principal, Scope::Eq(u) if u == &uid(r#"User::"alice""#)));
         assert!(matches!(&linked.resource, Scope::In(u) if u == &uid(r#"Folder::"docs""#)));
     }

@@ -383,3 +383,30 @@ pub fn quickstart_with_user_links(dir: &Path, users: impl Iterator<Item = String
     .unwrap();
     links.len()
 }
+
+/// Writes the folder of [`write_folder`] with its static policies spread over
+/// `files` policy files (`policies-000.cedar`, ...; the two templates stay in
+/// the first), as a team's set is kept: one file per service or owner. Returns
+/// the shape and the names of the policy files.
+pub fn write_folder_split(
+    dir: &Path,
+    policies: u64,
+    seed: u64,
+    files: usize,
+) -> (Shape, Vec<String>) {
+    let shape = write_folder(dir, policies, seed);
+    let text = fs::read_to_string(dir.join("policies.cedar")).unwrap();
+    fs::remove_file(dir.join("policies.cedar")).unwrap();
+    // Every generated statement is two lines: its `@id` and its body.
+    let lines: Vec<&str> = text.lines().collect();
+    let statements: Vec<String> = lines.chunks(2).map(|s| s.join("\n") + "\n").collect();
+    let files = files.max(1);
+    let per_file = statements.len().div_ceil(files);
+    let mut names = Vec::new();
+    for (n, chunk) in statements.chunks(per_file.max(1)).enumerate() {
+        let name = format!("policies-{n:03}.cedar");
+        fs::write(dir.join(&name), chunk.concat()).unwrap();
+        names.push(name);
+    }
+    (shape, names)
+}
