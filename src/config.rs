@@ -662,7 +662,7 @@ pub struct IssuerConfig {
     #[serde(default)]
     pub require_sender_constraint: SenderConstraint,
     /// The scopes this issuer can grant, when declared: `portcullis validate`
-    /// warns about policies and routes needing a scope no issuer grants.
+    /// warns about policies testing for a scope no issuer grants.
     /// Unset: not declared (no warning). Tokens are not checked against it.
     #[serde(default)]
     pub scopes: Option<Vec<String>>,
