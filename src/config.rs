@@ -149,6 +149,41 @@ pub struct AuthzenConfig {
     pub base_url: Option<String>,
 }
 
+/// Every field of an audit line (docs/reference/audit-line.md), for
+/// `[telemetry] decision_log_mask`; `src/audit.rs` tests that every field it
+/// writes is here.
+pub const AUDIT_FIELDS: &[&str] = &[
+    "type",
+    "ts_ms",
+    "decision_id",
+    "outcome",
+    "dry_run",
+    "would",
+    "status",
+    "reason",
+    "failed_check",
+    "principal",
+    "action",
+    "resource",
+    "policies",
+    "errors",
+    "issuer",
+    "jti",
+    "credential",
+    "binding",
+    "response",
+    "inputs",
+    "api_key_id",
+    "caller",
+    "method",
+    "path",
+    "policy_generation",
+    "policy_digest",
+    "latency_us",
+    "trace_id",
+    "span_id",
+];
+
 /// `[telemetry]`: OpenTelemetry trace export and the Prometheus endpoint.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -1977,39 +2012,6 @@ impl TelemetryConfig {
                 self.decision_log_overflow
             ));
         }
-        // The audit line's fields (docs/reference/audit-line.md); src/audit.rs
-        // tests that every field it writes is accepted here.
-        const AUDIT_FIELDS: &[&str] = &[
-            "type",
-            "ts_ms",
-            "decision_id",
-            "outcome",
-            "dry_run",
-            "would",
-            "status",
-            "reason",
-            "failed_check",
-            "principal",
-            "action",
-            "resource",
-            "policies",
-            "errors",
-            "issuer",
-            "jti",
-            "credential",
-            "binding",
-            "response",
-            "inputs",
-            "api_key_id",
-            "caller",
-            "method",
-            "path",
-            "policy_generation",
-            "policy_digest",
-            "latency_us",
-            "trace_id",
-            "span_id",
-        ];
         if let Some(unknown) = self
             .decision_log_mask
             .iter()

@@ -439,38 +439,8 @@ async fn metrics_endpoint_counts_decisions_and_reports_health() {
 // ---------------------------------------------------------------------------
 // Audit trail.
 
-/// Every key of an audit line, as documented in `docs/reference/audit-line.md`.
-const AUDIT_FIELDS: &[&str] = &[
-    "type",
-    "ts_ms",
-    "decision_id",
-    "outcome",
-    "dry_run",
-    "would",
-    "status",
-    "reason",
-    "failed_check",
-    "principal",
-    "action",
-    "resource",
-    "policies",
-    "errors",
-    "issuer",
-    "jti",
-    "credential",
-    "binding",
-    "response",
-    "inputs",
-    "api_key_id",
-    "caller",
-    "method",
-    "path",
-    "policy_generation",
-    "policy_digest",
-    "latency_us",
-    "trace_id",
-    "span_id",
-];
+// Every key of an audit line, as documented in `docs/reference/audit-line.md`.
+use portcullis::config::AUDIT_FIELDS;
 
 #[test]
 fn every_audit_field_is_documented_in_the_reference() {
