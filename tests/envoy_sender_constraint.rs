@@ -34,40 +34,50 @@ fn fixture() -> Fixture {
     fx
 }
 
-#[tokio::test]
-async fn a_dpop_bound_token_passes_envoy_only_with_a_fresh_proof_by_its_key() {
-    let fx = fixture();
-    let portcullis = Served::start(&fx, &[]).await;
+/// What Envoy reports for its plain listener reached as `localhost`.
+const HTU: &str = "http://localhost/orders/1";
+
+/// Portcullis on `fx` behind a real Envoy, and the upstream Envoy routes to.
+async fn behind_envoy(fx: &Fixture) -> (Served, Upstream, Envoy) {
+    let portcullis = Served::start(fx, &[]).await;
     let upstream = Upstream::start().await;
     let envoy = Envoy::start(&EnvoySetup::new(portcullis.addr, upstream.addr)).await;
+    (portcullis, upstream, envoy)
+}
 
+/// A client's DPoP key and a token of `fx`'s issuer bound to it (`cnf.jkt`).
+fn dpop_bound(fx: &Fixture) -> (DpopKey, String) {
     let client = DpopKey::new();
     let mut claims = claims("alice", &["orders:read"], &["customer"]);
     claims["cnf"] = json!({ "jkt": client.jkt() });
     let token = fx.es256().sign(&claims);
-    // What Envoy reports for a plain listener reached as `localhost`.
-    let htu = "http://localhost/orders/1";
-    let dpop_auth = format!("DPoP {token}");
+    (client, token)
+}
 
-    let proof = client.proof("GET", htu, &token);
-    let reply = envoy
+/// `GET /orders/1` through `envoy` with `Authorization: DPoP <token>` and `proof`.
+async fn send_dpop(envoy: &Envoy, token: &str, proof: &str) -> common::envoy::Reply {
+    envoy
         .send(
             "GET",
             "/orders/1",
-            &[("authorization", &dpop_auth), ("dpop", &proof)],
+            &[("authorization", &format!("DPoP {token}")), ("dpop", proof)],
         )
-        .await;
+        .await
+}
+
+#[tokio::test]
+async fn a_dpop_bound_token_passes_envoy_only_with_a_fresh_proof_by_its_key() {
+    let fx = fixture();
+    let (_portcullis, upstream, envoy) = behind_envoy(&fx).await;
+    let (client, token) = dpop_bound(&fx);
+
+    let proof = client.proof("GET", HTU, &token);
+    let reply = send_dpop(&envoy, &token, &proof).await;
     assert_eq!(reply.status, 200, "{reply:?}");
     assert_eq!(upstream.count(), 1);
 
     // The same proof again (a captured request replayed): refused at Envoy.
-    let reply = envoy
-        .send(
-            "GET",
-            "/orders/1",
-            &[("authorization", &dpop_auth), ("dpop", &proof)],
-        )
-        .await;
+    let reply = send_dpop(&envoy, &token, &proof).await;
     assert_eq!(reply.status, 401, "{reply:?}");
     assert!(
         reply
@@ -86,13 +96,7 @@ async fn a_dpop_bound_token_passes_envoy_only_with_a_fresh_proof_by_its_key() {
 
     // A proof for another path.
     let other = client.proof("GET", "http://localhost/orders/2", &token);
-    let reply = envoy
-        .send(
-            "GET",
-            "/orders/1",
-            &[("authorization", &dpop_auth), ("dpop", &other)],
-        )
-        .await;
+    let reply = send_dpop(&envoy, &token, &other).await;
     assert_eq!(reply.status, 401, "{reply:?}");
     assert_eq!(
         upstream.count(),
@@ -122,25 +126,11 @@ async fn a_dpop_bound_token_passes_envoy_only_with_a_fresh_proof_by_its_key() {
 async fn with_server_nonces_the_client_retries_with_the_nonce_envoy_hands_it() {
     let fx = fixture();
     fx.append_config("\n[sender_constraint]\ndpop_nonce = true\n");
-    let portcullis = Served::start(&fx, &[]).await;
-    let upstream = Upstream::start().await;
-    let envoy = Envoy::start(&EnvoySetup::new(portcullis.addr, upstream.addr)).await;
+    let (_portcullis, upstream, envoy) = behind_envoy(&fx).await;
+    let (client, token) = dpop_bound(&fx);
 
-    let client = DpopKey::new();
-    let mut claims = claims("alice", &["orders:read"], &["customer"]);
-    claims["cnf"] = json!({ "jkt": client.jkt() });
-    let token = fx.es256().sign(&claims);
-    let htu = "http://localhost/orders/1";
-    let dpop_auth = format!("DPoP {token}");
-
-    let first = client.proof("GET", htu, &token);
-    let reply = envoy
-        .send(
-            "GET",
-            "/orders/1",
-            &[("authorization", &dpop_auth), ("dpop", &first)],
-        )
-        .await;
+    let first = client.proof("GET", HTU, &token);
+    let reply = send_dpop(&envoy, &token, &first).await;
     assert_eq!(reply.status, 401, "{reply:?}");
     assert!(
         reply
@@ -154,14 +144,8 @@ async fn with_server_nonces_the_client_retries_with_the_nonce_envoy_hands_it() {
         .to_owned();
     assert_eq!(upstream.count(), 0);
 
-    let retry = client.proof_with_nonce("GET", htu, &token, &nonce);
-    let reply = envoy
-        .send(
-            "GET",
-            "/orders/1",
-            &[("authorization", &dpop_auth), ("dpop", &retry)],
-        )
-        .await;
+    let retry = client.proof_with_nonce("GET", HTU, &token, &nonce);
+    let reply = send_dpop(&envoy, &token, &retry).await;
     assert_eq!(reply.status, 200, "{reply:?}");
     assert_eq!(upstream.count(), 1);
     assert!(
