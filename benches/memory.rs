@@ -9,27 +9,18 @@
 //!
 //! Run: `cargo bench --bench memory`
 
+mod common;
 #[path = "../tests/common/policy_gen.rs"]
 mod policy_gen;
 
 use std::sync::Arc;
 
 use cedar_policy::Authorizer;
+use common::status_mib;
 use portcullis::authz::decision_cache::DecisionCache;
 use portcullis::authz::evaluate;
 use portcullis::authz::policy_store::PolicyStore;
 use portcullis::config::CacheConfig;
-
-/// A `kB` line of `/proc/self/status`, in MiB.
-fn status_mib(field: &str) -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with(field))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|kb| kb.parse::<f64>().ok())
-        .map_or(f64::NAN, |kb| kb / 1024.0)
-}
 
 fn main() {
     let full = std::env::args().any(|a| a == "--bench");

@@ -19,24 +19,15 @@
 //!
 //! Run: `cargo bench --bench policy_load`
 
+mod common;
 #[path = "../tests/common/policy_gen.rs"]
 mod policy_gen;
 
 use std::time::Instant;
 
 use cedar_policy::PolicyId;
+use common::status_mib;
 use portcullis::authz::policy_store::PolicyStore;
-
-/// A `kB` line of `/proc/self/status`, in MiB.
-fn status_mib(field: &str) -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with(field))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|kb| kb.parse::<f64>().ok())
-        .map_or(f64::NAN, |kb| kb / 1024.0)
-}
 
 fn env_or(name: &str, default: u64) -> u64 {
     std::env::var(name)

@@ -19,15 +19,10 @@ use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::routing::post;
 use common::*;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
-use hyper_util::service::TowerToHyperService;
 use jsonwebtoken::{EncodingKey, Header};
 use portcullis::admin::pb;
 use redis_harness::RedisServer;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _};
 use serde_json::{Value, json};
-use tokio_rustls::TlsAcceptor;
 
 const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
 const TRANSMITTER: &str = "https://idp.example.test";
@@ -509,40 +504,12 @@ async fn poll_handler(
 
 /// Serves `endpoint` at `POST /poll` over HTTPS with a certificate of `ca`.
 async fn serve_poll(endpoint: Arc<PollEndpoint>, ca: &common::pki::TestCa) -> u16 {
-    let server = ca.server();
-    let certs = vec![CertificateDer::from_pem_slice(server.cert_pem.as_bytes()).unwrap()];
-    let key = PrivateKeyDer::from_pem_slice(server.key_pem.as_bytes()).unwrap();
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .unwrap();
-    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let acceptor = TlsAcceptor::from(Arc::new(tls));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let app = Router::new()
         .route("/poll", post(poll_handler))
         .with_state(endpoint);
-    tokio::spawn(async move {
-        loop {
-            let Ok((tcp, _)) = listener.accept().await else {
-                continue;
-            };
-            let acceptor = acceptor.clone();
-            let service = TowerToHyperService::new(app.clone());
-            tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(tcp).await else {
-                    return;
-                };
-                let _ = auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(tls), service)
-                    .await;
-            });
-        }
-    });
+    common::pki::serve_https(ca, listener, app);
     port
 }
 

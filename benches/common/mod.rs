@@ -1,7 +1,7 @@
-//! What the load benchmarks (`load`, `envoy`) share: the no-op ext_authz
-//! service they measure Portcullis against, settings read from the
-//! environment, a description of the machine they ran on, and the verdict
-//! word of a target.
+//! What the benchmarks share: the no-op ext_authz service the load benches
+//! measure Portcullis against, settings read from the environment, a
+//! description of the machine they ran on, the verdict word of a target, and
+//! this process's memory.
 
 #![allow(dead_code)]
 
@@ -75,4 +75,16 @@ pub fn load_average() -> String {
 /// How a report names a target's outcome.
 pub fn verdict(ok: bool) -> &'static str {
     if ok { "met" } else { "MISSED" }
+}
+
+/// A `kB` line of `/proc/self/status` (`VmRSS:`, `VmHWM:`...) of this
+/// process, in MiB; NaN where it cannot be read.
+pub fn status_mib(field: &str) -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map_or(f64::NAN, |kb| kb / 1024.0)
 }
